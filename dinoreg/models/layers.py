@@ -1,0 +1,307 @@
+"""Building blocks of the DINOv2 ViT, with the official parameter names and initialisation.
+
+Blocks work on *packed* tokens: the tokens of one or several groups of images (e.g. global and
+local crops, each group with its own sequence length) laid end to end as ``[T, D]`` with
+``shapes = [(B_0, N_0), (B_1, N_1), ...]``. Every linear layer, norm and LayerScale runs once on
+the whole pack; only attention is split per group (or uses one block-diagonal xformers call).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Shapes = Sequence[tuple[int, int]]  # [(batch, tokens per image)] for each group in a pack
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
+FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+
+
+@functools.lru_cache(maxsize=1)
+def xformers_ops():
+    """Return ``xformers.ops`` or an ImportError explaining why it cannot be used."""
+    try:
+        import xformers.ops as ops  # noqa: PLC0415 (optional dependency)
+    except Exception as error:  # a broken xformers build raises more than ImportError
+        return ImportError(f"xformers is not importable ({type(error).__name__}: {error})")
+    return ops
+
+
+_warned_backend_fallback = False
+
+
+def _warn_fallback_once(reason: str) -> None:
+    global _warned_backend_fallback
+    if not _warned_backend_fallback:
+        _warned_backend_fallback = True
+        warnings.warn(
+            f"attention_backend='xformers' cannot run here ({reason}); using PyTorch SDPA instead. "
+            "Set student.attention_backend=sdpa to silence this, or "
+            "student.attention_backend_required=true to make it an error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class PatchEmbed(nn.Module):
+    """Image ``[B, C, H, W]`` -> patch tokens ``[B, (H/p)*(W/p), D]``."""
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        backend: str = "sdpa",
+        backend_required: bool = False,
+    ) -> None:
+        super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.backend = backend
+        self.backend_required = backend_required
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self._block_diagonal_masks: dict[tuple, object] = {}
+
+    def _backend_for(self, x: Tensor) -> str:
+        if self.backend != "xformers":
+            return self.backend
+        ops = xformers_ops()
+        reason = str(ops) if isinstance(ops, ImportError) else None
+        if reason is None and not x.is_cuda:
+            reason = "xformers has no kernels for device " + x.device.type
+        if reason is None:
+            return "xformers"
+        if self.backend_required:
+            raise RuntimeError(f"attention_backend='xformers' is required but {reason}")
+        _warn_fallback_once(reason)
+        return "sdpa"
+
+    def _split_heads(self, qkv: Tensor, batch: int, tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        # [B*N, 3*C] -> 3 x [B, heads, N, head_dim]
+        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def attention_probs(self, x: Tensor) -> Tensor:
+        """Softmax attention of ``x`` ``[B, N, C]`` as ``[B, heads, N, N]`` (for analysis)."""
+        batch, tokens, _ = x.shape
+        q, k, _ = self._split_heads(self.qkv(x).reshape(batch * tokens, -1), batch, tokens)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def forward(self, x: Tensor, shapes: Shapes) -> Tensor:
+        """``x``: packed tokens ``[T, C]``; returns ``[T, C]``."""
+        backend = self._backend_for(x)
+        qkv = self.qkv(x)  # [T, 3C]
+        if backend == "xformers":
+            out = self._xformers(qkv, shapes)
+        else:
+            outs = []
+            for group, (batch, tokens) in zip(qkv.split([b * n for b, n in shapes]), shapes):
+                q, k, v = self._split_heads(group, batch, tokens)
+                if backend == "sdpa":
+                    o = F.scaled_dot_product_attention(q, k, v)
+                else:
+                    o = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+                outs.append(o.transpose(1, 2).reshape(batch * tokens, -1))  # [B*N, C]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.proj(out)
+
+    def _xformers(self, qkv: Tensor, shapes: Shapes) -> Tensor:
+        ops = xformers_ops()
+        total = qkv.shape[0]
+        if len(shapes) == 1:
+            batch, tokens = shapes[0]
+            q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+            return ops.memory_efficient_attention(q, k, v).reshape(total, -1)
+        key = tuple(shapes)
+        if key not in self._block_diagonal_masks:
+            seqlens = [n for b, n in shapes for _ in range(b)]
+            self._block_diagonal_masks[key] = ops.fmha.BlockDiagonalMask.from_seqlens(seqlens)
+        q, k, v = qkv.view(1, total, 3, self.num_heads, self.head_dim).unbind(2)
+        out = ops.memory_efficient_attention(q, k, v, attn_bias=self._block_diagonal_masks[key])
+        return out.reshape(total, -1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, *, bias: bool = True,
+                 act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def swiglu_hidden_features(hidden_features: int) -> int:
+    """The official fused SwiGLU keeps 2/3 of the MLP width, rounded up to a multiple of 8."""
+    return (int(hidden_features * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU with the official packed layout: ``w12`` holds [w1; w2], ``w3`` projects back.
+
+    With ``fused=True`` xformers' fused kernel is used on CUDA when importable; the math is the same.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, *, bias: bool = True, fused: bool = False) -> None:
+        super().__init__()
+        hidden = swiglu_hidden_features(hidden_features)
+        self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, in_features, bias=bias)
+        self.fused = fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused and x.is_cuda and not isinstance(xformers_ops(), ImportError):
+            w1, w2 = self.w12.weight.chunk(2, dim=0)
+            b1, b2 = self.w12.bias.chunk(2) if self.w12.bias is not None else (None, None)
+            return xformers_ops().swiglu(x, w1, b1, w2, b2, self.w3.weight, self.w3.bias)
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+def pack(xs: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """``[B_i, N_i, D]`` tensors -> packed ``[sum B_i*N_i, D]`` and their shapes."""
+    shapes = [(x.shape[0], x.shape[1]) for x in xs]
+    flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+    return (flat[0] if len(flat) == 1 else torch.cat(flat)), shapes
+
+
+def unpack(tokens: Tensor, shapes: Shapes) -> list[Tensor]:
+    return [t.view(b, n, -1) for t, (b, n) in zip(tokens.split([b * n for b, n in shapes]), shapes)]
+
+
+def drop_path(residual: Tensor, shapes: Shapes, rate: float) -> Tensor:
+    """Per-sample stochastic depth on a packed residual: whole images are zeroed, others rescaled."""
+    keep = 1.0 - rate
+    masks = [residual.new_empty(b, 1).bernoulli_(keep).div_(keep).repeat_interleave(n, dim=0) for b, n in shapes]
+    return residual * (masks[0] if len(masks) == 1 else torch.cat(masks))
+
+
+def add_residual_on_batch_subset(
+    tokens: Tensor, shapes: Shapes, residual_fn: Callable[[Tensor, Shapes], Tensor], rate: float
+) -> Tensor:
+    """DINOv2's stochastic depth: compute the residual for a random subset of each group's images
+    only (saving that compute) and add it scaled by ``batch / subset``."""
+    rows, sub_shapes, alphas = [], [], []
+    offset = 0
+    for batch, n in shapes:
+        keep = max(int(batch * (1 - rate)), 1)
+        samples = torch.randperm(batch, device=tokens.device)[:keep]
+        token_index = offset + samples[:, None] * n + torch.arange(n, device=tokens.device)  # [keep, n]
+        rows.append(token_index.reshape(-1))
+        sub_shapes.append((keep, n))
+        alphas.append(batch / keep)
+        offset += batch * n
+    residual = residual_fn(tokens[torch.cat(rows)], sub_shapes).to(tokens.dtype)
+    for index, part, alpha in zip(rows, residual.split([len(r) for r in rows]), alphas):
+        tokens = torch.index_add(tokens, 0, index, part, alpha=alpha)
+    return tokens
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        ffn_layer: str = "mlp",
+        attn_backend: str = "sdpa",
+        attn_backend_required: bool = False,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        if ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose one of {FFN_LAYERS}")
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
+                              backend=attn_backend, backend_required=attn_backend_required)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        if ffn_layer == "mlp":
+            self.mlp = Mlp(dim, hidden, bias=ffn_bias, act_layer=act_layer)
+        else:
+            self.mlp = SwiGLUFFN(dim, hidden, bias=ffn_bias, fused=ffn_layer == "swiglufused")
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path_rate = drop_path
+
+    def _attn_residual(self, tokens: Tensor, shapes: Shapes) -> Tensor:
+        return self.ls1(self.attn(self.norm1(tokens), shapes))
+
+    def _ffn_residual(self, tokens: Tensor, shapes: Shapes) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(tokens)))
+
+    def forward_packed(self, tokens: Tensor, shapes: Shapes, *, batch_subset: bool) -> Tensor:
+        """``batch_subset`` selects DINOv2's batch-subset stochastic depth over per-sample drop
+        path. The official code uses it for lists of crops always and for single tensors when the
+        rate exceeds 0.1 (below that its overhead does not pay off)."""
+        rate = self.drop_path_rate if self.training else 0.0
+        for residual_fn in (self._attn_residual, self._ffn_residual):
+            if rate > 0 and batch_subset:
+                tokens = add_residual_on_batch_subset(tokens, shapes, residual_fn, rate)
+            elif rate > 0:
+                tokens = tokens + drop_path(residual_fn(tokens, shapes), shapes, rate)
+            else:
+                tokens = tokens + residual_fn(tokens, shapes)
+        return tokens
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        """``[B, N, D]`` or a list of such tensors (one per resolution), like the official block."""
+        is_list = isinstance(x, (list, tuple))
+        tokens, shapes = pack(list(x) if is_list else [x])
+        tokens = self.forward_packed(tokens, shapes, batch_subset=is_list or self.drop_path_rate > 0.1)
+        out = unpack(tokens, shapes)
+        return out if is_list else out[0]
+
+
+def init_weights_vit_timm(module: nn.Module) -> None:
+    """The official ViT initialisation of linear layers (timm's)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+__all__ = [
+    "ATTENTION_BACKENDS", "FFN_LAYERS", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed",
+    "SwiGLUFFN", "pack", "unpack", "swiglu_hidden_features", "init_weights_vit_timm",
+]

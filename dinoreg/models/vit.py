@@ -1,0 +1,231 @@
+"""DinoVisionTransformer: the official DINOv2 backbone, optionally with register tokens.
+
+Parameter names, token order ``[cls, registers, patches]``, initialisation and outputs are the
+official ones, so official hub state dicts load with ``strict=True`` and ours load into theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dinoreg.models.layers import Block, PatchEmbed, init_weights_vit_timm, pack, unpack
+from dinoreg.models.pos_embed import resample_pos_embed
+
+# arch -> (embed_dim, depth, num_heads); head dim 64 everywhere except vit_tiny (timm's)
+ARCH_DIMS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_giant2": (1536, 40, 24),
+}
+ARCHS = tuple(ARCH_DIMS)
+
+
+class DinoVisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        ffn_bias: bool = True,
+        proj_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        init_values: float | None = None,
+        ffn_layer: str = "mlp",
+        block_chunks: int = 1,
+        num_register_tokens: int = 0,
+        interpolate_antialias: bool = False,
+        interpolate_offset: float = 0.1,
+        attn_backend: str = "sdpa",
+        attn_backend_required: bool = False,
+    ) -> None:
+        """Keyword names and defaults follow the official class. ``block_chunks`` is accepted for
+        compatibility only: blocks are never chunked, so keys are always ``blocks.{i}.``."""
+        super().__init__()
+        if num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
+        # Everything needed to rebuild this module; stored in exported checkpoints.
+        self.arch_kwargs: dict[str, Any] = dict(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, ffn_bias=ffn_bias,
+            proj_bias=proj_bias, init_values=init_values, ffn_layer=ffn_layer,
+            num_register_tokens=num_register_tokens, interpolate_antialias=interpolate_antialias,
+            interpolate_offset=interpolate_offset,
+        )
+        self.num_features = self.embed_dim = embed_dim
+        self.num_tokens = 1
+        self.n_blocks = depth
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = interpolate_offset
+
+        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + self.num_tokens, embed_dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+        if drop_path_uniform:
+            rates = [drop_path_rate] * depth
+        else:
+            rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also under a meta device
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias,
+                  ffn_bias=ffn_bias, drop_path=rates[i], init_values=init_values, ffn_layer=ffn_layer,
+                  attn_backend=attn_backend, attn_backend_required=attn_backend_required)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        self.apply(init_weights_vit_timm)
+
+    def interpolate_pos_encoding(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Positional embedding for an image of ``height x width`` pixels, in ``x``'s dtype."""
+        grid = (height // self.patch_size, width // self.patch_size)
+        pos = resample_pos_embed(self.pos_embed, grid, antialias=self.interpolate_antialias,
+                                 offset=self.interpolate_offset)
+        return pos.to(x.dtype)
+
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """``[B, C, H, W]`` (and ``masks`` ``[B, HW]`` bool) -> tokens ``[B, 1 + R + HW, D]``."""
+        _, _, height, width = x.shape
+        x = self.patch_embed(x)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, height, width)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+        return x
+
+    def _run_blocks(self, tokens: list[Tensor], batch_subset: bool) -> list[Tensor]:
+        packed, shapes = pack(tokens)
+        for block in self.blocks:
+            subset = batch_subset or block.drop_path_rate > 0.1
+            packed = block.forward_packed(packed, shapes, batch_subset=subset)
+        return unpack(packed, shapes)
+
+    def _outputs(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
+        x_norm = self.norm(x)
+        first_patch = 1 + self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],  # [B, D]
+            "x_norm_regtokens": x_norm[:, 1:first_patch],  # [B, R, D]
+            "x_norm_patchtokens": x_norm[:, first_patch:],  # [B, HW, D]
+            "x_prenorm": x,  # [B, 1 + R + HW, D]
+            "masks": masks,
+        }
+
+    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Any = None) -> dict | list[dict]:
+        """One image batch -> dict; a list of batches (e.g. global and local crops, any sizes)
+        -> list of dicts, computed in one pass with shared linear layers."""
+        if isinstance(x, Tensor):
+            return self._outputs(self._run_blocks([self.prepare_tokens_with_masks(x, masks)], False)[0], masks)
+        masks_list = list(masks) if masks is not None else [None] * len(x)
+        if len(masks_list) != len(x):
+            raise ValueError(f"got {len(x)} image batches but {len(masks_list)} masks")
+        tokens = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(x, masks_list)]
+        return [self._outputs(t, m) for t, m in zip(self._run_blocks(tokens, True), masks_list)]
+
+    def forward(self, x: Tensor | Sequence[Tensor], masks: Any = None, is_training: bool = False):
+        out = self.forward_features(x, masks)
+        if is_training:
+            return out
+        if isinstance(out, list):
+            return [self.head(o["x_norm_clstoken"]) for o in out]
+        return self.head(out["x_norm_clstoken"])
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Outputs of the last ``n`` blocks (or of the blocks indexed by ``n``), registers removed."""
+        tokens = self.prepare_tokens_with_masks(x)
+        wanted = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if i in wanted:
+                outputs.append(tokens)
+        if len(outputs) != len(wanted):
+            raise ValueError(f"only {len(outputs)} of {len(wanted)} requested blocks exist (depth {len(self.blocks)})")
+        if norm:
+            outputs = [self.norm(out) for out in outputs]
+        class_tokens = [out[:, 0] for out in outputs]
+        outputs = [out[:, 1 + self.num_register_tokens:] for out in outputs]
+        if reshape:
+            batch, _, height, width = x.shape
+            grid = (height // self.patch_size, width // self.patch_size)
+            outputs = [out.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
+        if return_class_token:
+            return tuple(zip(outputs, class_tokens))
+        return tuple(outputs)
+
+    @torch.no_grad()
+    def get_self_attention(self, x: Tensor, block_index: int = -1) -> Tensor:
+        """Attention probabilities ``[B, heads, N, N]`` of one block, tokens ordered
+        ``[cls, registers, patches]`` (computed with explicit softmax, whatever the backend)."""
+        tokens = self.prepare_tokens_with_masks(x)
+        block_index = block_index % len(self.blocks)
+        for block in self.blocks[:block_index]:
+            tokens = block(tokens)
+        block = self.blocks[block_index]
+        return block.attn.attention_probs(block.norm1(tokens))
+
+
+def _factory(arch: str):
+    embed_dim, depth, num_heads = ARCH_DIMS[arch]
+
+    def build(patch_size: int = 16, num_register_tokens: int = 0, **kwargs: Any) -> DinoVisionTransformer:
+        return DinoVisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                     mlp_ratio=4, num_register_tokens=num_register_tokens, **kwargs)
+
+    build.__name__ = arch
+    build.__doc__ = f"{arch}: width {embed_dim}, depth {depth}, {num_heads} heads (official keyword names)."
+    return build
+
+
+vit_tiny = _factory("vit_tiny")
+vit_small = _factory("vit_small")
+vit_base = _factory("vit_base")
+vit_large = _factory("vit_large")
+vit_giant2 = _factory("vit_giant2")
+
+
+def build_backbone(arch: str = "vit_small", **kwargs: Any) -> DinoVisionTransformer:
+    """Build ``arch`` with official keyword arguments; ``embed_dim``/``depth``/``num_heads`` given in
+    ``kwargs`` override the arch's (handy for tiny test models)."""
+    if arch not in ARCH_DIMS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    embed_dim, depth, num_heads = ARCH_DIMS[arch]
+    dims = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": 4.0}
+    for key in list(dims):
+        if kwargs.get(key) is not None:
+            dims[key] = kwargs.pop(key)
+        kwargs.pop(key, None)
+    return DinoVisionTransformer(**dims, **kwargs)

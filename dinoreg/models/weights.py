@@ -1,0 +1,151 @@
+"""Backbone checkpoints: normalise the official and our layouts, infer the architecture, load strictly.
+
+Accepted inputs (files: ``.pth``/``.pt`` via ``torch.load(weights_only=True)``, ``.safetensors``):
+* flat official hub state dicts (``blocks.{i}.``) and block-chunked training ones (``blocks.{chunk}.{i}.``);
+* keys under ``module.`` / ``backbone.`` / ``teacher.backbone.`` / ``student.backbone.`` prefixes;
+* wrappers ``{"model": sd}`` / ``{"teacher": sd}`` / ``{"student": sd}``, optionally carrying our
+  metadata ``{"dinoreg_arch": {...}}`` (safetensors: the ``dinoreg_arch`` metadata entry, JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from dinoreg.models.layers import swiglu_hidden_features
+from dinoreg.models.pos_embed import resample_pos_embed
+from dinoreg.models.vit import DinoVisionTransformer
+
+METADATA_KEY = "dinoreg_arch"
+_WRAPPERS = ("model", "teacher", "student", "state_dict")
+# Longest first: "teacher.backbone." must win over "backbone.".
+_PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "module.", "backbone.", "_orig_mod.")
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Return ``(state_dict, metadata)`` with the backbone keys in the flat official layout."""
+    metadata: dict[str, Any] = {}
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open  # noqa: PLC0415
+
+            with safe_open(path, framework="pt") as f:
+                raw: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
+                if (f.metadata() or {}).get(METADATA_KEY):
+                    metadata = json.loads(f.metadata()[METADATA_KEY])
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raw = dict(source)
+    if isinstance(raw.get(METADATA_KEY), Mapping):
+        metadata = dict(raw[METADATA_KEY])
+    for wrapper in _WRAPPERS:
+        if isinstance(raw.get(wrapper), Mapping):
+            raw = dict(raw[wrapper])
+            break
+    return normalize_state_dict(raw), metadata
+
+
+def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Strip wrapper prefixes, flatten chunked blocks; drop non-backbone entries of a training checkpoint
+    (heads, optimizer) only when they sit beside prefixed backbone keys."""
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            break
+    return {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in tensors.items()}
+
+
+def infer_arch_kwargs(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Architecture keyword arguments from tensor shapes (head dim 64, as in all official models)."""
+    required = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise CheckpointMismatchError(
+            f"not a ViT backbone checkpoint: missing {missing}; found keys like {sorted(state_dict)[:8]}"
+        )
+    embed_dim = state_dict["cls_token"].shape[-1]
+    patch_weight = state_dict["patch_embed.proj.weight"]
+    patch_size = patch_weight.shape[-1]
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    num_patches = state_dict["pos_embed"].shape[1] - 1
+    registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
+    swiglu = "blocks.0.mlp.w12.weight" in state_dict
+    if swiglu:
+        hidden = state_dict["blocks.0.mlp.w3.weight"].shape[1]
+        mlp_ratio = 4.0 if swiglu_hidden_features(4 * embed_dim) == hidden else hidden * 1.5 / embed_dim
+    else:
+        mlp_ratio = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim if depth else 4.0
+    return dict(
+        img_size=int(math.isqrt(num_patches)) * patch_size,
+        patch_size=patch_size,
+        in_chans=patch_weight.shape[1],
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=max(embed_dim // 64, 1),
+        mlp_ratio=mlp_ratio,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+        proj_bias="blocks.0.attn.proj.bias" in state_dict,
+        ffn_bias=any(k.startswith("blocks.0.mlp.") and k.endswith(".bias") for k in state_dict),
+        init_values=1.0 if "blocks.0.ls1.gamma" in state_dict else None,
+        ffn_layer="swiglufused" if swiglu else "mlp",
+        num_register_tokens=registers,
+        # The official registers models use antialiased resizing without offset; the others the legacy path.
+        interpolate_antialias=registers > 0,
+        interpolate_offset=0.0 if registers else 0.1,
+    )
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """``load_state_dict(strict=True)`` with one error that lists every misfit, shapes included."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if state_dict[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mis_shaped:
+        lines = ["checkpoint does not fit the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        lines.append("  Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer).")
+        raise CheckpointMismatchError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> DinoVisionTransformer:
+    """Build the backbone a checkpoint describes and load it strictly; returns it in eval mode.
+
+    The architecture comes from embedded metadata when present, otherwise from the tensor shapes;
+    ``overrides`` (official keyword names, e.g. ``img_size=518``, ``attn_backend="math"``) win over
+    both. A different ``img_size`` resamples ``pos_embed`` with the model's interpolation method.
+    """
+    state_dict, metadata = read_checkpoint(source)
+    arch_kwargs = {**infer_arch_kwargs(state_dict), **metadata, **overrides}
+    model = DinoVisionTransformer(**arch_kwargs)
+    target = model.pos_embed.shape
+    if "pos_embed" in state_dict and state_dict["pos_embed"].shape[1] != target[1]:
+        grid = math.isqrt(target[1] - 1)
+        state_dict = {**state_dict, "pos_embed": resample_pos_embed(
+            state_dict["pos_embed"], (grid, grid),
+            antialias=model.interpolate_antialias, offset=model.interpolate_offset)}
+    load_state_dict_strict(model, state_dict)
+    return model.eval()
