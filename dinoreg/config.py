@@ -1,0 +1,472 @@
+"""Configuration: structured defaults <- a YAML recipe <- ``key=value`` overrides.
+
+Key names follow the official DINOv2 ``ssl_default_config.yaml`` and the schema defaults *are* the
+official defaults, so a ported official recipe behaves identically. Our recipes (``configs/``) add
+register tokens. Everything a user can get wrong is checked here, before any work starts, and all
+problems are reported together in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import math
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, FFN_LAYERS
+
+__all__ = [
+    "ARCHITECTURES",
+    "ConfigError",
+    "DinoRegConfig",
+    "apply_scaling_rule",
+    "available_configs",
+    "load_config",
+    "save_config",
+]
+
+DEFAULT_CONFIG = "tiny_cpu"
+
+# (embed_dim, depth, num_heads) per architecture, as the model factories define them.
+ARCHITECTURES = ARCH_DIMS
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value given and the fix."""
+
+
+# --- schema (official defaults) -------------------------------------------------------------
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "vit_large"
+    patch_size: int = 16
+    drop_path_rate: float = 0.3
+    layerscale: float = 1.0e-5
+    drop_path_uniform: bool = True
+    pretrained_weights: str = ""
+    ffn_layer: str = "mlp"
+    block_chunks: int = 0
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    num_register_tokens: int = 0
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.1
+    attention_backend: str = "sdpa"
+    # If true, a missing backend (e.g. xformers not installed) is an error instead of a fallback.
+    attention_backend_required: bool = False
+    # Override the architecture's width / depth / heads; None keeps the value in ARCHITECTURES.
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+    koleo_loss_weight: float = 0.1
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: List[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = False
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+
+
+@dataclass
+class TrainConfig:
+    batch_size_per_gpu: int = 64
+    # "synthetic" (the embedded procedural dataset), a folder of images, or a .txt file of paths.
+    dataset_path: str = "synthetic"
+    output_dir: str = "."
+    saveckp_freq: int = 20
+    seed: int = 0
+    num_workers: int = 10
+    epoch_length: int = 1250  # official OFFICIAL_EPOCH_LENGTH: iterations per "epoch"
+    centering: str = "centering"
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    base_lr: float = 0.004  # for a total batch size of 1024
+    lr: float = 0.0  # derived from base_lr by apply_scaling_rule
+    warmup_epochs: int = 10
+    min_lr: float = 1.0e-6
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    scaling_rule: str = "sqrt_wrt_1024"
+    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = 0.9
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class CropsConfig:
+    global_crops_scale: List[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_number: int = 8
+    local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+    # The official augmentation hard-codes these; they are keys here so small runs can tune them.
+    blur_prob_global1: float = 1.0
+    blur_prob_global2: float = 0.1
+    blur_prob_local: float = 0.5
+    solarization_prob_global2: float = 0.2
+
+
+@dataclass
+class EvaluationConfig:
+    eval_period_iterations: int = 12500
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class DinoRegConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+CHOICES = {
+    "student.arch": tuple(ARCHITECTURES),
+    "student.ffn_layer": FFN_LAYERS,
+    "student.attention_backend": ATTENTION_BACKENDS,
+    "train.centering": ("centering", "sinkhorn_knopp"),
+    "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
+}
+
+# Official keys that we renamed, and official keys we deliberately dropped (with why).
+RENAMED_KEYS = {"train.OFFICIAL_EPOCH_LENGTH": "train.epoch_length"}
+UNUSED_KEYS = {
+    "MODEL": "to start from weights use student.pretrained_weights",
+    "compute_precision": "precision and sharding are chosen by dinoreg.train.parallel",
+    "train.cache_dataset": "datasets are never cached in memory",
+}
+
+
+def _schema_leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield (dotted key, type annotation) for every leaf of the dataclass schema."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _schema_leaves(hint, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hint
+
+
+LEAF_TYPES = dict(_schema_leaves(DinoRegConfig))
+SECTIONS = {f.name for f in dataclasses.fields(DinoRegConfig)}
+
+
+def _describe_type(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        return f"{_describe_type(inner)} or null"
+    if typing.get_origin(hint) in (list, List):
+        return "a list of numbers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+
+
+# --- finding and reading config files -------------------------------------------------------
+
+
+def _configs_dir():
+    """The installed ``dinoreg.configs`` package data, else the repository's ``configs/``."""
+    try:
+        return importlib.resources.files("dinoreg.configs")
+    except ImportError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def available_configs() -> list[str]:
+    """Names of the bundled recipes, e.g. ``["tiny_cpu", "vitb14_reg4", ...]``."""
+    directory = _configs_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in directory.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_config_source(config: str | os.PathLike) -> tuple[str, str]:
+    """Return (text, label) of a recipe name or a YAML path."""
+    as_path = Path(config)
+    looks_like_path = (
+        isinstance(config, os.PathLike) or as_path.suffix in (".yaml", ".yml") or len(as_path.parts) > 1
+    )
+    if looks_like_path:
+        if not as_path.is_file():
+            raise ConfigError(
+                f"config file {str(config)!r} does not exist; give an existing YAML file or one of "
+                f"the bundled names: {', '.join(available_configs())}"
+            )
+        return as_path.read_text(), str(as_path)
+    names = available_configs()
+    if config not in names:
+        close = difflib.get_close_matches(str(config), names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown config name {str(config)!r}; available: {', '.join(names) or '(none found)'}. "
+            f"Or pass a path to a YAML file.{hint}"
+        )
+    return (_configs_dir() / f"{config}.yaml").read_text(), f"configs/{config}.yaml"
+
+
+def _parse_yaml(text: str, label: str) -> dict:
+    try:
+        data = OmegaConf.to_container(OmegaConf.create(text), resolve=False) if text.strip() else {}
+    except Exception as e:  # yaml.YAMLError or an OmegaConf error, e.g. a bad interpolation
+        raise ConfigError(f"{label}: could not parse YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping of sections (student:, train:, ...) at top level")
+    return data
+
+
+def _parse_override(override: str) -> dict:
+    key, sep, _ = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"malformed override {override!r}: expected the form key=value, e.g. train.batch_size_per_gpu=32"
+        )
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)
+    except Exception as e:
+        raise ConfigError(f"override {override!r}: could not parse the value: {e}") from e
+
+
+# --- merging with error collection ----------------------------------------------------------
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    for prefix, why in UNUSED_KEYS.items():
+        if key == prefix or key.startswith(prefix + "."):
+            return f"{key} ({source}): official DINOv2 key not used by dinoreg ({why}); delete it"
+    if key in RENAMED_KEYS:
+        return f"{key} ({source}): renamed in dinoreg; use {RENAMED_KEYS[key]}"
+    return f"{key} ({source}): unknown key{_suggest(key)}"
+
+
+def _suggest(key: str) -> str:
+    """Close matches by full dotted key, then by leaf name (so `arch` finds `student.arch`)."""
+    candidates = difflib.get_close_matches(key, LEAF_TYPES, n=3, cutoff=0.8)
+    section, _, leaf = key.rpartition(".")
+    leaf_names = {k.rpartition(".")[2] for k in LEAF_TYPES}
+    for name in difflib.get_close_matches(leaf, leaf_names, n=3, cutoff=0.6 if not candidates else 0.8):
+        same_name = [k for k in LEAF_TYPES if k.rpartition(".")[2] == name]
+        # Prefer the key in the section the user wrote.
+        candidates += sorted(same_name, key=lambda k: not k.startswith(section + "."))
+    candidates = list(dict.fromkeys(candidates))[:3]
+    return f"; did you mean {' or '.join(candidates)}?" if candidates else ""
+
+
+def _flatten(tree: dict, source: str, problems: list[str], prefix: str = "") -> list[tuple[str, Any]]:
+    """Split a nested mapping into (schema leaf key, value) pairs, recording unknown keys."""
+    leaves = []
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if key in LEAF_TYPES:
+            leaves.append((key, value))
+        elif key in SECTIONS:
+            if isinstance(value, dict):
+                leaves += _flatten(value, source, problems, prefix=f"{key}.")
+            else:
+                problems.append(f"{key} ({source}): is a section, got {value!r}; set {key}.<name>=... instead")
+        else:
+            problems.append(_unknown_key_message(key, source))
+    return leaves
+
+
+def _assign(cfg: DictConfig, leaves: list[tuple[str, Any]], source: str, problems: list[str]) -> None:
+    for key, value in leaves:
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException:
+            problems.append(f"{key} ({source}): expected {_describe_type(LEAF_TYPES[key])}, got {value!r}")
+
+
+# --- validation of values -------------------------------------------------------------------
+
+
+def _nearest_multiples(size: int, patch: int) -> str:
+    lower = max(patch, size // patch * patch)
+    return f"{lower} or {lower + patch}" if lower != size else str(size)
+
+
+def _validate(cfg: DictConfig) -> list[str]:
+    problems = []
+
+    def check(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{key}: got {OmegaConf.select(cfg, key)!r}; {allowed}")
+
+    for key, allowed in CHOICES.items():
+        check(OmegaConf.select(cfg, key) in allowed, key, f"allowed: {', '.join(allowed)}")
+
+    s, t, crops, optim, train = cfg.student, cfg.teacher, cfg.crops, cfg.optim, cfg.train
+    check(s.num_register_tokens >= 0, "student.num_register_tokens", "must be >= 0 (4 in our recipes)")
+    check(0 <= s.drop_path_rate < 1, "student.drop_path_rate", "must be in [0, 1)")
+    check(s.patch_size > 0, "student.patch_size", "must be > 0")
+    for name in ("global_crops_size", "local_crops_size"):
+        size, patch = crops[name], s.patch_size
+        if patch > 0 and (size <= 0 or size % patch != 0):
+            check(False, f"crops.{name}", f"must be a positive multiple of student.patch_size={patch}; "
+                  f"nearest valid: {_nearest_multiples(size, patch)}")
+    for name in ("embed_dim", "depth", "num_heads"):
+        check(s[name] is None or s[name] > 0, f"student.{name}", "must be > 0, or null for the arch's value")
+    if s.arch in ARCHITECTURES:
+        arch_dim, _, arch_heads = ARCHITECTURES[s.arch]
+        dim, heads = s.embed_dim or arch_dim, s.num_heads or arch_heads
+        if heads > 0 and dim % heads != 0:
+            problems.append(
+                f"student.embed_dim: {dim} is not divisible by student.num_heads={heads} "
+                f"({s.arch} defaults: embed_dim {arch_dim}, num_heads {arch_heads}); pick a multiple of {heads}"
+            )
+
+    check(train.batch_size_per_gpu >= 2, "train.batch_size_per_gpu", "must be >= 2 (KoLeo needs 2+ per view)")
+    check(train.epoch_length > 0, "train.epoch_length", "must be > 0")
+    check(train.num_workers >= 0, "train.num_workers", "must be >= 0")
+    # Official dataset strings ("ImageNet:split=TRAIN") would otherwise fail late, in the data loader.
+    dataset = train.dataset_path
+    official_form = ":" in dataset and "=" in dataset and not Path(dataset).exists()
+    check(not official_form, "train.dataset_path", 'use "synthetic", a folder of images, or a .txt file of paths')
+
+    for key in ("teacher.momentum_teacher", "teacher.final_momentum_teacher"):
+        check(0 <= OmegaConf.select(cfg, key) <= 1, key, "must be in [0, 1]")
+    for key in ("teacher.warmup_teacher_temp", "teacher.teacher_temp", "evaluation.knn_temperature"):
+        check(OmegaConf.select(cfg, key) > 0, key, "temperatures must be > 0")
+    check(t.warmup_teacher_temp_epochs >= 0, "teacher.warmup_teacher_temp_epochs", "must be >= 0")
+
+    probabilities = ["ibot.mask_sample_probability"] + [
+        f"crops.{n}" for n in ("blur_prob_global1", "blur_prob_global2", "blur_prob_local", "solarization_prob_global2")
+    ]
+    for key in probabilities:
+        check(0 <= OmegaConf.select(cfg, key) <= 1, key, "probabilities must be in [0, 1]")
+
+    def check_range(key: str, low_ok, allowed: str) -> None:
+        pair = list(OmegaConf.select(cfg, key))
+        check(len(pair) == 2 and low_ok(pair[0]) and pair[0] <= pair[1] <= 1, key, allowed)
+
+    for key in ("crops.global_crops_scale", "crops.local_crops_scale"):
+        check_range(key, lambda lo: lo > 0, "must be [lo, hi] with 0 < lo <= hi <= 1")
+    check_range("ibot.mask_ratio_min_max", lambda lo: lo >= 0, "must be [lo, hi] with 0 <= lo <= hi <= 1")
+    check(crops.local_crops_number >= 0, "crops.local_crops_number", "must be >= 0 (0 disables local crops)")
+
+    check(optim.epochs > 0, "optim.epochs", "must be > 0")
+    warmup_ok = 0 <= optim.warmup_epochs <= optim.epochs
+    check(warmup_ok, "optim.warmup_epochs", f"must be in [0, optim.epochs={optim.epochs}]")
+    check(optim.base_lr > 0, "optim.base_lr", "must be > 0")
+    check(0 < optim.layerwise_decay <= 1, "optim.layerwise_decay", "must be in (0, 1]")
+    for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
+        check(0 <= OmegaConf.select(cfg, key) < 1, key, "must be in [0, 1)")
+    return problems
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def load_config(config: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- the recipe ``config`` (a name from configs/ or a YAML path) <- overrides.
+
+    Returns a validated, structured (unknown keys rejected), resolved config. If ``optim.lr`` is
+    unset (0), it is derived for a single process; the trainer re-derives it for its world size
+    with :func:`apply_scaling_rule`.
+    """
+    if isinstance(overrides, str):  # a lone "a=b" would otherwise be iterated character by character
+        overrides = [overrides]
+    text, label = _read_config_source(DEFAULT_CONFIG if config is None else config)
+    sources = [(_parse_yaml(text, label), label)]
+    sources += [(_parse_override(o), f"override {o!r}") for o in overrides]
+
+    cfg = OmegaConf.structured(DinoRegConfig)
+    problems: list[str] = []
+    for tree, source in sources:
+        _assign(cfg, _flatten(tree, source, problems), source, problems)
+    if not problems:
+        try:
+            OmegaConf.resolve(cfg)  # interpolations; downstream code and saved files see plain values
+        except OmegaConfBaseException as e:
+            problems.append(f"{getattr(e, 'full_key', '') or 'interpolation'}: {e}".splitlines()[0])
+    if problems:
+        # Checking values now would report defaults standing in for the rejected entries.
+        problems.append("(values are checked once the keys and types above are fixed)")
+    else:
+        problems = _validate(cfg)
+    if problems:
+        raise ConfigError("problems in the configuration:\n  " + "\n  ".join(problems))
+
+    if cfg.optim.lr == 0.0:
+        apply_scaling_rule(cfg, world_size=1)
+    return cfg
+
+
+def apply_scaling_rule(cfg: DictConfig, world_size: int) -> float:
+    """Set ``cfg.optim.lr`` from ``base_lr`` (given for a total batch of 1024) and return it."""
+    total_batch = cfg.train.batch_size_per_gpu * world_size
+    rule = cfg.optim.scaling_rule
+    if rule == "sqrt_wrt_1024":
+        lr = cfg.optim.base_lr * math.sqrt(total_batch / 1024.0)
+    elif rule == "linear_wrt_1024":
+        lr = cfg.optim.base_lr * total_batch / 1024.0
+    elif rule == "none":
+        lr = cfg.optim.base_lr
+    else:
+        allowed = ", ".join(CHOICES["optim.scaling_rule"])
+        raise ConfigError(f"optim.scaling_rule: got {rule!r}; allowed: {allowed}")
+    cfg.optim.lr = lr
+    return lr
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as resolved YAML; atomic, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
