@@ -38,7 +38,7 @@ def resample_patch_pos_embed(
     rows, cols = grid_size
     grid = patch_pos_embed.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)  # [1, D, M, M]
     if offset:
-        scale = ((rows + offset) / side, (cols + offset) / side)
+        scale = (float(rows + offset) / side, float(cols + offset) / side)  # floats: also under jit tracing
         resized = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=antialias)
     else:
         resized = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=antialias)
