@@ -1,0 +1,7 @@
+"""``python -m dinoreg`` is the ``dinoreg`` command."""
+
+import sys
+
+from dinoreg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""Packaging for dinoreg.
+
+torch is declared as a version range, not a CUDA build: install the torch you want first
+(CPU: ``pip install torch==2.13.0``; GPU: the CUDA wheel of your choice), then this package.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    # Parsed, not imported: importing dinoreg needs torch, which may not be installed yet.
+    text = (HERE / "dinoreg" / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError("__version__ not found in dinoreg/__init__.py")
+    return match.group(1)
+
+
+def read_readme() -> str:
+    readme = HERE / "README.md"
+    return readme.read_text(encoding="utf-8") if readme.exists() else ""
+
+
+# The YAML recipes live in the top-level configs/ folder and ship as the dinoreg.configs package.
+packages = find_packages(include=["dinoreg", "dinoreg.*"]) + ["dinoreg.configs"]
+
+setup(
+    name="dinoreg",
+    version=read_version(),
+    description="DINOv2-style self-supervised Vision Transformers with register tokens",
+    long_description=read_readme(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"dinoreg.configs": "configs"},
+    package_data={"dinoreg.configs": ["*.yaml"]},
+    include_package_data=False,
+    install_requires=[
+        "torch>=2.1,<3",
+        "numpy",
+        "omegaconf>=2.3",
+        "fvcore",
+        "submitit",
+        "tensorboard",
+        "kornia",
+        "pillow",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "xformers": ["xformers"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["dinoreg = dinoreg.cli:main"]},
+)
