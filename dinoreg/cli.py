@@ -26,24 +26,21 @@ INTERPOLATIONS = {"antialias": (True, 0.0), "legacy": (False, 0.1)}
 
 # ----------------------------------------------------------------------------- argument types
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, what: str):
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return convert
 
 
-def _register_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of register tokens >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of register tokens >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_register_count = _int_at_least(0, "a number of register tokens >= 0")
 
 
 def _register_list(text: str) -> list[int]:

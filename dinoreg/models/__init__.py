@@ -1,5 +1,6 @@
 """Pure nn.Modules of the DINOv2 backbone; importable with torch alone."""
 
+from dinoreg.models.head import DINOHead
 from dinoreg.models.layers import ATTENTION_BACKENDS, FFN_LAYERS
 from dinoreg.models.vit import (
     ARCH_DIMS,
@@ -15,7 +16,7 @@ from dinoreg.models.vit import (
 from dinoreg.models.weights import CheckpointMismatchError, load_backbone, load_state_dict_strict
 
 __all__ = [
-    "ARCHS", "ARCH_DIMS", "ATTENTION_BACKENDS", "FFN_LAYERS", "CheckpointMismatchError", "DinoVisionTransformer",
+    "ARCHS", "ARCH_DIMS", "ATTENTION_BACKENDS", "FFN_LAYERS", "CheckpointMismatchError", "DINOHead", "DinoVisionTransformer",
     "build_backbone", "load_backbone", "load_state_dict_strict",
     "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2",
 ]
