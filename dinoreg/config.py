@@ -114,6 +114,9 @@ class TrainConfig:
     num_workers: int = 10
     epoch_length: int = 1250  # official OFFICIAL_EPOCH_LENGTH: iterations per "epoch"
     centering: str = "centering"
+    # "auto": bf16 autocast with fp32 master weights and fp32 losses on CUDA, fp32 elsewhere.
+    precision: str = "auto"
+    log_every: int = 10  # iterations between plain progress lines when not on a terminal
 
 
 @dataclass
@@ -153,6 +156,10 @@ class EvaluationConfig:
     eval_period_iterations: int = 12500
     knn_k: int = 20
     knn_temperature: float = 0.07
+    # kNN of the teacher on the synthetic dataset: memory bank from its train split, queries from
+    # its held-out split, images resized to crops.global_crops_size.
+    knn_train_images: int = 2000
+    knn_eval_images: int = 1000
 
 
 @dataclass
@@ -173,6 +180,7 @@ CHOICES = {
     "student.attention_backend": ATTENTION_BACKENDS,
     "train.centering": ("centering", "sinkhorn_knopp"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
+    "train.precision": ("auto", "fp32", "bf16"),
 }
 
 # Official keys that we renamed, and official keys we deliberately dropped (with why).
@@ -364,6 +372,10 @@ def _validate(cfg: DictConfig) -> list[str]:
     check(train.batch_size_per_gpu >= 2, "train.batch_size_per_gpu", "must be >= 2 (KoLeo needs 2+ per view)")
     check(train.epoch_length > 0, "train.epoch_length", "must be > 0")
     check(train.num_workers >= 0, "train.num_workers", "must be >= 0")
+    check(train.log_every > 0, "train.log_every", "must be > 0")
+    for key in ("evaluation.knn_train_images", "evaluation.knn_eval_images", "evaluation.knn_k",
+                "evaluation.eval_period_iterations"):
+        check(OmegaConf.select(cfg, key) > 0, key, "must be > 0")
     # Official dataset strings ("ImageNet:split=TRAIN") would otherwise fail late, in the data loader.
     dataset = train.dataset_path
     official_form = ":" in dataset and "=" in dataset and not Path(dataset).exists()
