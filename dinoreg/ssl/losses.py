@@ -1,0 +1,242 @@
+"""DINO (cls token), iBOT (masked patches) and KoLeo losses, with the teacher's centering.
+
+Same inputs -> same values as the official DINOv2 code (``dinov2/loss/``). Deliberate differences:
+
+* Everything is computed in fp32, whatever the input dtype (bf16 logits are upcast first).
+* Sinkhorn-Knopp runs in the log domain, after subtracting each prototype's globally reduced max
+  logit. The official version exponentiates ``logits / teacher_temp`` directly, which overflows to
+  inf (then NaN) in fp32 as soon as a logit exceeds ~3.5 at ``teacher_temp=0.04``; subtracting one
+  global max alone is not enough either (whole prototypes then underflow to 0 and give 0/0). The
+  official scalings (``/ sum(Q)``, ``/ K``, ``/ B``, ``* B``) each cancel in the normalisation that
+  follows them, so they are omitted: the result is mathematically identical.
+* Softmax centering uses ``F.softmax``, which already subtracts the row max (stable at any scale).
+* Collectives go through :mod:`dinoreg.ssl.distributed` (no-ops in a single process). A centre
+  update reduces the batch sum together with its row count, so ranks may hold different numbers
+  of rows; with equal counts this equals the official ``sum / (len * world_size)``. An iBOT rank
+  with no masked patch contributes nothing instead of the official NaN mean of an empty batch.
+* The centre is updated in place (``copy_``) so the registered buffer keeps its identity (FSDP,
+  DCP). A pending (deferred) update is not part of the state dict, as in the official code; call
+  :meth:`apply_center_update` before saving to fold it in.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinoreg.ssl.distributed import all_reduce_max, all_reduce_sum
+
+__all__ = ["DINOLoss", "iBOTPatchLoss", "KoLeoLoss", "sinkhorn_knopp"]
+
+
+def _global_logsumexp_over_samples(log_q: Tensor) -> Tensor:
+    """logsumexp over dim 1 (samples) of a [K, n_local] matrix, across all ranks -> [K, 1]."""
+    num_prototypes, n_local = log_q.shape
+    if n_local > 0:
+        row_max = log_q.amax(dim=1, keepdim=True)  # [K, 1]
+    else:
+        row_max = log_q.new_full((num_prototypes, 1), float("-inf"))
+    all_reduce_max(row_max)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    row_sum = torch.exp(log_q - row_max).sum(dim=1, keepdim=True)  # [K, 1]
+    all_reduce_sum(row_sum)
+    return row_max + torch.log(row_sum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
+    """Balanced soft assignment of the samples (over all ranks) to the K prototypes.
+
+    teacher_logits: [N, K] (this rank's rows). Returns [N, K] fp32; each row sums to 1 and, over the
+    global batch, each prototype receives about N_global / K of the mass.
+    """
+    if n_iterations < 1:
+        raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
+    logits_t = teacher_logits.float().t()  # [K, N], K-by-B as in the paper
+    num_prototypes, n_local = logits_t.shape
+    # A per-prototype constant cancels in the first row normalisation; subtracting the global max
+    # keeps every exponent <= 0, and working with logs keeps prototypes/samples far below it alive.
+    if n_local > 0:
+        proto_max = logits_t.amax(dim=1, keepdim=True)  # [K, 1]
+    else:
+        proto_max = logits_t.new_full((num_prototypes, 1), float("-inf"))
+    all_reduce_max(proto_max)
+    log_q = (logits_t - proto_max) / teacher_temp  # [K, N], <= 0
+    for _ in range(n_iterations):
+        # every prototype gets the same total weight (official: 1/K; the constant cancels next)
+        log_q = log_q - _global_logsumexp_over_samples(log_q)
+        # every sample's weights sum to 1 (official: 1/B, then * B after the last iteration)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)
+    return log_q.exp().t()  # [N, K]
+
+
+class _CenteredTeacherLoss(nn.Module):
+    """Centre buffer with the official deferred EMA: ``update_center`` starts the reduction of the
+    batch statistics, the next ``softmax_center_teacher`` waits for it and applies it."""
+
+    center: Tensor
+
+    def __init__(self, center_shape: tuple[int, ...], student_temp: float, center_momentum: float):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(center_shape))
+        self._pending: tuple[Tensor, object] | None = None  # ([K + 1] sum and count, work handle)
+
+    @torch.no_grad()
+    def _queue_center_update(self, batch_sum: Tensor, count: float) -> None:
+        """batch_sum: [K] fp32 sum of this rank's contributions; count: how many they are."""
+        packed = torch.cat([batch_sum.reshape(-1), batch_sum.new_tensor([count])])  # [K + 1]
+        handle = all_reduce_sum(packed, async_op=True)
+        self._pending = (packed, handle)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """Fold a pending ``update_center`` into ``center`` (no-op when none is pending)."""
+        if self._pending is None:
+            return
+        packed, handle = self._pending
+        self._pending = None
+        if handle is not None:
+            handle.wait()
+        batch_sum, count = packed[:-1], packed[-1]  # [K], []
+        batch_center = (batch_sum / count.clamp(min=1.0)).to(self.center.device)
+        momentum = self.center_momentum
+        updated = self.center * momentum + batch_center.view_as(self.center) * (1 - momentum)
+        # no host sync: keep the old centre when no rank contributed anything
+        self.center.copy_(torch.where(count.to(self.center.device) > 0, updated, self.center))
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """Applies any pending centre update first (official order), then
+        softmax((logits - center) / teacher_temp) in fp32; same shape as the input."""
+        self.apply_center_update()
+        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    def _cross_entropy(self, student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+        """sum_k t * log_softmax(s / student_temp) per row (the negative cross-entropy)."""
+        log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        return torch.sum(teacher_probs.float() * log_probs, dim=-1)
+
+
+class DINOLoss(_CenteredTeacherLoss):
+    """Cross-entropy between the teacher's and the student's cls-token prototype scores."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__((1, out_dim), student_temp, center_momentum)  # center: [1, K]
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> Tensor:
+        """teacher_logits: [N, K] -> [N, K] probabilities, balanced over the global batch."""
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Tensor) -> None:
+        """teacher_logits: [N, K]. The batch mean (over all ranks) enters the EMA at the next
+        ``softmax_center_teacher``."""
+        teacher_logits = teacher_logits.float()
+        self._queue_center_update(teacher_logits.sum(dim=0), float(teacher_logits.shape[0]))
+
+    def forward(
+        self, student_logits_list: Sequence[Tensor], teacher_probs_list: Sequence[Tensor]
+    ) -> Tensor:
+        """student_logits_list: each [B, K]; teacher_probs_list: each [B, K].
+
+        -sum over every (student, teacher) pair of mean_b sum_k t * log_softmax(s / student_temp).
+        """
+        if len(student_logits_list) == 0 or len(teacher_probs_list) == 0:
+            raise ValueError("DINOLoss needs at least one student and one teacher tensor")
+        total_loss = None
+        for student_logits in student_logits_list:
+            log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # [B, K]
+            for teacher_probs in teacher_probs_list:
+                term = -torch.sum(teacher_probs.float() * log_probs, dim=-1).mean()
+                total_loss = term if total_loss is None else total_loss + term
+        return total_loss
+
+
+class iBOTPatchLoss(_CenteredTeacherLoss):  # noqa: N801 (the field's spelling)
+    """Cross-entropy between teacher and student prototype scores of the masked patches."""
+
+    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__((1, 1, patch_out_dim), student_temp, center_momentum)  # center: [1, 1, K]
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self,
+        teacher_logits: Tensor,
+        teacher_temp: float,
+        n_masked_patches_tensor: Tensor | int | None = None,
+        n_iterations: int = 3,
+    ) -> Tensor:
+        """teacher_logits: [M, K] (this rank's masked patches) -> [M, K].
+
+        ``n_masked_patches_tensor`` (the official global B) is accepted for the official signature
+        but not needed: B only scales Q by a constant that the next normalisation removes.
+        """
+        del n_masked_patches_tensor
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations)
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch_logits: Tensor) -> None:
+        """teacher_patch_logits: [M, K] or [G, M, K] (the official meta-arch passes [1, M, K]).
+        The official statistic: sum over G of the mean over M, averaged over ranks."""
+        logits = teacher_patch_logits.float()
+        if logits.ndim == 2:
+            logits = logits.unsqueeze(0)  # [1, M, K]
+        if logits.shape[1] == 0:  # no masked patch on this rank: contribute nothing
+            self._queue_center_update(logits.new_zeros(logits.shape[-1]), 0.0)
+            return
+        self._queue_center_update(logits.mean(dim=1).sum(dim=0), float(logits.shape[0]))
+
+    def forward_masked(
+        self,
+        student_logits: Tensor,
+        teacher_probs: Tensor,
+        student_masks_flat: Tensor,
+        n_masked_patches: int | None = None,
+        masks_weight: Tensor | None = None,
+    ) -> Tensor:
+        """student_logits, teacher_probs: [M, K] (masked patches, image-major order);
+        student_masks_flat: [B, N] bool; masks_weight: [M], default 1 / (masked patches of the
+        patch's image). Returns -(sum_m w_m * sum_k t log_softmax(s / T)) / B: every image counts
+        in B, masked or not."""
+        loss = self._cross_entropy(student_logits, teacher_probs)  # [M]
+        if masks_weight is None:
+            per_image = 1.0 / student_masks_flat.sum(dim=-1).clamp(min=1.0)  # [B]
+            masks_weight = per_image.unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]
+        if n_masked_patches is not None:
+            loss = loss[:n_masked_patches]
+        loss = loss * masks_weight.float()
+        return -loss.sum() / student_masks_flat.shape[0]
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy estimator (Sablayrolles et al. 2018): pushes each L2-normalised
+    vector away from its nearest neighbour in the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairwise_distance = nn.PairwiseDistance(p=2, eps=1e-8)
+
+    def forward(self, x: Tensor, eps: float = 1e-8) -> Tensor:
+        """x: [B, D] with B >= 2 (the batch on this rank). Returns -mean_b log(||x_b - x_nn(b)|| + eps)."""
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(
+                f"KoLeoLoss needs a [B, D] batch with B >= 2 to find nearest neighbours, got shape "
+                f"{tuple(x.shape)}; raise train.batch_size_per_gpu to at least 2 or set "
+                "dino.koleo_loss_weight=0"
+            )
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.normalize(x.float(), p=2, dim=-1, eps=eps)  # [B, D]
+            with torch.no_grad():
+                dots = x @ x.t()  # [B, B]; max inner product = min distance on the sphere
+                dots.fill_diagonal_(-1.0)  # never pick oneself (the official trick)
+                nearest = torch.max(dots, dim=1).indices  # [B]
+            distances = self.pairwise_distance(x, x[nearest])  # [B]
+            return -torch.log(distances + eps).mean()
