@@ -1,0 +1,42 @@
+"""Data: datasets (synthetic, folder, file list), multi-crop augmentation, sampling and loaders.
+
+Per training step: ``InfiniteShardedSampler`` -> ``MultiCropDataset`` (decode + geometric crops, in
+workers) -> ``collate_multicrop`` (uint8 batch) -> on the device, ``Photometric`` (colour, blur,
+solarisation, normalisation).
+"""
+
+from dinoreg.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiCropGeometric,
+    Photometric,
+    RandomColorJitter,
+    sample_resized_crop_params,
+)
+from dinoreg.data.datasets import (
+    IMAGE_EXTENSIONS,
+    BadFileLog,
+    FileList,
+    ImageFolder,
+    build_dataset,
+    load_image,
+    to_rgb,
+)
+from dinoreg.data.loader import (
+    BadSample,
+    EvalTransform,
+    InfiniteShardedSampler,
+    MultiCropDataset,
+    build_eval_loader,
+    build_loader,
+    collate_multicrop,
+)
+from dinoreg.data.synthetic import SyntheticShapes
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
+    "BadFileLog", "BadSample", "EvalTransform", "FileList", "ImageFolder", "InfiniteShardedSampler",
+    "MultiCropDataset", "MultiCropGeometric", "Photometric", "RandomColorJitter", "SyntheticShapes",
+    "build_dataset", "build_eval_loader", "build_loader", "collate_multicrop", "load_image",
+    "sample_resized_crop_params", "to_rgb",
+]

@@ -1,0 +1,243 @@
+"""Resumable rank-sharded sampling, per-sample multi-crop, collate, and the DataLoaders.
+
+The data order is one infinite *global stream* of positions p = 0, 1, 2, ...; position p shows
+``perm_e[p % n]`` where ``e = p // n`` is the epoch and ``perm_e`` a permutation seeded by (seed, e).
+Global batch k is positions ``[k * W * B, (k + 1) * W * B)`` spread over W ranks (rank r takes every
+W-th position from r), and the crops of a sample are seeded by (seed, position). Hence:
+
+- a run resumed at iteration i passes ``start = i * global_batch_size`` and continues exactly where the
+  stream stopped, with the same images *and the same crops*, whatever the number of workers;
+- a run resumed with a different world size (but the same global batch size) sees exactly the same
+  global batches; with a different global batch it still continues the stream at ``start``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Sampler
+
+from dinoreg.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropGeometric, pil_to_uint8_tensor
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SeedSequence hashing: nearby inputs give unrelated seeds)."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class InfiniteShardedSampler(Sampler):
+    """Yields ``(index, position)`` forever: rank r gets global positions ``start + r + k * world_size``.
+
+    ``start`` is a *global* position (iteration * global batch size), not a per-rank count, so resuming
+    with another world size continues the same stream (see the module docstring).
+    """
+
+    def __init__(self, dataset_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, start: int = 0):
+        if dataset_size <= 0:
+            raise ValueError(f"dataset_size must be > 0, got {dataset_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.dataset_size = int(dataset_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.shuffle = shuffle
+        self.start = int(start)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.dataset_size)
+        generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        n = self.dataset_size
+        position = self.start + self.rank
+        epoch, perm = -1, None
+        while True:
+            if position // n != epoch:
+                epoch = position // n
+                perm = self.permutation(epoch).numpy()  # int64 array: 8 bytes per image, not a list of ints
+            yield int(perm[position % n]), position
+            position += self.world_size
+
+
+class BadSample(NamedTuple):
+    """What a dataset item becomes when its file cannot be decoded; the collate drops it."""
+
+    path: Optional[str]
+    index: int
+    position: int
+
+
+def _base_get(dataset, index: int, draft_size: Optional[int]):
+    """``dataset.get(index, draft_size)`` when the dataset supports reduced-size decoding, else ``dataset[index]``."""
+    get = getattr(dataset, "get", None)
+    return get(index, draft_size) if get is not None else dataset[index]
+
+
+class MultiCropDataset:
+    """Wraps a dataset of ``(PIL image, label)`` (or None for a bad file) with the geometric multi-crop.
+
+    ``dataset[(index, position)]`` -> ``dict(global_crops, local_crops, label, index, position)``, or a
+    :class:`BadSample` (its path when the base dataset knows it). Crops are seeded by (seed, position),
+    so they do not depend on the worker that made them or on how many workers there are.
+    """
+
+    def __init__(self, base_dataset, geometric: MultiCropGeometric, seed: int):
+        self.base_dataset = base_dataset
+        self.geometric = geometric
+        self.seed = int(seed)
+        self.draft_size = geometric.min_source_side
+
+    def __len__(self) -> int:
+        return len(self.base_dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, position = int(key[0]), int(key[1])
+        item = _base_get(self.base_dataset, index, self.draft_size)
+        if item is None:
+            path = getattr(self.base_dataset, "path", None)
+            return BadSample(path(index) if callable(path) else None, index, position)
+        image, label = item
+        # A string seed is hashed with SHA-512 by random.Random: stable across processes and Python runs.
+        rng = random.Random(f"dinoreg-crops:{self.seed}:{position}")
+        crops = self.geometric(image, rng)
+        return {**crops, "label": int(label), "index": index, "position": position}
+
+
+def _is_bad(sample) -> bool:
+    return sample is None or isinstance(sample, BadSample)
+
+
+def collate_multicrop(samples: List[Any], mask_fn: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Stack multi-crop samples in DINOv2's order; drop bad ones and report their paths.
+
+    Returns ``global_crops`` uint8 [2B, 3, G, G] (view 1 of all samples, then view 2: ``.chunk(2)`` gives the
+    views), ``local_crops`` uint8 [nB, 3, L, L] (crop 1 of all samples, then crop 2, ...), ``labels``,
+    ``indices``, ``positions`` [B], ``n_global_crops``, ``n_local_crops``, ``batch_size`` (B, after drops)
+    and ``bad_files`` (paths; None when unknown). When every sample is bad, the crop keys are absent and
+    ``batch_size`` is 0: the caller skips the batch. ``mask_fn(n_images=2B, seed_position=positions[0])``,
+    when given, returns a dict merged into the batch.
+    """
+    good = [s for s in samples if not _is_bad(s)]
+    bad_files = [s.path if isinstance(s, BadSample) else None for s in samples if _is_bad(s)]
+    batch: Dict[str, Any] = {"bad_files": bad_files, "batch_size": len(good)}
+    if not good:
+        return batch
+    n_global, n_local = len(good[0]["global_crops"]), len(good[0]["local_crops"])
+    batch["global_crops"] = torch.stack([s["global_crops"][v] for v in range(n_global) for s in good])
+    if n_local:
+        batch["local_crops"] = torch.stack([s["local_crops"][c] for c in range(n_local) for s in good])
+    else:
+        g = batch["global_crops"]
+        batch["local_crops"] = g.new_zeros((0,) + tuple(g.shape[1:]))
+    batch["labels"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
+    batch["indices"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
+    batch["positions"] = torch.tensor([s["position"] for s in good], dtype=torch.long)
+    batch["n_global_crops"], batch["n_local_crops"] = n_global, n_local
+    if mask_fn is not None:
+        batch.update(mask_fn(n_images=n_global * len(good), seed_position=int(batch["positions"][0])))
+    return batch
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in a DataLoader worker from torch's per-worker seed (crops do not depend on it)."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def build_loader(dataset, *, batch_size: int, num_workers: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0, collate_fn: Optional[Callable] = collate_multicrop, pin_memory: bool = False,
+                 shuffle: bool = True) -> DataLoader:
+    """An endless DataLoader of per-rank batches of ``batch_size`` over :class:`InfiniteShardedSampler`.
+
+    ``dataset`` is indexed by ``(index, position)`` (a :class:`MultiCropDataset`). ``start`` is the global
+    position to resume from: ``iteration * batch_size * world_size``. Iterate it once (``iter(loader)``) and
+    call ``next`` forever; there are no epochs and no last batch.
+    """
+    sampler = InfiniteShardedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
+                                     shuffle=shuffle, start=start)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn if collate_fn is not None else collate_multicrop,
+        pin_memory=pin_memory,
+        drop_last=False,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(_mix(seed, rank)),
+    )
+
+
+class EvalTransform:
+    """Bicubic resize of the shorter side to ``resize_size``, then a central ``image_size`` crop -> uint8 [3, S, S]."""
+
+    def __init__(self, image_size: int, resize_size: Optional[int] = None):
+        self.image_size = int(image_size)
+        self.resize_size = int(resize_size if resize_size is not None else round(image_size * 256 / 224))
+        if self.resize_size < self.image_size:
+            raise ValueError(f"resize_size {self.resize_size} < image_size {self.image_size}")
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        w, h = image.size
+        scale = self.resize_size / min(w, h)
+        new_w, new_h = max(self.resize_size, round(w * scale)), max(self.resize_size, round(h * scale))
+        image = image.convert("RGB").resize((new_w, new_h), Image.BICUBIC)
+        left, top = (new_w - self.image_size) // 2, (new_h - self.image_size) // 2
+        image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        return pil_to_uint8_tensor(image)
+
+
+class _EvalDataset:
+    def __init__(self, base_dataset, transform: EvalTransform):
+        self.base_dataset, self.transform = base_dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.base_dataset)
+
+    def __getitem__(self, index: int):
+        item = _base_get(self.base_dataset, index, self.transform.resize_size)
+        if item is None:
+            return None
+        image, label = item
+        return self.transform(image), int(label)
+
+
+def _collate_eval(samples) -> Tuple[torch.Tensor, torch.Tensor]:
+    good = [s for s in samples if s is not None]  # bad files are dropped (and counted by the dataset)
+    if not good:
+        return torch.zeros((0, 3, 1, 1)), torch.zeros((0,), dtype=torch.long)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = torch.stack([s[0] for s in good]).float().div_(255.0)
+    return (images - mean) / std, torch.tensor([s[1] for s in good], dtype=torch.long)
+
+
+def build_eval_loader(dataset, *, image_size: int, batch_size: int, num_workers: int,
+                      resize_size: Optional[int] = None) -> DataLoader:
+    """A finite, ordered loader for kNN / linear evaluation: ``(images float [B, 3, S, S] normalised, labels [B])``.
+
+    Images are resized (bicubic, shorter side to ``resize_size``, default ``image_size * 256 / 224`` as
+    DINOv2's evaluation) and centre-cropped to ``image_size``; pass ``resize_size=image_size`` to keep the
+    whole (square) image. Undecodable files are dropped from their batch.
+    """
+    return DataLoader(
+        _EvalDataset(dataset, EvalTransform(image_size, resize_size)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_eval,
+        drop_last=False,
+    )
