@@ -156,6 +156,7 @@ class EvaluationConfig:
     eval_period_iterations: int = 12500
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_enabled: bool = True
     # kNN of the teacher on the synthetic dataset: memory bank from its train split, queries from
     # its held-out split, images resized to crops.global_crops_size.
     knn_train_images: int = 2000
@@ -378,7 +379,8 @@ def _validate(cfg: DictConfig) -> list[str]:
         check(OmegaConf.select(cfg, key) > 0, key, "must be > 0")
     # Official dataset strings ("ImageNet:split=TRAIN") would otherwise fail late, in the data loader.
     dataset = train.dataset_path
-    official_form = ":" in dataset and "=" in dataset and not Path(dataset).exists()
+    official_form = (":" in dataset and "=" in dataset and not dataset.startswith("synthetic")
+                     and not Path(dataset).exists())
     check(not official_form, "train.dataset_path", 'use "synthetic", a folder of images, or a .txt file of paths')
 
     for key in ("teacher.momentum_teacher", "teacher.final_momentum_teacher"):

@@ -13,10 +13,10 @@ from dinoreg.models.vit import (
     vit_small,
     vit_tiny,
 )
-from dinoreg.models.weights import CheckpointMismatchError, load_backbone, load_state_dict_strict
+from dinoreg.models.weights import CheckpointMismatchError, load_backbone, load_state_dict_strict, save_backbone
 
 __all__ = [
     "ARCHS", "ARCH_DIMS", "ATTENTION_BACKENDS", "FFN_LAYERS", "CheckpointMismatchError", "DINOHead", "DinoVisionTransformer",
-    "build_backbone", "load_backbone", "load_state_dict_strict",
+    "build_backbone", "load_backbone", "load_state_dict_strict", "save_backbone",
     "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2",
 ]

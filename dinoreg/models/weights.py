@@ -131,6 +131,22 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tens
     model.load_state_dict(state_dict, strict=True)
 
 
+def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights (official keys) and architecture to a ``.safetensors`` file, atomically:
+    a temporary file is renamed over ``path`` only once complete, so a good file is never half-replaced."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(model.arch_kwargs)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> DinoVisionTransformer:
     """Build the backbone a checkpoint describes and load it strictly; returns it in eval mode.
 

@@ -1,0 +1,98 @@
+"""Where training figures go: ``metrics.jsonl``, TensorBoard, and a progress line with ETA.
+
+Every figure is logged, never printed once: one JSON object per logged iteration (training rows and
+evaluation rows share the file, evaluation rows carry ``knn_top1``), the same scalars to TensorBoard,
+and a tqdm bar on a terminal or plain periodic lines otherwise (e.g. under SLURM).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+# Shown on the progress bar, in this order, when present.
+_BAR_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss",
+             "images_per_sec", "knn_top1")
+_SHORT = {"total_loss": "loss", "dino_local_crops_loss": "dino_l", "dino_global_crops_loss": "dino_g",
+          "koleo_loss": "koleo", "ibot_loss": "ibot", "images_per_sec": "img/s", "knn_top1": "knn"}
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class TrainingLogger:
+    """Writes metrics of one run. Only the main process should create one with ``enabled=True``."""
+
+    def __init__(self, output_dir: str | Path, *, total_iterations: int, start_iteration: int = 0,
+                 enabled: bool = True, print_every: int = 10) -> None:
+        self.enabled = enabled
+        self.total = total_iterations
+        self.print_every = max(print_every, 1)
+        self.start_iteration = start_iteration
+        self.started = time.perf_counter()
+        self.last_train: dict[str, float] = {}
+        self.latest: dict[str, float] = {}  # every key's most recent value
+        if not enabled:
+            return
+        output_dir = Path(output_dir)
+        self.jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self.interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total_iterations, initial=start_iteration, dynamic_ncols=True,
+                        disable=not self.interactive, desc="train")
+
+    def log(self, iteration: int, metrics: Mapping[str, Any], *, step_done: bool = True) -> None:
+        """Record ``metrics`` (floats or 0-d tensors) for ``iteration``."""
+        if not self.enabled:
+            return
+        row = {"iteration": iteration, **{k: float(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for key, value in row.items():
+            if key != "iteration" and math.isfinite(value):
+                self.writer.add_scalar(key, value, iteration)
+        self.latest.update(row)
+        if "total_loss" in row:
+            self.last_train = row
+        if step_done:
+            self._progress(iteration, row)
+        elif "knn_top1" in row:
+            self.write(f"eval @ iteration {iteration}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k != "iteration"))
+
+    def _progress(self, iteration: int, row: Mapping[str, float]) -> None:
+        shown = {**self.last_train, **row}
+        summary = {_SHORT[k]: f"{shown[k]:.4g}" for k in _BAR_KEYS if k in shown}
+        if self.interactive:
+            self.bar.n = iteration + 1
+            self.bar.set_postfix(summary, refresh=True)
+            return
+        done = iteration + 1 - self.start_iteration
+        if iteration + 1 == self.total or iteration % self.print_every == 0 or "knn_top1" in row:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(done, 1) * (self.total - iteration - 1)
+            fields = " ".join(f"{k} {v}" for k, v in summary.items())
+            print(f"[{iteration + 1}/{self.total}] {fields} eta {_format_duration(eta)}", flush=True)
+
+    def warn(self, message: str) -> None:
+        self.write(f"warning: {message}", stream=sys.stderr)
+
+    def write(self, message: str, stream: Any = None) -> None:
+        """Print a line without breaking the progress bar."""
+        if self.enabled:
+            (self.bar.write if self.interactive else print)(message, file=stream or sys.stdout)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.jsonl.close()

@@ -1,0 +1,98 @@
+"""End to end: a few iterations of a shrunken tiny_cpu, and the ways a run must stop."""
+
+import json
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dinoreg import load_backbone
+from dinoreg.cli import main
+from dinoreg.config import load_config
+from dinoreg.ssl import meta_arch
+from dinoreg.train.loop import BACKBONE_FILE, NonFiniteLossError, train
+
+FAST = ["student.embed_dim=64", "student.num_heads=2", "student.depth=2", "crops.global_crops_size=32",
+        "crops.local_crops_size=16", "crops.local_crops_number=2", "train.batch_size_per_gpu=16",
+        "train.num_workers=0", "dino.head_n_prototypes=256", "ibot.head_n_prototypes=256",
+        "evaluation.knn_train_images=200", "evaluation.knn_eval_images=100", "train.seed=1"]
+
+
+def run(tmp_path, *overrides):
+    cfg = load_config("tiny_cpu", [*FAST, f"train.output_dir={tmp_path}", *overrides])
+    return cfg, train(cfg)
+
+
+def rows(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_writes_everything_and_losses_fall(tmp_path):
+    cfg, final = run(tmp_path, "optim.epochs=2", "train.epoch_length=20", "optim.warmup_epochs=1",
+                     "evaluation.eval_period_iterations=20")
+    records = rows(tmp_path)
+    train_rows = [r for r in records if "total_loss" in r]
+    eval_rows = [r for r in records if "knn_top1" in r]
+    assert [r["iteration"] for r in train_rows] == list(range(40))
+    promised = {"iteration", "total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss",
+                "ibot_loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_sec", "data_wait",
+                "teacher_entropy", "teacher_batch_entropy"}
+    assert promised <= set(train_rows[0])
+    assert all(math.isfinite(r[k]) for r in train_rows for k in promised)
+    first, last = train_rows[:5], train_rows[-5:]
+    assert sum(r["total_loss"] for r in last) < sum(r["total_loss"] for r in first)
+    assert [r["iteration"] for r in eval_rows] == [0, 19, 39] and 0 <= final["knn_top1"] <= 1
+    # schedules reach the logs: warmup from lr 0, teacher temperature from its warmup value
+    assert train_rows[0]["lr"] == 0.0 and train_rows[0]["teacher_temp"] == pytest.approx(0.04)
+    assert train_rows[0]["last_layer_lr"] == 0.0 and train_rows[25]["last_layer_lr"] > 0
+    # the resolved config is written and reloads to the same values
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.optim.lr == cfg.optim.lr > 0 and saved.student.embed_dim == 64
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"total_loss", "knn_top1", "lr", "images_per_sec"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("total_loss")) == 40
+    # the teacher backbone file loads by itself and is the registers model that was trained
+    backbone = load_backbone(tmp_path / BACKBONE_FILE)
+    assert backbone.num_register_tokens == 4 and backbone.embed_dim == 64 and backbone.interpolate_antialias
+
+
+def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path, monkeypatch):
+    original = meta_arch.SSLMetaArch.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, batch, *, teacher_temp):
+        loss, metrics = original(self, batch, teacher_temp=teacher_temp)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            metrics["koleo_loss"] = torch.tensor(float("nan"))
+        return loss, metrics
+
+    monkeypatch.setattr(meta_arch.SSLMetaArch, "forward_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2: non-finite loss \(koleo_loss=nan\)"):
+        run(tmp_path, "optim.epochs=1", "train.epoch_length=5", "evaluation.knn_enabled=false")
+    assert not (tmp_path / BACKBONE_FILE).exists()
+    assert max(r["iteration"] for r in rows(tmp_path)) == 1  # the poisoned step was never logged
+
+
+def test_bad_dataset_path_fails_before_any_model_is_built(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the dataset was checked")
+
+    monkeypatch.setattr("dinoreg.train.loop.SSLMetaArch", no_model)
+    with pytest.raises(ValueError, match="does not exist"):
+        run(tmp_path, f"train.dataset_path={tmp_path / 'missing'}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        run(tmp_path, f"train.dataset_path={empty}")
+
+
+def test_cli_reports_config_errors_and_prints_config(tmp_path, capsys):
+    assert main(["train", "--output-dir", str(tmp_path), "student.num_registers=4"]) == 2
+    assert "did you mean student.num_register_tokens" in capsys.readouterr().err
+    assert main(["train", "--output-dir", str(tmp_path), "--print-config", "optim.epochs=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "epochs: 3" in printed and f"output_dir: {tmp_path}" in printed
+    assert not (tmp_path / "metrics.jsonl").exists()
