@@ -1,6 +1,8 @@
 """``dinoreg <subcommand>``: parses arguments and delegates; no logic of its own.
 
 Subcommands:
+  train            self-supervised training (DINO + iBOT + KoLeo) from a recipe
+  bench train      time the real training loop: iteration time, images/s, data wait
   model-info       build a backbone and print its parameters, FLOPs and output shapes
   analyze flops    FLOPs and parameters versus the number of register tokens
 
@@ -83,6 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dinoreg", description="DINOv2-style self-supervised ViTs with register tokens.")
     commands = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
 
+    train = commands.add_parser(
+        "train", help="self-supervised training (DINO + iBOT + KoLeo) from a recipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a student/teacher ViT with registers. The configuration is the schema defaults "
+                    "(the official DINOv2 ones), then the recipe, then key=value overrides.",
+        epilog="Writes DIR/config.yaml (resolved), DIR/metrics.jsonl, TensorBoard events under "
+               "DIR/tensorboard and the teacher backbone DIR/teacher_backbone.safetensors.\n\n"
+               "examples:\n"
+               "  dinoreg train --output-dir runs/tiny                   # tiny_cpu on the synthetic dataset\n"
+               "  dinoreg train --config vitl14_reg4 --output-dir runs/l \\\n"
+               "      train.dataset_path=/data/imagenet/train train.batch_size_per_gpu=32")
+    train.add_argument("--config", default="tiny_cpu", metavar="NAME|PATH",
+                       help="a recipe from configs/ (tiny_cpu, vits14_reg4, vitb14_reg4, vitl14_reg4, "
+                            "vitg14_reg4) or a YAML file (default: %(default)s)")
+    train.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                       help="where the config, metrics, TensorBoard logs and weights go (sets train.output_dir)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved configuration and exit without training")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides with dotted keys, e.g. optim.epochs=2 train.num_workers=4")
+    train.set_defaults(handler=_train, parser=train)
+
     info = commands.add_parser(
         "model-info", help="build a backbone; print parameters, FLOPs and output shapes",
         description="Build a backbone and print its parameter count, FLOPs per image and the shapes "
@@ -100,6 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "recipes) or legacy (bicubic with DINO's 0.1 offset; the official defaults) "
                            "(default: %(default)s)")
     info.set_defaults(handler=_model_info, parser=info)
+
+    bench = commands.add_parser("bench", help="benchmarks (speed, not correctness)",
+                                description="Benchmarks; numbers for docs/BENCHMARKS.md and the README.")
+    benches = bench.add_subparsers(dest="benchmark", metavar="<benchmark>", required=True)
+    bench_train = benches.add_parser(
+        "train", help="iteration time, images/s and data wait of the training loop",
+        description="Run the real training loop (kNN evaluation off) for --warmup + --iterations steps in a "
+                    "temporary directory and summarise the last --iterations.")
+    bench_train.add_argument("--config", default="tiny_cpu", metavar="NAME|PATH",
+                             help="recipe name or YAML path (default: %(default)s)")
+    bench_train.add_argument("--iterations", type=_positive_int, default=50,
+                             help="measured iterations (default: %(default)s)")
+    bench_train.add_argument("--warmup", type=_int_at_least(0, "a number of iterations >= 0"), default=10,
+                             help="iterations run first and not measured (default: %(default)s)")
+    bench_train.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    bench_train.add_argument("overrides", nargs="*", metavar="key=value",
+                             help="config overrides, e.g. train.num_workers=4")
+    bench_train.set_defaults(handler=_bench_train, parser=bench_train)
 
     analyze = commands.add_parser("analyze", help="diagnostics of the registers paper",
                                   description="Diagnostics of the registers paper.")
@@ -122,6 +164,46 @@ def _write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
+    from dinoreg.train.loop import NonFiniteLossError, train  # noqa: PLC0415 (heavy imports)
+
+    try:
+        cfg = load_config(args.config, [*args.overrides, f"train.output_dir={args.output_dir}"])
+    except ConfigError as error:
+        print(f"dinoreg train: invalid configuration:\n{error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    try:
+        final = train(cfg)
+    except (NonFiniteLossError, ValueError) as error:
+        print(f"dinoreg train: {error}", file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{key} {final[key]:.4g}" for key in ("total_loss", "knn_top1") if key in final)
+    print(f"done: {summary}; outputs in {args.output_dir}")
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from dinoreg.bench import benchmark_training, format_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.config import ConfigError  # noqa: PLC0415
+
+    try:
+        result = benchmark_training(args.config, iterations=args.iterations, warmup=args.warmup,
+                                    overrides=args.overrides)
+    except ConfigError as error:
+        print(f"dinoreg bench train: invalid configuration:\n{error}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        _write_json(args.json, result)
+    return 0
 
 
 def _model_info(args: argparse.Namespace) -> int:
