@@ -72,6 +72,14 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the results as JSON to PATH")
 
 
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny_cpu", metavar="NAME|PATH",
+                        help="a recipe from configs/ (tiny_cpu, vits14_reg4, vitb14_reg4, vitl14_reg4, "
+                             "vitg14_reg4) or a YAML file (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides with dotted keys, e.g. optim.epochs=2 train.num_workers=4")
+
+
 def _check_divisible(parser: argparse.ArgumentParser, option: str, size: int, patch_size: int) -> None:
     if size % patch_size:
         lower, upper = size // patch_size * patch_size, (size // patch_size + 1) * patch_size
@@ -96,15 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                "  dinoreg train --output-dir runs/tiny                   # tiny_cpu on the synthetic dataset\n"
                "  dinoreg train --config vitl14_reg4 --output-dir runs/l \\\n"
                "      train.dataset_path=/data/imagenet/train train.batch_size_per_gpu=32")
-    train.add_argument("--config", default="tiny_cpu", metavar="NAME|PATH",
-                       help="a recipe from configs/ (tiny_cpu, vits14_reg4, vitb14_reg4, vitl14_reg4, "
-                            "vitg14_reg4) or a YAML file (default: %(default)s)")
+    _add_recipe_arguments(train)
     train.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
                        help="where the config, metrics, TensorBoard logs and weights go (sets train.output_dir)")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved configuration and exit without training")
-    train.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="config overrides with dotted keys, e.g. optim.epochs=2 train.num_workers=4")
     train.set_defaults(handler=_train, parser=train)
 
     info = commands.add_parser(
@@ -132,15 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="iteration time, images/s and data wait of the training loop",
         description="Run the real training loop (kNN evaluation off) for --warmup + --iterations steps in a "
                     "temporary directory and summarise the last --iterations.")
-    bench_train.add_argument("--config", default="tiny_cpu", metavar="NAME|PATH",
-                             help="recipe name or YAML path (default: %(default)s)")
+    _add_recipe_arguments(bench_train)
     bench_train.add_argument("--iterations", type=_positive_int, default=50,
                              help="measured iterations (default: %(default)s)")
     bench_train.add_argument("--warmup", type=_int_at_least(0, "a number of iterations >= 0"), default=10,
                              help="iterations run first and not measured (default: %(default)s)")
     bench_train.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
-    bench_train.add_argument("overrides", nargs="*", metavar="key=value",
-                             help="config overrides, e.g. train.num_workers=4")
     bench_train.set_defaults(handler=_bench_train, parser=bench_train)
 
     analyze = commands.add_parser("analyze", help="diagnostics of the registers paper",

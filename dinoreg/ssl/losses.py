@@ -32,14 +32,20 @@ from dinoreg.ssl.distributed import all_reduce_max, all_reduce_sum
 __all__ = ["DINOLoss", "iBOTPatchLoss", "KoLeoLoss", "sinkhorn_knopp"]
 
 
+def _global_max_over_samples(x: Tensor) -> Tensor:
+    """max over dim 1 (samples) of a [K, n_local] matrix, across all ranks -> [K, 1]; -inf where no
+    rank has samples (a rank may hold none, e.g. no masked patches)."""
+    if x.shape[1] > 0:
+        row_max = x.amax(dim=1, keepdim=True)
+    else:
+        row_max = x.new_full((x.shape[0], 1), float("-inf"))
+    all_reduce_max(row_max)
+    return row_max
+
+
 def _global_logsumexp_over_samples(log_q: Tensor) -> Tensor:
     """logsumexp over dim 1 (samples) of a [K, n_local] matrix, across all ranks -> [K, 1]."""
-    num_prototypes, n_local = log_q.shape
-    if n_local > 0:
-        row_max = log_q.amax(dim=1, keepdim=True)  # [K, 1]
-    else:
-        row_max = log_q.new_full((num_prototypes, 1), float("-inf"))
-    all_reduce_max(row_max)
+    row_max = _global_max_over_samples(log_q)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     row_sum = torch.exp(log_q - row_max).sum(dim=1, keepdim=True)  # [K, 1]
     all_reduce_sum(row_sum)
@@ -56,14 +62,9 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
     logits_t = teacher_logits.float().t()  # [K, N], K-by-B as in the paper
-    num_prototypes, n_local = logits_t.shape
     # A per-prototype constant cancels in the first row normalisation; subtracting the global max
     # keeps every exponent <= 0, and working with logs keeps prototypes/samples far below it alive.
-    if n_local > 0:
-        proto_max = logits_t.amax(dim=1, keepdim=True)  # [K, 1]
-    else:
-        proto_max = logits_t.new_full((num_prototypes, 1), float("-inf"))
-    all_reduce_max(proto_max)
+    proto_max = _global_max_over_samples(logits_t)  # [K, 1]
     log_q = (logits_t - proto_max) / teacher_temp  # [K, N], <= 0
     for _ in range(n_iterations):
         # every prototype gets the same total weight (official: 1/K; the constant cancels next)
