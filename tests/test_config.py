@@ -228,5 +228,5 @@ def test_apply_scaling_rule():
 
 
 def test_load_derives_single_process_lr():
-    cfg = load_config()  # tiny_cpu: batch 32, base_lr 0.05
-    assert cfg.optim.lr == pytest.approx(0.05 * math.sqrt(32 / 1024))
+    cfg = load_config()  # tiny_cpu: batch 32, base_lr 0.01
+    assert cfg.optim.lr == pytest.approx(0.01 * math.sqrt(32 / 1024))
