@@ -24,7 +24,7 @@ from PIL import Image
 from dinoreg.data.synthetic import SyntheticShapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-_FIX = ('use "synthetic", "synthetic:size=N,image_size=S", a folder of images, '
+_FIX = ('use "synthetic", "synthetic:size=N,image_size=S,objects=A-B", a folder of images, '
         'or a .txt file with one image path per line')
 
 PathLike = Union[str, os.PathLike]
@@ -200,17 +200,22 @@ class FileList(_FileDataset):
 
 
 def _parse_synthetic(spec: str, split: str) -> SyntheticShapes:
+    allowed = "allowed: synthetic:size=N,image_size=S,seed=K,objects=A-B (or objects=A)"
     kwargs = {}
     _, _, options = spec.partition(":")
     for item in filter(None, (s.strip() for s in options.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key.strip() not in ("size", "image_size", "seed"):
-            raise ValueError(f"bad synthetic dataset option {item!r} in {spec!r}; "
-                             "allowed: synthetic:size=N,image_size=S,seed=K")
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in ("size", "image_size", "seed", "objects"):
+            raise ValueError(f"bad synthetic dataset option {item!r} in {spec!r}; {allowed}")
         try:
-            kwargs[key.strip()] = int(value)
+            if key == "objects":
+                low, _, high = value.partition("-")
+                kwargs[key] = (int(low), int(high or low))
+            else:
+                kwargs[key] = int(value)
         except ValueError:
-            raise ValueError(f"synthetic dataset option {item!r} in {spec!r} must be an integer") from None
+            raise ValueError(f"synthetic dataset option {item!r} in {spec!r} must be an integer "
+                             f"(objects: A-B); {allowed}") from None
     if split != "train" and "size" in kwargs:
         # "size" sets the training set; val keeps its default size, scaled in the same proportion.
         kwargs["size"] = max(1, kwargs["size"] // 5)

@@ -1,21 +1,26 @@
 """SyntheticShapes: the embedded procedural dataset, so that training needs no download.
 
-Each image shows one object on a background. The class is the object's *shape*; everything else is a
-nuisance factor drawn at random: the object's colour and texture (flat, stripes, checker, noise), its
-position, scale (25-70% of the image side) and rotation, and the background (flat, gradient, noise,
-stripes). The object's colour is kept far from the background's, so the silhouette is always visible
-and a self-supervised model can learn shape; a kNN or linear probe on the labels then measures
-whether it did.
+Each image shows one to a few objects of one shape on a background. The class is the objects' *shape*;
+everything else is a nuisance factor drawn at random: every object's colour and texture (flat, stripes,
+checker, noise), position and scale, and the background's colour and pattern (flat, gradient, noise,
+stripes). Two choices keep shape learnable by a small model in minutes: shapes are upright, and objects
+are brighter than the background. With random rotations, or with both contrast polarities, even
+*supervised* training of a ViT-tiny or a 3-layer CNN on 32-48 px images stayed near chance for the first
+300 steps of batch 64, where it reaches 0.5-0.8 accuracy without them.
+Hues stay random. By default an image holds 2-4 objects of its class, each with its own colour and
+texture: the views of an image then share the shape but not all the colours, which steers
+self-supervised training towards shape. ``objects=(1, 1)`` gives single-object images (for object
+discovery, where a box per image is wanted).
 
-Images are generated on the fly and are a pure function of (seed, split, index): the train and val
-splits draw from disjoint seed streams, and labels are balanced (``label = index % num_classes``).
-A 64 px image takes well under a millisecond (numpy + PIL, no torch).
+Images are generated on the fly and are a pure function of (seed, split, index, objects): the train and
+val splits draw from disjoint seed streams, and labels are balanced (``label = index % num_classes``).
+A 64 px image takes about a millisecond (numpy + PIL, no torch).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,10 +29,15 @@ CLASSES: List[str] = ["disc", "square", "triangle", "star", "ring", "cross", "he
 TEXTURES = ("flat", "stripes", "checker", "noise")
 BACKGROUNDS = ("flat", "gradient", "noise", "stripes")
 _SPLIT_STREAM = {"train": 0, "val": 1}
+# The longer side of an object's box as a fraction of the image side: alone, or one of several.
+_SINGLE_SCALE = (0.25, 0.70)
+_SEVERAL_SCALE = (0.20, 0.42)
 # The mask is drawn at this multiple of the image size and box-filtered down: anti-aliased edges.
 _SUPERSAMPLE = 4
-# Minimum RGB distance (0..255 scale) between the object's and the background's base colours.
-_MIN_COLOUR_DISTANCE = 170.0
+# Objects' base colours have every channel in [_BRIGHT, 255], backgrounds' in [0, 255 - _BRIGHT], and the
+# object is brighter by at least _MIN_CONTRAST averaged over channels: one contrast polarity everywhere.
+_BRIGHT = 128.0
+_MIN_CONTRAST = 64.0
 
 
 def _regular_polygon(n: int, phase: float = 0.0) -> np.ndarray:
@@ -70,11 +80,14 @@ class SyntheticShapes:
         size: number of images (default 10000 for train, 2000 for val).
         image_size: side of the square images in pixels.
         seed: dataset seed; together with split and index it determines every pixel.
+        objects: ``(min, max)`` objects per image, drawn uniformly per image; ``(1, 1)`` for single-object
+            images.
     """
 
     classes = CLASSES
 
-    def __init__(self, split: str = "train", size: Optional[int] = None, image_size: int = 64, seed: int = 0):
+    def __init__(self, split: str = "train", size: Optional[int] = None, image_size: int = 64, seed: int = 0,
+                 objects: Tuple[int, int] = (2, 4)):
         if split not in _SPLIT_STREAM:
             raise ValueError(f"SyntheticShapes split must be 'train' or 'val', got {split!r}")
         if image_size < 8:
@@ -85,6 +98,9 @@ class SyntheticShapes:
             raise ValueError(f"SyntheticShapes size must be > 0, got {self.size}")
         self.image_size = int(image_size)
         self.seed = int(seed)
+        self.objects = (int(objects[0]), int(objects[1]))
+        if not 1 <= self.objects[0] <= self.objects[1]:
+            raise ValueError(f"SyntheticShapes objects must be a range (min, max) with 1 <= min <= max, got {objects}")
         self.classes = list(CLASSES)
 
     def __len__(self) -> int:
@@ -92,7 +108,7 @@ class SyntheticShapes:
 
     def __repr__(self) -> str:
         return (f"SyntheticShapes(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-                f"seed={self.seed})")
+                f"seed={self.seed}, objects={self.objects})")
 
     @property
     def targets(self) -> List[int]:
@@ -106,10 +122,10 @@ class SyntheticShapes:
         """Same as ``dataset[index]``; ``draft_size`` exists for interface parity with the file datasets."""
         return self[index]
 
-    def box(self, index: int) -> Tuple[int, int, int, int]:
-        """Object bounding box ``(x0, y0, x1, y1)`` in pixels, x1/y1 exclusive (slice bounds): the tight box
-        of the pixels the object covers (anti-aliased edges included)."""
-        return _mask_box(self._render_mask(*self._geometry(self._rng(index), self._label(index))))
+    def boxes(self, index: int) -> List[Tuple[int, int, int, int]]:
+        """The objects' bounding boxes ``(x0, y0, x1, y1)`` in pixels, x1/y1 exclusive (slice bounds): the tight
+        box of the pixels each object covers (anti-aliased edges included)."""
+        return self.sample(index)["boxes"]
 
     def _label(self, index: int) -> int:
         if not 0 <= index < self.size:
@@ -119,36 +135,49 @@ class SyntheticShapes:
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_STREAM[self.split], int(index)])
 
-    def _geometry(self, rng: np.random.Generator, label: int):
-        """Outline(s) in pixel coordinates; consumes the first draws of ``rng``."""
+    def _geometry(self, rng: np.random.Generator, label: int, scale_range: Tuple[float, float],
+                  placed: Sequence[Tuple[float, float, float, float]] = ()):
+        """Outline(s) in pixel coordinates for one upright object whose longer side is ``scale_range`` of the
+        image. The centre is drawn so the whole object lies inside the image and, when possible (20 tries),
+        its box does not overlap those in ``placed``."""
         s = self.image_size
         outline, hole = _OUTLINES[CLASSES[label]]
-        angle = rng.uniform(0, 2 * math.pi)
-        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-        outline = outline @ rotation.T
         extent = outline.max(axis=0) - outline.min(axis=0)
-        scale = rng.uniform(0.25, 0.70) * s / extent.max()  # the longer bbox side is 25-70% of the image
+        scale = rng.uniform(*scale_range) * s / extent.max()
         outline = outline * scale
         low, high = outline.min(axis=0), outline.max(axis=0)
-        # Centre drawn so the whole object lies inside the image.
-        centre = np.array([rng.uniform(-low[0], s - high[0]), rng.uniform(-low[1], s - high[1])])
-        outline = outline + centre
-        hole = None if hole is None else (hole @ rotation.T) * scale + centre
-        return outline, hole
+        for _ in range(20):
+            centre = np.array([rng.uniform(-low[0], s - high[0]), rng.uniform(-low[1], s - high[1])])
+            box = (*(low + centre), *(high + centre))
+            if not any(_overlap(box, other) for other in placed):
+                break
+        hole = None if hole is None else hole * scale + centre
+        return outline + centre, hole, box
 
     def sample(self, index: int) -> dict:
-        """Everything about one image: ``image`` (PIL RGB), ``label``, ``box``, ``mask`` (float [S, S] in [0, 1])."""
+        """Everything about one image: ``image`` (PIL RGB), ``label``, ``boxes`` and ``masks`` (one per object;
+        masks are float [S, S] in [0, 1], later objects drawn over earlier ones), ``box`` (the first object's)
+        and ``mask`` (the union of the objects)."""
         label = self._label(index)
         rng = self._rng(index)
-        mask = self._render_mask(*self._geometry(rng, label))
-        object_colour, background_colour = _colour_pair(rng)
-        foreground = _fill(rng, TEXTURES[rng.integers(len(TEXTURES))], object_colour, self.image_size, amplitude=40)
-        background = _fill(rng, BACKGROUNDS[rng.integers(len(BACKGROUNDS))], background_colour, self.image_size,
-                           amplitude=35)
-        alpha = mask[:, :, None]
-        pixels = foreground * alpha + background * (1.0 - alpha)
+        count = int(rng.integers(self.objects[0], self.objects[1] + 1))
+        scale_range = _SINGLE_SCALE if count == 1 else _SEVERAL_SCALE
+        placed, masks = [], []
+        for _ in range(count):
+            outline, hole, box = self._geometry(rng, label, scale_range, placed)
+            placed.append(box)
+            masks.append(self._render_mask(outline, hole))
+        background = rng.uniform(0, 255 - _BRIGHT, size=3)
+        pixels = _fill(rng, BACKGROUNDS[rng.integers(len(BACKGROUNDS))], background, self.image_size, amplitude=35)
+        for mask in masks:
+            colour = _object_colour(rng, background)
+            foreground = _fill(rng, TEXTURES[rng.integers(len(TEXTURES))], colour, self.image_size, amplitude=40)
+            alpha = mask[:, :, None]
+            pixels = foreground * alpha + pixels * (1.0 - alpha)
         image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), mode="RGB")
-        return {"image": image, "label": label, "box": _mask_box(mask), "mask": mask}
+        boxes = [_mask_box(mask) for mask in masks]
+        return {"image": image, "label": label, "box": boxes[0], "boxes": boxes, "masks": masks,
+                "mask": np.max(np.stack(masks), axis=0)}
 
     def _render_mask(self, outline: np.ndarray, hole: Optional[np.ndarray]) -> np.ndarray:
         big = self.image_size * _SUPERSAMPLE
@@ -168,15 +197,17 @@ def _mask_box(mask: np.ndarray) -> Tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def _colour_pair(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """Object and background base colours at least ``_MIN_COLOUR_DISTANCE`` apart (RGB, 0..255)."""
-    obj = rng.uniform(0, 255, size=3)
+def _object_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """A colour brighter than ``background`` in every channel and by ``_MIN_CONTRAST`` on average (20 tries)."""
     for _ in range(20):
-        bg = rng.uniform(0, 255, size=3)
-        if np.linalg.norm(obj - bg) >= _MIN_COLOUR_DISTANCE:
-            return obj, bg
-    # Rare: push the background to the far corner of the RGB cube.
-    return obj, np.where(obj > 127.5, 20.0, 235.0)
+        colour = rng.uniform(_BRIGHT, 255, size=3)
+        if (colour - background).mean() >= _MIN_CONTRAST:
+            return colour
+    return np.full(3, 255.0)
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _fill(rng: np.random.Generator, kind: str, colour: np.ndarray, size: int, amplitude: float) -> np.ndarray:

@@ -128,8 +128,15 @@ def test_build_dataset_specs(tmp_path):
     custom = build_dataset("synthetic:size=100, image_size=32,seed=3")
     assert (len(custom), custom.image_size, custom.seed) == (100, 32, 3)
     assert build_dataset("synthetic:size=100", split="val").split == "val"
+    assert synthetic.objects == (2, 4)
+    assert build_dataset("synthetic:objects=1").objects == (1, 1)
+    assert build_dataset("synthetic:objects=2-3,size=50").objects == (2, 3)
     with pytest.raises(ValueError, match="colour"):
         build_dataset("synthetic:colour=1")
+    with pytest.raises(ValueError, match="objects=A-B"):
+        build_dataset("synthetic:objects=two")
+    with pytest.raises(ValueError, match="1 <= min <= max"):
+        build_dataset("synthetic:objects=3-2")
 
     _save_rgb(tmp_path / "train" / "cat" / "1.png")
     _save_rgb(tmp_path / "val" / "dog" / "1.png")
