@@ -149,6 +149,8 @@ class CropsConfig:
     blur_prob_global2: float = 0.1
     blur_prob_local: float = 0.5
     solarization_prob_global2: float = 0.2
+    # ColorJitter strengths (brightness, contrast, saturation, hue), applied with p 0.8; official 0.4/0.4/0.2/0.1.
+    color_jitter: List[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
 
 
 @dataclass
@@ -394,6 +396,10 @@ def _validate(cfg: DictConfig) -> list[str]:
     ]
     for key in probabilities:
         check(0 <= OmegaConf.select(cfg, key) <= 1, key, "probabilities must be in [0, 1]")
+
+    jitter = list(cfg.crops.color_jitter)
+    check(len(jitter) == 4 and min(jitter) >= 0 and jitter[3] <= 0.5, "crops.color_jitter",
+          "4 strengths [brightness, contrast, saturation, hue], each >= 0, hue <= 0.5 (official [0.4, 0.4, 0.2, 0.1])")
 
     def check_range(key: str, low_ok, allowed: str) -> None:
         pair = list(OmegaConf.select(cfg, key))

@@ -155,6 +155,8 @@ def test_section_given_a_value():
         (["crops.local_crops_size=30"], "crops.local_crops_size", "24 or 32"),
         (["train.batch_size_per_gpu=1"], "train.batch_size_per_gpu", "KoLeo"),
         (["crops.blur_prob_local=1.5"], "crops.blur_prob_local", "[0, 1]"),
+        (["crops.color_jitter=[0.4,0.4,0.2,0.6]"], "crops.color_jitter", "hue <= 0.5"),
+        (["crops.color_jitter=[0.4,0.4]"], "crops.color_jitter", "4 strengths"),
         (["ibot.mask_sample_probability=-0.1"], "ibot.mask_sample_probability", "[0, 1]"),
         (["crops.local_crops_scale=[0.5,0.1]"], "crops.local_crops_scale", "0 < lo <= hi <= 1"),
         (["crops.global_crops_scale=[0.0,1.0]"], "crops.global_crops_scale", "0 < lo <= hi <= 1"),

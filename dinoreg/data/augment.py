@@ -193,7 +193,8 @@ class Photometric(nn.Module):
     ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 -> RandomGrayscale p 0.2 -> GaussianBlur(9, sigma U(0.1, 2))
     with the view's probability -> solarisation (x >= 0.5 -> 1 - x) with p 0.2 on view 2 only ->
     normalisation. Randomness comes from torch's global generator: seed with ``torch.manual_seed``.
-    ``color_jitter_prob``, ``grayscale_prob`` and ``blur_sigma`` are DINOv2's constants, exposed for tests.
+    ``color_jitter_prob``, ``grayscale_prob`` and ``blur_sigma`` are DINOv2's constants, exposed for tests;
+    ``color_jitter`` (brightness, contrast, saturation, hue strengths) is the ``crops.color_jitter`` key.
 
     The official wrapper has a bug (its GaussianBlur passes ``1 - p`` to RandomApply), so the released
     weights were trained with blur 0 / 0.9 / 0.5 rather than these defaults' 1.0 / 0.1 / 0.5; set
@@ -209,12 +210,13 @@ class Photometric(nn.Module):
         color_jitter_prob: float = 0.8,
         grayscale_prob: float = 0.2,
         blur_sigma: Tuple[float, float] = (0.1, 2.0),
+        color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
     ):
         super().__init__()
 
         def view(blur_prob: float, solarization_prob: float = 0.0) -> nn.ModuleList:
             steps = [
-                RandomColorJitter(0.4, 0.4, 0.2, 0.1, p=color_jitter_prob),
+                RandomColorJitter(*color_jitter, p=color_jitter_prob),
                 K.RandomGrayscale(p=grayscale_prob),
                 K.RandomGaussianBlur((9, 9), tuple(blur_sigma), p=blur_prob),
             ]

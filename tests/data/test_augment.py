@@ -216,6 +216,24 @@ def test_color_jitter_brightness_factor_range_and_probability():
     assert factors[changed].std() == pytest.approx(0.8 / math.sqrt(12), rel=0.1)  # uniform on [0.6, 1.4]
 
 
+def _hue_turns(rgb: torch.Tensor) -> torch.Tensor:
+    """Hue in turns [0, 1) of [N, 3] RGB rows (the standard hexcone formula)."""
+    r, g, b = rgb.unbind(1)
+    return torch.atan2(math.sqrt(3) * (g - b), 2 * r - g - b).div(2 * math.pi).remainder(1.0)
+
+
+@pytest.mark.parametrize("hue", [0.1, 0.5])
+def test_color_jitter_config_sets_the_hue_range(hue):
+    torch.manual_seed(0)
+    red = torch.tensor([200, 40, 40], dtype=torch.uint8).view(1, 3, 1, 1).expand(400, 3, 8, 8).contiguous()
+    photometric = _quiet(color_jitter_prob=1.0, color_jitter=(0.0, 0.0, 0.0, hue))
+    out, _ = photometric(red, red[:0])
+    shift = _hue_turns(_unnormalise(out)[:, :, 0, 0])
+    shift = torch.where(shift > 0.5, shift - 1.0, shift)  # red is hue 0: the shift is the hue itself
+    assert shift.abs().max() <= hue + 0.01
+    assert shift.abs().max() > 0.9 * hue and shift.std() == pytest.approx(2 * hue / math.sqrt(12), rel=0.15)
+
+
 def test_color_jitter_order_is_drawn_per_image():
     # brightness x2 and saturation x0 (grayscale) do not commute when brightness clips at 1:
     # gray(clip(2x)) != clip(2 gray(x)); both orders must show up in one batch.
