@@ -13,6 +13,7 @@ import difflib
 import importlib.resources
 import math
 import os
+import signal
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +118,10 @@ class TrainConfig:
     # "auto": bf16 autocast with fp32 master weights and fp32 losses on CUDA, fp32 elsewhere.
     precision: str = "auto"
     log_every: int = 10  # iterations between plain progress lines when not on a terminal
+    # FSDP2 sharding of student and teacher when several processes train: full_shard | shard_grad_op |
+    # no_shard (official: SHARD_GRAD_OP); see dinoreg/train/parallel.py.
+    sharding: str = "shard_grad_op"
+    log_all_ranks: bool = False  # when several processes train, print warnings of every rank, not just rank 0's
 
 
 @dataclass
@@ -166,6 +171,16 @@ class EvaluationConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Iterations between checkpoints (official: every 3 epochs of 1250); 0 saves only at the end and on signals.
+    period: int = 3750
+    keep_last: int = 3  # newest checkpoints kept (official max_to_keep 3)
+    keep_every: int = 0  # also keep every checkpoint whose iteration is a multiple of this (0: none)
+    # Signals that make every rank finish its step, save a checkpoint and exit with code 75.
+    save_on_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+
+
+@dataclass
 class DinoRegConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -175,6 +190,7 @@ class DinoRegConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 CHOICES = {
@@ -184,6 +200,7 @@ CHOICES = {
     "train.centering": ("centering", "sinkhorn_knopp"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.sharding": ("full_shard", "shard_grad_op", "no_shard"),
 }
 
 # Official keys that we renamed, and official keys we deliberately dropped (with why).
@@ -397,6 +414,13 @@ def _validate(cfg: DictConfig) -> list[str]:
     for key in probabilities:
         check(0 <= OmegaConf.select(cfg, key) <= 1, key, "probabilities must be in [0, 1]")
 
+    ck = cfg.checkpoint
+    check(ck.period >= 0, "checkpoint.period", "iterations between checkpoints, >= 0 (0: only at the end)")
+    check(ck.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    check(ck.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: keep no extra checkpoints)")
+    check(all(isinstance(getattr(signal, str(n), None), signal.Signals) for n in ck.save_on_signals)
+          and not {"SIGKILL", "SIGSTOP"} & set(ck.save_on_signals),
+          "checkpoint.save_on_signals", "catchable signal names such as SIGUSR1, SIGUSR2, SIGTERM")
     jitter = list(cfg.crops.color_jitter)
     check(len(jitter) == 4 and min(jitter) >= 0 and jitter[3] <= 0.5, "crops.color_jitter",
           "4 strengths [brightness, contrast, saturation, hue], each >= 0, hue <= 0.5 (official [0.4, 0.4, 0.2, 0.1])")

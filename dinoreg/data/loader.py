@@ -231,7 +231,9 @@ def build_eval_loader(dataset, *, image_size: int, batch_size: int, num_workers:
 
     Images are resized (bicubic, shorter side to ``resize_size``, default ``image_size * 256 / 224`` as
     DINOv2's evaluation) and centre-cropped to ``image_size``; pass ``resize_size=image_size`` to keep the
-    whole (square) image. Undecodable files are dropped from their batch.
+    whole (square) image. Undecodable files are dropped from their batch. Iterating it leaves torch's
+    global RNG untouched (its own generator seeds the workers), so evaluating mid-run changes nothing in
+    the training that follows, and a resumed run matches an uninterrupted one.
     """
     return DataLoader(
         _EvalDataset(dataset, EvalTransform(image_size, resize_size)),
@@ -240,4 +242,5 @@ def build_eval_loader(dataset, *, image_size: int, batch_size: int, num_workers:
         num_workers=num_workers,
         collate_fn=_collate_eval,
         drop_last=False,
+        generator=torch.Generator().manual_seed(0),
     )

@@ -1,0 +1,291 @@
+"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP): sharded, atomic, resumable anywhere.
+
+Layout of ``RUN/checkpoints/``::
+
+    <iteration>/            a published checkpoint (DCP files + meta.json + config.yaml + rng/rank<r>.pt)
+    .tmp-<iteration>/       being written; never read; removed on the next start
+    latest                  the iteration of the newest published checkpoint (updated after publishing)
+
+A checkpoint directory exists under its final name only once every rank has finished writing it: it is
+written under ``.tmp-<iteration>`` and renamed (an atomic ``rename`` on one filesystem). A crash, a
+``kill -9`` or a second signal at any moment leaves either the previous checkpoints untouched or the new
+one complete. DCP stores each parameter's shards with their global offsets, so a checkpoint saved by N
+ranks loads on M ranks (or one process without FSDP).
+
+What is saved: student and teacher (with the DINO/iBOT centres), optimizer state, and in ``meta.json`` the
+iteration, the data stream position, the world size and the model's state keys; per rank the python,
+numpy, torch CPU and CUDA RNG states; the resolved config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from dinoreg.config import save_config
+from dinoreg.models.weights import CheckpointMismatchError
+from dinoreg.train.distributed import barrier, broadcast_flag
+
+__all__ = ["CHECKPOINT_DIR", "EXIT_CODE_SAVED_ON_SIGNAL", "CheckpointError", "SignalWatcher", "checkpoint_dirs",
+           "latest_checkpoint", "load_checkpoint", "save_checkpoint", "config_differences"]
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"
+META_FILE = "meta.json"
+# Exit code of a run that stopped on a signal after saving: "temporary failure, try again" (sysexits
+# EX_TEMPFAIL), so a scheduler or wrapper script can requeue it and tell it from a crash (1) or success (0).
+EXIT_CODE_SAVED_ON_SIGNAL = 75
+
+# Config keys whose change between save and resume alters neither the model nor the data order.
+BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from (unreadable, or incompatible with the current run)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# finding checkpoints
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Published checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The newest published checkpoint: the one ``latest`` names when it exists, else the highest iteration."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    try:
+        named = root / (root / LATEST_FILE).read_text().strip()
+        if named.name.isdigit() and (named / META_FILE).is_file():
+            return named
+    except OSError:
+        pass
+    published = checkpoint_dirs(run_dir)
+    return published[-1] if published else None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_incomplete(run_dir: str | Path) -> list[Path]:
+    """Delete ``.tmp-*`` leftovers of interrupted saves (call on one rank, before training)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    leftovers = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
+# --------------------------------------------------------------------------------------------------
+# state
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns on every save/load without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, stream_position: int, cfg: DictConfig,
+                    keep_last: int = 3, keep_every: int = 0) -> Path:
+    """Save on every rank (collective); returns the published directory ``checkpoints/<iteration>``.
+
+    ``iteration`` is the number of completed iterations (the resumed run starts there). Retention keeps the
+    ``keep_last`` newest checkpoints plus every one whose iteration is a multiple of ``keep_every`` (> 0).
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final, tmp = root / str(iteration), root / f".tmp-{iteration}"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "rng").mkdir()
+    barrier()
+    state = _model_and_optimizer_state(model, optimizer)
+    with _single_process_is_intended():
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        meta = {"iteration": iteration, "stream_position": stream_position, "world_size": _world_size(),
+                "model_keys": sorted(state["model"]), "saved_at": time.time()}
+        save_config(cfg, tmp / "config.yaml")
+        _write_atomically(tmp / META_FILE, json.dumps(meta, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same iteration (a resumed run that stopped at once)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomically(root / LATEST_FILE, f"{iteration}\n")
+        _apply_retention(root, keep_last=keep_last, keep_every=keep_every, protect=final)
+    barrier()
+    return final
+
+
+def _apply_retention(root: Path, *, keep_last: int, keep_every: int, protect: Path) -> None:
+    published = checkpoint_dirs(root.parent)
+    keep = set(published[-keep_last:]) if keep_last > 0 else set()
+    keep.add(protect)
+    for path in published:
+        if path not in keep and not (keep_every > 0 and int(path.name) % keep_every == 0):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_meta(checkpoint: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(checkpoint) / META_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint} is not a dinoreg checkpoint ({error}); point to a directory "
+                              f"RUN/{CHECKPOINT_DIR}/<iteration>") from None
+
+
+def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model, optimizer and (same world size) RNG states in place, strictly; returns ``meta.json``.
+
+    Missing or unexpected model keys are a :class:`CheckpointMismatchError` listing them.
+    """
+    checkpoint = Path(checkpoint)
+    meta = read_meta(checkpoint)
+    state = _model_and_optimizer_state(model, optimizer)
+    saved, wanted = set(meta["model_keys"]), set(state["model"])
+    if saved != wanted:
+        raise CheckpointMismatchError(
+            f"{checkpoint} does not fit this model: missing {sorted(wanted - saved)[:20]}, unexpected "
+            f"{sorted(saved - wanted)[:20]}. Resume with the config the run was started with "
+            f"({checkpoint / 'config.yaml'}).")
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=checkpoint, no_dist=not dist.is_initialized())
+    except dcp.CheckpointException as error:
+        missing = [line for line in str(error).splitlines() if "Missing key" in line]
+        raise CheckpointError(
+            f"{checkpoint} does not fit this run's optimizer or model: {missing[0].strip() if missing else error}. "
+            "The parameter groups follow optim.layerwise_decay and the model's structure: resume with the "
+            f"config the run was saved with ({checkpoint / 'config.yaml'}).") from None
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    rng_file = checkpoint / "rng" / f"rank{_rank()}.pt"
+    meta["rng_restored"] = meta["world_size"] == _world_size() and rng_file.is_file()
+    if meta["rng_restored"]:
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta
+
+
+def config_differences(saved: DictConfig, current: DictConfig) -> tuple[list[str], list[str]]:
+    """``(breaking, benign)``: ``key: saved -> current`` lines for every differing leaf."""
+    saved_flat, current_flat = _flatten(OmegaConf.to_container(saved)), _flatten(OmegaConf.to_container(current))
+    breaking, benign = [], []
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        before, after = saved_flat.get(key, "<absent>"), current_flat.get(key, "<absent>")
+        if before != after:
+            line = f"{key}: {before!r} -> {after!r}"
+            (benign if key.startswith(BENIGN_KEYS) else breaking).append(line)
+    return breaking, benign
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+# --------------------------------------------------------------------------------------------------
+# signals
+
+
+class SignalWatcher:
+    """Records the configured signals instead of dying; ``should_stop()`` is a collective that is True on
+    every rank when any rank got one. A second signal while saving only sets the flag again."""
+
+    def __init__(self, names: Iterable[str]):
+        self.received: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+        for name in names:
+            number = getattr(signal, name, None)
+            if not isinstance(number, signal.Signals):
+                raise ValueError(f"unknown signal {name!r} in checkpoint.save_on_signals; use e.g. SIGUSR1, SIGTERM")
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.received is None:  # the first one names the stop; later ones (during the save) change nothing
+            self.received = signal.Signals(number).name
+
+    def should_stop(self) -> bool:
+        return broadcast_flag(self.received is not None)
+
+    def close(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()

@@ -1,0 +1,50 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the student/teacher pair.
+
+Each transformer block and each head is its own unit, and the backbone (patch embedding, tokens,
+final norm) is wrapped last. Student and teacher are wrapped identically, so a teacher parameter's
+local shard lines up with the student's and the EMA update is local (no communication). Sharding
+modes, as the official ``sharding_strategy`` values:
+
+- ``full_shard``: parameters resharded after the forward (least memory; all-gathered again for backward);
+- ``shard_grad_op``: the student's parameters kept unsharded between forward and backward (more memory,
+  fewer all-gathers); gradients and optimizer state stay sharded;
+- ``no_shard``: replicated parameters with averaged gradients (DDP semantics), as HSDP over a
+  (world, 1) mesh: every rank holds everything.
+
+On GPU the policy computes in bf16 with fp32 reduction; master weights and optimizer state stay fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+SHARDING_MODES = ("full_shard", "shard_grad_op", "no_shard")
+
+__all__ = ["SHARDING_MODES", "shard_ssl_model"]
+
+
+def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_size: int,
+                    bf16: bool) -> None:
+    """Wrap ``model.student`` and ``model.teacher`` (``SSLMetaArch``) in place. Build the optimizer after."""
+    if mode not in SHARDING_MODES:
+        raise ValueError(f"unknown sharding mode {mode!r}; choose one of {', '.join(SHARDING_MODES)}")
+    if mode == "no_shard":
+        mesh = init_device_mesh(device.type, (world_size, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for models, reshard in ((model.student, mode == "full_shard"), (model.teacher, True)):
+        # The teacher has no backward to reshard it: it always reshards after its forward, so its parameters
+        # are shards again (lined up with the student's) when the EMA update runs.
+        options = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        for name, module in models.items():
+            if name == "backbone":
+                for block in module.blocks:
+                    fully_shard(block, **options)
+                    # the backbone runs blocks through forward_packed, not __call__
+                    register_fsdp_forward_method(block, "forward_packed")
+            fully_shard(module, **options)

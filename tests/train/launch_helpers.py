@@ -1,0 +1,30 @@
+"""Shared by the tests that start training processes: a tiny recipe, free ports, a clean environment."""
+
+import os
+import socket
+import subprocess
+import sys
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TINY = ["student.embed_dim=32", "student.num_heads=2", "student.depth=2", "crops.global_crops_size=32",
+        "crops.local_crops_size=16", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
+        "ibot.head_n_prototypes=64", "dino.head_hidden_dim=64", "ibot.head_hidden_dim=64",
+        "dino.head_bottleneck_dim=32", "ibot.head_bottleneck_dim=32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    """This environment without launcher variables (a test under srun must not look distributed)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *args]
+    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)

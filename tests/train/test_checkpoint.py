@@ -1,0 +1,219 @@
+"""Checkpoints: layout, retention, strict loading, config checks, exact resume after a signal, kill -9."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinoreg.config import load_config
+from dinoreg.models.weights import CheckpointMismatchError
+from dinoreg.ssl.meta_arch import SSLMetaArch
+from dinoreg.train.checkpoint import (CHECKPOINT_DIR, EXIT_CODE_SAVED_ON_SIGNAL, CheckpointError, checkpoint_dirs, config_differences,
+                                      latest_checkpoint, load_checkpoint, save_checkpoint)
+from dinoreg.train.optim import build_optimizer, build_param_groups
+
+from launch_helpers import TINY, subprocess_env
+
+# A run of 2 x 10 iterations that takes about 2 s after start-up.
+RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=2", "train.epoch_length=10",
+       "optim.warmup_epochs=1", "evaluation.knn_enabled=false", "checkpoint.period=5", "train.log_every=1"]
+
+
+def model_and_optimizer(*overrides):
+    cfg = load_config("tiny_cpu", [*RUN, *overrides])
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg)
+    optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
+                                                   patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult))
+    return cfg, model, optimizer
+
+
+def step(model, optimizer):
+    """Give the optimizer state and change every parameter, without the data pipeline."""
+    loss = sum(p.float().pow(2).sum() for p in model.student.parameters())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    model.update_teacher(0.9)
+
+
+def dinoreg_train(run_dir: Path, *overrides: str, flags=(), wait=True):
+    command = [sys.executable, "-m", "dinoreg", "train", "--output-dir", str(run_dir), *flags, *RUN, *overrides]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    if wait:
+        out, err = process.communicate(timeout=300)
+        return process.returncode, out + err
+    return process
+
+
+def losses_by_iteration(run_dir: Path) -> dict:
+    """The last logged row of each iteration (a resumed run logs again what followed its checkpoint)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: {k: v for k, v in r.items() if k.endswith("loss")} for r in rows if "total_loss" in r}
+
+
+def wait_for_rows(run_dir: Path, count: int, process, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} metric rows never appeared (exit code {process.poll()})")
+
+
+# ------------------------------------------------------------------------------------- in process
+
+
+def test_save_publishes_atomically_with_latest_and_retention(tmp_path):
+    cfg, model, optimizer = model_and_optimizer()
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    for iteration in (5, 10, 15, 20, 25, 30):
+        step(model, optimizer)
+        path = save_checkpoint(tmp_path, iteration=iteration, model=model, optimizer=optimizer,
+                               stream_position=iteration * 8, cfg=cfg, keep_last=2, keep_every=10)
+        assert path == tmp_path / CHECKPOINT_DIR / str(iteration)
+    # keep_last 2 (25, 30) plus every multiple of 10 (10, 20)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["10", "20", "25", "30"]
+    assert (tmp_path / CHECKPOINT_DIR / "latest").read_text().strip() == "30"
+    assert not list((tmp_path / CHECKPOINT_DIR).glob(".tmp-*"))
+    newest = tmp_path / CHECKPOINT_DIR / "30"
+    assert {"meta.json", "config.yaml", "rng"} <= {p.name for p in newest.iterdir()}
+    meta = json.loads((newest / "meta.json").read_text())
+    assert (meta["iteration"], meta["stream_position"], meta["world_size"]) == (30, 240, 1)
+    assert "dino_loss.center" in meta["model_keys"] and "teacher.backbone.cls_token" in meta["model_keys"]
+    # a stale "latest" (its directory deleted) falls back to the newest published directory
+    (tmp_path / CHECKPOINT_DIR / "latest").write_text("35\n")
+    assert latest_checkpoint(tmp_path) == newest
+
+
+def test_load_restores_model_optimizer_centres_and_rng_exactly(tmp_path):
+    cfg, model, optimizer = model_and_optimizer()
+    for _ in range(2):
+        step(model, optimizer)
+    model.dino_loss.center.normal_()
+    torch.manual_seed(123)
+    path = save_checkpoint(tmp_path, iteration=7, model=model, optimizer=optimizer, stream_position=56, cfg=cfg)
+    expected_draw = torch.rand(3)
+
+    _, fresh, fresh_optimizer = model_and_optimizer()
+    torch.manual_seed(999)
+    meta = load_checkpoint(path, model=fresh, optimizer=fresh_optimizer)
+    assert meta["iteration"] == 7 and meta["rng_restored"]
+    torch.testing.assert_close(torch.rand(3), expected_draw, rtol=0, atol=0)  # RNG continues where it was
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(optimizer.state_dict()["state"].values(), fresh_optimizer.state_dict()["state"].values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) and torch.equal(a["step"], b["step"])
+    # one more identical step on both stays identical
+    step(model, optimizer)
+    step(fresh, fresh_optimizer)
+    assert torch.equal(model.teacher["backbone"].pos_embed, fresh.teacher["backbone"].pos_embed)
+
+
+def test_load_is_strict_about_the_model(tmp_path):
+    cfg, model, optimizer = model_and_optimizer()
+    path = save_checkpoint(tmp_path, iteration=1, model=model, optimizer=optimizer, stream_position=8, cfg=cfg)
+    _, deeper, deeper_optimizer = model_and_optimizer("student.depth=3")
+    with pytest.raises(CheckpointMismatchError, match=r"missing \[.*blocks\.2\.") as error:
+        load_checkpoint(path, model=deeper, optimizer=deeper_optimizer)
+    assert "config.yaml" in str(error.value)
+    _, separate, separate_optimizer = model_and_optimizer("ibot.separate_head=true")
+    with pytest.raises(CheckpointMismatchError, match="ibot_head"):
+        load_checkpoint(path, model=separate, optimizer=separate_optimizer)
+    # same model, other parameter groups (layer-wise decay 0.9 splits the blocks into groups)
+    _, same, regrouped = model_and_optimizer("optim.layerwise_decay=0.9")
+    with pytest.raises(CheckpointError, match="optim.layerwise_decay"):
+        load_checkpoint(path, model=same, optimizer=regrouped)
+
+
+def test_config_differences_split_breaking_from_benign():
+    saved = load_config("tiny_cpu", RUN)
+    current = load_config("tiny_cpu", [*RUN, "train.log_every=50", "evaluation.knn_k=10", "optim.base_lr=0.02",
+                                       "train.seed=3"])
+    breaking, benign = config_differences(saved, current)
+    assert breaking[0] == "optim.base_lr: 0.01 -> 0.02" and breaking[2] == "train.seed: 0 -> 3"
+    assert breaking[1].startswith("optim.lr: ") and len(breaking) == 3  # the lr derived from base_lr
+    assert benign == ["evaluation.knn_k: 20 -> 10", "train.log_every: 1 -> 50"]
+
+
+# ------------------------------------------------------------------------------------- the CLI
+
+
+def test_signal_at_a_random_step_then_resume_gives_the_same_losses_bitwise(tmp_path):
+    code, output = dinoreg_train(tmp_path / "straight")
+    assert code == 0, output
+    straight = losses_by_iteration(tmp_path / "straight")
+    assert sorted(straight) == list(range(20))
+
+    stop_after = random.Random(os.getpid()).randrange(2, 17)  # any step, including between checkpoints
+    run = tmp_path / "stopped"
+    process = dinoreg_train(run, wait=False)
+    wait_for_rows(run, stop_after, process)
+    process.send_signal(signal.SIGUSR1)
+    time.sleep(0.05)
+    if process.poll() is None:  # a second signal while it saves changes nothing
+        process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_CODE_SAVED_ON_SIGNAL, err
+    saved_at = int(latest_checkpoint(run).name)
+    assert stop_after <= saved_at < 20 and "SIGUSR1: saved" in out + err
+
+    code, output = dinoreg_train(run)
+    assert code == 0, output
+    assert f"resumed from {run / CHECKPOINT_DIR / str(saved_at)}" in output
+    resumed = losses_by_iteration(run)
+    assert resumed == straight  # bitwise: every loss of every iteration
+
+
+def test_no_resume_refuses_an_existing_run_unless_forced_and_config_changes_are_checked(tmp_path):
+    code, _ = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")
+    assert code == 0 and latest_checkpoint(tmp_path).name == "10"
+    code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0", flags=["--no-resume"])
+    assert code == 1 and "--force" in output
+    # resuming with a changed recipe lists the difference and refuses
+    code, output = dinoreg_train(tmp_path, "optim.warmup_epochs=0", "optim.base_lr=0.02")
+    assert code == 1 and "optim.base_lr: 0.01 -> 0.02" in output and "--allow-config-change" in output
+    # benign changes are logged and allowed; the finished run has nothing left to do
+    code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0", "train.log_every=7")
+    assert code == 0 and "train.log_every: 1 -> 7" in output
+    code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0", flags=["--no-resume", "--force"])
+    assert code == 0 and "resumed" not in output
+    assert sorted(losses_by_iteration(tmp_path)) == list(range(10))
+
+
+def test_kill_minus_9_during_checkpoint_writes_never_loses_the_newest_checkpoint(tmp_path):
+    """20 times: kill -9 shortly after a checkpoint starts appearing; the newest published one must load."""
+    rng = random.Random(0)
+    overrides = ("optim.epochs=4", "checkpoint.period=1", "checkpoint.keep_last=2")
+    _, model, optimizer = model_and_optimizer()
+    seen, torn_writes = [], 0
+    for _ in range(20):
+        process = dinoreg_train(tmp_path, *overrides, wait=False)
+        before = latest_checkpoint(tmp_path)
+        deadline = time.time() + 60
+        while latest_checkpoint(tmp_path) == before and time.time() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.15))  # within the next saves (one per iteration)
+        process.kill()
+        process.communicate()
+        torn_writes += bool(list((tmp_path / CHECKPOINT_DIR).glob(".tmp-*")))  # killed inside a save
+        newest = latest_checkpoint(tmp_path)
+        assert newest is not None
+        meta = load_checkpoint(newest, model=model, optimizer=optimizer)  # strict: loads whole, or raises
+        assert meta["iteration"] == int(newest.name)
+        seen.append(meta["iteration"])
+    assert seen == sorted(seen) and seen[-1] > seen[0]  # progress across kills, never a step back
+    print(f"{torn_writes} of 20 kills landed inside a checkpoint write")
+    assert torn_writes >= 3
+    code, output = dinoreg_train(tmp_path, *overrides)  # and the run still finishes
+    assert code == 0, output
+    assert sorted(losses_by_iteration(tmp_path)) == list(range(40))
