@@ -44,7 +44,8 @@ from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.train.distributed import barrier, broadcast_flag
 
 __all__ = ["CHECKPOINT_DIR", "EXIT_CODE_SAVED_ON_SIGNAL", "CheckpointError", "SignalWatcher", "checkpoint_dirs",
-           "latest_checkpoint", "load_checkpoint", "save_checkpoint", "config_differences"]
+           "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
+           "save_checkpoint", "verify_checkpoint"]
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -175,9 +176,11 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
     barrier()
     if rank == 0:
-        meta = {"iteration": iteration, "stream_position": stream_position, "world_size": _world_size(),
-                "model_keys": sorted(state["model"]), "saved_at": time.time()}
         save_config(cfg, tmp / "config.yaml")
+        # every file with its size, so a missing or truncated file is named at load time
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        meta = {"iteration": iteration, "stream_position": stream_position, "world_size": _world_size(),
+                "model_keys": sorted(state["model"]), "files": files, "saved_at": time.time()}
         _write_atomically(tmp / META_FILE, json.dumps(meta, indent=1))
         _fsync_dir(tmp)
         if final.exists():  # a re-save of the same iteration (a resumed run that stopped at once)
@@ -207,6 +210,37 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
                               f"RUN/{CHECKPOINT_DIR}/<iteration>") from None
 
 
+def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """``meta.json`` of ``checkpoint`` after checking every file it lists is there with its saved size;
+    raises :class:`CheckpointError` naming the missing or truncated files."""
+    checkpoint = Path(checkpoint)
+    meta = read_meta(checkpoint)
+    problems = []
+    for name, size in meta.get("files", {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, {size} were saved (truncated or overwritten)")
+    if problems:
+        raise CheckpointError(f"checkpoint {checkpoint} is damaged: " + "; ".join(problems) +
+                              ". Resume from an older checkpoint (delete this directory), or restore the files.")
+    return meta
+
+
+def newest_intact_checkpoint(run_dir: str | Path, warn: Any = print) -> Optional[Path]:
+    """The newest published checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are reported
+    by ``warn`` and skipped (left on disk for inspection). Published directories are complete by construction,
+    so one published just before a crash counts even if ``latest`` was not yet updated."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as error:
+            warn(f"skipping {error}")
+    return None
+
+
 def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load model, optimizer and (same world size) RNG states in place, strictly; returns ``meta.json``.
@@ -214,7 +248,7 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
     Missing or unexpected model keys are a :class:`CheckpointMismatchError` listing them.
     """
     checkpoint = Path(checkpoint)
-    meta = read_meta(checkpoint)
+    meta = verify_checkpoint(checkpoint)
     state = _model_and_optimizer_state(model, optimizer)
     saved, wanted = set(meta["model_keys"]), set(state["model"])
     if saved != wanted:

@@ -29,7 +29,7 @@ from dinoreg.models.weights import save_backbone
 from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import SSLMetaArch, backbone_kwargs
 from dinoreg.train.checkpoint import (CHECKPOINT_DIR, EXIT_CODE_SAVED_ON_SIGNAL, CheckpointError, SignalWatcher,
-                                      config_differences, latest_checkpoint, load_checkpoint, read_meta,
+                                      config_differences, load_checkpoint, newest_intact_checkpoint, read_meta,
                                       remove_incomplete, save_checkpoint)
 from dinoreg.train.distributed import (DistributedEnvironment, all_reduce_mean, barrier, broadcast_flag,
                                        detect_environment, init_distributed, shutdown_distributed)
@@ -196,7 +196,7 @@ def train(cfg: DictConfig, *, resume: bool = True, allow_config_change: bool = F
 def _resume_point(cfg: DictConfig, output_dir: Path, world_size: int, allow_config_change: bool,
                   logger_warn: Any) -> Optional[Path]:
     """The checkpoint to resume from (None: start fresh), after checking that the config still fits it."""
-    checkpoint = latest_checkpoint(output_dir)
+    checkpoint = newest_intact_checkpoint(output_dir, warn=logger_warn)
     if checkpoint is None:
         return None
     saved = OmegaConf.load(checkpoint / "config.yaml")

@@ -16,7 +16,7 @@ from dinoreg.config import load_config
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.ssl.meta_arch import SSLMetaArch
 from dinoreg.train.checkpoint import (CHECKPOINT_DIR, EXIT_CODE_SAVED_ON_SIGNAL, CheckpointError, checkpoint_dirs, config_differences,
-                                      latest_checkpoint, load_checkpoint, save_checkpoint)
+                                      latest_checkpoint, load_checkpoint, read_meta, save_checkpoint)
 from dinoreg.train.optim import build_optimizer, build_param_groups
 
 from launch_helpers import TINY, subprocess_env
@@ -166,6 +166,8 @@ def test_signal_at_a_random_step_then_resume_gives_the_same_losses_bitwise(tmp_p
     assert process.returncode == EXIT_CODE_SAVED_ON_SIGNAL, err
     saved_at = int(latest_checkpoint(run).name)
     assert stop_after <= saved_at < 20 and "SIGUSR1: saved" in out + err
+    # the data stream resumes right after the last image used (tests/data/test_loader.py: exact continuation)
+    assert read_meta(latest_checkpoint(run))["stream_position"] == saved_at * 8
 
     code, output = dinoreg_train(run)
     assert code == 0, output
@@ -217,3 +219,24 @@ def test_kill_minus_9_during_checkpoint_writes_never_loses_the_newest_checkpoint
     code, output = dinoreg_train(tmp_path, *overrides)  # and the run still finishes
     assert code == 0, output
     assert sorted(losses_by_iteration(tmp_path)) == list(range(40))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(tmp_path, damage):
+    code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")
+    assert code == 0, output
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["5", "10"]
+    newest = tmp_path / CHECKPOINT_DIR / "10"
+    victim = sorted(newest.glob("*.distcp"))[0]
+    if damage == "delete":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:100])
+    _, model, optimizer = model_and_optimizer()
+    with pytest.raises(CheckpointError, match=f"{victim.name} (is missing|has 100 bytes)"):
+        load_checkpoint(newest, model=model, optimizer=optimizer)
+    # the run resumes from iteration 5 and redoes 5..9, re-publishing an intact checkpoint 10
+    code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")
+    assert code == 0, output
+    assert f"skipping checkpoint {newest} is damaged" in output and "(iteration 5)" in output
+    assert load_checkpoint(newest, model=model, optimizer=optimizer)["iteration"] == 10

@@ -16,7 +16,7 @@ from launch_helpers import TINY, TORCHRUN, free_port, subprocess_env, torchrun
 from dinoreg import load_backbone
 from dinoreg.config import load_config
 from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from dinoreg.train.checkpoint import EXIT_CODE_SAVED_ON_SIGNAL, latest_checkpoint, load_checkpoint, read_meta
 from dinoreg.train.distributed import (DistributedEnvironment, DistributedSetupError, all_reduce_mean,
                                        detect_environment, first_host)
 from dinoreg.train.loop import BACKBONE_FILE
@@ -124,7 +124,7 @@ def losses(run_dir: Path) -> dict:
     return {r["iteration"]: {k: v for k, v in r.items() if k.endswith("loss")} for r in rows if "total_loss" in r}
 
 
-def test_two_rank_run_saves_then_resumes_on_two_ranks_exactly_and_on_one(tmp_path):
+def test_checkpoints_resume_on_the_same_and_on_another_number_of_processes(tmp_path):
     straight = tmp_path / "straight"
     result = torchrun(2, *train_command(straight))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -149,10 +149,7 @@ def test_two_rank_run_saves_then_resumes_on_two_ranks_exactly_and_on_one(tmp_pat
     launcher = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}",
                                  *train_command(stopped)], env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-    metrics = stopped / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
-        time.sleep(0.05)
+    wait_for_rows(stopped, 6)
     workers = sorted(int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
                                                         text=True).stdout.split())
     assert len(workers) == 2
@@ -179,6 +176,40 @@ def test_two_rank_run_saves_then_resumes_on_two_ranks_exactly_and_on_one(tmp_pat
     resumed = losses(on_one)
     assert sorted(resumed) == list(range(16))
     first_new = int(saved.name)
-    # before the save point the rows are the 2-rank run's; after it, a different RNG stream but a sane run
-    assert all(resumed[i] == reference[i] for i in range(first_new))
-    assert all(abs(resumed[i]["total_loss"] - reference[i]["total_loss"]) < 1.0 for i in range(first_new, 16))
+    assert all(resumed[i] == reference[i] for i in range(first_new))  # the rows before the save are kept
+    assert_continues(resumed, reference, first_new)
+
+    # and the other way: saved by 1 process, resumed on 2
+    single, stopped_single = tmp_path / "single", tmp_path / "single_stopped"
+    one_process = lambda run: [sys.executable, *train_command(run, "train.batch_size_per_gpu=8")]  # noqa: E731
+    assert subprocess.run(one_process(single), env=subprocess_env(), timeout=300).returncode == 0
+    process = subprocess.Popen(one_process(stopped_single), env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_rows(stopped_single, 6)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=120) == EXIT_CODE_SAVED_ON_SIGNAL
+    saved = int(latest_checkpoint(stopped_single).name)
+    result = torchrun(2, *train_command(stopped_single))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_continues(losses(stopped_single), losses(single), saved)
+
+
+def wait_for_rows(run_dir: Path, count: int, timeout: float = 120) -> None:
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= count):
+        time.sleep(0.05)
+
+
+def assert_continues(resumed: dict, reference: dict, first_new: int) -> None:
+    """After an elastic resume the augmentations differ (per-rank RNG streams), the data and the state do not:
+    the loss curve stays on the reference's. Tolerance: the mean of each loss term over the resumed
+    iterations within 5% of the reference's (measured 0.02-2.3%), every iteration's total within 10%
+    (measured up to 4% for 2 -> 1 processes)."""
+    assert sorted(resumed) == sorted(reference) == list(range(16))
+    assert all(resumed[i] == reference[i] for i in range(first_new))  # the rows before the save are kept
+    after = range(first_new, 16)
+    for name in ("total_loss", "dino_local_crops_loss", "ibot_loss"):
+        mean = lambda rows: sum(rows[i][name] for i in after) / len(after)  # noqa: E731
+        assert abs(mean(resumed) - mean(reference)) < 0.05 * mean(reference), name
+    assert all(abs(resumed[i]["total_loss"] - reference[i]["total_loss"]) < 0.1 * reference[i]["total_loss"]
+               for i in after)
