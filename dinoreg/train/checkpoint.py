@@ -183,9 +183,11 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
                 "model_keys": sorted(state["model"]), "files": files, "saved_at": time.time()}
         _write_atomically(tmp / META_FILE, json.dumps(meta, indent=1))
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same iteration (a resumed run that stopped at once)
-            shutil.rmtree(final)
+        replaced = root / f".tmp-replaced-{iteration}"
+        if final.exists():  # a re-save of one iteration (after resuming past a damaged checkpoint)
+            os.rename(final, replaced)
         os.rename(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         _fsync_dir(root)
         _write_atomically(root / LATEST_FILE, f"{iteration}\n")
         _apply_retention(root, keep_last=keep_last, keep_every=keep_every, protect=final)
