@@ -322,6 +322,8 @@ class SignalWatcher:
         return broadcast_flag(self.received is not None)
 
     def close(self) -> None:
+        """Restore the previous handlers; after a stop on signal, keep ignoring these signals instead, so a
+        late second one cannot turn the documented exit code into a kill while the process exits."""
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if self.received else handler)
         self._previous.clear()

@@ -34,8 +34,8 @@ from dinoreg.train.checkpoint import (CHECKPOINT_DIR, EXIT_CODE_SAVED_ON_SIGNAL,
 from dinoreg.train.distributed import (DistributedEnvironment, all_reduce_mean, barrier, broadcast_flag,
                                        detect_environment, init_distributed, shutdown_distributed)
 from dinoreg.train.logging import TrainingLogger
-from dinoreg.train.parallel import shard_ssl_model
 from dinoreg.train.optim import Schedules, apply_optim_schedule, build_optimizer, build_param_groups, clip_grad_norms
+from dinoreg.train.parallel import shard_ssl_model
 
 BACKBONE_FILE = "teacher_backbone.safetensors"
 
