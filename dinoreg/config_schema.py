@@ -1,0 +1,180 @@
+"""The configuration schema: one dataclass per section, whose defaults *are* the official DINOv2 defaults
+(``ssl_default_config.yaml``) plus dinoreg's own keys, and the allowed values of the string keys.
+Loading, merging and validation live in :mod:`dinoreg.config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, FFN_LAYERS
+
+# (embed_dim, depth, num_heads) per architecture, as the model factories define them.
+ARCHITECTURES = ARCH_DIMS
+
+
+# --- schema (official defaults) -------------------------------------------------------------
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "vit_large"
+    patch_size: int = 16
+    drop_path_rate: float = 0.3
+    layerscale: float = 1.0e-5
+    drop_path_uniform: bool = True
+    pretrained_weights: str = ""
+    ffn_layer: str = "mlp"
+    block_chunks: int = 0
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    num_register_tokens: int = 0
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.1
+    attention_backend: str = "sdpa"
+    # If true, a missing backend (e.g. xformers not installed) is an error instead of a fallback.
+    attention_backend_required: bool = False
+    # Override the architecture's width / depth / heads; None keeps the value in ARCHITECTURES.
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+    koleo_loss_weight: float = 0.1
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: List[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = False
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+
+
+@dataclass
+class TrainConfig:
+    batch_size_per_gpu: int = 64
+    # "synthetic" (the embedded procedural dataset), a folder of images, or a .txt file of paths.
+    dataset_path: str = "synthetic"
+    output_dir: str = "."
+    saveckp_freq: int = 20
+    seed: int = 0
+    num_workers: int = 10
+    epoch_length: int = 1250  # official OFFICIAL_EPOCH_LENGTH: iterations per "epoch"
+    centering: str = "centering"
+    # "auto": bf16 autocast with fp32 master weights and fp32 losses on CUDA, fp32 elsewhere.
+    precision: str = "auto"
+    log_every: int = 10  # iterations between plain progress lines when not on a terminal
+    # FSDP2 sharding of student and teacher when several processes train: full_shard | shard_grad_op |
+    # no_shard (official: SHARD_GRAD_OP); see dinoreg/train/parallel.py.
+    sharding: str = "shard_grad_op"
+    log_all_ranks: bool = False  # when several processes train, print warnings of every rank, not just rank 0's
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    base_lr: float = 0.004  # for a total batch size of 1024
+    lr: float = 0.0  # derived from base_lr by apply_scaling_rule
+    warmup_epochs: int = 10
+    min_lr: float = 1.0e-6
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    scaling_rule: str = "sqrt_wrt_1024"
+    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = 0.9
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class CropsConfig:
+    global_crops_scale: List[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_number: int = 8
+    local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+    # The official augmentation hard-codes these; they are keys here so small runs can tune them.
+    blur_prob_global1: float = 1.0
+    blur_prob_global2: float = 0.1
+    blur_prob_local: float = 0.5
+    solarization_prob_global2: float = 0.2
+    # ColorJitter strengths (brightness, contrast, saturation, hue), applied with p 0.8; official 0.4/0.4/0.2/0.1.
+    color_jitter: List[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+
+
+@dataclass
+class EvaluationConfig:
+    eval_period_iterations: int = 12500
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_enabled: bool = True
+    # kNN of the teacher on the synthetic dataset: memory bank from its train split, queries from
+    # its held-out split, images resized to crops.global_crops_size.
+    knn_train_images: int = 2000
+    knn_eval_images: int = 1000
+
+
+@dataclass
+class CheckpointConfig:
+    # Iterations between checkpoints (official: every 3 epochs of 1250); 0 saves only at the end and on signals.
+    period: int = 3750
+    keep_last: int = 3  # newest checkpoints kept (official max_to_keep 3)
+    keep_every: int = 0  # also keep every checkpoint whose iteration is a multiple of this (0: none)
+    # Signals that make every rank finish its step, save a checkpoint and exit with code 75.
+    save_on_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+
+
+@dataclass
+class DinoRegConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+CHOICES = {
+    "student.arch": tuple(ARCHITECTURES),
+    "student.ffn_layer": FFN_LAYERS,
+    "student.attention_backend": ATTENTION_BACKENDS,
+    "train.centering": ("centering", "sinkhorn_knopp"),
+    "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.sharding": ("full_shard", "shard_grad_op", "no_shard"),
+}
+
+# Official keys that we renamed, and official keys we deliberately dropped (with why).
+RENAMED_KEYS = {"train.OFFICIAL_EPOCH_LENGTH": "train.epoch_length"}
+UNUSED_KEYS = {
+    "MODEL": "to start from weights use student.pretrained_weights",
+    "compute_precision": "precision and sharding are chosen by dinoreg.train.parallel",
+    "train.cache_dataset": "datasets are never cached in memory",
+}
