@@ -51,25 +51,25 @@ class TeacherConfig:
 
 
 @dataclass
-class DinoConfig:
+class HeadConfig:
+    """The keys a projection head's section shares (``dino`` and ``ibot``)."""
     loss_weight: float = 1.0
     head_n_prototypes: int = 65536
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
     head_hidden_dim: int = 2048
+
+
+@dataclass
+class DinoConfig(HeadConfig):
     koleo_loss_weight: float = 0.1
 
 
 @dataclass
-class IbotConfig:
-    loss_weight: float = 1.0
+class IbotConfig(HeadConfig):
     mask_sample_probability: float = 0.5
     mask_ratio_min_max: List[float] = field(default_factory=lambda: [0.1, 0.5])
     separate_head: bool = False
-    head_n_prototypes: int = 65536
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    head_hidden_dim: int = 2048
 
 
 @dataclass
