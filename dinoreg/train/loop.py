@@ -76,9 +76,8 @@ def _device_and_autocast(cfg: DictConfig, env: DistributedEnvironment) -> tuple[
     return device, bf16, autocast
 
 
-def _batches(cfg: DictConfig, env: DistributedEnvironment, start: int) -> Iterator[dict[str, Any]]:
+def _batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment, start: int) -> Iterator[dict[str, Any]]:
     """This rank's batches from global stream position ``start`` (``iterations * global batch``)."""
-    dataset = build_dataset(cfg.train.dataset_path, split="train")
     geometric = MultiCropGeometric(cfg.crops.global_crops_size, cfg.crops.local_crops_size,
                                    cfg.crops.local_crops_number, global_crops_scale=tuple(cfg.crops.global_crops_scale),
                                    local_crops_scale=tuple(cfg.crops.local_crops_scale))
@@ -247,7 +246,7 @@ def _train(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, b
     global_batch = cfg.train.batch_size_per_gpu * env.world_size
     schedules = Schedules(cfg)
     total = schedules.total_iterations
-    build_dataset(cfg.train.dataset_path, split="train")  # a bad dataset path fails here, before any model
+    dataset = build_dataset(cfg.train.dataset_path, split="train")  # a bad path fails here, before any model
 
     model, optimizer = _build_model_and_optimizer(cfg, env, device, bf16)
     warn = _rank_printer(env, cfg.train.log_all_ranks)
@@ -266,7 +265,7 @@ def _train(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, b
         remove_incomplete(output_dir)
     barrier()
 
-    batches = _batches(cfg, env, start=position)
+    batches = _batches(cfg, dataset, env, start=position)
     photometric = Photometric(cfg.crops.blur_prob_global1, cfg.crops.blur_prob_global2, cfg.crops.blur_prob_local,
                               cfg.crops.solarization_prob_global2, color_jitter=tuple(cfg.crops.color_jitter)).to(device)
     evaluate = KnnEvaluator(cfg, device) if cfg.evaluation.knn_enabled else None
