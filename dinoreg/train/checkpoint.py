@@ -24,11 +24,10 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -41,18 +40,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from dinoreg.config import save_config
 from dinoreg.models.weights import CheckpointMismatchError
-from dinoreg.train.distributed import barrier, broadcast_flag
+from dinoreg.train.distributed import barrier
 
-__all__ = ["CHECKPOINT_DIR", "EXIT_CODE_SAVED_ON_SIGNAL", "CheckpointError", "SignalWatcher", "checkpoint_dirs",
+__all__ = ["CHECKPOINT_DIR", "CheckpointError", "checkpoint_dirs",
            "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
            "save_checkpoint", "verify_checkpoint"]
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
-# Exit code of a run that stopped on a signal after saving: "temporary failure, try again" (sysexits
-# EX_TEMPFAIL), so a scheduler or wrapper script can requeue it and tell it from a crash (1) or success (0).
-EXIT_CODE_SAVED_ON_SIGNAL = 75
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
 BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.")
@@ -295,35 +291,3 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: tree}
-
-
-# --------------------------------------------------------------------------------------------------
-# signals
-
-
-class SignalWatcher:
-    """Records the configured signals instead of dying; ``should_stop()`` is a collective that is True on
-    every rank when any rank got one. A second signal while saving only sets the flag again."""
-
-    def __init__(self, names: Iterable[str]):
-        self.received: Optional[str] = None
-        self._previous: dict[int, Any] = {}
-        for name in names:
-            number = getattr(signal, name, None)
-            if not isinstance(number, signal.Signals):
-                raise ValueError(f"unknown signal {name!r} in checkpoint.save_on_signals; use e.g. SIGUSR1, SIGTERM")
-            self._previous[number] = signal.signal(number, self._handle)
-
-    def _handle(self, number: int, frame: Any) -> None:
-        if self.received is None:  # the first one names the stop; later ones (during the save) change nothing
-            self.received = signal.Signals(number).name
-
-    def should_stop(self) -> bool:
-        return broadcast_flag(self.received is not None)
-
-    def close(self) -> None:
-        """Restore the previous handlers; after a stop on signal, keep ignoring these signals instead, so a
-        late second one cannot turn the documented exit code into a kill while the process exits."""
-        for number, handler in self._previous.items():
-            signal.signal(number, signal.SIG_IGN if self.received else handler)
-        self._previous.clear()

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedEnvironment", "DistributedSetupError", "detect_environment", "first_host",
-           "init_distributed", "shutdown_distributed", "all_reduce_mean", "barrier", "broadcast_flag"]
+           "init_distributed", "shutdown_distributed", "all_reduce_max", "all_reduce_mean", "barrier",
+           "broadcast_flag"]
 
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
@@ -132,11 +133,16 @@ def all_reduce_mean(values: Mapping[str, float | torch.Tensor]) -> dict[str, flo
     return dict(zip(names, packed.cpu().tolist()))
 
 
-def broadcast_flag(flag: bool) -> bool:
-    """True on every rank when any rank passes True (a signal seen by one rank stops them all)."""
+def all_reduce_max(value: float) -> float:
+    """The largest ``value`` over all ranks (``value`` itself in a single process)."""
     if not dist.is_initialized():
-        return flag
+        return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    tensor = torch.tensor([float(value)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """True on every rank when any rank passes True."""
+    return all_reduce_max(1.0 if flag else 0.0) > 0

@@ -28,7 +28,7 @@ from dinoreg.models import build_backbone
 from dinoreg.models.weights import save_backbone
 from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import SSLMetaArch, backbone_kwargs
-from dinoreg.train.checkpoint import (CHECKPOINT_DIR, EXIT_CODE_SAVED_ON_SIGNAL, CheckpointError, SignalWatcher,
+from dinoreg.train.checkpoint import (CHECKPOINT_DIR, CheckpointError,
                                       config_differences, load_checkpoint, newest_intact_checkpoint, read_meta,
                                       remove_incomplete, save_checkpoint)
 from dinoreg.train.distributed import (DistributedEnvironment, all_reduce_mean, barrier, broadcast_flag,
@@ -36,6 +36,7 @@ from dinoreg.train.distributed import (DistributedEnvironment, all_reduce_mean, 
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.optim import Schedules, apply_optim_schedule, build_optimizer, build_param_groups, clip_grad_norms
 from dinoreg.train.parallel import shard_ssl_model
+from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, StoppedOnSignal
 
 BACKBONE_FILE = "teacher_backbone.safetensors"
 
@@ -149,16 +150,6 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict
     optimizer.step()
     model.update_teacher(values["momentum"])
     return metrics, grad_norms
-
-
-class StoppedOnSignal(Exception):
-    """A configured signal arrived; every rank saved ``checkpoint`` and stopped. Exit with ``exit_code``."""
-
-    exit_code = EXIT_CODE_SAVED_ON_SIGNAL
-
-    def __init__(self, signal_name: str, checkpoint: Path) -> None:
-        super().__init__(f"stopped on {signal_name} after saving {checkpoint}; run the same command to resume")
-        self.checkpoint = checkpoint
 
 
 def prepare_output_dir(output_dir: str | Path, *, resume: bool, force: bool) -> None:
@@ -315,9 +306,9 @@ def _train(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, b
                 logger.log(it, evaluate(model.teacher_backbone, autocast), step_done=False)
             if signals.should_stop():
                 path = save(it + 1)
-                logger.write(f"{signals.received or 'a signal on another rank'}: saved {path}; exiting with "
+                logger.write(f"{signals.received}: saved {path}; exiting with "
                              f"code {EXIT_CODE_SAVED_ON_SIGNAL} so the job can be requeued")
-                raise StoppedOnSignal(signals.received or "signal", path)
+                raise StoppedOnSignal(signals.received, path)
             period = cfg.checkpoint.period
             if it + 1 == total or (period and (it + 1) % period == 0):
                 save(it + 1)

@@ -15,10 +15,10 @@ import torch
 from dinoreg.config import load_config
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.checkpoint import (CHECKPOINT_DIR, EXIT_CODE_SAVED_ON_SIGNAL, CheckpointError, SignalWatcher,
-                                      checkpoint_dirs, config_differences, latest_checkpoint, load_checkpoint,
-                                      read_meta, save_checkpoint)
+from dinoreg.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, checkpoint_dirs, config_differences,
+                                      latest_checkpoint, load_checkpoint, read_meta, save_checkpoint)
 from dinoreg.train.optim import build_optimizer, build_param_groups
+from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher
 
 from launch_helpers import TINY, subprocess_env
 

@@ -16,7 +16,8 @@ from launch_helpers import TINY, TORCHRUN, free_port, subprocess_env, torchrun
 from dinoreg import load_backbone
 from dinoreg.config import load_config
 from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.checkpoint import EXIT_CODE_SAVED_ON_SIGNAL, latest_checkpoint, load_checkpoint, read_meta
+from dinoreg.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL
 from dinoreg.train.distributed import (DistributedEnvironment, DistributedSetupError, all_reduce_mean,
                                        detect_environment, first_host)
 from dinoreg.train.loop import BACKBONE_FILE
