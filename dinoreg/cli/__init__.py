@@ -1,0 +1,65 @@
+"""``dinoreg <subcommand>``: parses arguments and delegates; no logic of its own.
+
+Subcommands:
+  train            self-supervised training (DINO + iBOT + KoLeo) from a recipe
+  submit           the same (or any command) as a SLURM job that requeues itself and resumes
+  bench train      time the real training loop: iteration time, images/s, data wait
+  bench checkpoint time saving and loading a full training checkpoint; its size
+  model-info       build a backbone and print its parameters, FLOPs and output shapes
+  analyze flops    FLOPs and parameters versus the number of register tokens
+
+FLOPs everywhere are fvcore's unit: one multiply-add counts as one flop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from dinoreg.cli.model import add_analyze_parser, add_model_info_parser
+from dinoreg.cli.submit import add_submit_parser
+from dinoreg.cli.train import add_bench_parser, add_train_parser
+
+__all__ = ["build_parser", "main", "run"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinoreg", description="DINOv2-style self-supervised ViTs with register tokens.")
+    commands = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
+    for add_parser in (add_train_parser, add_submit_parser, add_model_info_parser, add_bench_parser,
+                       add_analyze_parser):
+        add_parser(commands)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one dinoreg command line in this process and return its exit status; a training run stopped by a
+    signal raises :class:`~dinoreg.train.signals.StoppedOnSignal` (the SLURM job wrapper requeues on it)."""
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    job_command: list[str] = []
+    if argv[:1] == ["submit"] and "--" in argv:  # dinoreg submit [options] -- <any dinoreg command line>
+        split = argv.index("--")
+        argv, job_command = argv[:split], argv[split + 1:]
+    args = build_parser().parse_args(argv)
+    if args.command == "submit":
+        args.job_command = job_command
+    return args.handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dinoreg`` console script; returns the exit status."""
+    from dinoreg.train.signals import StoppedOnSignal  # noqa: PLC0415
+
+    try:
+        return run(argv)
+    except StoppedOnSignal as stop:
+        print(f"dinoreg: {stop}", file=sys.stderr)
+        return stop.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""``dinoreg model-info`` and ``dinoreg analyze``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from dinoreg.cli.common import (FLOP_UNIT, INTERPOLATIONS, add_backbone_arguments, check_divisible, positive_int,
+                                register_count, register_list, write_json)
+from dinoreg.models import build_backbone
+
+
+def add_model_info_parser(commands: Any) -> None:
+    info = commands.add_parser(
+        "model-info", help="build a backbone; print parameters, FLOPs and output shapes",
+        description="Build a backbone and print its parameter count, FLOPs per image and the shapes "
+                    f"returned by forward_features. FLOPs: {FLOP_UNIT}.")
+    add_backbone_arguments(info)
+    info.add_argument("--registers", type=register_count, default=4,
+                      help="number of register tokens (default: %(default)s)")
+    info.add_argument("--batch-size", type=positive_int, default=1,
+                      help="images in the batch whose output shapes are shown (default: %(default)s)")
+    info.add_argument("--local-size", type=positive_int, metavar="PIXELS",
+                      help="also show FLOPs and shapes for local crops of this size, e.g. 98")
+    info.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default="antialias",
+                      help="positional-embedding resampling for sizes other than --img-size: antialias "
+                           "(bicubic, antialiased, no offset; the released registers models and our *_reg4 "
+                           "recipes) or legacy (bicubic with DINO's 0.1 offset; the official defaults) "
+                           "(default: %(default)s)")
+    info.set_defaults(handler=_model_info, parser=info)
+
+
+def add_analyze_parser(commands: Any) -> None:
+    analyze = commands.add_parser("analyze", help="diagnostics of the registers paper",
+                                  description="Diagnostics of the registers paper.")
+    analyses = analyze.add_subparsers(dest="analysis", metavar="<analysis>", required=True)
+    flops = analyses.add_parser(
+        "flops", help="FLOPs and parameters versus the number of register tokens",
+        description="FLOPs per image and parameters of a backbone for several register counts "
+                    f"(Darcet et al. 2023, Fig. 12). FLOPs: {FLOP_UNIT}.")
+    add_backbone_arguments(flops)
+    flops.set_defaults(arch="vit_large")
+    flops.add_argument("--registers", type=register_list, default=[0, 1, 2, 4, 8, 16],
+                       help="comma-separated register counts (default: 0,1,2,4,8,16)")
+    flops.set_defaults(handler=_analyze_flops, parser=flops)
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from dinoreg.analysis.flops import count_flops, count_parameters  # noqa: PLC0415 (fvcore is slow to import)
+
+    check_divisible(args.parser, "--img-size", args.img_size, args.patch_size)
+    if args.local_size is not None:
+        check_divisible(args.parser, "--local-size", args.local_size, args.patch_size)
+    antialias, offset = INTERPOLATIONS[args.interpolation]
+    model = build_backbone(args.arch, patch_size=args.patch_size, img_size=args.img_size,
+                           num_register_tokens=args.registers, init_values=1e-5, ffn_layer=args.ffn_layer,
+                           interpolate_antialias=antialias, interpolate_offset=offset).eval()
+    params = count_parameters(model)
+    print(f"backbone     {args.arch}/{args.patch_size}, {args.registers} registers, ffn {args.ffn_layer}, "
+          f"embed_dim {model.embed_dim}, {model.n_blocks} blocks")
+    print(f"parameters   {params:,} ({params / 1e6:.2f} M)")
+    print(f"FLOPs        per image, {FLOP_UNIT}")
+    report: dict[str, Any] = {"arch": args.arch, "patch_size": args.patch_size, "registers": args.registers,
+                              "ffn_layer": args.ffn_layer, "interpolation": args.interpolation, "embed_dim": model.embed_dim, "params": params,
+                              "crops": []}
+    crops = [("global", args.img_size)] + ([("local", args.local_size)] if args.local_size else [])
+    for name, size in crops:
+        flops = count_flops(model, size)
+        with torch.no_grad():
+            out = model.forward_features(torch.randn(args.batch_size, 3, size, size))
+        shapes = {key: list(value.shape) for key, value in out.items() if isinstance(value, torch.Tensor)}
+        grid = size // args.patch_size
+        print(f"\n{name} crop {size}x{size}: {grid}x{grid} = {grid * grid} patches, "
+              f"{flops / 1e9:.2f} GFLOPs per image")
+        print(f"  forward_features, batch of {args.batch_size}:")
+        for key, shape in shapes.items():
+            print(f"    {key:<20} {shape}")
+        report["crops"].append({"name": name, "img_size": size, "flops": flops, "shapes": shapes})
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def _analyze_flops(args: argparse.Namespace) -> int:
+    from dinoreg.analysis.flops import flops_vs_registers  # noqa: PLC0415 (fvcore is slow to import)
+
+    check_divisible(args.parser, "--img-size", args.img_size, args.patch_size)
+    registers = list(args.registers)
+    wanted = registers if 0 in registers else [0] + registers  # the baseline of the % column
+    rows = flops_vs_registers(args.arch, args.patch_size, args.img_size, wanted, ffn_layer=args.ffn_layer)
+    baseline = next(row["flops"] for row in rows if row["registers"] == 0)
+    rows = [row for row in rows if row["registers"] in registers]
+    print(f"{args.arch}/{args.patch_size} at {args.img_size}x{args.img_size}, ffn {args.ffn_layer}; "
+          f"GFLOPs per image, {FLOP_UNIT}")
+    print(f"{'registers':>9}  {'params':>15}  {'GFLOPs':>9}  {'vs 0 registers':>14}")
+    for row in rows:
+        extra = 100.0 * (row["flops"] - baseline) / baseline
+        print(f"{row['registers']:>9}  {row['params']:>15,}  {row['flops'] / 1e9:>9.2f}  {extra:>+13.2f}%")
+    if args.json:
+        write_json(args.json, rows)
+    return 0

@@ -1,0 +1,158 @@
+"""``dinoreg submit``: a dinoreg command line as a SLURM job (the mechanics are in :mod:`dinoreg.launch`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from dinoreg.cli.common import add_recipe_arguments, int_at_least, positive_int, write_json
+
+
+def add_submit_parser(commands: Any) -> None:
+    submit = commands.add_parser(
+        "submit", help="submit training (or any dinoreg command) as a SLURM job that requeues itself",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Submit `dinoreg train` (or, after --, any dinoreg command line) to SLURM with submitit: "
+                    "one task per GPU on each node, FSDP across all of them. Near its time limit or when "
+                    "preempted (SIGUSR2), the job saves a checkpoint on every rank, requeues itself and resumes "
+                    "where it stopped.",
+        epilog="`%j` in --output-dir and --log-dir becomes the job id; a requeued job keeps its id and so its "
+               "directory.\n\n"
+               "examples:\n"
+               "  dinoreg submit --config vitl14_reg4 --nodes 4 --gpus-per-node 8 --partition gpu \\\n"
+               "      --output-dir /checkpoint/$USER/vitl/%j train.dataset_path=/datasets/imagenet/train\n"
+               "  dinoreg submit --gpus-per-node 0 --tasks-per-node 2 --timeout-min 30 --output-dir runs/%j\n"
+               "  dinoreg submit --gpus-per-node 1 --timeout-min 60 -- analyze flops --arch vit_giant\n"
+               "  dinoreg submit --dry-run --nodes 2 --config vitg14_reg4     # print the sbatch request only")
+    add_recipe_arguments(submit)
+    submit.add_argument("--output-dir", default="runs/%j", metavar="DIR",
+                        help="training output directory, made absolute (default: %(default)s)")
+    submit.add_argument("--log-dir", metavar="DIR",
+                        help="submitit's folder: sbatch script, pickles, one stdout/stderr log per task (default: "
+                             "DIR/slurm for training, slurm_logs/%%j for a command after --)")
+    resources = submit.add_argument_group("resources (sbatch options)")
+    resources.add_argument("--nodes", type=positive_int, default=1, help="nodes (default: %(default)s)")
+    resources.add_argument("--gpus-per-node", type=int_at_least(0, "a number of GPUs >= 0"), default=8,
+                           help="GPUs per node, one task each; 0 for a CPU-only job (default: %(default)s)")
+    resources.add_argument("--tasks-per-node", type=positive_int,
+                           help="processes per node of a CPU-only job (--gpus-per-node 0); with GPUs it is "
+                                "the GPU count")
+    resources.add_argument("--cpus-per-task", type=positive_int,
+                           help="CPU cores per task, for its data loader workers (default: 10 with GPUs, as the "
+                                "official launcher; SLURM's default of 1 without)")
+    resources.add_argument("--mem-gb", type=float,
+                           help="memory per node in GB (default: 40 per GPU, as the official launcher; SLURM's "
+                                "default without GPUs)")
+    resources.add_argument("--timeout-min", type=positive_int, default=2800,
+                           help="time limit of each allocation in minutes; the job requeues itself when it is "
+                                "reached (default: %(default)s)")
+    resources.add_argument("--partition", help="SLURM partition")
+    resources.add_argument("--account", help="SLURM account to charge")
+    resources.add_argument("--qos", help="quality of service")
+    resources.add_argument("--constraint", help="node features, e.g. volta32gb")
+    resources.add_argument("--exclude", metavar="NODES", help="nodes not to run on, e.g. node[01-03]")
+    resources.add_argument("--comment", help="free text shown by squeue/sacct")
+    resources.add_argument("--job-name", default="dinoreg", help="job name (default: %(default)s)")
+    requeue = submit.add_argument_group("preemption and time limits")
+    requeue.add_argument("--signal-delay-s", type=positive_int, default=120,
+                         help="seconds before the time limit at which SLURM signals the job to save and requeue; "
+                              "allow for one iteration plus a checkpoint (default: %(default)s)")
+    requeue.add_argument("--max-requeues", type=int_at_least(0, "a number >= 0"), default=10,
+                         help="requeues allowed in all (time limits, preemptions, scontrol requeue); then the job "
+                              "ends and keeps its checkpoints (default: %(default)s)")
+    job = submit.add_argument_group("job")
+    job.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
+                     help="extra srun argument, repeatable, e.g. --srun-arg=--container-image=/images/dinoreg.sqsh")
+    job.add_argument("--python", metavar="CMD",
+                     help="command that starts Python inside the job (default: this interpreter), e.g. python3 "
+                          "inside a container")
+    job.add_argument("--dry-run", action="store_true", help="print the sbatch request and the command; submit nothing")
+    job.add_argument("--wait", action="store_true",
+                     help="wait for the job to finish (through requeues), print its result; exit 1 if it failed")
+    job.add_argument("--wait-timeout-min", type=float, metavar="MIN", help="with --wait: give up after MIN minutes")
+    job.add_argument("--json", type=Path, metavar="PATH", help="write the job id, directories and log paths to PATH")
+    submit.set_defaults(handler=_submit, parser=submit)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
+    from dinoreg.launch import (JobCommandError, JobWaitError, SlurmRequest, SubmitError,  # noqa: PLC0415
+                                format_sbatch, sbatch_parameters, submit, wait_for_job)
+
+    def fail(message: str, code: int) -> int:
+        print(f"dinoreg submit: {message}", file=sys.stderr)
+        return code
+
+    gpus = args.gpus_per_node
+    request = SlurmRequest(
+        nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task or (10 if gpus else None),
+        mem_gb=args.mem_gb if args.mem_gb is not None else (40.0 * gpus if gpus else None),
+        timeout_min=args.timeout_min, partition=args.partition, account=args.account, qos=args.qos,
+        constraint=args.constraint, exclude=args.exclude, comment=args.comment, job_name=args.job_name,
+        signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues, srun_args=args.srun_arg)
+    try:
+        params = sbatch_parameters(request)
+    except SubmitError as error:
+        return fail(str(error), 2)
+    output_dir: str | None = None
+    if args.job_command:
+        if args.overrides:
+            return fail(f"key=value overrides {args.overrides} apply to training; with a command after --, "
+                        "put its own options there", 2)
+        argv = args.job_command
+        try:  # catch a typo now rather than after the job waited in the queue
+            from dinoreg.cli import build_parser  # noqa: PLC0415 (the package imports this module)
+
+            build_parser().parse_args(argv)
+        except SystemExit:
+            return fail(f"the job command `dinoreg {' '.join(argv)}` is invalid (see above)", 2)
+        log_dir = os.path.abspath(args.log_dir or "slurm_logs/%j")
+    else:
+        output_dir = os.path.abspath(args.output_dir)
+        try:
+            load_config(args.config, [*args.overrides, f"train.output_dir={output_dir}"])
+        except ConfigError as error:
+            return fail(f"invalid configuration:\n{error}", 2)
+        config = os.path.abspath(args.config) if Path(args.config).is_file() else args.config
+        argv = ["train", "--config", config, "--output-dir", output_dir, *args.overrides]
+        log_dir = os.path.abspath(args.log_dir or os.path.join(output_dir, "slurm"))
+    tasks = args.nodes * params["ntasks_per_node"]
+    command = "dinoreg " + " ".join(argv)
+    if args.dry_run:
+        print("sbatch request (dry run: nothing submitted)")
+        print("\n".join(format_sbatch(params)))
+        print(f"each of the {tasks} task(s) runs: {command}")
+        print(f"submitit folder (script, logs): {log_dir}")
+        return 0
+    try:
+        job = submit(argv, request, log_dir=log_dir, output_dir=output_dir, python=args.python)
+    except SubmitError as error:
+        return fail(str(error), 1)
+    info = {"job_id": job.job_id, "command": command, "output_dir": output_dir and output_dir.replace("%j", job.job_id),
+            "log_dir": str(job.paths.folder), "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+            "submission_file": str(job.paths.submission_file)}
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {params['ntasks_per_node']} task(s), {gpus} GPU(s) "
+          f"per node\n  command     {command}")
+    if output_dir:
+        print(f"  output dir  {info['output_dir']}")
+    print(f"  logs        {info['stdout']}\n              {info['stderr']}   (task 0; one pair per task)\n"
+          f"  follow      tail -f {info['stderr']}\n  cancel      scancel {job.job_id}")
+    if args.json:
+        write_json(args.json, info)
+    if not args.wait:
+        return 0
+    timeout_s = None if args.wait_timeout_min is None else 60 * args.wait_timeout_min
+    try:
+        results = wait_for_job(job, timeout_s=timeout_s, on_state=lambda state: print(f"job {job.job_id}: {state}"))
+    except (JobCommandError, JobWaitError) as error:
+        return fail(str(error), 1)
+    except Exception as error:  # the job's own error (submitit's FailedJobError carries the traceback)
+        return fail(f"job {job.job_id} failed:\n{error}", 1)
+    final = results[0].get("final") or {}
+    summary = ", ".join(f"{key} {final[key]:.4g}" for key in ("total_loss", "knn_top1") if key in final)
+    print(f"job {job.job_id} done" + (f": {summary}" if summary else ""))
+    return 0

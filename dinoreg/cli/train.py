@@ -1,0 +1,130 @@
+"""``dinoreg train`` and ``dinoreg bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dinoreg.cli.common import add_recipe_arguments, int_at_least, positive_int, write_json
+
+
+def add_train_parser(commands: Any) -> None:
+    train = commands.add_parser(
+        "train", help="self-supervised training (DINO + iBOT + KoLeo) from a recipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a student/teacher ViT with registers. The configuration is the schema defaults "
+                    "(the official DINOv2 ones), then the recipe, then key=value overrides.",
+        epilog="Writes DIR/config.yaml (resolved), DIR/metrics.jsonl, TensorBoard events under "
+               "DIR/tensorboard, checkpoints under DIR/checkpoints/<iteration> and the teacher backbone "
+               "DIR/teacher_backbone.safetensors. Run it again on the same DIR to resume from the newest "
+               "checkpoint. Runs as one process, or one process per GPU under torchrun or srun (FSDP2).\n\n"
+               "exit codes: 0 done, 1 error, 2 bad configuration or arguments, 75 stopped by a signal after "
+               "saving a checkpoint (requeue and rerun to resume).\n\n"
+               "examples:\n"
+               "  dinoreg train --output-dir runs/tiny                   # tiny_cpu on the synthetic dataset\n"
+               "  torchrun --nproc_per_node=8 -m dinoreg train --config vitl14_reg4 --output-dir runs/l \\\n"
+               "      train.dataset_path=/data/imagenet/train train.batch_size_per_gpu=32")
+    add_recipe_arguments(train)
+    train.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                       help="where the config, metrics, TensorBoard logs and weights go (sets train.output_dir)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved configuration and exit without training")
+    train.add_argument("--no-resume", action="store_true",
+                       help="start fresh instead of resuming from DIR/checkpoints; refused when DIR already "
+                            "holds a run, unless --force")
+    train.add_argument("--force", action="store_true",
+                       help="with --no-resume: delete the run already in DIR (checkpoints, metrics, TensorBoard "
+                            "logs, weights) and start fresh")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume even when the config differs from the checkpoint's in keys that change the "
+                            "model or the data order (the differences are logged)")
+    train.set_defaults(handler=_train, parser=train)
+
+
+def add_bench_parser(commands: Any) -> None:
+    bench = commands.add_parser("bench", help="benchmarks (speed, not correctness)",
+                                description="Benchmarks; numbers for docs/BENCHMARKS.md and the README.")
+    benches = bench.add_subparsers(dest="benchmark", metavar="<benchmark>", required=True)
+    bench_train = benches.add_parser(
+        "train", help="iteration time, images/s and data wait of the training loop",
+        description="Run the real training loop (kNN evaluation off) for --warmup + --iterations steps in a "
+                    "temporary directory and summarise the last --iterations.")
+    add_recipe_arguments(bench_train)
+    bench_train.add_argument("--iterations", type=positive_int, default=50,
+                             help="measured iterations (default: %(default)s)")
+    bench_train.add_argument("--warmup", type=int_at_least(0, "a number of iterations >= 0"), default=10,
+                             help="iterations run first and not measured (default: %(default)s)")
+    bench_train.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    bench_train.set_defaults(handler=_bench_train, parser=bench_train)
+    bench_checkpoint = benches.add_parser(
+        "checkpoint", help="time saving and loading a full training checkpoint; its size",
+        description="Save and load a recipe's full training state (student, teacher, DINO/iBOT centres, AdamW "
+                    "state) with the training loop's own checkpoint functions, in one process, and print the "
+                    "median times and the size on disk.")
+    add_recipe_arguments(bench_checkpoint)
+    bench_checkpoint.add_argument("--repeats", type=positive_int, default=3,
+                                  help="saves and loads to take the median of (default: %(default)s)")
+    bench_checkpoint.add_argument("--dir", type=Path, metavar="DIR",
+                                  help="write the checkpoints under DIR (default: the system temporary directory)")
+    bench_checkpoint.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    bench_checkpoint.set_defaults(handler=_bench_checkpoint, parser=bench_checkpoint)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
+    from dinoreg.train.checkpoint import CheckpointError  # noqa: PLC0415 (heavy imports)
+    from dinoreg.train.distributed import DistributedSetupError  # noqa: PLC0415
+    from dinoreg.train.loop import NonFiniteLossError, prepare_output_dir, train  # noqa: PLC0415
+
+    try:
+        cfg = load_config(args.config, [*args.overrides, f"train.output_dir={args.output_dir}"])
+    except ConfigError as error:
+        print(f"dinoreg train: invalid configuration:\n{error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    try:
+        prepare_output_dir(args.output_dir, resume=not args.no_resume, force=args.force)
+        final = train(cfg, resume=not args.no_resume, allow_config_change=args.allow_config_change)
+    except (NonFiniteLossError, CheckpointError, DistributedSetupError, ValueError) as error:
+        print(f"dinoreg train: {error}", file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{key} {final[key]:.4g}" for key in ("total_loss", "knn_top1") if key in final)
+    print(f"done: {summary}; outputs in {args.output_dir}")
+    return 0
+
+
+def _run_benchmark(args: argparse.Namespace, run: Any, report: Any) -> int:
+    from dinoreg.config import ConfigError  # noqa: PLC0415
+
+    try:
+        result = run()
+    except ConfigError as error:
+        print(f"dinoreg bench {args.benchmark}: invalid configuration:\n{error}", file=sys.stderr)
+        return 2
+    print(report(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from dinoreg.bench import benchmark_training, format_report  # noqa: PLC0415 (heavy imports)
+
+    return _run_benchmark(args, lambda: benchmark_training(args.config, iterations=args.iterations,
+                                                           warmup=args.warmup, overrides=args.overrides),
+                          format_report)
+
+
+def _bench_checkpoint(args: argparse.Namespace) -> int:
+    from dinoreg.bench import benchmark_checkpoint, format_checkpoint_report  # noqa: PLC0415 (heavy imports)
+
+    directory = None if args.dir is None else str(args.dir)
+    return _run_benchmark(args, lambda: benchmark_checkpoint(args.config, repeats=args.repeats,
+                                                             overrides=args.overrides, directory=directory),
+                          format_checkpoint_report)

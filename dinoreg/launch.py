@@ -1,0 +1,294 @@
+"""SLURM jobs with submitit: the sbatch request, the job that runs a dinoreg command line, requeueing.
+
+How a preempted or timed-out training job continues:
+
+1. SLURM sends SIGUSR2 to every task ``signal_delay_s`` before the time limit (submitit's
+   ``--signal=USR2@<delay>``), or when someone runs ``scancel --signal=USR2 <job>`` (preemption).
+2. While training, the loop's :class:`~dinoreg.train.signals.SignalWatcher` holds that signal: every rank
+   finishes its iteration, saves a checkpoint, and :class:`StoppedOnSignal` is raised.
+3. :class:`DinoregJob` then calls submitit's own handler for the signal, saved before training started. On
+   rank 0 it calls :meth:`DinoregJob.checkpoint` (which bounds the requeues) and ``scontrol requeue``\\ s
+   the job; the other ranks exit and leave no result behind.
+4. The requeued job keeps its job id, so ``%j`` names the same output directory, and runs the same command
+   line: ``dinoreg train`` resumes from the newest checkpoint there.
+
+An external ``scontrol requeue`` or a node failure skips 2-3: SLURM sends SIGTERM (saved on if
+``checkpoint.save_on_signals`` holds it and the kill grace allows) and restarts the job, which resumes from
+the newest checkpoint. SIGTERM never requeues by itself: it is how SLURM cancels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "format_sbatch",
+           "job_state", "sbatch_parameters", "submit", "wait_for_job"]
+
+# The signal submitit asks SLURM for and handles (submitit reads the same variable).
+REQUEUE_SIGNAL_NAME = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+# squeue states after which a job will not run again.
+FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "SPECIAL_EXIT", "TIMEOUT"}
+
+
+class SubmitError(Exception):
+    """The job cannot be submitted as asked; the message says what to change."""
+
+
+class JobCommandError(RuntimeError):
+    """The dinoreg command inside a job exited with an error; carries what it printed to stderr."""
+
+
+class JobWaitError(RuntimeError):
+    """A job ended without results, or did not end in time."""
+
+
+@dataclass
+class SlurmRequest:
+    """What to ask SLURM for. One task per GPU; ``tasks_per_node`` is for CPU-only jobs (``gpus_per_node=0``)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    timeout_min: int = 2800
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    comment: Optional[str] = None
+    job_name: str = "dinoreg"
+    signal_delay_s: int = 120
+    max_requeues: int = 10
+    srun_args: list[str] = field(default_factory=list)
+
+
+def sbatch_parameters(request: SlurmRequest) -> dict[str, Any]:
+    """The request as submitit ``SlurmExecutor`` parameters (sbatch option names with ``_``)."""
+    if request.nodes < 1:
+        raise SubmitError(f"--nodes must be at least 1, got {request.nodes}")
+    if request.gpus_per_node < 0:
+        raise SubmitError(f"--gpus-per-node must be >= 0, got {request.gpus_per_node}")
+    tasks = request.tasks_per_node
+    if request.gpus_per_node > 0:
+        if tasks is not None and tasks != request.gpus_per_node:
+            raise SubmitError(f"--tasks-per-node {tasks} with --gpus-per-node {request.gpus_per_node}: GPU jobs "
+                              "run one task per GPU; drop --tasks-per-node")
+        tasks = request.gpus_per_node
+    elif not tasks:
+        raise SubmitError("zero tasks: --gpus-per-node 0 asks for a CPU-only job, which needs --tasks-per-node N "
+                          "(N >= 1 processes per node)")
+    if request.timeout_min < 1:
+        raise SubmitError(f"--timeout-min must be at least 1, got {request.timeout_min}")
+    if not 0 < request.signal_delay_s < request.timeout_min * 60:
+        raise SubmitError(f"--signal-delay-s {request.signal_delay_s} must be between 1 and the time limit "
+                          f"({request.timeout_min * 60} s): it is how long before the end the job is told to save")
+    if request.max_requeues < 0:
+        raise SubmitError(f"--max-requeues must be >= 0, got {request.max_requeues}")
+    params: dict[str, Any] = {"job_name": request.job_name, "nodes": request.nodes, "ntasks_per_node": tasks,
+                              "time": request.timeout_min, "signal_delay_s": request.signal_delay_s,
+                              # scontrol requeue needs a requeueable job, whatever the cluster's JobRequeue
+                              "additional_parameters": {"requeue": True}}
+    if request.gpus_per_node:
+        params["gpus_per_node"] = request.gpus_per_node
+    if request.mem_gb is not None:
+        params["mem"] = f"{int(request.mem_gb)}GB" if request.mem_gb == int(request.mem_gb) \
+            else f"{int(request.mem_gb * 1024)}MB"
+    optional = {"cpus_per_task": request.cpus_per_task, "partition": request.partition,
+                "account": request.account, "qos": request.qos, "constraint": request.constraint,
+                "exclude": request.exclude, "comment": request.comment}
+    params.update({key: value for key, value in optional.items() if value is not None})
+    if request.srun_args:
+        params["srun_args"] = list(request.srun_args)
+    return params
+
+
+def format_sbatch(params: dict[str, Any]) -> list[str]:
+    """The ``#SBATCH`` lines these parameters become in the submitted script (submitit also adds the log
+    paths, ``--open-mode`` and ``--wckey``)."""
+    options = {key: value for key, value in params.items()
+               if key not in ("signal_delay_s", "additional_parameters", "srun_args")}
+    options.update(params.get("additional_parameters", {}))
+    options["signal"] = f"{REQUEUE_SIGNAL_NAME[3:]}@{params['signal_delay_s']}"
+    lines = []
+    for key in sorted(options):
+        flag = "--" + key.replace("_", "-")
+        value = options[key]
+        lines.append(f"#SBATCH {flag}" if value is True else f"#SBATCH {flag}={shlex.quote(str(value))}")
+    return lines
+
+
+class DinoregJob:
+    """The submitit callable: runs ``dinoreg <argv>`` in each task (``%j`` becomes the job id) and returns
+    ``{"command", "exit_code", "output_dir", "final"}`` (``final``: the last training and kNN metrics)."""
+
+    def __init__(self, argv: Sequence[str], *, max_requeues: int, output_dir: Optional[str] = None) -> None:
+        self.argv = list(argv)
+        self.max_requeues = max_requeues
+        self.output_dir = output_dir
+
+    def __call__(self) -> dict[str, Any]:
+        import submitit  # noqa: PLC0415 (only inside a job)
+
+        from dinoreg.cli import run  # noqa: PLC0415 (the CLI imports this module)
+        from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, StoppedOnSignal  # noqa: PLC0415
+
+        environment = submitit.JobEnvironment()
+        argv = [arg.replace("%j", environment.job_id) for arg in self.argv]
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        _log(f"job {environment.job_id} task {environment.global_rank}/{environment.num_tasks} on "
+             f"{environment.hostname}, requeued {restarts} times so far (at most {self.max_requeues}): "
+             f"dinoreg {shlex.join(argv)}")
+        requeue = signal.getsignal(getattr(signal, REQUEUE_SIGNAL_NAME))  # submitit's; training replaces it
+        stderr = _Tee(sys.stderr)
+        try:
+            with contextlib.redirect_stderr(stderr):
+                code = run(argv)
+        except StoppedOnSignal as stop:
+            _log(f"{stop}")
+            if stop.signal_name != "SIGTERM" and callable(requeue):
+                # rank 0: checkpoint() then scontrol requeue and exit; other ranks: returns at once
+                requeue(getattr(signal, REQUEUE_SIGNAL_NAME), None)
+            # Leave no result: the requeued job writes the real one (SIGTERM: SLURM is cancelling or requeueing)
+            sys.exit(EXIT_CODE_SAVED_ON_SIGNAL)
+        if code != 0:
+            raise JobCommandError(f"dinoreg {shlex.join(argv)} exited with status {code}:\n{stderr.tail()}")
+        output_dir = self.output_dir.replace("%j", environment.job_id) if self.output_dir else None
+        return {"command": argv, "exit_code": code, "output_dir": output_dir,
+                "final": final_metrics(Path(output_dir)) if output_dir else {}}
+
+    def checkpoint(self) -> Any:
+        """Called by submitit on rank 0 after the save on signal: requeue the same job, at most
+        ``max_requeues`` times in all (``SLURM_RESTART_COUNT`` also counts external requeues)."""
+        import submitit  # noqa: PLC0415
+
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if restarts >= self.max_requeues:
+            _log(f"not requeueing: the job was already requeued {restarts} times (--max-requeues "
+                 f"{self.max_requeues}); its checkpoints stay in place, submit the same command to continue")
+            return None
+        _log(f"requeueing: requeue {restarts + 1} of at most {self.max_requeues}")
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def final_metrics(output_dir: Path) -> dict[str, float]:
+    """The last training row of ``metrics.jsonl`` with the last kNN results merged in."""
+    path = output_dir / "metrics.jsonl"
+    final: dict[str, float] = {}
+    if not path.exists():
+        return final
+    knn: dict[str, float] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "total_loss" in row:
+            final = row
+        elif any(key.startswith("knn") for key in row):
+            knn = row
+    return {**final, **{key: value for key, value in knn.items() if key != "iteration"}}
+
+
+def submit(argv: Sequence[str], request: SlurmRequest, *, log_dir: str, output_dir: Optional[str] = None,
+           python: Optional[str] = None) -> Any:
+    """Submit ``dinoreg <argv>`` as one SLURM job; returns the ``submitit.SlurmJob``."""
+    import shutil  # noqa: PLC0415
+
+    import submitit  # noqa: PLC0415
+
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise SubmitError("sbatch/srun not found: this machine is not a SLURM submission host. On one machine "
+                          "with several GPUs, launch with torchrun instead: launch/torchrun.sh --config ... "
+                          "--output-dir ... (or torchrun --nproc_per_node=G -m dinoreg train ...)")
+    executor = submitit.SlurmExecutor(folder=log_dir, max_num_timeout=request.max_requeues, python=python)
+    executor.update_parameters(**sbatch_parameters(request))
+    try:
+        return executor.submit(DinoregJob(argv, max_requeues=request.max_requeues, output_dir=output_dir))
+    except Exception as error:  # submitit raises its own FailedJobError carrying sbatch's stderr
+        messages = [line.strip() for line in str(error).splitlines() if "sbatch: error" in line]
+        raise SubmitError("sbatch refused the job: " + ("; ".join(messages) or str(error)) +
+                          "\ncheck --partition/--account/--qos/--constraint against `sinfo` and `sacctmgr show assoc "
+                          "user=$USER`") from None
+
+
+def job_state(job_id: str) -> str:
+    """The job's state from ``squeue`` (which needs no SLURM accounting): e.g. PENDING, RUNNING, COMPLETED;
+    ``GONE`` once SLURM has forgotten the job; ``UNKNOWN (<squeue's error>)`` when squeue cannot answer."""
+    try:
+        result = subprocess.run(["squeue", "-h", "--states=all", "-j", str(job_id), "-o", "%T"],
+                                capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"UNKNOWN ({error})"
+    if result.returncode == 0 and result.stdout.split():
+        return result.stdout.split()[0]
+    if result.returncode == 0 or "invalid job id" in result.stderr.lower():
+        return "GONE"
+    return f"UNKNOWN ({(result.stderr.strip().splitlines() or ['no output'])[-1]})"
+
+
+def wait_for_job(job: Any, *, timeout_s: Optional[float] = None, poll_s: float = 1.0, grace_s: float = 15.0,
+                 on_state: Callable[[str], None] = lambda state: None) -> list[Any]:
+    """Wait until every task of ``job`` wrote its result, and return the results (raising the job's error).
+
+    Bounded: a job that ends without results (killed, cancelled, not requeued) raises :class:`JobWaitError`
+    ``grace_s`` after SLURM says it ended (results can lag on a network filesystem), and so does
+    ``timeout_s``. Works without SLURM accounting: states come from ``squeue``."""
+    tasks = [job.task(index) for index in range(job.num_tasks)]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    ended_at, last_state = None, None
+    while True:
+        results = [task.paths.result_pickle for task in tasks]
+        if all(path.exists() for path in results):
+            return job.results()
+        state = job_state(job.job_id)
+        if state != last_state:
+            on_state(state)
+            last_state = state
+        if state in FINAL_STATES or state == "GONE":
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > grace_s:
+                if any(path.exists() for path in results):
+                    job.task(next(i for i, path in enumerate(results) if path.exists())).result()
+                raise JobWaitError(f"job {job.job_id} ended ({state}) without a result: it was killed, cancelled "
+                                   f"or not requeued; see {job.paths.stderr}")
+        else:
+            ended_at = None
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobWaitError(f"job {job.job_id} still {state} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def _log(message: str) -> None:
+    print(f"[dinoreg.launch] {message}", file=sys.stderr, flush=True)
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to ``stream`` and keeps the last lines, for the error message of a failed job."""
+
+    def __init__(self, stream: Any, keep: int = 40) -> None:
+        self.stream, self.keep, self.lines = stream, keep, [""]
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        parts = text.split("\n")
+        self.lines[-1] += parts[0]
+        self.lines.extend(parts[1:])
+        del self.lines[:-self.keep]
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def tail(self) -> str:
+        return "\n".join(self.lines).strip()

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# A real single-node SLURM cluster on this machine, for dinoreg's tests and for trying `dinoreg submit`
+# without a cluster. Runs as root; needs no systemd and no cgroups.
+#
+#   launch/slurm_cluster.sh start    install what is missing (apt-get), start munged, slurmctld and slurmd,
+#                                    wait until the node is idle; does nothing when already running
+#   launch/slurm_cluster.sh stop     stop the three daemons by PID (state and logs stay for inspection)
+#   launch/slurm_cluster.sh status   show the daemons' PIDs and `sinfo`
+#   launch/slurm_cluster.sh env      print the line that points SLURM's clients at this cluster
+#
+# Everything lives under $DINOREG_SLURM_DIR (default /tmp/dinoreg-slurm): slurm.conf, munge key and socket,
+# state, spool, logs, PID files. Nothing is written under /etc. Clients find the cluster through
+#   export SLURM_CONF=$DINOREG_SLURM_DIR/slurm.conf
+# Each `start` after a `stop` begins with empty state: job ids restart at 1.
+set -euo pipefail
+
+DIR="${DINOREG_SLURM_DIR:-/tmp/dinoreg-slurm}"
+CONF="${DIR}/slurm.conf"
+MUNGE_DIR="${DIR}/munge"
+SOCKET="${MUNGE_DIR}/munge.socket.2"
+PACKAGES=(slurmctld slurmd slurm-client munge)
+READY_TIMEOUT_S="${DINOREG_SLURM_READY_TIMEOUT_S:-60}"
+
+log() { echo "slurm_cluster: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+pid_alive() {  # pid_alive FILE: the PID in FILE names a live process
+  [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+running() {
+  pid_alive "${MUNGE_DIR}/munged.pid" && pid_alive "${DIR}/slurmctld.pid" && pid_alive "${DIR}/slurmd.pid"
+}
+
+install_packages() {
+  local missing=()
+  command -v munged >/dev/null || missing+=(munge)
+  command -v slurmctld >/dev/null || missing+=(slurmctld)
+  command -v slurmd >/dev/null || missing+=(slurmd)
+  command -v sbatch >/dev/null || missing+=(slurm-client)
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}; install them as root: apt-get install -y ${PACKAGES[*]}"
+  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get here; install SLURM and munge yourself"
+  log "installing ${PACKAGES[*]} with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  # The package index may be absent on a fresh machine: update it once if the first attempt fails.
+  apt-get install -y -q "${PACKAGES[@]}" >"${DIR}/apt.log" 2>&1 \
+    || { apt-get update -q >>"${DIR}/apt.log" 2>&1 && apt-get install -y -q "${PACKAGES[@]}" >>"${DIR}/apt.log" 2>&1; } \
+    || die "apt-get install ${PACKAGES[*]} failed; see ${DIR}/apt.log"
+}
+
+write_config() {
+  local cpus memory_mib
+  cpus="$(nproc)"
+  memory_mib="$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)"
+  cat >"${CONF}" <<EOF
+# Written by launch/slurm_cluster.sh: one node (this machine), no accounting, no cgroups.
+ClusterName=dinoreg
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# Short credential lifetime: a requeued job restarts in seconds instead of minutes.
+AuthInfo=socket=${SOCKET},cred_expire=5
+StateSaveLocation=${DIR}/state
+SlurmdSpoolDir=${DIR}/spool
+SlurmctldPidFile=${DIR}/slurmctld.pid
+SlurmdPidFile=${DIR}/slurmd.pid
+SlurmctldLogFile=${DIR}/log/slurmctld.log
+SlurmdLogFile=${DIR}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerParameters=bf_interval=1,sched_interval=2
+KillWait=5
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory_mib} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+start_munge() {
+  install -d -m 0700 -o munge -g munge "${MUNGE_DIR}"
+  [[ -s "${MUNGE_DIR}/munge.key" ]] || runuser -u munge -- mungekey --create --keyfile "${MUNGE_DIR}/munge.key"
+  runuser -u munge -- munged --socket "${SOCKET}" --key-file "${MUNGE_DIR}/munge.key" \
+    --pid-file "${MUNGE_DIR}/munged.pid" --log-file "${MUNGE_DIR}/munged.log" \
+    --seed-file "${MUNGE_DIR}/munged.seed" --force
+  # Clients (slurmctld, slurmd, sbatch, the jobs) reach it through the socket named in AuthInfo.
+  chmod 0755 "${MUNGE_DIR}"
+}
+
+wait_until_idle() {
+  local deadline=$((SECONDS + READY_TIMEOUT_S)) state=""
+  while ((SECONDS < deadline)); do
+    state="$(SLURM_CONF="${CONF}" sinfo -h -N -o %T 2>/dev/null || true)"
+    if [[ "${state}" == idle* ]]; then
+      return 0
+    fi
+    sleep 0.5
+  done
+  die "the node is not idle after ${READY_TIMEOUT_S} s (state: '${state:-no answer}'); logs in ${DIR}/log"
+}
+
+start() {
+  mkdir -p "${DIR}"
+  if running; then
+    log "already running (${DIR})"
+    return 0
+  fi
+  stop_daemons quiet  # a half-started cluster from an earlier attempt
+  install_packages
+  rm -rf "${DIR}/state" "${DIR}/spool" "${DIR}/log"
+  mkdir -p "${DIR}/state" "${DIR}/spool" "${DIR}/log"
+  write_config
+  start_munge
+  slurmctld -f "${CONF}"
+  slurmd -f "${CONF}" -N localhost
+  wait_until_idle
+  log "ready: $(SLURM_CONF="${CONF}" sinfo -h -o '%P %D node(s) %c CPUs %m MiB %T')"
+}
+
+stop_one() {  # stop_one NAME PIDFILE
+  local pidfile="$2" pid deadline
+  [[ -s "${pidfile}" ]] || return 0
+  pid="$(cat "${pidfile}")"
+  if kill -0 "${pid}" 2>/dev/null; then
+    kill -TERM "${pid}" 2>/dev/null || true
+    deadline=$((SECONDS + 15))
+    while kill -0 "${pid}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+    if kill -0 "${pid}" 2>/dev/null; then
+      log "$1 (pid ${pid}) ignored SIGTERM for 15 s; killing it"
+      kill -KILL "${pid}" 2>/dev/null || true
+    fi
+  fi
+  rm -f "${pidfile}"
+}
+
+stop_daemons() {
+  stop_one slurmd "${DIR}/slurmd.pid"
+  stop_one slurmctld "${DIR}/slurmctld.pid"
+  stop_one munged "${MUNGE_DIR}/munged.pid"
+  [[ "${1:-}" == quiet ]] || log "stopped (state and logs kept in ${DIR})"
+}
+
+status() {
+  local name file
+  for name in munged slurmctld slurmd; do
+    file="${DIR}/${name}.pid"
+    [[ ${name} == munged ]] && file="${MUNGE_DIR}/munged.pid"
+    if pid_alive "${file}"; then echo "${name}: running, pid $(cat "${file}")"; else echo "${name}: not running"; fi
+  done
+  running && SLURM_CONF="${CONF}" sinfo
+  running
+}
+
+case "${1:-}" in
+  start) start; echo "export SLURM_CONF=${CONF}" ;;
+  stop) stop_daemons ;;
+  status) status ;;
+  env) echo "export SLURM_CONF=${CONF}" ;;
+  *) echo "usage: $0 start|stop|status|env   (state under \$DINOREG_SLURM_DIR, default /tmp/dinoreg-slurm)" >&2
+     exit 2 ;;
+esac

@@ -1,0 +1,163 @@
+"""`dinoreg submit` against a real single-node SLURM cluster: results, preemption and requeue, failures.
+
+Every job is a 2-task CPU (gloo) run of the tiny recipe; each test has its own submitit folder because job
+ids restart at 1 with a fresh cluster. Every wait is bounded (the cluster runs without accounting).
+"""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+from submitit.core.utils import FailedJobError
+
+from dinoreg.launch import wait_for_job
+from launch_helpers import TINY
+
+RESOURCES = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout-min", "30"]
+RECIPE = [*TINY, "optim.epochs=4", "train.epoch_length=30", "train.batch_size_per_gpu=8", "train.num_workers=0",
+          "evaluation.knn_enabled=false"]
+ITERATIONS = 120
+TIMING_KEYS = {"images_per_sec", "data_wait"}  # the only logged figures allowed to differ between runs
+JOB_TIMEOUT_S = 300
+
+
+def dinoreg_submit(env, tmp_path, *args, timeout=JOB_TIMEOUT_S):
+    command = [sys.executable, "-m", "dinoreg", "submit", *RESOURCES, "--output-dir", str(tmp_path / "run" / "%j"),
+               "--json", str(tmp_path / "job.json"), *args]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    info = json.loads((tmp_path / "job.json").read_text()) if (tmp_path / "job.json").exists() else None
+    return result, info
+
+
+def job_handle(info):
+    return submitit.SlurmJob(folder=info["log_dir"], job_id=info["job_id"], tasks=[0, 1])
+
+
+def metric_rows(output_dir):
+    """iteration -> logged figures (the last row wins: a run resumed from a periodic checkpoint repeats some)."""
+    rows = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["iteration"]] = {key: value for key, value in row.items() if key not in TIMING_KEYS}
+    return rows
+
+
+def wait_for_rows(output_dir, count, timeout_s=JOB_TIMEOUT_S):
+    path = Path(output_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not reach {count} rows in {timeout_s} s")
+
+
+def log(info, task=0, kind="err"):
+    return Path(info["log_dir"], f"{info['job_id']}_{task}_log.{kind}").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_env, tmp_path_factory):
+    """The reference: one job run to the end with --wait."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    result, info = dinoreg_submit(slurm_env, tmp_path, "--wait", *RECIPE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, info, metric_rows(info["output_dir"])
+
+
+def test_submit_two_task_job_and_get_its_result(uninterrupted, slurm_env, tmp_path):
+    result, info, rows = uninterrupted
+    assert f"submitted job {info['job_id']}: 1 node(s) x 2 task(s)" in result.stdout
+    assert info["output_dir"].endswith(f"/run/{info['job_id']}")  # %j substituted
+    assert f"job {info['job_id']} done: total_loss" in result.stdout
+    assert sorted(rows) == list(range(ITERATIONS))
+    # Both tasks returned the same result, which is what the run logged.
+    results = job_handle(info).results()
+    assert [r["exit_code"] for r in results] == [0, 0]
+    assert results[0] == results[1]
+    assert results[0]["final"]["iteration"] == ITERATIONS - 1
+    assert results[0]["final"]["total_loss"] == rows[ITERATIONS - 1]["total_loss"]
+    meta = json.loads((Path(info["output_dir"]) / "checkpoints" / str(ITERATIONS) / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert "task 1/2" in log(info, task=1)
+
+    # --dry-run prints exactly the #SBATCH lines of the script that was submitted.
+    dry = subprocess.run([sys.executable, "-m", "dinoreg", "submit", "--dry-run", *RESOURCES, "--output-dir",
+                          str(Path(info["output_dir"]).parent / "%j"), *RECIPE],
+                         env=slurm_env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    printed = [line for line in dry.stdout.splitlines() if line.startswith("#SBATCH")]
+    submitted = Path(info["submission_file"]).read_text().splitlines()
+    assert len(printed) >= 6 and set(printed) <= set(submitted), (printed, submitted)
+    assert info["command"] in dry.stdout
+
+
+def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm_env, tmp_path):
+    _, _, reference = uninterrupted
+    result, info = dinoreg_submit(slurm_env, tmp_path, *RECIPE)
+    assert result.returncode == 0, result.stderr
+    wait_for_rows(info["output_dir"], 6)
+    subprocess.run(["scancel", "--signal=USR2", info["job_id"]], env=slurm_env, check=True, timeout=60)
+    states = []
+    results = wait_for_job(job_handle(info), timeout_s=JOB_TIMEOUT_S, poll_s=0.5, on_state=states.append)
+
+    stopped = re.search(r"stopped on SIGUSR2 after saving (\S+)/checkpoints/(\d+)", log(info))
+    assert stopped, log(info)
+    saved_at = int(stopped.group(2))
+    assert 6 <= saved_at < ITERATIONS
+    assert "requeueing: requeue 1 of at most 10" in log(info)
+    assert "requeued 1 times so far" in log(info)
+    assert f"resumed from {stopped.group(1)}/checkpoints/{saved_at} (iteration {saved_at})" in log(info, kind="out")
+    assert "PENDING" in states[1:] or "REQUEUED" in states  # it went back to the queue
+    # The same figures, bitwise, as the run that was never interrupted.
+    assert metric_rows(info["output_dir"]) == reference
+    assert results[0]["final"]["total_loss"] == reference[ITERATIONS - 1]["total_loss"]
+
+
+def test_external_requeue_resumes_from_the_periodic_checkpoint(uninterrupted, slurm_env, tmp_path):
+    _, _, reference = uninterrupted
+    # No SIGTERM handling: SLURM's kill is not saved on, so the job restarts from a periodic checkpoint.
+    result, info = dinoreg_submit(slurm_env, tmp_path, *RECIPE, "checkpoint.period=4",
+                                  "checkpoint.save_on_signals=[SIGUSR1,SIGUSR2]")
+    assert result.returncode == 0, result.stderr
+    wait_for_rows(info["output_dir"], 10)
+    subprocess.run(["scontrol", "requeue", info["job_id"]], env=slurm_env, check=True, timeout=60)
+    wait_for_job(job_handle(info), timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
+
+    resumed = re.search(r"resumed from \S+/checkpoints/(\d+)", log(info, kind="out"))
+    assert resumed, log(info, kind="out")
+    assert int(resumed.group(1)) % 4 == 0 and int(resumed.group(1)) >= 8
+    assert "requeued 1 times so far" in log(info)
+    assert metric_rows(info["output_dir"]) == reference
+
+
+def test_requeues_are_bounded(slurm_env, tmp_path):
+    result, info = dinoreg_submit(slurm_env, tmp_path, "--max-requeues", "0", *RECIPE)
+    assert result.returncode == 0, result.stderr
+    wait_for_rows(info["output_dir"], 4)
+    subprocess.run(["scancel", "--signal=USR2", info["job_id"]], env=slurm_env, check=True, timeout=60)
+    with pytest.raises(FailedJobError, match="not requeued"):
+        wait_for_job(job_handle(info), timeout_s=JOB_TIMEOUT_S, poll_s=0.5, grace_s=3)
+    assert "not requeueing: the job was already requeued 0 times (--max-requeues 0)" in log(info)
+    assert (Path(info["output_dir"]) / "checkpoints" / "latest").exists()  # the work is kept
+
+
+def test_failing_job_reports_its_error(slurm_env, tmp_path):
+    missing = tmp_path / "no-such-images"
+    result, info = dinoreg_submit(slurm_env, tmp_path, "--wait", *RECIPE, f"train.dataset_path={missing}")
+    assert result.returncode == 1
+    assert f"job {info['job_id']} failed" in result.stderr and str(missing) in result.stderr
+    with pytest.raises(FailedJobError, match="no-such-images"):
+        job_handle(info).result()
+
+
+def test_unknown_partition_shows_sbatch_message(slurm_env, tmp_path):
+    result, info = dinoreg_submit(slurm_env, tmp_path, "--partition", "no-such-partition", *RECIPE)
+    assert result.returncode == 1 and info is None
+    assert "sbatch refused the job" in result.stderr and "invalid partition" in result.stderr.lower()
+    assert "sinfo" in result.stderr
