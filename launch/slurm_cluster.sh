@@ -2,24 +2,35 @@
 # A real single-node SLURM cluster on this machine, for dinoreg's tests and for trying `dinoreg submit`
 # without a cluster. Runs as root; needs no systemd and no cgroups.
 #
-#   launch/slurm_cluster.sh start    install what is missing (apt-get), start munged, slurmctld and slurmd,
-#                                    wait until the node is idle; does nothing when already running
-#   launch/slurm_cluster.sh stop     stop the three daemons by PID (state and logs stay for inspection)
+#   launch/slurm_cluster.sh start    install what is missing (apt-get), start munged, MariaDB + slurmdbd
+#                                    (accounting), slurmctld and slurmd, wait until the node is idle; does
+#                                    nothing when already running
+#   launch/slurm_cluster.sh stop     stop the daemons by PID (state and logs stay for inspection)
 #   launch/slurm_cluster.sh status   show the daemons' PIDs and `sinfo`
 #   launch/slurm_cluster.sh env      print the line that points SLURM's clients at this cluster
 #
 # Everything lives under $DINOREG_SLURM_DIR (default /tmp/dinoreg-slurm): slurm.conf, munge key and socket,
-# state, spool, logs, PID files. Nothing is written under /etc. Clients find the cluster through
+# MariaDB data, state, spool, logs, PID files. Nothing is written under /etc. Clients find it through
 #   export SLURM_CONF=$DINOREG_SLURM_DIR/slurm.conf
 # Each `start` after a `stop` begins with empty state: job ids restart at 1.
+#
+# Accounting is on, as on real clusters: sacct works (submitit reads job states with it) and jobs must
+# name a known account (associations are enforced). The cluster "dinoreg" has one account, "dinoreg", the
+# default of the user who starts it. DINOREG_SLURM_ACCOUNTING=0 runs without MariaDB and slurmdbd (faster
+# to start; then sacct answers nothing and any account name is accepted).
 set -euo pipefail
 
 DIR="${DINOREG_SLURM_DIR:-/tmp/dinoreg-slurm}"
 CONF="${DIR}/slurm.conf"
 MUNGE_DIR="${DIR}/munge"
 SOCKET="${MUNGE_DIR}/munge.socket.2"
+ACCOUNTING="${DINOREG_SLURM_ACCOUNTING:-1}"
 PACKAGES=(slurmctld slurmd slurm-client munge)
+[[ "${ACCOUNTING}" == 1 ]] && PACKAGES+=(slurmdbd mariadb-server)
 READY_TIMEOUT_S="${DINOREG_SLURM_READY_TIMEOUT_S:-60}"
+DB_DIR="${DIR}/mariadb"
+DB_PORT="${DINOREG_SLURM_DB_PORT:-3307}"
+DB_PASSWORD="dinoreg-local-only"
 
 log() { echo "slurm_cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -29,7 +40,8 @@ pid_alive() {  # pid_alive FILE: the PID in FILE names a live process
 }
 
 running() {
-  pid_alive "${MUNGE_DIR}/munged.pid" && pid_alive "${DIR}/slurmctld.pid" && pid_alive "${DIR}/slurmd.pid"
+  pid_alive "${MUNGE_DIR}/munged.pid" && pid_alive "${DIR}/slurmctld.pid" && pid_alive "${DIR}/slurmd.pid" \
+    && { [[ "${ACCOUNTING}" != 1 ]] || { pid_alive "${DB_DIR}/mariadb.pid" && pid_alive "${DIR}/slurmdbd.pid"; }; }
 }
 
 install_packages() {
@@ -38,6 +50,10 @@ install_packages() {
   command -v slurmctld >/dev/null || missing+=(slurmctld)
   command -v slurmd >/dev/null || missing+=(slurmd)
   command -v sbatch >/dev/null || missing+=(slurm-client)
+  if [[ "${ACCOUNTING}" == 1 ]]; then
+    command -v slurmdbd >/dev/null || missing+=(slurmdbd)
+    command -v mariadbd >/dev/null || missing+=(mariadb-server)
+  fi
   [[ ${#missing[@]} -eq 0 ]] && return 0
   [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}; install them as root: apt-get install -y ${PACKAGES[*]}"
   command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get here; install SLURM and munge yourself"
@@ -50,9 +66,16 @@ install_packages() {
 }
 
 write_config() {
-  local cpus memory_mib
+  local cpus memory_mib accounting
   cpus="$(nproc)"
   memory_mib="$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)"
+  accounting="AccountingStorageType=accounting_storage/none"
+  if [[ "${ACCOUNTING}" == 1 ]]; then
+    accounting="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePass=${SOCKET}
+AccountingStorageEnforce=associations"
+  fi
   cat >"${CONF}" <<EOF
 # Written by launch/slurm_cluster.sh: one node (this machine), no accounting, no cgroups.
 ClusterName=dinoreg
@@ -72,7 +95,7 @@ SlurmdLogFile=${DIR}/log/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+${accounting}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerParameters=bf_interval=1,sched_interval=2
@@ -83,6 +106,38 @@ JobRequeue=1
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory_mib} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
+}
+
+# MariaDB listens on loopback only; slurmdbd reads slurmdbd.conf from the directory of SLURM_CONF.
+start_accounting() {
+  local sql="${DB_DIR}/mysql.sock" deadline
+  install -d -o mysql -g mysql "${DB_DIR}"
+  mariadb-install-db --user=mysql --datadir="${DB_DIR}/data" --skip-test-db >"${DIR}/log/mariadb-install.log" 2>&1 \
+    || die "mariadb-install-db failed; see ${DIR}/log/mariadb-install.log"
+  setsid mariadbd --user=mysql --datadir="${DB_DIR}/data" --socket="${sql}" --pid-file="${DB_DIR}/mariadb.pid" \
+    --bind-address=127.0.0.1 --port="${DB_PORT}" --log-error="${DIR}/log/mariadb.log" </dev/null >/dev/null 2>&1 &
+  deadline=$((SECONDS + READY_TIMEOUT_S))
+  until mariadb --socket="${sql}" -e "SELECT 1" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "MariaDB did not start; see ${DIR}/log/mariadb.log"
+    sleep 0.2
+  done
+  mariadb --socket="${sql}" -e "CREATE DATABASE slurm_acct_db;
+    CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '${DB_PASSWORD}';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+  printf '%s\n' "# Written by launch/slurm_cluster.sh." "AuthType=auth/munge" "AuthInfo=socket=${SOCKET}" \
+    "DbdHost=localhost" "SlurmUser=root" "LogFile=${DIR}/log/slurmdbd.log" "PidFile=${DIR}/slurmdbd.pid" \
+    "StorageType=accounting_storage/mysql" "StorageHost=127.0.0.1" "StoragePort=${DB_PORT}" "StorageUser=slurm" \
+    "StoragePass=${DB_PASSWORD}" "StorageLoc=slurm_acct_db" >"${DIR}/slurmdbd.conf"
+  chmod 0600 "${DIR}/slurmdbd.conf"
+  SLURM_CONF="${CONF}" slurmdbd
+  deadline=$((SECONDS + READY_TIMEOUT_S))
+  until SLURM_CONF="${CONF}" sacctmgr -n list cluster >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "slurmdbd did not answer; see ${DIR}/log/slurmdbd.log"
+    sleep 0.2
+  done
+  SLURM_CONF="${CONF}" sacctmgr -i -Q add cluster dinoreg >/dev/null
+  SLURM_CONF="${CONF}" sacctmgr -i -Q add account dinoreg Cluster=dinoreg Description=dinoreg Organization=dinoreg >/dev/null
+  SLURM_CONF="${CONF}" sacctmgr -i -Q add user "$(id -un)" DefaultAccount=dinoreg Cluster=dinoreg >/dev/null
 }
 
 start_munge() {
@@ -115,10 +170,12 @@ start() {
   fi
   stop_daemons quiet  # a half-started cluster from an earlier attempt
   install_packages
-  rm -rf "${DIR}/state" "${DIR}/spool" "${DIR}/log"
+  rm -rf "${DIR}/state" "${DIR}/spool" "${DIR}/log" "${DB_DIR}"
   mkdir -p "${DIR}/state" "${DIR}/spool" "${DIR}/log"
+  chmod 0755 "${DIR}"
   write_config
   start_munge
+  if [[ "${ACCOUNTING}" == 1 ]]; then start_accounting; fi
   slurmctld -f "${CONF}"
   slurmd -f "${CONF}" -N localhost
   wait_until_idle
@@ -144,15 +201,18 @@ stop_one() {  # stop_one NAME PIDFILE
 stop_daemons() {
   stop_one slurmd "${DIR}/slurmd.pid"
   stop_one slurmctld "${DIR}/slurmctld.pid"
+  stop_one slurmdbd "${DIR}/slurmdbd.pid"
+  stop_one mariadbd "${DB_DIR}/mariadb.pid"
   stop_one munged "${MUNGE_DIR}/munged.pid"
   [[ "${1:-}" == quiet ]] || log "stopped (state and logs kept in ${DIR})"
 }
 
 status() {
   local name file
-  for name in munged slurmctld slurmd; do
+  for name in munged mariadb slurmdbd slurmctld slurmd; do
     file="${DIR}/${name}.pid"
     [[ ${name} == munged ]] && file="${MUNGE_DIR}/munged.pid"
+    [[ ${name} == mariadb ]] && file="${DB_DIR}/mariadb.pid"
     if pid_alive "${file}"; then echo "${name}: running, pid $(cat "${file}")"; else echo "${name}: not running"; fi
   done
   running && SLURM_CONF="${CONF}" sinfo

@@ -161,3 +161,32 @@ def test_unknown_partition_shows_sbatch_message(slurm_env, tmp_path):
     assert result.returncode == 1 and info is None
     assert "sbatch refused the job" in result.stderr and "invalid partition" in result.stderr.lower()
     assert "sinfo" in result.stderr
+
+
+def test_unknown_account_shows_sbatch_message(slurm_env, tmp_path):
+    # The local cluster enforces accounting associations, as real clusters do: only account "dinoreg" exists.
+    result, info = dinoreg_submit(slurm_env, tmp_path, "--account", "no-such-account", *RECIPE)
+    assert result.returncode == 1 and info is None
+    assert "sbatch refused the job" in result.stderr and "invalid account" in result.stderr.lower()
+    accepted = subprocess.run([sys.executable, "-m", "dinoreg", "submit", *RESOURCES, "--account", "dinoreg",
+                               "--output-dir", str(tmp_path / "ok" / "%j"), "--wait", *RECIPE, "optim.epochs=1",
+                               "train.epoch_length=2"],
+                              env=slurm_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_any_dinoreg_command_runs_as_a_job(slurm_env, tmp_path):
+    report = tmp_path / "flops.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "dinoreg", "submit", "--gpus-per-node", "0", "--tasks-per-node", "1",
+         "--timeout-min", "30", "--log-dir", str(tmp_path / "logs" / "%j"), "--json", str(tmp_path / "job.json"),
+         "--wait", "--", "analyze", "flops", "--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32",
+         "--registers", "0,4", "--json", str(report)],
+        env=slurm_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    info = json.loads((tmp_path / "job.json").read_text())
+    assert info["log_dir"] == str(tmp_path / "logs" / info["job_id"]) and info["output_dir"] is None
+    assert [row["registers"] for row in json.loads(report.read_text())] == [0, 4]
+    job_result = submitit.SlurmJob(folder=info["log_dir"], job_id=info["job_id"]).result()
+    assert job_result["exit_code"] == 0 and job_result["command"][:2] == ["analyze", "flops"]
+    assert "GFLOPs" in log(info, kind="out")
