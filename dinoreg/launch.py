@@ -100,6 +100,7 @@ def sbatch_parameters(request: SlurmRequest) -> dict[str, Any]:
         raise SubmitError(f"--max-requeues must be >= 0, got {request.max_requeues}")
     params: dict[str, Any] = {"job_name": request.job_name, "nodes": request.nodes, "ntasks_per_node": tasks,
                               "time": request.timeout_min, "signal_delay_s": request.signal_delay_s,
+                              "wckey": "dinoreg",
                               # scontrol requeue needs a requeueable job, whatever the cluster's JobRequeue
                               "additional_parameters": {"requeue": True}}
     if request.gpus_per_node:
@@ -116,13 +117,18 @@ def sbatch_parameters(request: SlurmRequest) -> dict[str, Any]:
     return params
 
 
-def format_sbatch(params: dict[str, Any]) -> list[str]:
-    """The ``#SBATCH`` lines these parameters become in the submitted script (submitit also adds the log
-    paths, ``--open-mode`` and ``--wckey``)."""
+def format_sbatch(params: dict[str, Any], log_dir: str) -> list[str]:
+    """The ``#SBATCH`` lines of the script submitit writes for these parameters and submitit folder."""
+    from submitit.core.utils import JobPaths  # noqa: PLC0415
+
     options = {key: value for key, value in params.items()
                if key not in ("signal_delay_s", "additional_parameters", "srun_args")}
     options.update(params.get("additional_parameters", {}))
     options["signal"] = f"{REQUEUE_SIGNAL_NAME[3:]}@{params['signal_delay_s']}"
+    # task 0's logs; srun sends each task's own output to %j_<task>_log.out|err
+    paths = JobPaths(log_dir)
+    options.update({"output": str(paths.stdout).replace("%t", "0"), "error": str(paths.stderr).replace("%t", "0"),
+                    "open_mode": "append"})
     lines = []
     for key in sorted(options):
         flag = "--" + key.replace("_", "-")

@@ -124,7 +124,7 @@ def _submit(args: argparse.Namespace) -> int:
     command = "dinoreg " + " ".join(argv)
     if args.dry_run:
         print("sbatch request (dry run: nothing submitted)")
-        print("\n".join(format_sbatch(params)))
+        print("\n".join(format_sbatch(params, log_dir)))
         print(f"each of the {tasks} task(s) runs: {command}")
         print(f"submitit folder (script, logs): {log_dir}")
         return 0

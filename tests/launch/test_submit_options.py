@@ -15,12 +15,13 @@ def test_gpu_request_is_one_task_per_gpu():
     params = sbatch_parameters(SlurmRequest(nodes=4, gpus_per_node=8, cpus_per_task=10, mem_gb=320,
                                             timeout_min=2800, partition="gpu", account="vision", qos="high",
                                             constraint="h100", exclude="node[01-02]", comment="vitl run"))
-    assert format_sbatch(params) == [
+    assert format_sbatch(params, "/runs/%j/slurm") == [
         "#SBATCH --account=vision", "#SBATCH --comment='vitl run'", "#SBATCH --constraint=h100",
-        "#SBATCH --cpus-per-task=10", "#SBATCH --exclude='node[01-02]'", "#SBATCH --gpus-per-node=8",
-        "#SBATCH --job-name=dinoreg", "#SBATCH --mem=320GB", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8",
-        "#SBATCH --partition=gpu", "#SBATCH --qos=high", "#SBATCH --requeue", "#SBATCH --signal=USR2@120",
-        "#SBATCH --time=2800"]
+        "#SBATCH --cpus-per-task=10", "#SBATCH --error=/runs/%j/slurm/%j_0_log.err",
+        "#SBATCH --exclude='node[01-02]'", "#SBATCH --gpus-per-node=8", "#SBATCH --job-name=dinoreg",
+        "#SBATCH --mem=320GB", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --open-mode=append",
+        "#SBATCH --output=/runs/%j/slurm/%j_0_log.out", "#SBATCH --partition=gpu", "#SBATCH --qos=high",
+        "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --time=2800", "#SBATCH --wckey=dinoreg"]
 
 
 def test_cpu_request_and_fractional_memory():
@@ -28,7 +29,7 @@ def test_cpu_request_and_fractional_memory():
                                             signal_delay_s=60, srun_args=["--cpu-bind=none"]))
     assert params["ntasks_per_node"] == 2 and "gpus_per_node" not in params
     assert params["mem"] == "1536MB" and params["srun_args"] == ["--cpu-bind=none"]
-    assert "#SBATCH --signal=USR2@60" in format_sbatch(params)
+    assert "#SBATCH --signal=USR2@60" in format_sbatch(params, "logs")
 
 
 @pytest.mark.parametrize("request_, message", [
