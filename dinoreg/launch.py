@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "format_sbatch",
-           "job_state", "sbatch_parameters", "submit", "wait_for_job"]
+__all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "final_metrics",
+           "format_sbatch", "job_state", "sbatch_parameters", "submit", "wait_for_job"]
 
 # The signal submitit asks SLURM for and handles (submitit reads the same variable).
 REQUEUE_SIGNAL_NAME = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")

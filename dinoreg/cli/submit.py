@@ -79,8 +79,8 @@ def add_submit_parser(commands: Any) -> None:
 
 def _submit(args: argparse.Namespace) -> int:
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
-    from dinoreg.launch import (JobCommandError, JobWaitError, SlurmRequest, SubmitError,  # noqa: PLC0415
-                                format_sbatch, sbatch_parameters, submit, wait_for_job)
+    from dinoreg.launch import (JobWaitError, SlurmRequest, SubmitError, format_sbatch,  # noqa: PLC0415
+                                sbatch_parameters, submit, wait_for_job)
 
     def fail(message: str, code: int) -> int:
         print(f"dinoreg submit: {message}", file=sys.stderr)
@@ -148,9 +148,9 @@ def _submit(args: argparse.Namespace) -> int:
     timeout_s = None if args.wait_timeout_min is None else 60 * args.wait_timeout_min
     try:
         results = wait_for_job(job, timeout_s=timeout_s, on_state=lambda state: print(f"job {job.job_id}: {state}"))
-    except (JobCommandError, JobWaitError) as error:
+    except JobWaitError as error:
         return fail(str(error), 1)
-    except Exception as error:  # the job's own error (submitit's FailedJobError carries the traceback)
+    except Exception as error:  # the job's own error (submitit's FailedJobError carries its traceback)
         return fail(f"job {job.job_id} failed:\n{error}", 1)
     final = results[0].get("final") or {}
     summary = ", ".join(f"{key} {final[key]:.4g}" for key in ("total_loss", "knn_top1") if key in final)
