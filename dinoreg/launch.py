@@ -96,11 +96,13 @@ def sbatch_parameters(request: SlurmRequest) -> dict[str, Any]:
     if not 0 < request.signal_delay_s < request.timeout_min * 60:
         raise SubmitError(f"--signal-delay-s {request.signal_delay_s} must be between 1 and the time limit "
                           f"({request.timeout_min * 60} s): it is how long before the end the job is told to save")
+    if request.mem_gb is not None and not (0 < request.mem_gb < float("inf")):
+        raise SubmitError(f"--mem-gb must be a positive number of GB, got {request.mem_gb}")
     if request.max_requeues < 0:
         raise SubmitError(f"--max-requeues must be >= 0, got {request.max_requeues}")
     params: dict[str, Any] = {"job_name": request.job_name, "nodes": request.nodes, "ntasks_per_node": tasks,
                               "time": request.timeout_min, "signal_delay_s": request.signal_delay_s,
-                              "wckey": "dinoreg",
+                              "wckey": None,  # no --wckey: clusters that enforce wckeys reject unknown ones
                               # scontrol requeue needs a requeueable job, whatever the cluster's JobRequeue
                               "additional_parameters": {"requeue": True}}
     if request.gpus_per_node:
@@ -122,7 +124,7 @@ def format_sbatch(params: dict[str, Any], log_dir: str) -> list[str]:
     from submitit.core.utils import JobPaths  # noqa: PLC0415
 
     options = {key: value for key, value in params.items()
-               if key not in ("signal_delay_s", "additional_parameters", "srun_args")}
+               if key not in ("signal_delay_s", "additional_parameters", "srun_args") and value is not None}
     options.update(params.get("additional_parameters", {}))
     options["signal"] = f"{REQUEUE_SIGNAL_NAME[3:]}@{params['signal_delay_s']}"
     # task 0's logs; srun sends each task's own output to %j_<task>_log.out|err
@@ -153,8 +155,10 @@ class DinoregJob:
         from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, StoppedOnSignal  # noqa: PLC0415
 
         environment = submitit.JobEnvironment()
+        # A result left by an earlier allocation of this job (ranks that failed when it was requeued) is stale.
+        environment.paths.result_pickle.unlink(missing_ok=True)
         argv = [arg.replace("%j", environment.job_id) for arg in self.argv]
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        restarts = _restarts()
         _log(f"job {environment.job_id} task {environment.global_rank}/{environment.num_tasks} on "
              f"{environment.hostname}, requeued {restarts} times so far (at most {self.max_requeues}): "
              f"dinoreg {shlex.join(argv)}")
@@ -165,11 +169,19 @@ class DinoregJob:
                 code = run(argv)
         except StoppedOnSignal as stop:
             _log(f"{stop}")
-            if stop.signal_name != "SIGTERM" and callable(requeue):
-                # rank 0: checkpoint() then scontrol requeue and exit; other ranks: returns at once
+            if stop.signal_name == "SIGTERM":  # SLURM is cancelling or requeueing the job itself: leave no result
+                sys.exit(EXIT_CODE_SAVED_ON_SIGNAL)
+            if stop.signal_name != REQUEUE_SIGNAL_NAME:  # e.g. scancel --signal=USR1: save and stop, no requeue
+                raise
+            if restarts >= self.max_requeues:
+                raise JobCommandError(f"{stop}; not requeued: the job was already requeued {restarts} times "
+                                      f"(--max-requeues {self.max_requeues}); submit the same command to continue "
+                                      "from that checkpoint") from None
+            if callable(requeue):  # rank 0: checkpoint() then scontrol requeue and exit; other ranks return
                 requeue(getattr(signal, REQUEUE_SIGNAL_NAME), None)
-            # Leave no result: the requeued job writes the real one (SIGTERM: SLURM is cancelling or requeueing)
-            sys.exit(EXIT_CODE_SAVED_ON_SIGNAL)
+            # The other ranks leave no result (the requeued job writes it) and exit 0, so that srun's
+            # --kill-on-bad-exit cannot end the step before rank 0 has requeued it.
+            sys.exit(0)
         if code != 0:
             raise JobCommandError(f"dinoreg {shlex.join(argv)} exited with status {code}:\n{stderr.tail()}")
         output_dir = self.output_dir.replace("%j", environment.job_id) if self.output_dir else None
@@ -181,7 +193,7 @@ class DinoregJob:
         ``max_requeues`` times in all (``SLURM_RESTART_COUNT`` also counts external requeues)."""
         import submitit  # noqa: PLC0415
 
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        restarts = _restarts()
         if restarts >= self.max_requeues:
             _log(f"not requeueing: the job was already requeued {restarts} times (--max-requeues "
                  f"{self.max_requeues}); its checkpoints stay in place, submit the same command to continue")
@@ -215,13 +227,15 @@ def submit(argv: Sequence[str], request: SlurmRequest, *, log_dir: str, output_d
 
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
         raise SubmitError("sbatch/srun not found: this machine is not a SLURM submission host. On one machine "
-                          "with several GPUs, launch with torchrun instead: launch/torchrun.sh --config ... "
-                          "--output-dir ... (or torchrun --nproc_per_node=G -m dinoreg train ...)")
+                          "with several GPUs, launch with torchrun instead: launch/torchrun.sh train --config "
+                          "... --output-dir ... (or torchrun --nproc_per_node=G -m dinoreg train ...)")
     executor = submitit.SlurmExecutor(folder=log_dir, max_num_timeout=request.max_requeues, python=python)
     executor.update_parameters(**sbatch_parameters(request))
+    from submitit.core.utils import FailedJobError  # noqa: PLC0415
+
     try:
         return executor.submit(DinoregJob(argv, max_requeues=request.max_requeues, output_dir=output_dir))
-    except Exception as error:  # submitit raises its own FailedJobError carrying sbatch's stderr
+    except FailedJobError as error:  # carries sbatch's stderr
         messages = [line.strip() for line in str(error).splitlines() if "sbatch: error" in line]
         raise SubmitError("sbatch refused the job: " + ("; ".join(messages) or str(error)) +
                           "\ncheck --partition/--account/--qos/--constraint against `sinfo` and `sacctmgr show assoc "
@@ -273,6 +287,11 @@ def wait_for_job(job: Any, *, timeout_s: Optional[float] = None, poll_s: float =
         if deadline is not None and time.monotonic() > deadline:
             raise JobWaitError(f"job {job.job_id} still {state} after {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def _restarts() -> int:
+    """How many times SLURM has requeued this job (time limits, preemptions, scontrol requeue, node failures)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
 def _log(message: str) -> None:

@@ -77,8 +77,11 @@ AccountingStoragePass=${SOCKET}
 AccountingStorageEnforce=associations"
   fi
   cat >"${CONF}" <<EOF
-# Written by launch/slurm_cluster.sh: one node (this machine), no accounting, no cgroups.
+# Written by launch/slurm_cluster.sh: one node (this machine), no cgroups.
 ClusterName=dinoreg
+# State starts empty at each start: without this, job ids would restart at 1 and `runs/%j` would reuse the
+# directories (and results) of an earlier cluster's jobs.
+FirstJobId=$(( $(date +%s) % 60000000 + 1000 ))
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
@@ -186,7 +189,8 @@ stop_one() {  # stop_one NAME PIDFILE
   local pidfile="$2" pid deadline
   [[ -s "${pidfile}" ]] || return 0
   pid="$(cat "${pidfile}")"
-  if kill -0 "${pid}" 2>/dev/null; then
+  # A stale PID file may name a PID reused by an unrelated process: only stop the daemon it was written for.
+  if kill -0 "${pid}" 2>/dev/null && grep -qa -- "$1" "/proc/${pid}/cmdline"; then
     kill -TERM "${pid}" 2>/dev/null || true
     deadline=$((SECONDS + 15))
     while kill -0 "${pid}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done

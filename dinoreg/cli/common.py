@@ -78,3 +78,8 @@ def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
+
+
+def format_summary(final: dict[str, Any]) -> str:
+    """The final loss and kNN accuracy of a training run, for its last printed line."""
+    return ", ".join(f"{key} {final[key]:.4g}" for key in ("total_loss", "knn_top1") if key in final)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dinoreg.cli.common import add_recipe_arguments, int_at_least, positive_int, write_json
+from dinoreg.cli.common import add_recipe_arguments, format_summary, int_at_least, positive_int, write_json
 
 
 def add_submit_parser(commands: Any) -> None:
@@ -79,8 +79,8 @@ def add_submit_parser(commands: Any) -> None:
 
 def _submit(args: argparse.Namespace) -> int:
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
-    from dinoreg.launch import (JobWaitError, SlurmRequest, SubmitError, format_sbatch,  # noqa: PLC0415
-                                sbatch_parameters, submit, wait_for_job)
+    from dinoreg.launch import (REQUEUE_SIGNAL_NAME, JobWaitError, SlurmRequest, SubmitError,  # noqa: PLC0415
+                                format_sbatch, sbatch_parameters, submit, wait_for_job)
 
     def fail(message: str, code: int) -> int:
         print(f"dinoreg submit: {message}", file=sys.stderr)
@@ -114,9 +114,14 @@ def _submit(args: argparse.Namespace) -> int:
     else:
         output_dir = os.path.abspath(args.output_dir)
         try:
-            load_config(args.config, [*args.overrides, f"train.output_dir={output_dir}"])
+            cfg = load_config(args.config, [*args.overrides, f"train.output_dir={output_dir}"])
         except ConfigError as error:
             return fail(f"invalid configuration:\n{error}", 2)
+        if REQUEUE_SIGNAL_NAME not in cfg.checkpoint.save_on_signals:
+            return fail(f"checkpoint.save_on_signals={list(cfg.checkpoint.save_on_signals)} lacks {REQUEUE_SIGNAL_NAME}, "
+                        "the signal SLURM sends before the time limit and on preemption: without it the job would "
+                        f"be requeued mid-iteration without saving. Add it, e.g. "
+                        f"checkpoint.save_on_signals=[SIGUSR1,{REQUEUE_SIGNAL_NAME},SIGTERM]", 2)
         config = os.path.abspath(args.config) if Path(args.config).is_file() else args.config
         argv = ["train", "--config", config, "--output-dir", output_dir, *args.overrides]
         log_dir = os.path.abspath(args.log_dir or os.path.join(output_dir, "slurm"))
@@ -152,7 +157,6 @@ def _submit(args: argparse.Namespace) -> int:
         return fail(str(error), 1)
     except Exception as error:  # the job's own error (submitit's FailedJobError carries its traceback)
         return fail(f"job {job.job_id} failed:\n{error}", 1)
-    final = results[0].get("final") or {}
-    summary = ", ".join(f"{key} {final[key]:.4g}" for key in ("total_loss", "knn_top1") if key in final)
+    summary = format_summary(results[0].get("final") or {})
     print(f"job {job.job_id} done" + (f": {summary}" if summary else ""))
     return 0

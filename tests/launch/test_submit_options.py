@@ -21,7 +21,7 @@ def test_gpu_request_is_one_task_per_gpu():
         "#SBATCH --exclude='node[01-02]'", "#SBATCH --gpus-per-node=8", "#SBATCH --job-name=dinoreg",
         "#SBATCH --mem=320GB", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --open-mode=append",
         "#SBATCH --output=/runs/%j/slurm/%j_0_log.out", "#SBATCH --partition=gpu", "#SBATCH --qos=high",
-        "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --time=2800", "#SBATCH --wckey=dinoreg"]
+        "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --time=2800"]
 
 
 def test_cpu_request_and_fractional_memory():
@@ -65,6 +65,8 @@ def test_dry_run_of_another_command(tmp_path, capsys):
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["optim.epochs=zero"], "optim.epochs"),
     (["--gpus-per-node", "0"], "zero tasks"),
+    (["--mem-gb", "nan"], "--mem-gb"),
+    (["checkpoint.save_on_signals=[SIGUSR1]"], "lacks SIGUSR2"),
     (["--", "analyze", "flops", "--arch", "vit_huge"], "is invalid"),
     (["optim.epochs=1", "--", "analyze", "flops"], "apply to training"),
 ])
@@ -74,13 +76,16 @@ def test_bad_input_is_refused_before_submitting(args, message, capsys):
 
 
 def test_no_sbatch_suggests_torchrun(tmp_path):
-    # A PATH with this Python but no SLURM clients: a machine that is not a SLURM submission host.
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}
+    # A PATH holding only this Python: a machine that is not a SLURM submission host.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": str(bin_dir)}
     result = subprocess.run([sys.executable, "-m", "dinoreg", "submit", "--output-dir", str(tmp_path / "%j")],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "sbatch/srun not found" in result.stderr and "torchrun" in result.stderr
-    assert not any(tmp_path.iterdir())
+    assert "sbatch/srun not found" in result.stderr and "launch/torchrun.sh train" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
 
 
 def test_final_metrics_merges_the_last_training_and_knn_rows(tmp_path):
