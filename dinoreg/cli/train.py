@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dinoreg.cli.common import add_recipe_arguments, int_at_least, positive_int, write_json
+from dinoreg.cli.common import add_recipe_arguments, format_summary, int_at_least, positive_int, write_json
 
 
 def add_train_parser(commands: Any) -> None:
@@ -76,6 +76,7 @@ def _train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf  # noqa: PLC0415
 
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
+    from dinoreg.models.weights import CheckpointMismatchError  # noqa: PLC0415
     from dinoreg.train.checkpoint import CheckpointError  # noqa: PLC0415 (heavy imports)
     from dinoreg.train.distributed import DistributedSetupError  # noqa: PLC0415
     from dinoreg.train.loop import NonFiniteLossError, prepare_output_dir, train  # noqa: PLC0415
@@ -91,11 +92,11 @@ def _train(args: argparse.Namespace) -> int:
     try:
         prepare_output_dir(args.output_dir, resume=not args.no_resume, force=args.force)
         final = train(cfg, resume=not args.no_resume, allow_config_change=args.allow_config_change)
-    except (NonFiniteLossError, CheckpointError, DistributedSetupError, ValueError) as error:
+    except (NonFiniteLossError, CheckpointError, CheckpointMismatchError, DistributedSetupError,
+            ValueError) as error:
         print(f"dinoreg train: {error}", file=sys.stderr)
         return 1
-    summary = ", ".join(f"{key} {final[key]:.4g}" for key in ("total_loss", "knn_top1") if key in final)
-    print(f"done: {summary}; outputs in {args.output_dir}")
+    print(f"done: {format_summary(final)}; outputs in {args.output_dir}")
     return 0
 
 

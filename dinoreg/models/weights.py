@@ -2,6 +2,9 @@
 
 Accepted inputs (files: ``.pth``/``.pt`` via ``torch.load(weights_only=True)``, ``.safetensors``):
 * flat official hub state dicts (``blocks.{i}.``) and block-chunked training ones (``blocks.{chunk}.{i}.``);
+* Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel`` directories (``config.json`` + ``model.safetensors``)
+  and our timm exports (``{"state_dict", "dinoreg_layout": "timm", "dinoreg_arch"}``), via
+  :mod:`dinoreg.models.formats`;
 * keys under ``module.`` / ``backbone.`` / ``teacher.backbone.`` / ``student.backbone.`` prefixes;
 * wrappers ``{"model": sd}`` / ``{"teacher": sd}`` / ``{"student": sd}``, optionally carrying our
   metadata ``{"dinoreg_arch": {...}}`` (safetensors: the ``dinoreg_arch`` metadata entry, JSON).
@@ -23,6 +26,7 @@ from dinoreg.models.pos_embed import resample_pos_embed
 from dinoreg.models.vit import DinoVisionTransformer
 
 METADATA_KEY = "dinoreg_arch"
+LAYOUT_KEY = "dinoreg_layout"  # "timm" in our timm exports
 _WRAPPERS = ("model", "teacher", "student", "state_dict")
 # Longest first: "teacher.backbone." must win over "backbone.".
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "module.", "backbone.", "_orig_mod.")
@@ -38,6 +42,8 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
     metadata: dict[str, Any] = {}
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        if os.path.isdir(path):
+            return _read_hf_directory(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
         if path.endswith(".safetensors"):
@@ -53,11 +59,28 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
         raw = dict(source)
     if isinstance(raw.get(METADATA_KEY), Mapping):
         metadata = dict(raw[METADATA_KEY])
+    if raw.get(LAYOUT_KEY) == "timm":
+        from dinoreg.models.formats import from_timm  # noqa: PLC0415 (formats imports this module)
+
+        return from_timm(raw["state_dict"], metadata), metadata
     for wrapper in _WRAPPERS:
         if isinstance(raw.get(wrapper), Mapping):
             raw = dict(raw[wrapper])
             break
     return normalize_state_dict(raw), metadata
+
+
+def _read_hf_directory(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from dinoreg.models.formats import from_hf  # noqa: PLC0415 (formats imports this module)
+
+    config, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    if not (os.path.isfile(config) and os.path.isfile(weights)):
+        raise FileNotFoundError(f"{path} is a directory without config.json and model.safetensors: not a Hugging "
+                                "Face export; give a backbone file or a `dinoreg export --format hf` directory")
+    with open(config, encoding="utf-8") as f:
+        return from_hf(json.load(f), load_file(weights))
 
 
 def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -157,11 +180,22 @@ def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: An
     state_dict, metadata = read_checkpoint(source)
     arch_kwargs = {**infer_arch_kwargs(state_dict), **metadata, **overrides}
     model = DinoVisionTransformer(**arch_kwargs)
-    target = model.pos_embed.shape
-    if "pos_embed" in state_dict and state_dict["pos_embed"].shape[1] != target[1]:
-        grid = math.isqrt(target[1] - 1)
-        state_dict = {**state_dict, "pos_embed": resample_pos_embed(
-            state_dict["pos_embed"], (grid, grid),
-            antialias=model.interpolate_antialias, offset=model.interpolate_offset)}
-    load_state_dict_strict(model, state_dict)
+    load_state_dict_strict(model, _fit_pos_embed(state_dict, model))
     return model.eval()
+
+
+def load_weights_into(model: DinoVisionTransformer, source: str | os.PathLike | Mapping[str, Any]) -> None:
+    """Load a backbone checkpoint (any layout :func:`read_checkpoint` accepts) into ``model`` strictly;
+    ``pos_embed`` is resampled to the model's grid with the model's interpolation."""
+    state_dict, _ = read_checkpoint(source)
+    load_state_dict_strict(model, _fit_pos_embed(state_dict, model))
+
+
+def _fit_pos_embed(state_dict: dict[str, Tensor], model: DinoVisionTransformer) -> dict[str, Tensor]:
+    target = model.pos_embed.shape
+    if "pos_embed" not in state_dict or state_dict["pos_embed"].shape[1] == target[1]:
+        return state_dict
+    grid = math.isqrt(target[1] - 1)
+    return {**state_dict, "pos_embed": resample_pos_embed(state_dict["pos_embed"], (grid, grid),
+                                                          antialias=model.interpolate_antialias,
+                                                          offset=model.interpolate_offset)}

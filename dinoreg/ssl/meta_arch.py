@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dinoreg.models import DINOHead, DinoVisionTransformer, build_backbone
+from dinoreg.models.weights import CheckpointMismatchError, load_weights_into
 from dinoreg.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 
@@ -56,6 +58,8 @@ class SSLMetaArch(nn.Module):
                                                                              with_drop_path=True))
         teacher_backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg.student, img_size=img_size,
                                                                              with_drop_path=False))
+        if cfg.student.pretrained_weights:  # continued pretraining; the heads start fresh
+            _load_pretrained(student_backbone, cfg.student.pretrained_weights)
         embed_dim = student_backbone.embed_dim
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.separate_ibot_head = self.do_ibot and cfg.ibot.separate_head
@@ -188,3 +192,16 @@ class SSLMetaArch(nn.Module):
 def max_entropy(cfg: Any) -> float:
     """log K: the teacher entropy of a collapse to the uniform distribution."""
     return math.log(cfg.dino.head_n_prototypes)
+
+
+def _load_pretrained(backbone: DinoVisionTransformer, path: str) -> None:
+    """Strictly, with ``pos_embed`` resampled to the global crop size; errors name the config key."""
+    if not os.path.exists(path):
+        raise ValueError(f"student.pretrained_weights: {path} does not exist; give an official or exported "
+                         "backbone (.pth, .safetensors, or a `dinoreg export` output), or leave it empty")
+    try:
+        load_weights_into(backbone, path)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(
+            f"student.pretrained_weights {path} does not fit the configured student (student.arch, patch_size, "
+            f"num_register_tokens, ffn_layer...):\n{error}") from None

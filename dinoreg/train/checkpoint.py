@@ -134,7 +134,7 @@ def _model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Op
 
 
 @contextlib.contextmanager
-def _single_process_is_intended():
+def single_process_is_intended():
     """DCP warns on every save/load without a process group; one process is a supported case here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -167,7 +167,7 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
         (tmp / "rng").mkdir()
     barrier()
     state = _model_and_optimizer_state(model, optimizer)
-    with _single_process_is_intended():
+    with single_process_is_intended():
         dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
     barrier()
@@ -255,7 +255,7 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
             f"{sorted(saved - wanted)[:20]}. Resume with the config the run was started with "
             f"({checkpoint / 'config.yaml'}).")
     try:
-        with _single_process_is_intended():
+        with single_process_is_intended():
             dcp.load(state, checkpoint_id=checkpoint, no_dist=not dist.is_initialized())
     except dcp.CheckpointException as error:
         missing = [line for line in str(error).splitlines() if "Missing key" in line]

@@ -1,0 +1,200 @@
+"""``dinoreg eval knn`` and ``dinoreg eval linear``: frozen-backbone evaluations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from dinoreg.cli.common import int_at_least, positive_int
+
+_OFFICIAL_LRS = "1e-5 2e-5 5e-5 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 5e-2 0.1"
+_EXIT_CODES = ("exit codes: 0 done, 1 error (e.g. an incomplete torchrun/SLURM environment), 2 bad arguments or "
+               "inputs (weights missing or not a ViT backbone, data not laid out as train/ and val/ class "
+               "sub-folders, an image size the patches do not tile).")
+_DISTRIBUTED = ("Runs as one process, or one per GPU/CPU share under torchrun or srun: every rank extracts "
+                "its share of the features and rank 0 gathers them (same results as one process) and "
+                "writes the outputs.")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser, protocol: str) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path, metavar="PATH",
+                        help="backbone file: ours (.safetensors with its architecture) or an official DINOv2 hub "
+                             "checkpoint (.pth); the architecture comes from the file")
+    source.add_argument("--run", type=Path, metavar="DIR",
+                        help="a `dinoreg train` output folder: evaluates its teacher_backbone.safetensors")
+    parser.add_argument("--random-init", action="store_true",
+                        help="evaluate the architecture of --weights/--run freshly initialised (seed 0) instead of "
+                             "its weights: the baseline a trained backbone must beat")
+    parser.add_argument("--data", default="synthetic", metavar="SPEC|DIR",
+                        help="the embedded synthetic dataset with its train/val splits (synthetic, or "
+                             "synthetic:size=N,image_size=S,seed=K,objects=A-B where N is the train size and val "
+                             "has N/5), or a folder with train/<class>/ and val/<class>/ image sub-folders "
+                             "(the ImageNet layout) (default: %(default)s)")
+    parser.add_argument("--output-dir", type=Path, metavar="DIR",
+                        help=f"where results.json and TensorBoard events (DIR/tensorboard) go; default "
+                             f"RUN/eval_{protocol} (RUN/eval_{protocol}_random_init) with --run, required with "
+                             "--weights")
+    parser.add_argument("--img-size", type=positive_int, metavar="PIXELS",
+                        help="centre-crop size fed to the backbone, a multiple of its patch size (default: the "
+                             "backbone's training size; the official evaluations of the hub models use 224)")
+    parser.add_argument("--resize-size", type=positive_int, metavar="PIXELS",
+                        help="the shorter side is first resized (bicubic) to this, then centre-cropped to "
+                             "--img-size (default: img-size * 256 / 224, the official 256 -> 224)")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images per forward pass of the backbone, per process (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int_at_least(0, "a number of workers >= 0"), default=2,
+                        help="DataLoader worker processes per process decoding images (default: %(default)s)")
+    parser.add_argument("--max-train-images", type=positive_int, metavar="N",
+                        help="use N train images drawn by a fixed-seed permutation: the same N every time, and a random "
+                             "draw keeps the classes of a folder dataset (sorted by class) roughly in proportion; "
+                             "default: all")
+    parser.add_argument("--max-val-images", type=positive_int, metavar="N",
+                        help="the same for the val split; default: all")
+
+
+def add_eval_parser(commands: Any) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a frozen backbone: kNN or linear probe",
+                                   description="Evaluate a frozen backbone on labelled data (features from the "
+                                               "official evaluation preprocessing: resize, centre crop, ImageNet "
+                                               "normalisation).")
+    protocols = evaluate.add_subparsers(dest="protocol", metavar="<protocol>", required=True)
+    knn = protocols.add_parser(
+        "knn", help="weighted k-nearest-neighbour classification (DINO's protocol)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Weighted kNN on L2-normalised cls tokens (DINO): each val image's k most similar train "
+                    "images vote for their class with weight exp(cosine / T); top-1 and top-5 for every k "
+                    "(k larger than the train set is clipped to it).",
+        epilog=f"Writes DIR/results.json and TensorBoard scalars knn/top1_k<k>, knn/top5_k<k>. {_DISTRIBUTED}\n\n"
+               f"{_EXIT_CODES}\n\nexamples:\n"
+               "  dinoreg eval knn --run runs/tiny                      # synthetic data, results in runs/tiny/eval_knn\n"
+               "  torchrun --nproc_per_node=8 -m dinoreg eval knn --weights dinov2_vits14_reg4_pretrain.pth \\\n"
+               "      --data /data/imagenet --img-size 224 --output-dir eval/vits14_knn")
+    _add_common_arguments(knn, "knn")
+    knn.add_argument("--ks", type=positive_int, nargs="+", default=[10, 20, 100, 200], metavar="K",
+                     help="numbers of neighbours (default: 10 20 100 200)")
+    knn.add_argument("--temperature", type=_positive_float, default=0.07,
+                     help="T of the vote weights exp(cosine / T) (default: %(default)s)")
+    knn.add_argument("--avgpool", action="store_true",
+                     help="features = cls token concatenated with the mean patch token (registers excluded), "
+                          "then L2-normalised; default: the cls token alone")
+    knn.add_argument("--save-features", action="store_true",
+                     help="also write DIR/knn_features.pt: {train, val} -> {features, labels, indices}")
+    knn.set_defaults(handler=_knn, parser=knn)
+
+    linear = protocols.add_parser(
+        "linear", help="linear probes over a learning-rate grid (DINOv2's protocol)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="DINOv2's linear evaluation: one linear classifier per (last 1 or 4 blocks' cls tokens, with "
+                    "or without the mean patch token, learning rate), trained jointly with SGD (momentum 0.9) "
+                    "and a cosine schedule on features computed once. The configuration with the best top-1 on "
+                    "a split held out from train (--val-fraction) is chosen, and its val top-1 reported.",
+        epilog="Writes DIR/results.json (every configuration's held-out accuracy, the chosen one's val accuracy), "
+               "TensorBoard scalars (linear/mean_loss per iteration, linear_heldout_top1/<config>, linear/val_top1) "
+               "and the feature cache DIR/linear_features.pt, reused by the next run with the same weights, data, "
+               f"sizes and images. {_DISTRIBUTED} The classifiers train on rank 0.\n\n{_EXIT_CODES}\n\nexamples:\n"
+               "  dinoreg eval linear --run runs/tiny --epochs 20\n"
+               "  dinoreg eval linear --weights backbone.safetensors --data /data/imagenet --output-dir eval/lin")
+    _add_common_arguments(linear, "linear")
+    linear.add_argument("--epochs", type=positive_int, default=10,
+                        help="passes over the train features (default: %(default)s)")
+    linear.add_argument("--classifier-batch-size", type=positive_int, default=128,
+                        help="features per SGD step; the learning rates are scaled by it / 256 as in the "
+                             "official code (default: %(default)s)")
+    linear.add_argument("--learning-rates", type=_positive_float, nargs="+", metavar="LR",
+                        help=f"base learning rates of the grid (default: the official {_OFFICIAL_LRS})")
+    linear.add_argument("--val-fraction", type=_fraction, default=0.1,
+                        help="fraction of every train class held out (fixed seed) to choose the configuration "
+                             "(default: %(default)s)")
+    linear.add_argument("--seed", type=int, default=0,
+                        help="seed of the held-out split, the classifiers' init and the batch order "
+                             "(default: %(default)s)")
+    linear.add_argument("--no-cache", action="store_true",
+                        help="neither read nor write DIR/linear_features.pt")
+    linear.set_defaults(handler=_linear, parser=linear)
+
+
+def _run_protocol(args: argparse.Namespace, evaluate: Callable[..., Any], report: Callable[[dict], str]) -> int:
+    from dinoreg.eval.context import ResultsWriter, open_eval, resolve_weights  # noqa: PLC0415 (heavy imports)
+    from dinoreg.eval.features import EvalInputError  # noqa: PLC0415
+    from dinoreg.train.distributed import DistributedSetupError, shutdown_distributed  # noqa: PLC0415
+
+    command = f"dinoreg eval {args.protocol}"
+    try:
+        weights = resolve_weights(weights=args.weights, run=args.run)
+        suffix = "_random_init" if args.random_init else ""
+        output_dir = args.output_dir or (args.run / f"eval_{args.protocol}{suffix}" if args.run else None)
+        if output_dir is None:
+            raise EvalInputError("--output-dir DIR is required with --weights (with --run it defaults to "
+                                 f"RUN/eval_{args.protocol})")
+    except EvalInputError as error:
+        args.parser.print_usage(sys.stderr)
+        print(f"{command}: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        context = open_eval(weights=weights, data=args.data, image_size=args.img_size, resize_size=args.resize_size,
+                            batch_size=args.batch_size, num_workers=args.num_workers,
+                            max_train_images=args.max_train_images, max_val_images=args.max_val_images,
+                            random_init=args.random_init)
+        writer = ResultsWriter(output_dir, enabled=context.is_main)
+        try:
+            results = evaluate(context, output_dir=output_dir, writer=writer)
+            if results is not None:
+                print(report(results))
+                print(f"wrote {writer.write_results(results)}")
+        finally:
+            writer.close()
+    except EvalInputError as error:
+        print(f"{command}: error: {error}", file=sys.stderr)
+        return 2
+    except (DistributedSetupError, ValueError) as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def _knn(args: argparse.Namespace) -> int:
+    from dinoreg.eval.knn import evaluate_knn, format_knn_table  # noqa: PLC0415 (heavy imports)
+
+    def evaluate(context: Any, *, output_dir: Path, writer: Any) -> Any:
+        features = output_dir / "knn_features.pt" if args.save_features else None
+        return evaluate_knn(context, ks=args.ks, temperature=args.temperature, avgpool=args.avgpool, writer=writer,
+                            save_features=features)
+
+    return _run_protocol(args, evaluate, format_knn_table)
+
+
+def _linear(args: argparse.Namespace) -> int:
+    from dinoreg.eval.linear import LEARNING_RATES, evaluate_linear, format_linear_table  # noqa: PLC0415
+
+    def evaluate(context: Any, *, output_dir: Path, writer: Any) -> Any:
+        return evaluate_linear(context, epochs=args.epochs, batch_size=args.classifier_batch_size,
+                               learning_rates=args.learning_rates or LEARNING_RATES, val_fraction=args.val_fraction,
+                               seed=args.seed, cache_path=None if args.no_cache else output_dir / "linear_features.pt",
+                               writer=writer)
+
+    return _run_protocol(args, evaluate, format_linear_table)

@@ -1,0 +1,72 @@
+"""``dinoreg export``: a training checkpoint's backbone as a file that loads anywhere."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dinoreg.cli.common import positive_int
+
+
+def add_export_parser(commands: Any) -> None:
+    from dinoreg.export.writers import DTYPES, FORMATS  # noqa: PLC0415
+
+    export = commands.add_parser(
+        "export", help="write a checkpoint's teacher (or student) backbone in the official, safetensors, "
+                       "Hugging Face or timm layout",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read one backbone straight from a sharded training checkpoint (any world size; no FSDP, no "
+                    "process group, no optimizer state) and write it for another ecosystem. The output is "
+                    "written under a temporary name and renamed when complete.",
+        epilog="formats:\n" + "\n".join(f"  {name:<12} {what}" for name, what in FORMATS.items()) + "\n\n"
+               "examples:\n"
+               "  dinoreg export runs/vitl --format safetensors --output vitl14_reg4.safetensors\n"
+               "  dinoreg export runs/vitl/checkpoints/125000 --format hf --output hf/vitl14_reg4 --img-size 518\n"
+               "  dinoreg export runs/vitl --format timm --output vitl14_reg4_timm.pth --dtype bf16\n"
+               "load it: dinoreg.load_backbone(path) (every format), torch.load(path) (dinov2), "
+               "transformers.AutoModel.from_pretrained(dir) (hf), timm.create_model(name, **kwargs) + "
+               "load_state_dict (timm: name and kwargs are stored in the file)")
+    export.add_argument("source", metavar="RUN_OR_CHECKPOINT", type=Path,
+                        help="a training output directory (its newest intact checkpoint) or a checkpoint "
+                             "directory RUN/checkpoints/<iteration>")
+    export.add_argument("--format", required=True, choices=tuple(FORMATS), help="output layout (see below)")
+    export.add_argument("--output", required=True, type=Path, metavar="PATH",
+                        help="file to write (a directory for --format hf)")
+    export.add_argument("--part", choices=("teacher", "student"), default="teacher",
+                        help="which backbone; the teacher (EMA) is the one to use (default: %(default)s)")
+    export.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="tensor precision of the output (default: %(default)s)")
+    export.add_argument("--img-size", type=positive_int, metavar="PIXELS",
+                        help="resample pos_embed for this input size, e.g. 518 as the released models "
+                             "(default: the training global crop size)")
+    export.add_argument("--allow-interpolation-mismatch", action="store_true",
+                        help="hf: export even though the Hugging Face class resizes position embeddings differently "
+                             "from this model (outputs then agree only at --img-size); see README")
+    export.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    export.set_defaults(handler=_export, parser=export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dinoreg.export.source import ExportError, read_backbone, resolve_checkpoint  # noqa: PLC0415
+    from dinoreg.export.writers import dinov2_load_overrides, export_backbone, resize_backbone  # noqa: PLC0415
+
+    try:
+        checkpoint = resolve_checkpoint(args.source)
+        model, source = read_backbone(checkpoint, part=args.part)
+        if args.img_size and args.img_size != model.arch_kwargs["img_size"]:
+            model = resize_backbone(model, args.img_size)
+        path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,
+                               force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch)
+    except (ExportError, ValueError) as error:
+        print(f"dinoreg export: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}: {args.part} backbone of {checkpoint} (iteration {source.iteration}, saved by "
+          f"{source.world_size} process(es)), {args.format}, {args.dtype}, img_size {model.arch_kwargs['img_size']}")
+    overrides = dinov2_load_overrides(model) if args.format == "dinov2" else {}
+    if overrides:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+        print(f"note: a .pth holds tensors only; load it with dinoreg.load_backbone(path, {arguments}) "
+              "(or export --format safetensors, which records the architecture)")
+    return 0

@@ -1,0 +1,107 @@
+"""Read one backbone (teacher or student) straight out of a sharded training checkpoint.
+
+No FSDP, no process group, no optimizer state: the backbone is built from the checkpoint's own
+``config.yaml`` and only its tensors are requested from DCP, which reads just those byte ranges of the
+shard files, whatever the world size that wrote them. Peak memory is about one backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+
+from dinoreg.models.vit import DinoVisionTransformer
+
+__all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "resolve_checkpoint"]
+
+PARTS = ("teacher", "student")
+
+
+class ExportError(Exception):
+    """The input cannot be exported as asked; the message says why and what to pass instead."""
+
+
+@dataclass
+class BackboneSource:
+    """Where an exported backbone came from (recorded in the safetensors metadata)."""
+
+    checkpoint: Path
+    part: str
+    iteration: int
+    world_size: int
+    config_digest: str  # sha256 of the checkpoint's config.yaml, first 16 hex digits
+    img_size: int  # the training global crop size
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "part": self.part, "iteration": self.iteration,
+                "world_size": self.world_size, "config_digest": self.config_digest, "img_size": self.img_size}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (``RUN/checkpoints/<iteration>``) as given, or the newest intact checkpoint of a
+    training output directory; damaged or incomplete checkpoints are errors naming the problem."""
+    from dinoreg.train.checkpoint import (CHECKPOINT_DIR, META_FILE, CheckpointError,  # noqa: PLC0415
+                                          checkpoint_dirs, newest_intact_checkpoint, verify_checkpoint)
+
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path} does not exist; give a training output directory or one of its "
+                          f"{CHECKPOINT_DIR}/<iteration> directories")
+    if (path / META_FILE).is_file():
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            raise ExportError(f"damaged checkpoint: {error}; export an older one from {path.parent}") from None
+        return path
+    if path.name.startswith(".tmp-"):
+        raise ExportError(f"{path} is a checkpoint that was never finished (a run stopped while writing it); "
+                          f"export a published one from {path.parent}")
+    if not (path / CHECKPOINT_DIR).is_dir():
+        raise ExportError(f"{path} is neither a training output directory (no {CHECKPOINT_DIR}/ inside) nor a "
+                          f"checkpoint (no {META_FILE}); backbone files (.pth/.safetensors) need no export: "
+                          "dinoreg.load_backbone reads them directly")
+    skipped: list[str] = []
+    newest = newest_intact_checkpoint(path, warn=skipped.append)
+    if newest is None:
+        found = "damaged: " + "; ".join(skipped) if checkpoint_dirs(path) else "none was ever published"
+        raise ExportError(f"{path / CHECKPOINT_DIR} holds no intact checkpoint ({found})")
+    return newest
+
+
+def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisionTransformer, BackboneSource]:
+    """The ``part`` backbone of ``checkpoint`` in fp32 and eval mode, loaded strictly, and where it came from."""
+    from dinoreg.config import load_config  # noqa: PLC0415
+    from dinoreg.models import build_backbone  # noqa: PLC0415
+    from dinoreg.ssl.meta_arch import backbone_kwargs  # noqa: PLC0415
+    from dinoreg.train.checkpoint import read_meta, single_process_is_intended  # noqa: PLC0415
+
+    if part not in PARTS:
+        raise ExportError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+    meta = read_meta(checkpoint)
+    prefix = f"{part}.backbone."
+    saved = {key[len(prefix):] for key in meta["model_keys"] if key.startswith(prefix)}
+    if not saved:
+        parts = sorted({".".join(key.split(".")[:2]) for key in meta["model_keys"]})
+        raise ExportError(f"{checkpoint} holds no {part} backbone (it has: {', '.join(parts)})")
+    config_file = checkpoint / "config.yaml"
+    cfg = load_config(str(config_file))
+    img_size = cfg.crops.global_crops_size
+    backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg.student, img_size=img_size,
+                                                                  with_drop_path=False))
+    own = backbone.state_dict()
+    if saved != set(own):
+        raise ExportError(f"{checkpoint}'s {part} backbone does not match its config.yaml: missing "
+                          f"{sorted(set(own) - saved)[:10]}, unexpected {sorted(saved - set(own))[:10]}")
+    # DCP fills these tensors in place from the shards; "model" is the top-level key the loop saves under.
+    request = {"model": {prefix + name: tensor for name, tensor in own.items()}}
+    with single_process_is_intended():
+        dcp.load(request, checkpoint_id=str(checkpoint), no_dist=True)
+    backbone.load_state_dict({name[len(prefix):]: tensor for name, tensor in request["model"].items()}, strict=True)
+    digest = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+    source = BackboneSource(checkpoint=checkpoint, part=part, iteration=int(meta["iteration"]),
+                            world_size=int(meta["world_size"]), config_digest=digest, img_size=img_size)
+    return backbone.eval(), source

@@ -1,0 +1,122 @@
+"""Write an exported backbone in one of the formats, atomically, never replacing a good output by accident."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from dinoreg.export.source import BackboneSource, ExportError
+from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY
+
+__all__ = ["DTYPES", "FORMATS", "SOURCE_METADATA_KEY", "dinov2_load_overrides", "export_backbone", "resize_backbone"]
+
+FORMATS = {
+    "dinov2": "a .pth state dict in the official hub layout (torch.hub DINOv2 / dinoreg / load_state_dict)",
+    "safetensors": "a .safetensors file with the architecture and provenance as metadata (dinoreg.load_backbone)",
+    "hf": "a directory for transformers.AutoModel.from_pretrained (config.json + model.safetensors)",
+    "timm": "a .pth holding a timm state dict, the timm model name and its create_model kwargs",
+}
+SUFFIXES = {"dinov2": (".pth", ".pt"), "safetensors": (".safetensors",), "timm": (".pth", ".pt")}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SOURCE_METADATA_KEY = "dinoreg_source"
+
+
+def resize_backbone(model: DinoVisionTransformer, img_size: int) -> DinoVisionTransformer:
+    """The same backbone built for ``img_size``, ``pos_embed`` resampled with its interpolation."""
+    from dinoreg.models.weights import load_weights_into  # noqa: PLC0415
+
+    if img_size % model.patch_size:
+        raise ExportError(f"--img-size {img_size} is not a multiple of the patch size {model.patch_size}")
+    resized = DinoVisionTransformer(**{**model.arch_kwargs, "img_size": img_size})
+    load_weights_into(resized, model.state_dict())
+    return resized.eval()
+
+
+def dinov2_load_overrides(model: DinoVisionTransformer) -> dict[str, Any]:
+    """What a plain ``.pth`` (tensors only, as the official files) cannot tell ``load_backbone``: the arguments
+    that differ from what it infers from the shapes (64-dim heads; the registers models' interpolation)."""
+    from dinoreg.models.weights import infer_arch_kwargs  # noqa: PLC0415
+
+    inferred = infer_arch_kwargs(model.state_dict())
+    keys = ("num_heads", "interpolate_antialias", "interpolate_offset", "mlp_ratio")
+    return {key: model.arch_kwargs[key] for key in keys if inferred[key] != model.arch_kwargs[key]}
+
+
+def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSource], *, fmt: str, output: str | Path,
+                    dtype: str = "fp32", force: bool = False, allow_interpolation_mismatch: bool = False) -> Path:
+    """Write ``model`` as ``fmt`` to ``output``; returns the path written. ``allow_interpolation_mismatch``: see
+    :func:`dinoreg.models.formats.to_hf`."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    output = Path(output)
+    if fmt in SUFFIXES and output.suffix not in SUFFIXES[fmt]:
+        raise ExportError(f"--format {fmt} writes {'/'.join(SUFFIXES[fmt])} files; name the output e.g. "
+                          f"{output.with_suffix(SUFFIXES[fmt][0])}")
+    tensors = {name: value.detach().to("cpu", DTYPES[dtype]).contiguous() for name, value in model.state_dict().items()}
+    arch = {**model.arch_kwargs}
+    provenance = {**(source.as_metadata() if source else {}), "dtype": dtype}
+    with _atomic_output(output, directory=fmt == "hf", force=force) as tmp:
+        if fmt == "dinov2":
+            torch.save(tensors, tmp)
+        elif fmt == "safetensors":
+            _save_safetensors(tensors, tmp, {METADATA_KEY: json.dumps(arch),
+                                             SOURCE_METADATA_KEY: json.dumps(provenance)})
+        elif fmt == "hf":
+            from dinoreg.models.formats import to_hf  # noqa: PLC0415
+
+            config, hf_tensors = to_hf(tensors, arch, allow_interpolation_mismatch=allow_interpolation_mismatch)
+            config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            _save_safetensors(hf_tensors, tmp / "model.safetensors", {"format": "pt"})
+        else:
+            from dinoreg.models.formats import TimmNameError, to_timm  # noqa: PLC0415
+
+            try:
+                timm_tensors, name, kwargs = to_timm(tensors, arch)
+            except TimmNameError as unnamed:  # still loadable: any timm ViT name with these kwargs builds it
+                timm_tensors, name, kwargs = unnamed.tensors, None, unnamed.create_kwargs
+            # "state_dict" is the key timm's own load_checkpoint reads; the rest is for people and load_backbone
+            torch.save({"state_dict": timm_tensors, "model_name": name, "model_kwargs": kwargs,
+                        LAYOUT_KEY: "timm", METADATA_KEY: arch, SOURCE_METADATA_KEY: provenance}, tmp)
+    return output
+
+
+def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@contextlib.contextmanager
+def _atomic_output(output: Path, *, directory: bool, force: bool) -> Iterator[Any]:
+    """Yield a temporary path beside ``output``; publish it by rename only if the body succeeds. An existing
+    output is kept unless ``force``, and then replaced only once the new one is complete."""
+    if output.exists() and not force:
+        raise ExportError(f"{output} already exists; pass --force to replace it (it is kept until the new export "
+                          "is complete)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if output.exists():  # --force: move the old one aside, publish, then delete it
+            os.replace(output, old)
+        os.replace(tmp, output)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover.exists():
+                leftover.unlink()

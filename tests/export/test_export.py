@@ -1,0 +1,181 @@
+"""`dinoreg export`: a short training run -> every format -> each loads and gives the teacher's features."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinoreg import load_backbone
+from dinoreg.cli import main
+from dinoreg.config import load_config
+from dinoreg.export.source import ExportError, read_backbone, resolve_checkpoint
+from dinoreg.ssl.meta_arch import SSLMetaArch
+from dinoreg.train.loop import BACKBONE_FILE
+from launch_helpers import TINY
+
+RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=2", "train.epoch_length=5",
+       "evaluation.knn_enabled=false", "student.layerscale=1.0"]
+IMAGES = torch.Generator().manual_seed(0)
+NATIVE = torch.rand(3, 3, 32, 32, generator=IMAGES)
+RESAMPLED = torch.rand(2, 3, 48, 48, generator=IMAGES)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    assert main(["train", "--output-dir", str(run), *RUN]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def teacher(run_dir):
+    """The teacher as the training loop itself wrote it at the end of the run."""
+    return load_backbone(run_dir / BACKBONE_FILE)
+
+
+def features(model, images):
+    with torch.no_grad():
+        out = model.forward_features(images)
+    return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], 1)
+
+
+def export(run_dir, tmp_path, fmt, name, *flags):
+    output = tmp_path / name
+    assert main(["export", str(run_dir), "--format", fmt, "--output", str(output), *flags]) == 0
+    return output
+
+
+@pytest.mark.parametrize("fmt, name", [("dinov2", "b.pth"), ("safetensors", "b.safetensors")])
+def test_native_formats_reproduce_the_teacher(run_dir, teacher, tmp_path, fmt, name):
+    path = export(run_dir, tmp_path, fmt, name)
+    # a .pth carries tensors only: the tiny test model's 16-dim heads must be named (the export prints this)
+    loaded = load_backbone(path, **({"num_heads": 2} if fmt == "dinov2" else {}))
+    assert not loaded.training
+    torch.testing.assert_close(features(loaded, NATIVE), features(teacher, NATIVE), atol=1e-5, rtol=0)
+    torch.testing.assert_close(features(loaded, RESAMPLED), features(teacher, RESAMPLED), atol=1e-5, rtol=0)
+    if fmt == "dinov2":  # a plain state dict with exactly the backbone's (official) keys: loads strictly
+        state = torch.load(path, weights_only=True)
+        assert set(state) == set(teacher.state_dict())
+        teacher.load_state_dict(state, strict=True)
+
+
+def test_hf_export_loads_in_transformers_and_back(run_dir, teacher, tmp_path):
+    import transformers
+
+    path = export(run_dir, tmp_path, "hf", "hf_model")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    model = transformers.AutoModel.from_pretrained(path)
+    assert type(model).__name__ == "Dinov2WithRegistersModel" and not model.training
+    for images in (NATIVE, RESAMPLED):  # the native 4x4 grid and a resampled 6x6 one
+        with torch.no_grad():
+            hidden = model(pixel_values=images).last_hidden_state  # [B, 1 + R + HW, D]
+        torch.testing.assert_close(hidden, features(teacher, images), atol=1e-4, rtol=0)
+        torch.testing.assert_close(features(load_backbone(path), images), features(teacher, images), atol=1e-5,
+                                   rtol=0)
+
+
+def test_timm_export_follows_timms_layout_and_loads_back(run_dir, teacher, tmp_path):
+    path = export(run_dir, tmp_path, "timm", "timm.pth")
+    saved = torch.load(path, weights_only=True)
+    tensors = saved["state_dict"]
+    assert saved["model_name"] is None  # timm has no name for this tiny test model; its kwargs still build it
+    assert saved["model_kwargs"]["reg_tokens"] == 4 and saved["model_kwargs"]["no_embed_class"] is True
+    assert "reg_token" in tensors and "register_tokens" not in tensors and "mask_token" not in tensors
+    assert tensors["pos_embed"].shape == (1, 16, 32)  # no cls slot: folded into cls_token, as timm does
+    torch.testing.assert_close(tensors["cls_token"], teacher.cls_token + teacher.pos_embed[:, :1], atol=0, rtol=0)
+    for images in (NATIVE, RESAMPLED):
+        torch.testing.assert_close(features(load_backbone(path), images), features(teacher, images), atol=1e-5,
+                                   rtol=0)
+
+
+def test_safetensors_records_architecture_and_provenance(run_dir, tmp_path):
+    from safetensors import safe_open
+
+    path = export(run_dir, tmp_path, "safetensors", "b.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    arch = json.loads(metadata["dinoreg_arch"])
+    source = json.loads(metadata["dinoreg_source"])
+    assert (arch["patch_size"], arch["num_register_tokens"], arch["img_size"]) == (8, 4, 32)
+    assert arch["interpolate_antialias"] is True and arch["interpolate_offset"] == 0.0  # tiny_cpu's
+    assert source["iteration"] == 10 and source["part"] == "teacher" and source["world_size"] == 1
+    assert len(source["config_digest"]) == 16 and source["dtype"] == "fp32"
+
+
+def test_img_size_and_dtype(run_dir, teacher, tmp_path):
+    path = export(run_dir, tmp_path, "safetensors", "big.safetensors", "--img-size", "48", "--dtype", "bf16")
+    loaded = load_backbone(path)
+    assert loaded.pos_embed.shape[1] == 1 + 6 * 6
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("pos_embed").dtype == torch.bfloat16
+    # the resampled pos_embed is the one the teacher computes on the fly at 48 px (up to bf16 rounding)
+    torch.testing.assert_close(features(loaded, RESAMPLED), features(teacher, RESAMPLED), atol=0.05, rtol=0.05)
+
+
+def test_student_part_and_sharded_read_without_fsdp(run_dir, teacher):
+    checkpoint = resolve_checkpoint(run_dir)
+    assert checkpoint.name == "10"
+    model, source = read_backbone(checkpoint)
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    student, _ = read_backbone(checkpoint, part="student")
+    assert not torch.equal(student.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_existing_output_is_kept_without_force(run_dir, tmp_path, capsys):
+    path = tmp_path / "b.pth"
+    path.write_bytes(b"precious")
+    assert main(["export", str(run_dir), "--format", "dinov2", "--output", str(path)]) == 1
+    assert "--force" in capsys.readouterr().err and path.read_bytes() == b"precious"
+    assert main(["export", str(run_dir), "--format", "dinov2", "--output", str(path), "--force"]) == 0
+    assert set(torch.load(path, weights_only=True)) >= {"cls_token", "pos_embed", "register_tokens"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pth"]  # no temporary files left
+
+
+def test_bad_inputs_have_clear_errors(run_dir, tmp_path, capsys):
+    def fails(*args):
+        assert main(["export", *map(str, args)]) == 1
+        return capsys.readouterr().err
+
+    assert "does not exist" in fails(tmp_path / "nowhere", "--format", "dinov2", "--output", tmp_path / "x.pth")
+    (tmp_path / "empty").mkdir()
+    assert "neither a training output directory" in fails(tmp_path / "empty", "--format", "dinov2", "--output",
+                                                          tmp_path / "x.pth")
+    assert "writes .safetensors" in fails(run_dir, "--format", "safetensors", "--output", tmp_path / "x.pth")
+    with pytest.raises(SystemExit):
+        main(["export", str(run_dir), "--format", "onnx", "--output", str(tmp_path / "x")])
+    # a damaged copy of the checkpoint: the error names the truncated file
+    damaged = tmp_path / "damaged"
+    os.system(f"cp -r {resolve_checkpoint(run_dir)} {damaged}")
+    shard = next(damaged.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert shard.name in fails(damaged, "--format", "dinov2", "--output", tmp_path / "x.pth")
+    with pytest.raises(ExportError, match="holds no teacher backbone|unknown part"):
+        read_backbone(resolve_checkpoint(run_dir), part="heads")
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_torch_hub_entry_loads_an_export(run_dir, tmp_path):
+    path = export(run_dir, tmp_path, "safetensors", "b.safetensors")
+    repo = Path(__file__).resolve().parents[2]
+    with pytest.raises(Exception, match="not dinoreg_vits14_reg4"):
+        torch.hub.load(str(repo), "dinoreg_vits14_reg4", weights=str(path), source="local")
+    random_init = torch.hub.load(str(repo), "dinoreg_vits14_reg4", source="local", img_size=224)
+    assert random_init.pos_embed.shape == (1, 1 + 16 * 16, 384) and random_init.num_register_tokens == 4
+
+
+def test_pretrained_weights_initialise_student_and_teacher(run_dir, teacher, tmp_path):
+    path = export(run_dir, tmp_path, "dinov2", "b.pth")
+    cfg = load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={path}", "crops.global_crops_size=48"])
+    model = SSLMetaArch(cfg)
+    for backbone in (model.student["backbone"], model.teacher["backbone"]):
+        torch.testing.assert_close(features(backbone.eval(), RESAMPLED), features(teacher, RESAMPLED), atol=1e-5,
+                                   rtol=0)
+    with pytest.raises(ValueError, match="student.pretrained_weights: .* does not exist"):
+        SSLMetaArch(load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={tmp_path / 'missing.pth'}"]))
+    with pytest.raises(Exception, match="does not fit the configured student"):
+        SSLMetaArch(load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={path}", "student.depth=3"]))
