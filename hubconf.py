@@ -31,11 +31,17 @@ def _make(name: str):
         from dinoreg.models import build_backbone
         from dinoreg.models.weights import CheckpointMismatchError, load_backbone
 
-        model = build_backbone(arch, patch_size=14, img_size=img_size, init_values=1.0, ffn_layer=ffn_layer,
-                               num_register_tokens=registers, interpolate_antialias=registers > 0,
-                               interpolate_offset=0.0 if registers else 0.1, **kwargs)
+        import torch
+
+        def build():
+            return build_backbone(arch, patch_size=14, img_size=img_size, init_values=1.0, ffn_layer=ffn_layer,
+                                  num_register_tokens=registers, interpolate_antialias=registers > 0,
+                                  interpolate_offset=0.0 if registers else 0.1, **kwargs)
+
         if weights is None:
-            return model.eval()
+            return build().eval()
+        with torch.device("meta"):  # only to compare settings: no memory, no initialisation
+            model = build()
         loaded = load_backbone(weights, img_size=img_size, **kwargs)
         wanted = {key: model.arch_kwargs[key] for key in _SHAPE_KEYS}
         found = {key: loaded.arch_kwargs[key] for key in _SHAPE_KEYS}

@@ -41,8 +41,9 @@ def _positive_float(text: str) -> float:
 def _add_common_arguments(parser: argparse.ArgumentParser, protocol: str) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", type=Path, metavar="PATH",
-                        help="backbone file: ours (.safetensors with its architecture) or an official DINOv2 hub "
-                             "checkpoint (.pth); the architecture comes from the file")
+                        help="a backbone dinoreg.load_backbone reads: any `dinoreg export` output (safetensors, "
+                             ".pth, Hugging Face directory, timm file) or an official DINOv2 hub checkpoint; the "
+                             "architecture comes from the file")
     source.add_argument("--run", type=Path, metavar="DIR",
                         help="a `dinoreg train` output folder: evaluates its teacher_backbone.safetensors")
     parser.add_argument("--random-init", action="store_true",
@@ -58,8 +59,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser, protocol: str) -> Non
                              f"RUN/eval_{protocol} (RUN/eval_{protocol}_random_init) with --run, required with "
                              "--weights")
     parser.add_argument("--img-size", type=positive_int, metavar="PIXELS",
-                        help="centre-crop size fed to the backbone, a multiple of its patch size (default: the "
-                             "backbone's training size; the official evaluations of the hub models use 224)")
+                        help="centre-crop size fed to the backbone, a multiple of its patch size (default: 224 as the "
+                             "official evaluations, or the backbone's training size when smaller)")
     parser.add_argument("--resize-size", type=positive_int, metavar="PIXELS",
                         help="the shorter side is first resized (bicubic) to this, then centre-cropped to "
                              "--img-size (default: img-size * 256 / 224, the official 256 -> 224)")

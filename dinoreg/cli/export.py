@@ -50,17 +50,21 @@ def add_export_parser(commands: Any) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from dinoreg.export.source import ExportError, read_backbone, resolve_checkpoint  # noqa: PLC0415
-    from dinoreg.export.writers import dinov2_load_overrides, export_backbone, resize_backbone  # noqa: PLC0415
+    from dinoreg.export.writers import (check_output, dinov2_load_overrides, export_backbone,  # noqa: PLC0415
+                                        resize_backbone)
 
     try:
-        checkpoint = resolve_checkpoint(args.source)
+        check_output(args.format, args.output, force=args.force)
+        checkpoint = resolve_checkpoint(args.source, warn=lambda message: print(f"dinoreg export: {message}",
+                                                                                 file=sys.stderr))
         model, source = read_backbone(checkpoint, part=args.part)
         if args.img_size and args.img_size != model.arch_kwargs["img_size"]:
             model = resize_backbone(model, args.img_size)
         path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,
                                force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch)
-    except (ExportError, ValueError) as error:
-        print(f"dinoreg export: {error}", file=sys.stderr)
+    except (ExportError, ValueError, OSError) as error:
+        message = str(error).replace("allow_interpolation_mismatch=True", "--allow-interpolation-mismatch")
+        print(f"dinoreg export: {message}", file=sys.stderr)
         return 1
     print(f"wrote {path}: {args.part} backbone of {checkpoint} (iteration {source.iteration}, saved by "
           f"{source.world_size} process(es)), {args.format}, {args.dtype}, img_size {model.arch_kwargs['img_size']}")

@@ -54,12 +54,14 @@ def resolve_weights(*, weights: Optional[Path], run: Optional[Path]) -> Path:
             raise EvalInputError(f"--run {run} is not a folder; pass the --output-dir of a `dinoreg train` run")
         path = run / RUN_BACKBONE_FILE
         if not path.is_file():
-            raise EvalInputError(f"--run {run} holds no {RUN_BACKBONE_FILE} (training writes it at each checkpoint "
-                                 "and at the end); wait for the first checkpoint, or pass --weights PATH")
+            raise EvalInputError(f"--run {run} holds no {RUN_BACKBONE_FILE} (training writes it "
+                                 "when it ends); export one from its checkpoints with `dinoreg export RUN --format "
+                                 "safetensors --output PATH` and pass --weights PATH")
         return path
-    if not weights.is_file():
-        raise EvalInputError(f"--weights {weights} does not exist; pass a .safetensors/.pth backbone file "
-                             "(e.g. RUN/teacher_backbone.safetensors, or an official DINOv2 .pth), or --run DIR")
+    if not weights.exists():
+        raise EvalInputError(f"--weights {weights} does not exist; pass a backbone file or Hugging Face export "
+                             "directory (e.g. RUN/teacher_backbone.safetensors, or an official DINOv2 .pth), or "
+                             "--run DIR")
     return weights
 
 
@@ -98,7 +100,8 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
             torch.manual_seed(0)
             backbone = DinoVisionTransformer(**backbone.arch_kwargs).to(device).eval()
     patch = backbone.patch_size
-    image_size = int(image_size or backbone.arch_kwargs["img_size"])
+    # DINOv2 evaluates at 224 px (resize 256); models trained on smaller images at their own size
+    image_size = int(image_size or min(backbone.arch_kwargs["img_size"], 224))
     if image_size % patch:
         lower = image_size // patch * patch
         raise EvalInputError(f"--img-size {image_size} is not a multiple of the backbone's patch size {patch}; "

@@ -212,7 +212,9 @@ def file_sha256(path: Path) -> str:
 def _cache_key(context: EvalContext, n_blocks: int) -> dict[str, Any]:
     """Everything the cached features depend on; a cache is reused only when all of it matches."""
     return {"version": _CACHE_VERSION, "weights_sha256": file_sha256(context.weights),
-            "random_init": context.description["random_init"], "data": context.data,
+            "random_init": context.description["random_init"], "classes": context.classes,
+            # a folder by absolute path: the same relative name elsewhere is other data
+            "data": context.data if context.data.startswith("synthetic") else os.path.abspath(context.data),
             "img_size": context.image_size, "resize_size": context.resize_size, "n_last_blocks": n_blocks,
             "train_indices": context.train_indices, "val_indices": context.val_indices}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed.checkpoint as dcp
 
@@ -41,9 +41,10 @@ class BackboneSource:
                 "world_size": self.world_size, "config_digest": self.config_digest, "img_size": self.img_size}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda message: None) -> Path:
     """A checkpoint directory (``RUN/checkpoints/<iteration>``) as given, or the newest intact checkpoint of a
-    training output directory; damaged or incomplete checkpoints are errors naming the problem."""
+    training output directory (newer damaged ones are reported to ``warn`` and skipped); a damaged or
+    incomplete checkpoint given directly is an error naming the problem."""
     from dinoreg.train.checkpoint import (CHECKPOINT_DIR, META_FILE, CheckpointError,  # noqa: PLC0415
                                           checkpoint_dirs, newest_intact_checkpoint, verify_checkpoint)
 
@@ -65,7 +66,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           f"checkpoint (no {META_FILE}); backbone files (.pth/.safetensors) need no export: "
                           "dinoreg.load_backbone reads them directly")
     skipped: list[str] = []
-    newest = newest_intact_checkpoint(path, warn=skipped.append)
+
+    def skip(message: str) -> None:
+        skipped.append(message)
+        warn(message)
+
+    newest = newest_intact_checkpoint(path, warn=skip)
     if newest is None:
         found = "damaged: " + "; ".join(skipped) if checkpoint_dirs(path) else "none was ever published"
         raise ExportError(f"{path / CHECKPOINT_DIR} holds no intact checkpoint ({found})")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -16,7 +17,8 @@ from dinoreg.export.source import BackboneSource, ExportError
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY
 
-__all__ = ["DTYPES", "FORMATS", "SOURCE_METADATA_KEY", "dinov2_load_overrides", "export_backbone", "resize_backbone"]
+__all__ = ["DTYPES", "FORMATS", "SOURCE_METADATA_KEY", "check_output", "dinov2_load_overrides", "export_backbone",
+           "resize_backbone"]
 
 FORMATS = {
     "dinov2": "a .pth state dict in the official hub layout (torch.hub DINOv2 / dinoreg / load_state_dict)",
@@ -54,18 +56,13 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
                     dtype: str = "fp32", force: bool = False, allow_interpolation_mismatch: bool = False) -> Path:
     """Write ``model`` as ``fmt`` to ``output``; returns the path written. ``allow_interpolation_mismatch``: see
     :func:`dinoreg.models.formats.to_hf`."""
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    output = check_output(fmt, output, force=force)
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    output = Path(output)
-    if fmt in SUFFIXES and output.suffix not in SUFFIXES[fmt]:
-        raise ExportError(f"--format {fmt} writes {'/'.join(SUFFIXES[fmt])} files; name the output e.g. "
-                          f"{output.with_suffix(SUFFIXES[fmt][0])}")
     tensors = {name: value.detach().to("cpu", DTYPES[dtype]).contiguous() for name, value in model.state_dict().items()}
     arch = {**model.arch_kwargs}
     provenance = {**(source.as_metadata() if source else {}), "dtype": dtype}
-    with _atomic_output(output, directory=fmt == "hf", force=force) as tmp:
+    with _atomic_output(output, directory=fmt == "hf") as tmp:
         if fmt == "dinov2":
             torch.save(tensors, tmp)
         elif fmt == "safetensors":
@@ -97,26 +94,57 @@ def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str
     save_file(tensors, str(path), metadata=metadata)
 
 
-@contextlib.contextmanager
-def _atomic_output(output: Path, *, directory: bool, force: bool) -> Iterator[Any]:
-    """Yield a temporary path beside ``output``; publish it by rename only if the body succeeds. An existing
-    output is kept unless ``force``, and then replaced only once the new one is complete."""
+def check_output(fmt: str, output: str | Path, *, force: bool) -> Path:
+    """Refuse an output name that does not fit ``fmt``, or an existing output without ``force``; called before
+    anything slow is read."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    output = Path(output)
+    if fmt in SUFFIXES and output.suffix not in SUFFIXES[fmt]:
+        raise ExportError(f"--format {fmt} writes {'/'.join(SUFFIXES[fmt])} files; name the output e.g. "
+                          f"{output.with_suffix(SUFFIXES[fmt][0])}")
     if output.exists() and not force:
         raise ExportError(f"{output} already exists; pass --force to replace it (it is kept until the new export "
                           "is complete)")
+    return output
+
+
+@contextlib.contextmanager
+def _atomic_output(output: Path, *, directory: bool) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``output``; publish it by rename only once the body succeeded and
+    the data is on disk. An existing output stays in place until then (a directory is moved aside and moved
+    back if publishing fails)."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    prefix = f".{output.name}.tmp-"
     if directory:
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=prefix, dir=output.parent)
+        os.close(handle)
+        tmp = Path(name)
     try:
         yield tmp
-        if output.exists():  # --force: move the old one aside, publish, then delete it
+        for path in (tmp.iterdir() if directory else [tmp]):
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        if directory and output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, old)
-        os.replace(tmp, output)
+            try:
+                os.replace(tmp, output)
+            except OSError:
+                os.replace(old, output)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output)
+        directory_fd = os.open(output.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
     finally:
-        for leftover in (tmp, old):
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
-            elif leftover.exists():
-                leftover.unlink()
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()

@@ -50,7 +50,8 @@ def _entropy(probs: Tensor) -> Tensor:
 
 
 class SSLMetaArch(nn.Module):
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, *, load_pretrained: bool = True) -> None:
+        """``load_pretrained``: read ``cfg.student.pretrained_weights`` (off when a checkpoint will be loaded)."""
         super().__init__()
         self.cfg = cfg
         img_size = cfg.crops.global_crops_size
@@ -58,7 +59,7 @@ class SSLMetaArch(nn.Module):
                                                                              with_drop_path=True))
         teacher_backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg.student, img_size=img_size,
                                                                              with_drop_path=False))
-        if cfg.student.pretrained_weights:  # continued pretraining; the heads start fresh
+        if cfg.student.pretrained_weights and load_pretrained:  # continued pretraining; the heads start fresh
             _load_pretrained(student_backbone, cfg.student.pretrained_weights)
         embed_dim = student_backbone.embed_dim
         self.do_ibot = cfg.ibot.loss_weight > 0

@@ -206,9 +206,9 @@ def _resume_point(cfg: DictConfig, output_dir: Path, world_size: int, allow_conf
     return checkpoint
 
 
-def _build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device,
-                               bf16: bool) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
-    model = SSLMetaArch(cfg).to(device).train()
+def _build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, bf16: bool, *,
+                               load_pretrained: bool) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
+    model = SSLMetaArch(cfg, load_pretrained=load_pretrained).to(device).train()
     if env.distributed:  # shard before building the optimizer: it must hold the sharded parameters
         shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
@@ -239,10 +239,11 @@ def _train(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, b
     total = schedules.total_iterations
     dataset = build_dataset(cfg.train.dataset_path, split="train")  # a bad path fails here, before any model
 
-    model, optimizer = _build_model_and_optimizer(cfg, env, device, bf16)
     warn = _rank_printer(env, cfg.train.log_all_ranks)
     start, position = 0, 0
     checkpoint = _resume_point(cfg, output_dir, env.world_size, allow_config_change, warn) if resume else None
+    # a resumed run takes every weight from its checkpoint: student.pretrained_weights need not exist any more
+    model, optimizer = _build_model_and_optimizer(cfg, env, device, bf16, load_pretrained=checkpoint is None)
     if checkpoint is not None:
         meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
         start, position = meta["iteration"], meta["stream_position"]

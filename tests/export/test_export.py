@@ -179,3 +179,47 @@ def test_pretrained_weights_initialise_student_and_teacher(run_dir, teacher, tmp
         SSLMetaArch(load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={tmp_path / 'missing.pth'}"]))
     with pytest.raises(Exception, match="does not fit the configured student"):
         SSLMetaArch(load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={path}", "student.depth=3"]))
+
+
+def test_torch_hub_entry_loads_a_fitting_file(tmp_path):
+    from dinoreg.models import build_backbone
+    from dinoreg.models.weights import save_backbone
+
+    torch.manual_seed(3)
+    model = build_backbone("vit_small", patch_size=14, img_size=224, num_register_tokens=4, init_values=1.0,
+                           interpolate_antialias=True, interpolate_offset=0.0).eval()
+    path = tmp_path / "vits14_reg4.safetensors"
+    save_backbone(model, path)
+    repo = Path(__file__).resolve().parents[2]
+    loaded = torch.hub.load(str(repo), "dinoreg_vits14_reg4", weights=str(path), source="local", img_size=224)
+    images = torch.rand(1, 3, 224, 224)
+    torch.testing.assert_close(features(loaded, images), features(model, images), atol=1e-5, rtol=0)
+
+
+def test_force_keeps_the_old_output_when_the_new_export_fails(tmp_path):
+    from dinoreg.export.writers import export_backbone
+    from dinoreg.models import build_backbone
+
+    # registers with the legacy interpolation: transformers' class would compute something else, so refused
+    legacy = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=1, num_register_tokens=4,
+                            interpolate_antialias=False, interpolate_offset=0.1)
+    good = tmp_path / "hf"
+    good.mkdir()
+    (good / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="allow_interpolation_mismatch"):
+        export_backbone(legacy, None, fmt="hf", output=good, force=True)
+    assert (good / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    export_backbone(legacy, None, fmt="hf", output=good, force=True, allow_interpolation_mismatch=True)
+    assert sorted(p.name for p in good.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # the old directory is gone, no temporaries
+
+
+def test_resume_does_not_reread_pretrained_weights(run_dir, tmp_path):
+    path = export(run_dir, tmp_path, "dinov2", "b.pth")
+    run = tmp_path / "continued"
+    args = ["train", "--output-dir", str(run), *RUN, "optim.epochs=1", f"student.pretrained_weights={path}"]
+    assert main(args) == 0
+    path.unlink()  # e.g. a requeued job on a node where the file is gone: the checkpoint has every weight
+    assert main([*args[:-1], "optim.epochs=2", f"student.pretrained_weights={path}",
+                 "--allow-config-change"]) == 0
+    assert (run / "checkpoints" / "10").is_dir()
