@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -126,6 +126,17 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
     return context
 
 
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` beside ``path``, then rename it over ``path``: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class ResultsWriter:
     """``results.json`` and TensorBoard scalars under ``output_dir`` (only where ``enabled``: the main rank)."""
 
@@ -146,9 +157,7 @@ class ResultsWriter:
         if not self.enabled:
             return None
         path = self.output_dir / "results.json"
-        tmp = path.with_name(f"results.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"))
         return path
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """Weighted k-nearest-neighbour classification on L2-normalised features (DINO's protocol).
 
 Each query votes with its k most similar memory-bank features, every vote weighted by exp(cos / T).
-``knn_predict`` / ``knn_accuracy`` serve the training loop's periodic evaluation; ``knn_classify`` and
-``evaluate_knn`` the full protocol of ``dinoreg eval knn`` (k = 10, 20, 100, 200; top-1 and top-5).
+``knn_classify`` computes it for several k at once; ``evaluate_knn`` is the full protocol of ``dinoreg eval
+knn`` (k = 10, 20, 100, 200; top-1 and top-5) and ``knn_accuracy`` the training loop's periodic check.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinoreg.eval.context import EvalContext, ResultsWriter
+from dinoreg.eval.context import EvalContext, ResultsWriter, write_atomically
 from dinoreg.eval.features import extract_dataset_features, knn_encoder
 
 
@@ -30,37 +30,23 @@ def extract_features(encode: Callable[[Tensor], Tensor], batches: Iterable[tuple
     return torch.cat(features), torch.cat(labels)
 
 
-@torch.no_grad()
-def knn_predict(train_features: Tensor, train_labels: Tensor, query_features: Tensor, *, k: int = 20,
-                temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024) -> Tensor:
-    """Class scores ``[Q, C]`` for L2-normalised ``query_features`` ``[Q, D]`` against ``train_features`` ``[N, D]``."""
-    if num_classes is None:
-        num_classes = int(train_labels.max()) + 1
-    k = min(k, train_features.shape[0])
-    scores = []
-    for queries in query_features.split(chunk_size):
-        similarity = queries @ train_features.T  # [q, N]
-        top_sim, top_idx = similarity.topk(k, dim=1)  # [q, k]
-        votes = F.one_hot(train_labels[top_idx], num_classes).float()  # [q, k, C]
-        scores.append((votes * (top_sim / temperature).exp().unsqueeze(-1)).sum(1))
-    return torch.cat(scores)
+DEFAULT_KS = (10, 20, 100, 200)  # DINO's and DINOv2's kNN evaluation
+DEFAULT_TEMPERATURE = 0.07
+
+
+def vote_scores(similarities: Tensor, neighbour_labels: Tensor, *, num_classes: int, temperature: float) -> Tensor:
+    """Class scores ``[Q, C]``: each of a query's neighbours (``[Q, k]`` cosines and labels) adds
+    ``exp(cos / temperature)`` to its class."""
+    scores = similarities.new_zeros(similarities.shape[0], num_classes)
+    return scores.scatter_add_(1, neighbour_labels, (similarities / temperature).exp())
 
 
 def knn_accuracy(train_features: Tensor, train_labels: Tensor, query_features: Tensor, query_labels: Tensor, *,
-                 k: int = 20, temperature: float = 0.07) -> dict[str, float]:
-    """Top-1 (and top-5 when there are more than 5 classes) accuracy of the weighted kNN classifier."""
+                 k: int = 20, temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
+    """The training loop's metrics: ``knn_top1`` (and ``knn_top5`` with more than 5 classes) for one ``k``."""
+    row = knn_classify(train_features, train_labels, query_features, query_labels, ks=(k,), temperature=temperature)[0]
     num_classes = int(max(train_labels.max(), query_labels.max())) + 1
-    scores = knn_predict(train_features, train_labels, query_features, k=k, temperature=temperature,
-                         num_classes=num_classes)
-    ranked = scores.argsort(dim=1, descending=True)
-    result = {"knn_top1": (ranked[:, 0] == query_labels).float().mean().item()}
-    if num_classes > 5:
-        result["knn_top5"] = (ranked[:, :5] == query_labels[:, None]).any(1).float().mean().item()
-    return result
-
-
-DEFAULT_KS = (10, 20, 100, 200)  # DINO's and DINOv2's kNN evaluation
-DEFAULT_TEMPERATURE = 0.07
+    return {"knn_top1": row["top1"], **({"knn_top5": row["top5"]} if num_classes > 5 else {})}
 
 
 def topk_hits(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, Tensor]:
@@ -95,11 +81,10 @@ def knn_classify(train_features: Tensor, train_labels: Tensor, query_features: T
     hits = torch.zeros(len(ks), 2, dtype=torch.long)  # [k, (top1, top5)]
     for queries, labels in zip(query_features.split(chunk_size), query_labels.split(chunk_size)):
         top_sim, top_idx = (queries @ train_features.T).topk(max(used), dim=1)  # [q, K], most similar first
-        weights = (top_sim / temperature).exp()  # [q, K]
         neighbour_labels = train_labels[top_idx]  # [q, K]
         for row, k in enumerate(used):
-            scores = weights.new_zeros(queries.shape[0], num_classes)  # [q, C]
-            scores.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+            scores = vote_scores(top_sim[:, :k], neighbour_labels[:, :k], num_classes=num_classes,
+                                 temperature=temperature)
             found = topk_hits(scores, labels)
             hits[row] += torch.stack([found[1].sum(), found[5].sum()]).cpu()
     total = query_features.shape[0]
@@ -129,7 +114,8 @@ def evaluate_knn(context: EvalContext, *, ks: Sequence[int] = DEFAULT_KS, temper
     if not context.is_main:
         return None
     if save_features is not None:
-        torch.save({split: s._asdict() for split, s in splits.items()}, save_features)
+        payload = {split: s._asdict() for split, s in splits.items()}
+        write_atomically(Path(save_features), lambda tmp: torch.save(payload, tmp))
     train, val = splits["train"], splits["val"]
     rows = knn_classify(train.features.to(context.device), train.labels.to(context.device),
                         val.features.to(context.device), val.labels.to(context.device), ks=ks,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dinoreg.eval.context import EvalContext, ResultsWriter
+from dinoreg.eval.context import EvalContext, ResultsWriter, write_atomically
 from dinoreg.eval.features import FeatureSet, block_tokens_encoder, extract_dataset_features
 from dinoreg.eval.knn import topk_hits
 from dinoreg.train.distributed import broadcast_flag
@@ -252,10 +252,8 @@ def cached_block_features(context: EvalContext, *, n_last_blocks: int, cache_pat
         desc=f"{split} features") for split, dataset, indices in (
             ("train", context.train_set, context.train_indices), ("val", context.val_set, context.val_indices))}
     if cache_path is not None and context.is_main:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")
-        torch.save({"key": key, **{split: s._asdict() for split, s in splits.items()}}, tmp)
-        os.replace(tmp, cache_path)
+        payload = {"key": key, **{split: s._asdict() for split, s in splits.items()}}
+        write_atomically(cache_path, lambda tmp: torch.save(payload, tmp))
     return splits, False
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoreg.eval.knn import extract_features, knn_accuracy, knn_classify, knn_predict
+from dinoreg.eval.knn import extract_features, knn_accuracy, knn_classify, vote_scores
 
 
 def test_weighted_votes_hand_computed():
@@ -13,12 +13,13 @@ def test_weighted_votes_hand_computed():
     labels = torch.tensor([0, 0, 1])
     query = F.normalize(torch.tensor([[1.0, 0.05]]), dim=-1)
     sims = query @ bank.T
-    scores = knn_predict(bank, labels, query, k=3, temperature=0.07, num_classes=2)
+    scores = vote_scores(sims, labels[None], num_classes=2, temperature=0.07)
     expected0 = math.exp(sims[0, 0] / 0.07) + math.exp(sims[0, 1] / 0.07)
     expected1 = math.exp(sims[0, 2] / 0.07)
     torch.testing.assert_close(scores, torch.tensor([[expected0, expected1]]))
-    # with k=1 only the nearest (class 1) votes
-    assert knn_predict(bank, labels, query, k=1, temperature=0.07, num_classes=2).argmax().item() == 1
+    # all three vote: class 0 wins on weight; with k=1 only the nearest (class 1) votes
+    rows = knn_classify(bank, labels, query, torch.tensor([0]), ks=(3, 1), temperature=0.07)
+    assert [row["top1"] for row in rows] == [1.0, 0.0]
 
 
 def test_accuracy_on_separable_clusters_and_chunking():
@@ -31,7 +32,8 @@ def test_accuracy_on_separable_clusters_and_chunking():
     assert result["knn_top1"] == 1.0 and result["knn_top5"] == 1.0
     shuffled = knn_accuracy(feats, labels[torch.randperm(180)], queries, labels[:60], k=5)
     assert shuffled["knn_top1"] < 0.6
-    torch.testing.assert_close(knn_predict(feats, labels, queries, chunk_size=7), knn_predict(feats, labels, queries))
+    assert knn_classify(feats, labels, queries, labels[:60], chunk_size=7) == knn_classify(feats, labels, queries,
+                                                                                             labels[:60])
 
 
 def test_extract_features_normalises():
@@ -67,7 +69,8 @@ def test_knn_classify_hand_computed_several_k():
     # k=10 > bank of 6: all vote; ranking 2 (4.24), 1 (2.46), 3 (1.82), 4 (1.65), 5 (1.49); class 0 never voted.
     assert by_k[10] == {"k": 10, "k_used": 6, "top1": 0.25, "top5": 0.75}
     expected = [math.exp(0.9), math.exp(0.8) + math.exp(0.7), math.exp(0.6), math.exp(0.5), math.exp(0.4)]
-    scores = knn_predict(bank, bank_labels, query, k=10, temperature=1.0, num_classes=7)[0]
+    sims = query @ bank.T  # [1, 6]
+    scores = vote_scores(sims, bank_labels[None], num_classes=7, temperature=1.0)[0]
     torch.testing.assert_close(scores[1:6], torch.tensor(expected))
     # At T = 0.07 the nearest vote dominates: class 1 wins at every k.
     sharp = knn_classify(bank, bank_labels, queries, query_labels, ks=(3, 10), temperature=0.07, num_classes=7)
