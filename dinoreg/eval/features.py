@@ -9,6 +9,7 @@ number of processes.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -143,6 +144,10 @@ def block_tokens_encoder(model: DinoVisionTransformer, *, n_last_blocks: int) ->
     return encode
 
 
+# A log file (SLURM, nohup) gets a progress line every 30 s instead of several per second.
+PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -191,7 +196,8 @@ def extract_dataset_features(encode: Encoder, dataset, *, image_size: int, batch
     loader = build_eval_loader(IndexedView(dataset, wanted[rank::world]), image_size=image_size,
                                batch_size=batch_size, num_workers=num_workers, resize_size=resize_size)
     features, seen = [], []
-    bar = tqdm(loader, desc=desc, unit="batch", disable=rank != 0, dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, desc=desc, unit="batch", disable=rank != 0, dynamic_ncols=True, leave=False,
+               mininterval=PROGRESS_INTERVAL_S)
     for images, batch_indices in bar:  # [B, 3, S, S], [B]
         if batch_indices.numel():
             features.append(encode(images.to(device)).float().cpu())

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dinoreg.eval.context import EvalContext, ResultsWriter, write_atomically
-from dinoreg.eval.features import FeatureSet, block_tokens_encoder, extract_dataset_features
+from dinoreg.eval.features import PROGRESS_INTERVAL_S, FeatureSet, block_tokens_encoder, extract_dataset_features
 from dinoreg.eval.knn import topk_hits
 from dinoreg.train.distributed import broadcast_flag
 
@@ -119,7 +119,8 @@ def train_linear_classifiers(features: Tensor, labels: Tensor, *, configs: Seque
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=0.0)
     # The classifiers that read the same input share one slice of the batch.
     inputs_of = sorted({(c.n_last_blocks, c.avgpool) for c in configs})
-    bar = tqdm(total=total, desc="linear classifiers", unit="it", disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="linear classifiers", unit="it", disable=not show_progress, dynamic_ncols=True,
+               mininterval=PROGRESS_INTERVAL_S)
     iteration = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator).to(features.device)
