@@ -15,8 +15,9 @@ from dinoreg.ssl.meta_arch import SSLMetaArch
 from dinoreg.train.loop import BACKBONE_FILE
 from launch_helpers import TINY
 
-RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=2", "train.epoch_length=5",
-       "evaluation.knn_enabled=false", "student.layerscale=1.0"]
+# 64-dimensional heads, as every official model: a plain .pth then needs no arguments to load
+RUN = [*TINY, "student.embed_dim=64", "student.num_heads=1", "train.batch_size_per_gpu=8", "train.num_workers=0",
+       "optim.epochs=2", "train.epoch_length=5", "evaluation.knn_enabled=false", "student.layerscale=1.0"]
 IMAGES = torch.Generator().manual_seed(0)
 NATIVE = torch.rand(3, 3, 32, 32, generator=IMAGES)
 RESAMPLED = torch.rand(2, 3, 48, 48, generator=IMAGES)
@@ -50,8 +51,7 @@ def export(run_dir, tmp_path, fmt, name, *flags):
 @pytest.mark.parametrize("fmt, name", [("dinov2", "b.pth"), ("safetensors", "b.safetensors")])
 def test_native_formats_reproduce_the_teacher(run_dir, teacher, tmp_path, fmt, name):
     path = export(run_dir, tmp_path, fmt, name)
-    # a .pth carries tensors only: the tiny test model's 16-dim heads must be named (the export prints this)
-    loaded = load_backbone(path, **({"num_heads": 2} if fmt == "dinov2" else {}))
+    loaded = load_backbone(path)
     assert not loaded.training
     torch.testing.assert_close(features(loaded, NATIVE), features(teacher, NATIVE), atol=1e-5, rtol=0)
     torch.testing.assert_close(features(loaded, RESAMPLED), features(teacher, RESAMPLED), atol=1e-5, rtol=0)
@@ -83,7 +83,7 @@ def test_timm_export_follows_timms_layout_and_loads_back(run_dir, teacher, tmp_p
     assert saved["model_name"] is None  # timm has no name for this tiny test model; its kwargs still build it
     assert saved["model_kwargs"]["reg_tokens"] == 4 and saved["model_kwargs"]["no_embed_class"] is True
     assert "reg_token" in tensors and "register_tokens" not in tensors and "mask_token" not in tensors
-    assert tensors["pos_embed"].shape == (1, 16, 32)  # no cls slot: folded into cls_token, as timm does
+    assert tensors["pos_embed"].shape == (1, 16, 64)  # no cls slot: folded into cls_token, as timm does
     torch.testing.assert_close(tensors["cls_token"], teacher.cls_token + teacher.pos_embed[:, :1], atol=0, rtol=0)
     for images in (NATIVE, RESAMPLED):
         torch.testing.assert_close(features(load_backbone(path), images), features(teacher, images), atol=1e-5,
@@ -223,3 +223,15 @@ def test_resume_does_not_reread_pretrained_weights(run_dir, tmp_path):
     assert main([*args[:-1], "optim.epochs=2", f"student.pretrained_weights={path}",
                  "--allow-config-change"]) == 0
     assert (run / "checkpoints" / "10").is_dir()
+
+
+def test_dinov2_export_names_what_a_plain_pth_cannot_hold(tmp_path, capsys):
+    from dinoreg.export.writers import dinov2_load_overrides
+    from dinoreg.models import build_backbone
+
+    odd = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=1, embed_dim=32, num_heads=2,
+                         num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+    assert dinov2_load_overrides(odd) == {"num_heads": 2}
+    standard = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=1, num_register_tokens=4,
+                              interpolate_antialias=True, interpolate_offset=0.0)
+    assert dinov2_load_overrides(standard) == {}
