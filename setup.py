@@ -51,6 +51,7 @@ setup(
         "pillow",
         "safetensors",
         "tqdm",
+        "matplotlib",  # the PNG figures of `dinoreg analyze`
     ],
     extras_require={
         "xformers": ["xformers"],

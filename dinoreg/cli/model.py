@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from dinoreg.cli.analyze import add_artifact_tools
 from dinoreg.cli.common import (FLOP_UNIT, INTERPOLATIONS, add_backbone_arguments, check_divisible, positive_int,
                                 register_count, register_list, write_json)
 from dinoreg.models import build_backbone
@@ -45,6 +46,7 @@ def add_analyze_parser(commands: Any) -> None:
     flops.add_argument("--registers", type=register_list, default=[0, 1, 2, 4, 8, 16],
                        help="comma-separated register counts (default: 0,1,2,4,8,16)")
     flops.set_defaults(handler=_analyze_flops, parser=flops)
+    add_artifact_tools(analyses)
 
 
 def _model_info(args: argparse.Namespace) -> int:
