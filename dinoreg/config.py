@@ -249,6 +249,11 @@ def _validate(cfg: DictConfig) -> list[str]:
     check(all(isinstance(getattr(signal, str(n), None), signal.Signals) for n in ck.save_on_signals)
           and not {"SIGKILL", "SIGSTOP"} & set(ck.save_on_signals),
           "checkpoint.save_on_signals", "catchable signal names such as SIGUSR1, SIGUSR2, SIGTERM")
+    mon = cfg.monitor
+    check(mon.period >= 0, "monitor.period", "iterations between artifact measurements, >= 0 (0: off)")
+    check(mon.images >= 1, "monitor.images", "probe images, >= 1")
+    check(mon.relative_threshold > 1, "monitor.relative_threshold", "a multiple of the median norm, > 1 (e.g. 10)")
+    check(mon.absolute_threshold > 0, "monitor.absolute_threshold", "a norm, > 0 (the paper's 150)")
     jitter = list(cfg.crops.color_jitter)
     check(len(jitter) == 4 and min(jitter) >= 0 and jitter[3] <= 0.5, "crops.color_jitter",
           "4 strengths [brightness, contrast, saturation, hue], each >= 0, hue <= 0.5 (official [0.4, 0.4, 0.2, 0.1])")

@@ -149,6 +149,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # The live artifact monitor: every `period` iterations, on a fixed probe batch of `images` images, the
+    # teacher's high-norm patch-token fraction per block (relative: above relative_threshold x that block's
+    # median norm; absolute: above absolute_threshold, the paper's 150 for ViT-L/g), its norm quantiles per
+    # block, and the last block's cls -> register attention mass. 0 turns it off.
+    period: int = 1250
+    images: int = 16
+    relative_threshold: float = 10.0
+    absolute_threshold: float = 150.0
+
+
+@dataclass
 class DinoRegConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -159,6 +171,7 @@ class DinoRegConfig:
     crops: CropsConfig = field(default_factory=CropsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 CHOICES = {

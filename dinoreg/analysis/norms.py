@@ -18,7 +18,7 @@ from torch import Tensor
 
 from dinoreg.analysis.common import AnalysisInputs, Tool, pyplot, save_figure, write_json
 
-__all__ = ["MIN_MODE_RATIO", "TOOLS", "automatic_threshold", "layer_norms", "run_layers", "run_norms",
+__all__ = ["MIN_MODE_RATIO", "TOOLS", "automatic_threshold", "layer_norms", "patch_norms", "run_layers", "run_norms",
            "run_positions"]
 
 # Two modes count as two only when the upper one is at least this many times the lower (in norm): the paper's
@@ -34,15 +34,16 @@ def layer_norms(inputs: AnalysisInputs) -> tuple[Tensor, Tensor]:
     backbone, (height, width) = inputs.backbone, inputs.grid
     all_norms, all_indices = [], []
     for images, indices in inputs.batches("token norms"):
-        tokens = backbone.prepare_tokens_with_masks(images)  # [B, 1 + R + HW, D]
-        per_layer = []
-        for block in backbone.blocks:
-            tokens = block(tokens)
-            patches = tokens[:, 1 + backbone.num_register_tokens:]  # [B, HW, D]
-            per_layer.append(patches.float().norm(dim=-1).reshape(-1, height, width).cpu())
-        all_norms.append(torch.stack(per_layer))  # [L, B, H, W]
+        outputs, _ = backbone.block_outputs(images)  # L x [B, 1 + R + HW, D]
+        norms = patch_norms(outputs, backbone.num_register_tokens)  # [L, B, HW]
+        all_norms.append(norms.reshape(len(outputs), -1, height, width).cpu())  # [L, B, H, W]
         all_indices.append(indices)
     return torch.cat(all_norms, dim=1), torch.cat(all_indices)
+
+
+def patch_norms(block_outputs: list[Tensor], num_register_tokens: int) -> Tensor:
+    """``[L, B, HW]``: the norm of every patch token in each block output ``[B, 1 + R + HW, D]``."""
+    return torch.stack([out[:, 1 + num_register_tokens:].float().norm(dim=-1) for out in block_outputs])
 
 
 def automatic_threshold(norms: Tensor) -> float:

@@ -284,6 +284,11 @@ class Block(nn.Module):
                 tokens = tokens + residual_fn(tokens, shapes)
         return tokens
 
+    def attention_probs(self, x: Tensor) -> Tensor:
+        """This block's attention probabilities ``[B, heads, N, N]`` for its input ``x`` ``[B, N, D]``, computed
+        explicitly whatever the attention backend (for analysis; the forward pass is unchanged)."""
+        return self.attn.attention_probs(self.norm1(x))
+
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         """``[B, N, D]`` or a list of such tensors (one per resolution), like the official block."""
         is_list = isinstance(x, (list, tuple))

@@ -156,6 +156,19 @@ class DinoVisionTransformer(nn.Module):
             return [self.head(o["x_norm_clstoken"]) for o in out]
         return self.head(out["x_norm_clstoken"])
 
+    def block_outputs(self, x: Tensor, *, attention_of: Sequence[int] = ()) -> tuple[list[Tensor], dict[int, Tensor]]:
+        """The tokens after every block, ``[B, 1 + R + HW, D]`` each (residual stream, before the final norm),
+        and the attention probabilities ``[B, heads, N, N]`` of the blocks listed in ``attention_of`` (for
+        analysis and the training monitor)."""
+        tokens = self.prepare_tokens_with_masks(x)
+        outputs, attention = [], {}
+        for index, block in enumerate(self.blocks):
+            if index in attention_of:
+                attention[index] = block.attention_probs(tokens)
+            tokens = block(tokens)
+            outputs.append(tokens)
+        return outputs, attention
+
     def get_intermediate_layers(
         self,
         x: Tensor,

@@ -51,7 +51,7 @@ LATEST_FILE = "latest"
 META_FILE = "meta.json"
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
-BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.")
+BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.")
 
 
 class CheckpointError(RuntimeError):

@@ -35,6 +35,7 @@ from dinoreg.train.distributed import (DistributedEnvironment, all_reduce_mean, 
                                        detect_environment, init_distributed, shutdown_distributed)
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.optim import Schedules, apply_optim_schedule, build_optimizer, build_param_groups, clip_grad_norms
+from dinoreg.train.monitor import ArtifactMonitor
 from dinoreg.train.parallel import shard_ssl_model
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, StoppedOnSignal
 
@@ -261,6 +262,7 @@ def _train(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, b
     photometric = Photometric(cfg.crops.blur_prob_global1, cfg.crops.blur_prob_global2, cfg.crops.blur_prob_local,
                               cfg.crops.solarization_prob_global2, color_jitter=tuple(cfg.crops.color_jitter)).to(device)
     evaluate = KnnEvaluator(cfg, device) if cfg.evaluation.knn_enabled else None
+    monitor = ArtifactMonitor(cfg, device) if cfg.monitor.period else None
     logger = TrainingLogger(output_dir, total_iterations=total, start_iteration=start, enabled=env.is_main,
                             print_every=cfg.train.log_every)
     signals = SignalWatcher(cfg.checkpoint.save_on_signals)
@@ -276,6 +278,8 @@ def _train(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, b
     try:
         if evaluate and start == 0:
             logger.log(0, evaluate(model.teacher_backbone, autocast), step_done=False)
+        if monitor and start == 0:
+            logger.log(0, monitor(model.teacher_backbone, autocast), step_done=False)
         step_end, bad_files = time.perf_counter(), 0
         for it in range(start, total):
             values = schedules.values(it)
@@ -305,6 +309,8 @@ def _train(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, b
                             "bad_files": bad_files})
             if evaluate and ((it + 1) % cfg.evaluation.eval_period_iterations == 0 or it + 1 == total):
                 logger.log(it, evaluate(model.teacher_backbone, autocast), step_done=False)
+            if monitor and ((it + 1) % cfg.monitor.period == 0 or it + 1 == total):
+                logger.log(it, monitor(model.teacher_backbone, autocast), step_done=False)
             if signals.should_stop():
                 path = save(it + 1)
                 logger.write(f"{signals.received}: saved {path}; exiting with "

@@ -45,6 +45,10 @@ def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_
             if name == "backbone":
                 for block in module.blocks:
                     fully_shard(block, **options)
-                    # the backbone runs blocks through forward_packed, not __call__
+                    # the backbone runs blocks through forward_packed, not __call__; the monitor asks for
+                    # attention probabilities
                     register_fsdp_forward_method(block, "forward_packed")
+                    register_fsdp_forward_method(block, "attention_probs")
             fully_shard(module, **options)
+            if name == "backbone":
+                register_fsdp_forward_method(module, "block_outputs")
