@@ -104,11 +104,14 @@ class Attention(nn.Module):
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def attention_probs(self, x: Tensor) -> Tensor:
-        """Softmax attention of ``x`` ``[B, N, C]`` as ``[B, heads, N, N]`` (for analysis)."""
+    def attention_probs(self, x: Tensor, *, num_queries: int | None = None) -> Tensor:
+        """Softmax attention of ``x`` ``[B, N, C]`` as ``[B, heads, Q, N]`` in fp32, for the first ``num_queries``
+        tokens as queries (all N when None; 1 + R for the cls and registers spares the N x N map). For analysis:
+        computed explicitly whatever the backend."""
         batch, tokens, _ = x.shape
         q, k, _ = self._split_heads(self.qkv(x).reshape(batch * tokens, -1), batch, tokens)
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        q = q[:, :, :num_queries] if num_queries is not None else q  # [B, heads, Q, head_dim]
+        return ((q.float() * self.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
 
     def forward(self, x: Tensor, shapes: Shapes) -> Tensor:
         """``x``: packed tokens ``[T, C]``; returns ``[T, C]``."""
@@ -284,10 +287,10 @@ class Block(nn.Module):
                 tokens = tokens + residual_fn(tokens, shapes)
         return tokens
 
-    def attention_probs(self, x: Tensor) -> Tensor:
-        """This block's attention probabilities ``[B, heads, N, N]`` for its input ``x`` ``[B, N, D]``, computed
-        explicitly whatever the attention backend (for analysis; the forward pass is unchanged)."""
-        return self.attn.attention_probs(self.norm1(x))
+    def attention_probs(self, x: Tensor, *, num_queries: int | None = None) -> Tensor:
+        """This block's attention probabilities ``[B, heads, Q, N]`` for its input ``x`` ``[B, N, D]`` (see
+        :meth:`Attention.attention_probs`; for analysis, the forward pass is unchanged)."""
+        return self.attn.attention_probs(self.norm1(x), num_queries=num_queries)
 
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         """``[B, N, D]`` or a list of such tensors (one per resolution), like the official block."""

@@ -207,8 +207,7 @@ class DinoVisionTransformer(nn.Module):
         block_index = block_index % len(self.blocks)
         for block in self.blocks[:block_index]:
             tokens = block(tokens)
-        block = self.blocks[block_index]
-        return block.attn.attention_probs(block.norm1(tokens))
+        return self.blocks[block_index].attention_probs(tokens)
 
 
 def _factory(arch: str):
