@@ -16,9 +16,10 @@ from dinoreg.cli.common import positive_int
 
 
 def _tool_modules() -> list[Any]:
-    from dinoreg.analysis import antialias, attention, disconnect, lost, neighbors, norms, pca  # noqa: PLC0415
+    from dinoreg.analysis import (antialias, attention, disconnect, lost, neighbors, norms, pca,  # noqa: PLC0415
+                                  probe)
 
-    return [norms, neighbors, attention, pca, lost, antialias, disconnect]
+    return [norms, neighbors, attention, pca, lost, antialias, disconnect, probe]
 
 
 def add_artifact_tools(analyses: Any) -> None:
