@@ -28,6 +28,13 @@ def test_analyze_flops_json(tmp_path, capsys):
     assert "GFLOPs" in out and "multiply-add" in out
 
 
+def test_analyze_flops_png(tmp_path):
+    path = tmp_path / "flops.png"
+    assert main(["analyze", "flops", "--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32",
+                 "--registers", "0,4,16", "--png", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_analyze_flops_baseline_added_when_missing(capsys):
     assert main(["analyze", "flops", "--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32",
                  "--registers", "4"]) == 0

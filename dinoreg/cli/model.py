@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +44,8 @@ def add_analyze_parser(commands: Any) -> None:
                     f"(Darcet et al. 2023, Fig. 12). FLOPs: {FLOP_UNIT}.")
     add_backbone_arguments(flops)
     flops.set_defaults(arch="vit_large")
+    flops.add_argument("--png", type=Path, metavar="PATH",
+                       help="also draw the FLOPs increase versus the number of registers to PATH (Fig. 12)")
     flops.add_argument("--registers", type=register_list, default=[0, 1, 2, 4, 8, 16],
                        help="comma-separated register counts (default: 0,1,2,4,8,16)")
     flops.set_defaults(handler=_analyze_flops, parser=flops)
@@ -102,4 +105,19 @@ def _analyze_flops(args: argparse.Namespace) -> int:
         print(f"{row['registers']:>9}  {row['params']:>15,}  {row['flops'] / 1e9:>9.2f}  {extra:>+13.2f}%")
     if args.json:
         write_json(args.json, rows)
+    if args.png:
+        _plot_flops(args, rows, baseline)
     return 0
+
+
+def _plot_flops(args: argparse.Namespace, rows: list[dict[str, Any]], baseline: float) -> None:
+    from dinoreg.analysis.common import pyplot, save_figure  # noqa: PLC0415
+
+    figure, axis = pyplot().subplots(figsize=(5, 3.2))
+    counts = [row["registers"] for row in rows]
+    axis.plot(counts, [100.0 * (row["flops"] - baseline) / baseline for row in rows], marker="o")
+    axis.set(xlabel="register tokens", ylabel="FLOPs increase vs 0 registers (%)", xticks=counts,
+             title=f"{args.arch}/{args.patch_size} at {args.img_size} px")
+    axis.grid(alpha=0.3)
+    save_figure(figure, args.png)
+    print(f"wrote {args.png}")
