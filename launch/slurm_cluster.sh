@@ -67,7 +67,7 @@ install_packages() {
 
 write_config() {
   local cpus memory_mib accounting
-  cpus="$(nproc)"
+  cpus="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it follows OMP_NUM_THREADS
   memory_mib="$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)"
   accounting="AccountingStorageType=accounting_storage/none"
   if [[ "${ACCOUNTING}" == 1 ]]; then

@@ -4,6 +4,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TINY = ["student.embed_dim=32", "student.num_heads=2", "student.depth=2", "crops.global_crops_size=32",
@@ -28,3 +30,15 @@ def subprocess_env() -> dict:
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     command = [*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *args]
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_training_rows(run_dir, count: int, *, timeout: float = 120, process=None) -> None:
+    """Wait until ``run_dir/metrics.jsonl`` holds ``count`` training rows (evaluation and monitor rows do not
+    count); fail if ``process`` exits first or ``timeout`` passes."""
+    metrics, deadline = Path(run_dir) / "metrics.jsonl", time.monotonic() + timeout
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
+        if metrics.exists() and sum('"total_loss"' in line for line in metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} training rows never appeared in {metrics}"
+                         + (f" (exit code {process.poll()})" if process is not None else ""))

@@ -5,10 +5,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from launch_helpers import TINY, subprocess_env
+from launch_helpers import TINY, subprocess_env, wait_for_training_rows
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
@@ -46,10 +45,7 @@ def test_torchrun_script_runs_one_process_each_and_stops_cleanly(tmp_path):
          "train.num_workers=0", "optim.epochs=20", "train.epoch_length=10", "evaluation.knn_enabled=false"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
-            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-            time.sleep(0.2)
+        wait_for_training_rows(run, 3, timeout=240, process=process)
         # The documented way to stop it, narrowed to this run's directory: the workers save and exit.
         subprocess.run(["pkill", "-USR1", "-f", "--", f"-u -m dinoreg train --output-dir {run}"], check=True, timeout=30)
         output, _ = process.communicate(timeout=120)

@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,13 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from dinoreg.launch import wait_for_job
-from launch_helpers import TINY
+from launch_helpers import TINY, wait_for_training_rows
 
 RESOURCES = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout-min", "30"]
 RECIPE = [*TINY, "optim.epochs=4", "train.epoch_length=30", "train.batch_size_per_gpu=8", "train.num_workers=0",
           "evaluation.knn_enabled=false"]
 ITERATIONS = 120
-TIMING_KEYS = {"images_per_sec", "data_wait"}  # the only logged figures allowed to differ between runs
+TIMING_KEYS = {"images_per_sec", "data_wait", "monitor/seconds"}  # the only figures allowed to differ
 JOB_TIMEOUT_S = 300
 
 
@@ -39,22 +38,13 @@ def job_handle(info):
 
 
 def metric_rows(output_dir):
-    """iteration -> logged figures (the last row wins: a run resumed from a periodic checkpoint repeats some)."""
+    """iteration -> logged figures, the training row and the monitor's merged (the last value wins: a run
+    resumed from a periodic checkpoint repeats some iterations)."""
     rows = {}
     for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows[row["iteration"]] = {key: value for key, value in row.items() if key not in TIMING_KEYS}
+        rows.setdefault(row["iteration"], {}).update({k: v for k, v in row.items() if k not in TIMING_KEYS})
     return rows
-
-
-def wait_for_rows(output_dir, count, timeout_s=JOB_TIMEOUT_S):
-    path = Path(output_dir) / "metrics.jsonl"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{path} did not reach {count} rows in {timeout_s} s")
 
 
 def log(info, task=0, kind="err"):
@@ -101,7 +91,7 @@ def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm_env, tm
     _, _, reference = uninterrupted
     result, info = dinoreg_submit(slurm_env, tmp_path, *RECIPE)
     assert result.returncode == 0, result.stderr
-    wait_for_rows(info["output_dir"], 6)
+    wait_for_training_rows(info["output_dir"], 6, timeout=JOB_TIMEOUT_S)
     subprocess.run(["scancel", "--signal=USR2", info["job_id"]], env=slurm_env, check=True, timeout=60)
     states = []
     results = wait_for_job(job_handle(info), timeout_s=JOB_TIMEOUT_S, poll_s=0.5, on_state=states.append)
@@ -125,7 +115,7 @@ def test_external_requeue_resumes_from_the_periodic_checkpoint(uninterrupted, sl
     result, info = dinoreg_submit(slurm_env, tmp_path, *RECIPE, "checkpoint.period=4",
                                   "checkpoint.save_on_signals=[SIGUSR1,SIGUSR2]")
     assert result.returncode == 0, result.stderr
-    wait_for_rows(info["output_dir"], 10)
+    wait_for_training_rows(info["output_dir"], 10, timeout=JOB_TIMEOUT_S)
     subprocess.run(["scontrol", "requeue", info["job_id"]], env=slurm_env, check=True, timeout=60)
     wait_for_job(job_handle(info), timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
 
@@ -139,7 +129,7 @@ def test_external_requeue_resumes_from_the_periodic_checkpoint(uninterrupted, sl
 def test_requeues_are_bounded(slurm_env, tmp_path):
     result, info = dinoreg_submit(slurm_env, tmp_path, "--max-requeues", "0", *RECIPE)
     assert result.returncode == 0, result.stderr
-    wait_for_rows(info["output_dir"], 4)
+    wait_for_training_rows(info["output_dir"], 4, timeout=JOB_TIMEOUT_S)
     subprocess.run(["scancel", "--signal=USR2", info["job_id"]], env=slurm_env, check=True, timeout=60)
     with pytest.raises(FailedJobError, match=r"not requeued: the job was already requeued 0 times "
                                              r"\(--max-requeues 0\); submit the same command"):

@@ -20,7 +20,7 @@ from dinoreg.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, checkpoin
 from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher
 
-from launch_helpers import TINY, subprocess_env
+from launch_helpers import TINY, subprocess_env, wait_for_training_rows
 
 # A run of 2 x 10 iterations that takes about 2 s after start-up.
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=2", "train.epoch_length=10",
@@ -59,16 +59,6 @@ def losses_by_iteration(run_dir: Path) -> dict:
     """The last logged row of each iteration (a resumed run logs again what followed its checkpoint)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["iteration"]: {k: v for k, v in r.items() if k.endswith("loss")} for r in rows if "total_loss" in r}
-
-
-def wait_for_rows(run_dir: Path, count: int, process, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{count} metric rows never appeared (exit code {process.poll()})")
 
 
 # ------------------------------------------------------------------------------------- in process
@@ -158,7 +148,7 @@ def test_signal_at_a_random_step_then_resume_gives_the_same_losses_bitwise(tmp_p
     stop_after = random.Random(os.getpid()).randrange(2, 17)  # any step, including between checkpoints
     run = tmp_path / "stopped"
     process = dinoreg_train(run, wait=False)
-    wait_for_rows(run, stop_after, process)
+    wait_for_training_rows(run, stop_after, process=process)
     process.send_signal(signal.SIGUSR1)
     process.send_signal(signal.SIGTERM)  # a second signal, during the step or the save, changes nothing
     out, err = process.communicate(timeout=120)

@@ -6,12 +6,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import TINY, TORCHRUN, free_port, subprocess_env, torchrun
+from launch_helpers import TINY, TORCHRUN, free_port, subprocess_env, torchrun, wait_for_training_rows
 
 from dinoreg import load_backbone
 from dinoreg.config import load_config
@@ -150,7 +149,7 @@ def test_checkpoints_resume_on_the_same_and_on_another_number_of_processes(tmp_p
     launcher = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}",
                                  *train_command(stopped)], env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-    wait_for_rows(stopped, 6)
+    wait_for_training_rows(stopped, 6)
     workers = sorted(int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
                                                         text=True).stdout.split())
     assert len(workers) == 2
@@ -186,19 +185,13 @@ def test_checkpoints_resume_on_the_same_and_on_another_number_of_processes(tmp_p
     assert subprocess.run(one_process(single), env=subprocess_env(), timeout=300).returncode == 0
     process = subprocess.Popen(one_process(stopped_single), env=subprocess_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    wait_for_rows(stopped_single, 6)
+    wait_for_training_rows(stopped_single, 6)
     process.send_signal(signal.SIGUSR1)
     assert process.wait(timeout=120) == EXIT_CODE_SAVED_ON_SIGNAL
     saved = int(latest_checkpoint(stopped_single).name)
     result = torchrun(2, *train_command(stopped_single))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_continues(losses(stopped_single), losses(single), saved)
-
-
-def wait_for_rows(run_dir: Path, count: int, timeout: float = 120) -> None:
-    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= count):
-        time.sleep(0.05)
 
 
 def assert_continues(resumed: dict, reference: dict, first_new: int) -> None:
