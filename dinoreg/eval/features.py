@@ -1,7 +1,7 @@
 """Frozen-backbone features for the evaluations: the datasets, the encoders, and (distributed) extraction.
 
 Extraction is the same in one process and under torchrun: each rank encodes the images whose index is
-``rank (mod world size)``, then every rank receives all features *with their dataset indices* and puts
+``rank (mod world size)``, then the main rank receives all features *with their dataset indices* and puts
 them back in dataset order, so the features (and anything computed from them) do not depend on the
 number of processes.
 """
@@ -155,12 +155,15 @@ def _world() -> tuple[int, int]:
 
 
 def gather_by_index(features: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """All ranks' ``(features [m_r, ...], indices [m_r])`` concatenated and sorted by index, on every rank.
+    """All ranks' ``(features [m_r, ...], indices [m_r])`` concatenated and sorted by index, on the main rank;
+    the other ranks get empty tensors (the results are computed there only, and an ImageNet feature bank on
+    every rank would multiply its memory by the number of ranks).
 
-    Shards may differ in size (and be empty), so each is padded to the largest before ``all_gather``.
+    Shards may differ in size (and be empty), so each is padded to the largest before ``gather``.
     In a single process this only sorts.
     """
-    if _world()[1] > 1:
+    rank, world = _world()
+    if world > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         world = dist.get_world_size()
         count = torch.tensor([features.shape[0]], device=device)
@@ -169,14 +172,16 @@ def gather_by_index(features: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         sizes = [int(c.item()) for c in counts]
         pad = max(sizes)
 
-        def gather(local: Tensor) -> list[Tensor]:
+        def gather(local: Tensor) -> Tensor:
             padded = local.new_zeros((pad, *local.shape[1:]), device=device)
             padded[:local.shape[0]] = local.to(device)
-            parts = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(parts, padded.contiguous())
-            return [part[:size].cpu() for part, size in zip(parts, sizes)]
+            parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+            dist.gather(padded.contiguous(), parts, dst=0)
+            if rank != 0:
+                return local[:0].cpu()
+            return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes)])
 
-        features, indices = torch.cat(gather(features)), torch.cat(gather(indices))
+        features, indices = gather(features), gather(indices)
     order = indices.argsort()
     return features[order], indices[order]
 
@@ -188,8 +193,9 @@ def extract_dataset_features(encode: Encoder, dataset, *, image_size: int, batch
     """Encode the images ``indices`` (default: all) of ``dataset`` with the official evaluation preprocessing
     (bicubic resize of the shorter side to ``resize_size``, centre crop ``image_size``, ImageNet normalisation).
 
-    Under an initialised process group every rank encodes its share and all ranks return the same full,
-    index-ordered :class:`FeatureSet`. Needs ``dataset.targets`` (class label per index).
+    Under an initialised process group every rank encodes its share; the main rank returns the full,
+    index-ordered :class:`FeatureSet`, the others an empty one. Needs ``dataset.targets`` (class label per
+    index).
     """
     rank, world = _world()
     wanted = list(range(len(dataset))) if indices is None else [int(i) for i in indices]

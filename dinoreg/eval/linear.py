@@ -240,12 +240,14 @@ def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, FeatureSet] | None
 def cached_block_features(context: EvalContext, *, n_last_blocks: int, cache_path: Path | None
                           ) -> tuple[dict[str, FeatureSet], bool]:
     """``({"train", "val"}: FeatureSet of [M, n + 1, D] features, reused)``: from ``cache_path`` when it was
-    made from the same weights, data, preprocessing and images; else extracted (on every rank) and saved."""
+    made from the same weights, data, preprocessing and images; else extracted (split across ranks) and saved.
+    The other ranks get empty feature sets."""
     key = _cache_key(context, n_last_blocks) if cache_path is not None else None
-    splits = _read_cache(cache_path, key) if cache_path is not None else None
-    # All ranks extract together or none does: one rank alone in a collective would wait forever.
-    if cache_path is not None and not broadcast_flag(splits is None):
-        return splits, True
+    # Only the main rank (where the classifiers train) reads the cache; all ranks extract together or none
+    # does, as one rank alone in a collective would wait forever.
+    splits = _read_cache(cache_path, key) if cache_path is not None and context.is_main else None
+    if cache_path is not None and broadcast_flag(splits is not None):
+        return splits or {}, True
     encode = block_tokens_encoder(context.backbone, n_last_blocks=n_last_blocks)
     splits = {split: extract_dataset_features(
         encode, dataset, indices=indices, image_size=context.image_size, resize_size=context.resize_size,

@@ -155,3 +155,20 @@ def test_random_init_baseline_uses_the_architecture_not_the_weights(tmp_path):
                  "--num-workers", "0"]) == 0
     assert json.loads((run / "eval_knn_random_init" / "results.json").read_text())["random_init"] is True
     assert not (run / "eval_knn").exists()
+
+
+def test_distributed_linear_with_uneven_shards_and_its_cache(weights, tmp_path):
+    # 61 train images: the two ranks' shards differ in size, which the gather pads
+    common = ["eval", "linear", "--weights", str(weights), "--data", "synthetic:size=61,image_size=32",
+              "--num-workers", "0", "--batch-size", "8", "--epochs", "2"]
+    assert main([*common, "--output-dir", str(tmp_path / "one")]) == 0
+    command = [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "dinoreg", *common,
+               "--output-dir", str(tmp_path / "two")]
+    for _ in range(2):  # extracts, then reuses the cache the main rank wrote
+        done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two")]
+    assert results[1]["world_size"] == 2 and results[1]["features_cached"] is True
+    strip = {"world_size", "features_cached", "extract_seconds", "train_seconds"}
+    assert {k: v for k, v in results[0].items() if k not in strip} == {k: v for k, v in results[1].items()
+                                                                       if k not in strip}
