@@ -156,7 +156,7 @@ class MonitorConfig:
     # block, and the last block's cls -> register attention mass. 0 turns it off.
     period: int = 1250
     images: int = 16
-    relative_threshold: float = 10.0
+    relative_threshold: float = 4.0  # as analyze norms, which needs its two modes 4x apart
     absolute_threshold: float = 150.0
 
 

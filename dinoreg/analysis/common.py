@@ -70,8 +70,10 @@ class AnalysisInputs:
         loader = build_eval_loader(IndexedView(self.dataset, indices), image_size=self.image_size,
                                    batch_size=len(indices), num_workers=0, resize_size=self.image_size)
         images, _ = next(iter(loader))
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
+
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
 
 

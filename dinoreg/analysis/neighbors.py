@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dinoreg.analysis.common import AnalysisInputs, Tool, pyplot, save_figure, write_json
-from dinoreg.analysis.norms import automatic_threshold, patch_norms
+from dinoreg.analysis.norms import choose_threshold, patch_norms
 
 __all__ = ["TOOLS", "neighbour_similarity", "run_neighbors"]
 
@@ -31,8 +31,8 @@ def neighbour_similarity(embeddings: Tensor) -> Tensor:
     """``[B, H, W]``: each patch's mean cosine similarity to its (up to 4) horizontal and vertical neighbours,
     from patch embeddings ``[B, H, W, D]``; border patches average over the neighbours they have."""
     unit = F.normalize(embeddings.float(), dim=-1)
-    total = torch.zeros(unit.shape[:3])
-    count = torch.zeros(unit.shape[1:3])
+    total = torch.zeros(unit.shape[:3], device=unit.device)
+    count = torch.zeros(unit.shape[1:3], device=unit.device)
     down = (unit[:, 1:] * unit[:, :-1]).sum(-1)  # [B, H-1, W]: row i with row i+1
     right = (unit[:, :, 1:] * unit[:, :, :-1]).sum(-1)  # [B, H, W-1]
     total[:, :-1] += down
@@ -52,11 +52,11 @@ def run_neighbors(inputs: AnalysisInputs, out: Path, *, threshold: Optional[floa
     similarities, norms = [], []
     for images, _ in inputs.batches("neighbour similarity"):
         embedded = backbone.patch_embed(images)  # [B, HW, D]: before position embeddings and any block
-        similarities.append(neighbour_similarity(embedded.reshape(-1, height, width, embedded.shape[-1])).flatten())
+        similarities.append(neighbour_similarity(embedded.reshape(-1, height, width, embedded.shape[-1])).flatten().cpu())
         outputs, _ = backbone.block_outputs(images)
         norms.append(patch_norms(outputs[-1:], backbone.num_register_tokens)[0].flatten().cpu())
     similarity, norm = torch.cat(similarities), torch.cat(norms)  # [N * HW] each
-    value, source = (float(threshold), "given") if threshold is not None else (automatic_threshold(norm), "automatic")
+    value, source = choose_threshold(norm, threshold)
     outliers = norm > value
 
     def stats(values: Tensor) -> Optional[dict[str, float]]:
@@ -82,11 +82,12 @@ def run_neighbors(inputs: AnalysisInputs, out: Path, *, threshold: Optional[floa
 
 
 def _summary(result: dict[str, Any]) -> str:
-    normal = result["normal_similarity"]["mean"]
-    if result["outlier_similarity"] is None:
-        return f"{result['num_images']} images, no high-norm tokens; normal tokens' neighbour similarity {normal:.3f}"
-    return (f"{result['num_images']} images, neighbour similarity {result['outlier_similarity']['mean']:.3f} for "
-            f"{result['num_outliers']} high-norm tokens vs {normal:.3f} for the others")
+    def mean(key: str) -> str:
+        return "n/a" if result[key] is None else f"{result[key]['mean']:.3f}"
+
+    return (f"{result['num_images']} images, neighbour similarity {mean('outlier_similarity')} for "
+            f"{result['num_outliers']} high-norm tokens vs {mean('normal_similarity')} for the "
+            f"{result['num_normal']} others")
 
 
 def _add_arguments(parser: Any) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from dinoreg.analysis.common import AnalysisInputs, Tool, pyplot, save_figure, write_json
 
-__all__ = ["MIN_MODE_RATIO", "TOOLS", "automatic_threshold", "layer_norms", "patch_norms", "run_layers", "run_norms",
+__all__ = ["MIN_MODE_RATIO", "TOOLS", "automatic_threshold", "choose_threshold", "layer_norms", "patch_norms", "run_layers", "run_norms",
            "run_positions"]
 
 # Two modes count as two only when the upper one is at least this many times the lower (in norm): the paper's
@@ -70,7 +70,8 @@ def _summary(norms: Tensor, threshold: float) -> dict[str, Any]:
             "max": float(flat.max()), "outlier_fraction": float((flat > threshold).float().mean())}
 
 
-def _threshold(norms: Tensor, given: Optional[float]) -> tuple[float, str]:
+def choose_threshold(norms: Tensor, given: Optional[float]) -> tuple[float, str]:
+    """``(threshold, "given" | "automatic")``: ``given``, or :func:`automatic_threshold` of ``norms``."""
     return (float(given), "given") if given is not None else (automatic_threshold(norms), "automatic")
 
 
@@ -79,7 +80,7 @@ def run_norms(inputs: AnalysisInputs, out: Path, *, threshold: Optional[float] =
     plt = pyplot()
     norms, indices = layer_norms(inputs)
     last = norms[-1]  # [N, H, W]
-    value, source = _threshold(last, threshold)
+    value, source = choose_threshold(last, threshold)
     outliers = last > value  # [N, H, W]
     result = {"tool": "norms", "weights": str(inputs.weights), "images": inputs.images, "num_images": len(indices),
               "grid": list(inputs.grid), "threshold": value if math.isfinite(value) else None,
@@ -114,7 +115,7 @@ def run_layers(inputs: AnalysisInputs, out: Path, *, threshold: Optional[float] 
     output's, unless given)."""
     plt = pyplot()
     norms, indices = layer_norms(inputs)
-    value, source = _threshold(norms[-1], threshold)
+    value, source = choose_threshold(norms[-1], threshold)
     layers = [{"layer": i, **_summary(norms[i], value)} for i in range(norms.shape[0])]
     result = {"tool": "layers", "weights": str(inputs.weights), "images": inputs.images, "num_images": len(indices),
               "threshold": value if math.isfinite(value) else None, "threshold_source": source, "layers": layers}
@@ -133,7 +134,7 @@ def run_positions(inputs: AnalysisInputs, out: Path, *, threshold: Optional[floa
     """How often each grid position holds a high-norm output token."""
     plt = pyplot()
     norms, indices = layer_norms(inputs)
-    value, source = _threshold(norms[-1], threshold)
+    value, source = choose_threshold(norms[-1], threshold)
     frequency = (norms[-1] > value).float().mean(0)  # [H, W]
     result = {"tool": "positions", "weights": str(inputs.weights), "images": inputs.images,
               "num_images": len(indices), "threshold": value if math.isfinite(value) else None,
@@ -155,7 +156,8 @@ def _add_threshold(parser: Any) -> None:
 
 def _summary_line(result: dict[str, Any]) -> str:
     threshold = result["threshold"]
-    found = f"threshold {threshold:.1f} ({result['threshold_source']})" if threshold else "no high-norm mode found"
+    found = (f"threshold {threshold:.1f} ({result['threshold_source']})" if threshold is not None
+             else "no high-norm mode found")
     fraction = result.get("outlier_fraction")
     return f"{result['num_images']} images, {found}" + (f", {fraction:.2%} high-norm tokens" if fraction is not None
                                                          else "")

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure, write_json
-from dinoreg.analysis.norms import automatic_threshold, layer_norms
+from dinoreg.analysis.norms import choose_threshold, layer_norms
 from dinoreg.eval.linear import heldout_split
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_HELDOUT_FRACTION", "DEFAULT_LR", "DEFAULT_PROBE_BATCH_SIZE",
@@ -283,7 +283,7 @@ def run_probe(inputs: AnalysisInputs, out: Path, *, threshold: Optional[float] =
     count = len(indices)
     if count < 2:
         raise AnalysisError(f"only {count} image: the probes need fit and held-out images; raise --max-images")
-    value, source = (float(threshold), "given") if threshold is not None else (automatic_threshold(last), "automatic")
+    value, source = choose_threshold(last, threshold)
     outliers = last > value  # [N, HW]
     num_outliers = int(outliers.sum())
     normal_per_image = None if num_outliers else NORMAL_PER_IMAGE_WITHOUT_OUTLIERS

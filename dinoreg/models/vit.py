@@ -156,15 +156,16 @@ class DinoVisionTransformer(nn.Module):
             return [self.head(o["x_norm_clstoken"]) for o in out]
         return self.head(out["x_norm_clstoken"])
 
-    def block_outputs(self, x: Tensor, *, attention_of: Sequence[int] = ()) -> tuple[list[Tensor], dict[int, Tensor]]:
+    def block_outputs(self, x: Tensor, *, attention_of: Sequence[int] = (), num_queries: int | None = None
+                      ) -> tuple[list[Tensor], dict[int, Tensor]]:
         """The tokens after every block, ``[B, 1 + R + HW, D]`` each (residual stream, before the final norm),
-        and the attention probabilities ``[B, heads, N, N]`` of the blocks listed in ``attention_of`` (for
-        analysis and the training monitor)."""
+        and the attention probabilities ``[B, heads, Q, N]`` of the blocks listed in ``attention_of`` for the
+        first ``num_queries`` tokens as queries (all when None), for analysis and the training monitor."""
         tokens = self.prepare_tokens_with_masks(x)
         outputs, attention = [], {}
         for index, block in enumerate(self.blocks):
             if index in attention_of:
-                attention[index] = block.attention_probs(tokens)
+                attention[index] = block.attention_probs(tokens, num_queries=num_queries)
             tokens = block(tokens)
             outputs.append(tokens)
         return outputs, attention

@@ -32,7 +32,7 @@ __all__ = ["ArtifactMonitor", "artifact_metrics"]
 def artifact_metrics(block_outputs: list[Tensor], last_attention: Tensor, *, num_register_tokens: int,
                      relative_threshold: float, absolute_threshold: float) -> dict[str, float]:
     """The monitor's figures from the block outputs ``L x [B, 1 + R + HW, D]`` and the last block's attention
-    ``[B, heads, N, N]``."""
+    ``[B, heads, Q, N]`` (only the cls query, ``Q`` = 0, is read)."""
     norms = patch_norms(block_outputs, num_register_tokens).flatten(1)  # [L, B * HW]
     metrics: dict[str, float] = {}
     for block, values in enumerate(norms):
@@ -67,7 +67,7 @@ class ArtifactMonitor:
         backbone.eval()
         last = len(backbone.blocks) - 1
         with autocast:
-            outputs, attention = backbone.block_outputs(self.images, attention_of=(last,))
+            outputs, attention = backbone.block_outputs(self.images, attention_of=(last,), num_queries=1)
         backbone.train(was_training)
         metrics = artifact_metrics(outputs, attention[last], num_register_tokens=backbone.num_register_tokens,
                                    relative_threshold=self.cfg.relative_threshold,

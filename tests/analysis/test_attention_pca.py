@@ -35,27 +35,6 @@ def analyze(tool, weights, out, *extra):
     return json.loads((out / f"{tool}.json").read_text())
 
 
-def test_explicit_attention_reproduces_the_blocks_attention_output():
-    model = tiny()
-    block = model.blocks[1]
-    tokens = torch.randn(2, 21, 192) * 3  # [B, 1 + R + HW, D]
-    with torch.no_grad():
-        probs = block.attention_probs(tokens)  # [B, heads, N, N]
-        batch, count, dim = tokens.shape
-        normed = block.norm1(tokens)
-        values = block.attn.qkv(normed).view(batch, count, 3, 3, dim // 3)[:, :, 2].transpose(1, 2)  # [B, h, N, hd]
-        mixed = (probs @ values).transpose(1, 2).reshape(batch, count, dim)
-        ours = block.attn.proj(mixed)
-        theirs = block.attn(normed.reshape(-1, dim), [(batch, count)]).view(batch, count, dim)
-    assert probs.sum(-1).sub(1).abs().max() < 1e-5
-    assert (ours - theirs).abs().max() < 1e-5
-    images = torch.randn(3, 3, 32, 32)
-    for layer in (0, 1):  # the first query rows of the model's own analysis helper, through the earlier blocks
-        rows = query_attention(model, images, layer=layer)  # [B, heads, 1 + R, N]
-        assert rows.shape == (3, 3, 5, 21)
-        assert torch.allclose(rows, model.get_self_attention(images, layer)[:, :, :5], atol=1e-6)
-
-
 def panel_titles(monkeypatch):
     """The titles of every axis (panels and colour bars) of each figure the attention tool saves."""
     figures, original = [], attention_module.save_figure

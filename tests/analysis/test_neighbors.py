@@ -30,7 +30,7 @@ def test_neighbour_similarity_by_hand():
     torch.testing.assert_close(neighbour_similarity(grid)[0], expected)
 
 
-def test_high_norm_tokens_are_separated(tmp_path):
+def test_high_norm_and_normal_tokens_are_counted_apart(tmp_path):
     torch.manual_seed(0)
     model = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=2, num_register_tokens=4, init_values=1.0,
                            interpolate_antialias=True, interpolate_offset=0.0)
