@@ -62,6 +62,16 @@ class AnalysisInputs:
         for images, indices in tqdm(loader, desc=desc, unit="batch", leave=False):
             yield images.to(self.device), indices
 
+    def labels(self, indices: Tensor) -> tuple[Optional[Tensor], Optional[str]]:
+        """``(class labels [N] of the dataset items indices, None)``, or ``(None, why there are none)``."""
+        targets = getattr(self.dataset, "targets", None)
+        if targets is None:
+            return None, "the images have no labels (the dataset has no targets)"
+        labels = torch.as_tensor([int(targets[i]) for i in indices.tolist()], dtype=torch.long)
+        if (labels < 0).any():
+            return None, "some images have no label (images outside class sub-folders); use a folder of class folders"
+        return labels, None
+
     def raw_images(self, indices: list[int]) -> Tensor:
         """The images ``indices`` as shown in figures: ``[N, S, S, 3]`` in [0, 1], the same resize as analysed."""
         from dinoreg.data.loader import build_eval_loader  # noqa: PLC0415

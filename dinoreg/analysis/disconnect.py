@@ -93,12 +93,9 @@ def ablated_cls(backbone: DinoVisionTransformer, images: Tensor, *, from_layer: 
 
 
 def _labels(inputs: AnalysisInputs, indices: Tensor) -> tuple[Optional[Tensor], Optional[str]]:
-    targets = getattr(inputs.dataset, "targets", None)
-    if targets is None:
-        return None, "the images have no labels (the dataset has no targets)"
-    labels = torch.as_tensor([int(targets[i]) for i in indices.tolist()], dtype=torch.long)
-    if (labels < 0).any():
-        return None, "some images have no label (images outside class sub-folders)"
+    labels, note = inputs.labels(indices)
+    if labels is None:
+        return None, note
     if bank_split(labels).all():
         return None, "kNN needs a class with at least 2 images (one in the bank, one query); raise --max-images"
     return labels, None

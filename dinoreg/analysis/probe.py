@@ -231,12 +231,9 @@ class _Probes:
 
 
 def _labels(inputs: AnalysisInputs, indices: Tensor) -> tuple[Optional[Tensor], Optional[str]]:
-    targets = getattr(inputs.dataset, "targets", None)
-    if targets is None:
-        return None, "the images have no labels (the dataset has no targets)"
-    labels = torch.as_tensor([int(targets[i]) for i in indices.tolist()], dtype=torch.long)
-    if (labels < 0).any():
-        return None, "some images have no label (images outside class sub-folders); use a folder of class folders"
+    labels, note = inputs.labels(indices)
+    if labels is None:
+        return None, note
     if labels.unique().numel() < 2:
         return None, "the images hold a single class; classification needs at least 2 (raise --max-images)"
     return labels, None
