@@ -18,10 +18,12 @@ from typing import Sequence
 import torch
 
 from dinoreg.config import load_config
+from dinoreg.distributed import DistributedEnvironment
+from dinoreg.run_dir import RunDir
 from dinoreg.ssl.meta_arch import SSLMetaArch
+from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.checkpoint import load_checkpoint, save_checkpoint
 from dinoreg.train.loop import train
-from dinoreg.train.optim import build_optimizer, build_param_groups
 
 
 def benchmark_training(config: str = "tiny_cpu", *, iterations: int = 50, warmup: int = 10,
@@ -36,7 +38,7 @@ def benchmark_training(config: str = "tiny_cpu", *, iterations: int = 50, warmup
                                    f"train.epoch_length={warmup + iterations}", "evaluation.knn_enabled=false",
                                    f"train.output_dir={output_dir}"])
         train(cfg)
-        rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in RunDir(output_dir).metrics.read_text().splitlines()]
     measured = [row for row in rows if "total_loss" in row][warmup:]
     batch = cfg.train.batch_size_per_gpu
     step_times = [batch / row["images_per_sec"] for row in measured]
@@ -74,9 +76,7 @@ def format_report(result: dict[str, float]) -> str:
 
 
 def _model_and_optimizer(cfg) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
-    model = SSLMetaArch(cfg)
-    optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
-                                                   patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult))
+    model, optimizer = build_model_and_optimizer(cfg, DistributedEnvironment(), torch.device("cpu"))
     for p in model.student.parameters():  # one step with made-up gradients: the optimizer state exists
         p.grad = torch.full_like(p, 1e-3)
     optimizer.step()

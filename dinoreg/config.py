@@ -14,7 +14,6 @@ import importlib.resources
 import math
 import os
 import signal
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -23,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dinoreg.config_schema import ARCHITECTURES, CHOICES, RENAMED_KEYS, UNUSED_KEYS, DinoRegConfig
+from dinoreg.models import DinoVisionTransformer, build_backbone
+from dinoreg.run_dir import write_text
 
 __all__ = [
     "ARCHITECTURES",
@@ -30,6 +31,7 @@ __all__ = [
     "DinoRegConfig",
     "apply_scaling_rule",
     "available_configs",
+    "build_backbone_from_config",
     "load_config",
     "save_config",
 ]
@@ -334,16 +336,31 @@ def apply_scaling_rule(cfg: DictConfig, world_size: int) -> float:
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write ``cfg`` as resolved YAML; atomic, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def build_backbone_from_config(cfg: DictConfig, *, stochastic_depth: bool) -> DinoVisionTransformer:
+    """The ``cfg.student`` backbone for the global crop size; ``stochastic_depth``: with the student's drop path
+    (the teacher, and every backbone read back from a checkpoint, has none)."""
+    student = cfg.student
+    kwargs = dict(
+        img_size=cfg.crops.global_crops_size,
+        patch_size=student.patch_size,
+        init_values=student.layerscale,
+        ffn_layer=student.ffn_layer,
+        block_chunks=student.block_chunks,
+        qkv_bias=student.qkv_bias,
+        proj_bias=student.proj_bias,
+        ffn_bias=student.ffn_bias,
+        num_register_tokens=student.num_register_tokens,
+        interpolate_antialias=student.interpolate_antialias,
+        interpolate_offset=student.interpolate_offset,
+        attn_backend=student.attention_backend,
+        attn_backend_required=student.attention_backend_required,
+        embed_dim=student.embed_dim,
+        depth=student.depth,
+        num_heads=student.num_heads,
+    )
+    if stochastic_depth:
+        kwargs.update(drop_path_rate=student.drop_path_rate, drop_path_uniform=student.drop_path_uniform)
+    return build_backbone(student.arch, **kwargs)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from dinoreg.run_dir import RunDir
+
 __all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "final_metrics",
            "format_sbatch", "job_state", "sbatch_parameters", "submit", "wait_for_job"]
 
@@ -141,17 +143,22 @@ def format_sbatch(params: dict[str, Any], log_dir: str) -> list[str]:
 
 class DinoregJob:
     """The submitit callable: runs ``dinoreg <argv>`` in each task (``%j`` becomes the job id) and returns
-    ``{"command", "exit_code", "output_dir", "final"}`` (``final``: the last training and kNN metrics)."""
+    ``{"command", "exit_code", "output_dir", "final"}`` (``final``: the last training and kNN metrics).
 
-    def __init__(self, argv: Sequence[str], *, max_requeues: int, output_dir: Optional[str] = None) -> None:
+    ``entry(argv) -> exit status`` runs a command line in-process (the CLI passes its ``run``; pickled by
+    reference, so this module never imports the CLI). In-process, so that the training loop's signal handling
+    and submitit's requeue handler share the task's process."""
+
+    def __init__(self, argv: Sequence[str], *, entry: Callable[[list[str]], int], max_requeues: int,
+                 output_dir: Optional[str] = None) -> None:
         self.argv = list(argv)
+        self.entry = entry
         self.max_requeues = max_requeues
         self.output_dir = output_dir
 
     def __call__(self) -> dict[str, Any]:
         import submitit  # noqa: PLC0415 (only inside a job)
 
-        from dinoreg.cli import run  # noqa: PLC0415 (the CLI imports this module)
         from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, StoppedOnSignal  # noqa: PLC0415
 
         environment = submitit.JobEnvironment()
@@ -166,7 +173,7 @@ class DinoregJob:
         stderr = _Tee(sys.stderr)
         try:
             with contextlib.redirect_stderr(stderr):
-                code = run(argv)
+                code = self.entry(argv)
         except StoppedOnSignal as stop:
             _log(f"{stop}")
             if stop.signal_name == "SIGTERM":  # SLURM is cancelling or requeueing the job itself: leave no result
@@ -204,7 +211,7 @@ class DinoregJob:
 
 def final_metrics(output_dir: Path) -> dict[str, float]:
     """The last training row of ``metrics.jsonl`` with the last kNN results merged in."""
-    path = output_dir / "metrics.jsonl"
+    path = RunDir(output_dir).metrics
     final: dict[str, float] = {}
     if not path.exists():
         return final
@@ -218,9 +225,10 @@ def final_metrics(output_dir: Path) -> dict[str, float]:
     return {**final, **{key: value for key, value in knn.items() if key != "iteration"}}
 
 
-def submit(argv: Sequence[str], request: SlurmRequest, *, log_dir: str, output_dir: Optional[str] = None,
-           python: Optional[str] = None) -> Any:
-    """Submit ``dinoreg <argv>`` as one SLURM job; returns the ``submitit.SlurmJob``."""
+def submit(argv: Sequence[str], request: SlurmRequest, *, entry: Callable[[list[str]], int], log_dir: str,
+           output_dir: Optional[str] = None, python: Optional[str] = None) -> Any:
+    """Submit ``dinoreg <argv>`` as one SLURM job run by ``entry`` (see :class:`DinoregJob`); returns the
+    ``submitit.SlurmJob``."""
     import shutil  # noqa: PLC0415
 
     import submitit  # noqa: PLC0415
@@ -234,7 +242,8 @@ def submit(argv: Sequence[str], request: SlurmRequest, *, log_dir: str, output_d
     from submitit.core.utils import FailedJobError  # noqa: PLC0415
 
     try:
-        return executor.submit(DinoregJob(argv, max_requeues=request.max_requeues, output_dir=output_dir))
+        return executor.submit(DinoregJob(argv, entry=entry, max_requeues=request.max_requeues,
+                                               output_dir=output_dir))
     except FailedJobError as error:  # carries sbatch's stderr
         messages = [line.strip() for line in str(error).splitlines() if "sbatch: error" in line]
         raise SubmitError("sbatch refused the job: " + ("; ".join(messages) or str(error)) +

@@ -35,8 +35,10 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure, write_json
+from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
+from dinoreg.argtypes import positive_int
 from dinoreg.models.pos_embed import resample_patch_pos_embed, resample_pos_embed
+from dinoreg.run_dir import write_json
 
 __all__ = ["LOCAL_CROP_RATIO", "TOOLS", "default_target_grid", "resize_gradient", "run_antialias", "striping"]
 
@@ -104,7 +106,7 @@ def run_antialias(inputs: AnalysisInputs, out: Path, *, source_grid: Optional[in
                                       "offset": float(backbone.interpolate_offset)},
               "loss": LOSS, "with_antialias": scores[True], "without_antialias": scores[False]}
     _figure(out / "antialias.png", gradients, scores, source=source, target=target)
-    write_json(out, "antialias.json", result)
+    write_json(out / "antialias.json", result)
     return result
 
 
@@ -134,8 +136,6 @@ def _figure(path: Path, gradients: dict[bool, Tensor], scores: dict[bool, dict[s
 
 
 def _add_arguments(parser: Any) -> None:
-    from dinoreg.cli.common import positive_int  # noqa: PLC0415 (argument type)
-
     parser.add_argument("--source-grid", type=positive_int, metavar="PATCHES",
                         help="side of the learned grid, e.g. 37 as the released models (518 px / 14) (default: the "
                              "backbone's own pos_embed grid)")

@@ -32,8 +32,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure, write_json
+from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
 from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.run_dir import write_json
 
 __all__ = ["MAPS_SHOWN", "TOOLS", "attention_statistics", "query_attention", "query_names",
            "resolve_layer", "run_attention"]
@@ -151,7 +152,7 @@ def run_attention(inputs: AnalysisInputs, out: Path, *, layer: Optional[int] = N
               "entropy_uniform": math.log(height * width), "queries": _summarise(statistics, names)}
     out.mkdir(parents=True, exist_ok=True)
     _plot_maps(inputs, indices, torch.cat(maps)[:MAPS_SHOWN], names, index, out)
-    write_json(out, "attention.json", result)
+    write_json(out / "attention.json", result)
     return result
 
 

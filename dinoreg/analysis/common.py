@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -10,9 +9,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD, IndexedView, build_eval_loader
 from dinoreg.models.vit import DinoVisionTransformer
 
-__all__ = ["AnalysisInputs", "AnalysisError", "Tool", "open_inputs", "pyplot", "save_figure", "write_json"]
+__all__ = ["AnalysisInputs", "AnalysisError", "Tool", "open_inputs", "pyplot", "save_figure"]
 
 
 class AnalysisError(ValueError):
@@ -53,9 +53,6 @@ class AnalysisInputs:
         bar; the whole image is kept (resized to ``image_size``, no crop)."""
         from tqdm import tqdm  # noqa: PLC0415
 
-        from dinoreg.data.loader import build_eval_loader  # noqa: PLC0415
-        from dinoreg.eval.features import IndexedView  # noqa: PLC0415
-
         count = min(self.max_images, len(self.dataset))
         loader = build_eval_loader(IndexedView(self.dataset, list(range(count))), image_size=self.image_size,
                                    batch_size=self.batch_size, num_workers=0, resize_size=self.image_size)
@@ -74,14 +71,9 @@ class AnalysisInputs:
 
     def raw_images(self, indices: list[int]) -> Tensor:
         """The images ``indices`` as shown in figures: ``[N, S, S, 3]`` in [0, 1], the same resize as analysed."""
-        from dinoreg.data.loader import build_eval_loader  # noqa: PLC0415
-        from dinoreg.eval.features import IndexedView  # noqa: PLC0415
-
         loader = build_eval_loader(IndexedView(self.dataset, indices), image_size=self.image_size,
                                    batch_size=len(indices), num_workers=0, resize_size=self.image_size)
         images, _ = next(iter(loader))
-        from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
-
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
@@ -112,14 +104,6 @@ def open_inputs(*, weights: Path, images: str, image_size: Optional[int], batch_
         raise AnalysisError(f"--img-size {size} is not a multiple of the patch size {backbone.patch_size}")
     return AnalysisInputs(backbone=backbone, weights=path, images=images, dataset=dataset, image_size=size,
                           batch_size=batch_size, max_images=max_images, device=torch.device(device))
-
-
-def write_json(out: Path, name: str, payload: dict[str, Any]) -> Path:
-    from dinoreg.eval.context import write_atomically  # noqa: PLC0415
-
-    path = Path(out) / name
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
-    return path
 
 
 def pyplot() -> Any:

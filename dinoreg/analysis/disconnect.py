@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure, write_json
-from dinoreg.eval.knn import knn_classify
+from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
+from dinoreg.metrics.knn import knn_classify
 from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.run_dir import write_json
 
 __all__ = ["ABLATIONS", "KNN_K", "KNN_TEMPERATURE", "TOOLS", "ablated_cls", "bank_split", "cls_attention_masses",
            "run_disconnect"]
@@ -160,7 +161,7 @@ def run_disconnect(inputs: AnalysisInputs, out: Path, *, ablation: str = "zero",
         if labels is not None:
             result["knn_top1_ablated"] = _knn_top1(ablated, labels, bank)
     _figure(out / "disconnect.png", masses, registers=registers)
-    write_json(out, "disconnect.json", result)
+    write_json(out / "disconnect.json", result)
     return result
 
 

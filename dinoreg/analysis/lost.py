@@ -41,8 +41,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure, write_json
+from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
+from dinoreg.argtypes import positive_int
 from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.run_dir import write_json
 
 __all__ = ["CORLOC_IOU", "FEATURES", "TOOLS", "LostResult", "box_iou", "connected_component", "lost",
            "patch_features", "run_lost"]
@@ -230,7 +232,7 @@ def run_lost(inputs: AnalysisInputs, out: Path, *, features: str = "keys",
               "corloc": correct / len(records) if has_truth else None,
               "num_correct": correct if has_truth else None, "note": note, "per_image": records}
     _figure(inputs, out, records, degrees)
-    write_json(out, "lost.json", result)
+    write_json(out / "lost.json", result)
     return result
 
 
@@ -242,8 +244,6 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def _add_arguments(parser: Any) -> None:
-    from dinoreg.cli.common import positive_int  # noqa: PLC0415 (argument type)
-
     parser.add_argument("--features", choices=FEATURES, default="keys",
                         help="patch features: the last block's attention keys (LOST's choice), queries or values "
                              "(heads concatenated), or the output tokens after the final norm (default: %(default)s)")

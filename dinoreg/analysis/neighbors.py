@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinoreg.analysis.common import AnalysisInputs, Tool, pyplot, save_figure, write_json
-from dinoreg.analysis.norms import choose_threshold, patch_norms
+from dinoreg.analysis.common import AnalysisInputs, Tool, pyplot, save_figure
+from dinoreg.analysis.norms import choose_threshold
+from dinoreg.metrics.tokens import patch_norms
+from dinoreg.run_dir import write_json
 
 __all__ = ["TOOLS", "neighbour_similarity", "run_neighbors"]
 
@@ -77,7 +79,7 @@ def run_neighbors(inputs: AnalysisInputs, out: Path, *, threshold: Optional[floa
              title="input redundancy of high-norm vs normal tokens")
     axis.legend()
     save_figure(figure, out / "neighbors.png")
-    write_json(out, "neighbors.json", result)
+    write_json(out / "neighbors.json", result)
     return result
 
 

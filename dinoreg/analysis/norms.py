@@ -16,9 +16,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from dinoreg.analysis.common import AnalysisInputs, Tool, pyplot, save_figure, write_json
+from dinoreg.analysis.common import AnalysisInputs, Tool, pyplot, save_figure
+from dinoreg.metrics.tokens import patch_norms
+from dinoreg.run_dir import write_json
 
-__all__ = ["MIN_MODE_RATIO", "TOOLS", "automatic_threshold", "choose_threshold", "layer_norms", "patch_norms", "run_layers", "run_norms",
+__all__ = ["MIN_MODE_RATIO", "TOOLS", "automatic_threshold", "choose_threshold", "layer_norms", "run_layers", "run_norms",
            "run_positions"]
 
 # Two modes count as two only when the upper one is at least this many times the lower (in norm): the paper's
@@ -39,11 +41,6 @@ def layer_norms(inputs: AnalysisInputs) -> tuple[Tensor, Tensor]:
         all_norms.append(norms.reshape(len(outputs), -1, height, width).cpu())  # [L, B, H, W]
         all_indices.append(indices)
     return torch.cat(all_norms, dim=1), torch.cat(all_indices)
-
-
-def patch_norms(block_outputs: list[Tensor], num_register_tokens: int) -> Tensor:
-    """``[L, B, HW]``: the norm of every patch token in each block output ``[B, 1 + R + HW, D]``."""
-    return torch.stack([out[:, 1 + num_register_tokens:].float().norm(dim=-1) for out in block_outputs])
 
 
 def automatic_threshold(norms: Tensor) -> float:
@@ -106,7 +103,7 @@ def run_norms(inputs: AnalysisInputs, out: Path, *, threshold: Optional[float] =
             axes[row, column].axis("off")
     figure.suptitle("images and their output patch-token norms")
     save_figure(figure, out / "norms_maps.png")
-    write_json(out, "norms.json", result)
+    write_json(out / "norms.json", result)
     return result
 
 
@@ -126,7 +123,7 @@ def run_layers(inputs: AnalysisInputs, out: Path, *, threshold: Optional[float] 
     axis.set(xlabel="block", ylabel="patch-token norm (log scale)", title="norms after each block")
     axis.set_xticks(range(1, len(layers) + 1), [str(i) for i in range(len(layers))])
     save_figure(figure, out / "layers.png")
-    write_json(out, "layers.json", result)
+    write_json(out / "layers.json", result)
     return result
 
 
@@ -144,7 +141,7 @@ def run_positions(inputs: AnalysisInputs, out: Path, *, threshold: Optional[floa
     figure.colorbar(image, ax=axis, label="fraction of images with a high-norm token")
     axis.set(xlabel="patch column", ylabel="patch row", title="where high-norm tokens appear")
     save_figure(figure, out / "positions.png")
-    write_json(out, "positions.json", result)
+    write_json(out / "positions.json", result)
     return result
 
 

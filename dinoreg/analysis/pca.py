@@ -30,7 +30,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure, write_json
+from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
+from dinoreg.run_dir import write_json
 
 __all__ = ["NUM_REPORTED", "TOOLS", "PrincipalComponents", "min_max", "orient_first_component", "patch_features",
            "principal_components", "run_pca"]
@@ -187,7 +188,7 @@ def run_pca(inputs: AnalysisInputs, out: Path, *, foreground_threshold: Optional
     out.mkdir(parents=True, exist_ok=True)
     _plot_maps(inputs, indices[:shown], rows, out)
     _plot_variance(result, out)
-    write_json(out, "pca.json", result)
+    write_json(out / "pca.json", result)
     return result
 
 

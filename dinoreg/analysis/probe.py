@@ -54,9 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure, write_json
+from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
 from dinoreg.analysis.norms import choose_threshold, layer_norms
 from dinoreg.eval.linear import heldout_split
+from dinoreg.run_dir import write_json
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_HELDOUT_FRACTION", "DEFAULT_LR", "DEFAULT_PROBE_BATCH_SIZE",
            "NORMAL_PER_IMAGE_WITHOUT_OUTLIERS", "TOOLS", "fit_linear", "patchify", "position_scores", "run_probe",
@@ -319,7 +320,7 @@ def run_probe(inputs: AnalysisInputs, out: Path, *, threshold: Optional[float] =
         "classification_images": images_used, "skipped": probes.skipped,
     }
     _figure(out / "probe.png", result)
-    write_json(out, "probe.json", result)
+    write_json(out / "probe.json", result)
     return result
 
 

@@ -20,6 +20,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from dinoreg import __version__
 from dinoreg.cli.evaluate import add_eval_parser
 from dinoreg.cli.export import add_export_parser
 from dinoreg.cli.model import add_analyze_parser, add_model_info_parser
@@ -32,9 +33,14 @@ __all__ = ["build_parser", "main", "run"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinoreg", description="DINOv2-style self-supervised ViTs with register tokens.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="<subcommand>", required=True)
-    for add_parser in (add_train_parser, add_submit_parser, add_export_parser, add_eval_parser,
-                       add_model_info_parser, add_bench_parser, add_analyze_parser):
+    add_train_parser(commands)
+    # the job runs its command line through run(), in-process, after build_parser() checked it
+    add_submit_parser(commands, job_entry=run, job_parser=build_parser)
+    for add_parser in (add_export_parser, add_eval_parser, add_model_info_parser, add_bench_parser,
+                       add_analyze_parser):
         add_parser(commands)
     return parser
 

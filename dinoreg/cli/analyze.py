@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dinoreg.cli.common import positive_int
+from dinoreg.argtypes import positive_int
 
 
 def _tool_modules() -> list[Any]:

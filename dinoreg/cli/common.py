@@ -1,48 +1,17 @@
-"""Argument types and options shared by the subcommands."""
+"""Options shared by the subcommands (the value types they parse with are in :mod:`dinoreg.argtypes`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from dinoreg.argtypes import positive_int
 from dinoreg.models import ARCHS, FFN_LAYERS
 
 FLOP_UNIT = "1 FLOP = 1 multiply-add (fvcore's convention)"
 # Positional-embedding resampling for other input sizes: (interpolate_antialias, interpolate_offset)
 INTERPOLATIONS = {"antialias": (True, 0.0), "legacy": (False, 0.1)}
-
-
-def int_at_least(minimum: int, what: str):
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-
-    return convert
-
-
-positive_int = int_at_least(1, "a positive integer")
-register_count = int_at_least(0, "a number of register tokens >= 0")
-
-
-def register_list(text: str) -> list[int]:
-    items = [item.strip() for item in text.split(",")]
-    try:
-        values = [int(item) for item in items]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers >= 0 such as 0,1,2,4,8,16; got {text!r}") from None
-    if any(value < 0 for value in values):
-        raise argparse.ArgumentTypeError(f"register counts must be >= 0; got {text!r}")
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"register counts must not repeat; got {text!r}")
-    return values
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,12 +41,6 @@ def check_divisible(parser: argparse.ArgumentParser, option: str, size: int, pat
         suggestions = f"{lower} or {upper}" if lower else str(upper)
         parser.error(f"{option} {size} is not a multiple of --patch-size {patch_size}; "
                      f"use e.g. {option} {suggestions}")
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
 
 
 def format_summary(final: dict[str, Any]) -> str:

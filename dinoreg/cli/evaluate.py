@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dinoreg.cli.common import int_at_least, positive_int
+from dinoreg.argtypes import int_at_least, positive_int
 
 _OFFICIAL_LRS = "1e-5 2e-5 5e-5 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 5e-2 0.1"
 _EXIT_CODES = ("exit codes: 0 done, 1 error (e.g. an incomplete torchrun/SLURM environment), 2 bad arguments or "
@@ -138,9 +138,9 @@ def add_eval_parser(commands: Any) -> None:
 
 
 def _run_protocol(args: argparse.Namespace, evaluate: Callable[..., Any], report: Callable[[dict], str]) -> int:
+    from dinoreg.distributed import DistributedSetupError, shutdown_distributed  # noqa: PLC0415
     from dinoreg.eval.context import ResultsWriter, open_eval, resolve_weights  # noqa: PLC0415 (heavy imports)
     from dinoreg.eval.features import EvalInputError  # noqa: PLC0415
-    from dinoreg.train.distributed import DistributedSetupError, shutdown_distributed  # noqa: PLC0415
 
     command = f"dinoreg eval {args.protocol}"
     try:

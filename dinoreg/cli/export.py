@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dinoreg.cli.common import positive_int
+from dinoreg.argtypes import positive_int
 
 
 def add_export_parser(commands: Any) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from dinoreg.argtypes import positive_int, register_count, register_list
 from dinoreg.cli.analyze import add_artifact_tools
-from dinoreg.cli.common import (FLOP_UNIT, INTERPOLATIONS, add_backbone_arguments, check_divisible, positive_int,
-                                register_count, register_list, write_json)
+from dinoreg.cli.common import FLOP_UNIT, INTERPOLATIONS, add_backbone_arguments, check_divisible
 from dinoreg.models import build_backbone
+from dinoreg.run_dir import write_json
 
 
 def add_model_info_parser(commands: Any) -> None:
@@ -84,7 +85,7 @@ def _model_info(args: argparse.Namespace) -> int:
             print(f"    {key:<20} {shape}")
         report["crops"].append({"name": name, "img_size": size, "flops": flops, "shapes": shapes})
     if args.json:
-        write_json(args.json, report)
+        print(f"wrote {write_json(args.json, report)}")
     return 0
 
 
@@ -104,7 +105,7 @@ def _analyze_flops(args: argparse.Namespace) -> int:
         extra = 100.0 * (row["flops"] - baseline) / baseline
         print(f"{row['registers']:>9}  {row['params']:>15,}  {row['flops'] / 1e9:>9.2f}  {extra:>+13.2f}%")
     if args.json:
-        write_json(args.json, rows)
+        print(f"wrote {write_json(args.json, rows)}")
     if args.png:
         _plot_flops(args, rows, baseline)
     return 0

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from dinoreg.cli.common import add_recipe_arguments, format_summary, int_at_least, positive_int, write_json
+from dinoreg.argtypes import int_at_least, positive_int
+from dinoreg.cli.common import add_recipe_arguments, format_summary
+from dinoreg.run_dir import write_json
 
 
-def add_submit_parser(commands: Any) -> None:
+def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
+                      job_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """``job_entry(argv)`` is what the job runs in each task: the dinoreg command line ``argv``, in-process;
+    ``job_parser()`` the parser that checks a command line after ``--`` before it is queued. Both come from
+    :mod:`dinoreg.cli`, which imports this module (so it cannot import them back)."""
     submit = commands.add_parser(
         "submit", help="submit training (or any dinoreg command) as a SLURM job that requeues itself",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,10 +81,11 @@ def add_submit_parser(commands: Any) -> None:
                      help="wait for the job to finish (through requeues), print its result; exit 1 if it failed")
     job.add_argument("--wait-timeout-min", type=float, metavar="MIN", help="with --wait: give up after MIN minutes")
     job.add_argument("--json", type=Path, metavar="PATH", help="write the job id, directories and log paths to PATH")
-    submit.set_defaults(handler=_submit, parser=submit)
+    submit.set_defaults(handler=functools.partial(_submit, job_entry=job_entry, job_parser=job_parser), parser=submit)
 
 
-def _submit(args: argparse.Namespace) -> int:
+def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
+            job_parser: Callable[[], argparse.ArgumentParser]) -> int:
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
     from dinoreg.launch import (REQUEUE_SIGNAL_NAME, JobWaitError, SlurmRequest, SubmitError,  # noqa: PLC0415
                                 format_sbatch, sbatch_parameters, submit, wait_for_job)
@@ -105,9 +113,7 @@ def _submit(args: argparse.Namespace) -> int:
                         "put its own options there", 2)
         argv = args.job_command
         try:  # catch a typo now rather than after the job waited in the queue
-            from dinoreg.cli import build_parser  # noqa: PLC0415 (the package imports this module)
-
-            build_parser().parse_args(argv)
+            job_parser().parse_args(argv)
         except SystemExit:
             return fail(f"the job command `dinoreg {' '.join(argv)}` is invalid (see above)", 2)
         log_dir = os.path.abspath(args.log_dir or "slurm_logs/%j")
@@ -134,7 +140,7 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"submitit folder (script, logs): {log_dir}")
         return 0
     try:
-        job = submit(argv, request, log_dir=log_dir, output_dir=output_dir, python=args.python)
+        job = submit(argv, request, entry=job_entry, log_dir=log_dir, output_dir=output_dir, python=args.python)
     except SubmitError as error:
         return fail(str(error), 1)
     info = {"job_id": job.job_id, "command": command, "output_dir": output_dir and output_dir.replace("%j", job.job_id),
@@ -147,7 +153,7 @@ def _submit(args: argparse.Namespace) -> int:
     print(f"  logs        {info['stdout']}\n              {info['stderr']}   (task 0; one pair per task)\n"
           f"  follow      tail -f {info['stderr']}\n  cancel      scancel {job.job_id}")
     if args.json:
-        write_json(args.json, info)
+        print(f"wrote {write_json(args.json, info)}")
     if not args.wait:
         return 0
     timeout_s = None if args.wait_timeout_min is None else 60 * args.wait_timeout_min

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dinoreg.cli.common import add_recipe_arguments, format_summary, int_at_least, positive_int, write_json
+from dinoreg.argtypes import int_at_least, positive_int
+from dinoreg.cli.common import add_recipe_arguments, format_summary
+from dinoreg.run_dir import write_json
 
 
 def add_train_parser(commands: Any) -> None:
@@ -76,9 +78,9 @@ def _train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf  # noqa: PLC0415
 
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
+    from dinoreg.distributed import DistributedSetupError  # noqa: PLC0415
     from dinoreg.models.weights import CheckpointMismatchError  # noqa: PLC0415
     from dinoreg.train.checkpoint import CheckpointError  # noqa: PLC0415 (heavy imports)
-    from dinoreg.train.distributed import DistributedSetupError  # noqa: PLC0415
     from dinoreg.train.loop import NonFiniteLossError, prepare_output_dir, train  # noqa: PLC0415
 
     try:
@@ -110,7 +112,7 @@ def _run_benchmark(args: argparse.Namespace, run: Any, report: Any) -> int:
         return 2
     print(report(result))
     if args.json:
-        write_json(args.json, result)
+        print(f"wrote {write_json(args.json, result)}")
     return 0
 
 

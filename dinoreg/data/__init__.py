@@ -18,6 +18,7 @@ from dinoreg.data.datasets import (
     BadFileLog,
     FileList,
     ImageFolder,
+    IndexedView,
     build_dataset,
     load_image,
     to_rgb,
@@ -35,7 +36,7 @@ from dinoreg.data.synthetic import SyntheticShapes
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
-    "BadFileLog", "BadSample", "EvalTransform", "FileList", "ImageFolder", "InfiniteShardedSampler",
+    "BadFileLog", "BadSample", "EvalTransform", "FileList", "ImageFolder", "IndexedView", "InfiniteShardedSampler",
     "MultiCropDataset", "MultiCropGeometric", "Photometric", "RandomColorJitter", "SyntheticShapes",
     "build_dataset", "build_eval_loader", "build_loader", "collate_multicrop", "load_image",
     "sample_resized_crop_params", "to_rgb",

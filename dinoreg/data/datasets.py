@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -240,3 +240,27 @@ def build_dataset(spec: str, split: str = "train"):
     if path.suffix.lower() == ".txt":
         return FileList(path)
     raise ValueError(f"dataset path {spec!r} is neither a folder nor a .txt file list; {_FIX}")
+
+
+class IndexedView:
+    """The items ``indices`` of ``dataset``, each labelled with its index in ``dataset`` instead of its class.
+
+    Carrying the index through the eval loader tells which images a batch holds even when undecodable
+    files were dropped from it; the class labels are looked up from ``dataset.targets``.
+    """
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, position: int, draft_size: Optional[int] = None):
+        index = self.indices[position]
+        get = getattr(self.dataset, "get", None)
+        item = get(index, draft_size) if get is not None else self.dataset[index]
+        return None if item is None else (item[0], index)
+
+    def __getitem__(self, position: int):
+        return self.get(position)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
+from dinoreg.distributed import DistributedEnvironment, detect_environment, init_distributed, process_device
 from dinoreg.eval.features import EvalInputError, eval_splits, subsample_indices
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.train.distributed import DistributedEnvironment, detect_environment, init_distributed
-
-# Written by the training loop (dinoreg.train.loop.BACKBONE_FILE; a test keeps the two equal). Not imported
-# from there: that module pulls in FSDP and the whole training stack.
-RUN_BACKBONE_FILE = "teacher_backbone.safetensors"
+from dinoreg.run_dir import BACKBONE_FILE, RESULTS_FILE, TENSORBOARD_DIR, RunDir, write_json
 
 
 @dataclass
@@ -52,9 +48,9 @@ def resolve_weights(*, weights: Optional[Path], run: Optional[Path]) -> Path:
     if run is not None:
         if not run.is_dir():
             raise EvalInputError(f"--run {run} is not a folder; pass the --output-dir of a `dinoreg train` run")
-        path = run / RUN_BACKBONE_FILE
+        path = RunDir(run).backbone
         if not path.is_file():
-            raise EvalInputError(f"--run {run} holds no {RUN_BACKBONE_FILE} (training writes it "
+            raise EvalInputError(f"--run {run} holds no {BACKBONE_FILE} (training writes it "
                                  "when it ends); export one from its checkpoints with `dinoreg export RUN --format "
                                  "safetensors --output PATH` and pass --weights PATH")
         return path
@@ -63,14 +59,6 @@ def resolve_weights(*, weights: Optional[Path], run: Optional[Path]) -> Path:
                              "directory (e.g. RUN/teacher_backbone.safetensors, or an official DINOv2 .pth), or "
                              "--run DIR")
     return weights
-
-
-def _device(env: DistributedEnvironment) -> torch.device:
-    if torch.cuda.is_available():
-        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
 
 
 def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_size: Optional[int], batch_size: int,
@@ -87,7 +75,7 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
 
     train_set, val_set, classes = eval_splits(data)  # before anything slow: a bad layout fails at once
     env = detect_environment()
-    device = _device(env)
+    device = process_device(env)
     init_distributed(env, device)
     try:
         backbone = load_backbone(weights).to(device)
@@ -126,17 +114,6 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
     return context
 
 
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` beside ``path``, then rename it over ``path``: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class ResultsWriter:
     """``results.json`` and TensorBoard scalars under ``output_dir`` (only where ``enabled``: the main rank)."""
 
@@ -146,7 +123,7 @@ class ResultsWriter:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (slow import)
 
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR))
 
     def scalar(self, tag: str, value: float, step: int = 0) -> None:
         if self._writer is not None:
@@ -156,9 +133,7 @@ class ResultsWriter:
         """Write ``results.json`` atomically (a reader never sees half a file); returns its path."""
         if not self.enabled:
             return None
-        path = self.output_dir / "results.json"
-        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"))
-        return path
+        return write_json(self.output_dir / RESULTS_FILE, results)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from dinoreg.data import ImageFolder, build_dataset, build_eval_loader
+from dinoreg import distributed
+from dinoreg.data import ImageFolder, IndexedView, build_dataset, build_eval_loader
 from dinoreg.models.vit import DinoVisionTransformer
 
 Encoder = Callable[[Tensor], Tensor]
@@ -36,30 +37,6 @@ class FeatureSet(NamedTuple):
     features: Tensor  # [M, ...] fp32 on the CPU
     labels: Tensor  # [M] int64
     indices: Tensor  # [M] int64: positions in the dataset (undecodable images are absent)
-
-
-class IndexedView:
-    """The items ``indices`` of ``dataset``, each labelled with its index in ``dataset`` instead of its class.
-
-    Carrying the index through the eval loader tells which images a batch holds even when undecodable
-    files were dropped from it; the class labels are looked up from ``dataset.targets``.
-    """
-
-    def __init__(self, dataset, indices: Sequence[int]):
-        self.dataset = dataset
-        self.indices = [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def get(self, position: int, draft_size: Optional[int] = None):
-        index = self.indices[position]
-        get = getattr(self.dataset, "get", None)
-        item = get(index, draft_size) if get is not None else self.dataset[index]
-        return None if item is None else (item[0], index)
-
-    def __getitem__(self, position: int):
-        return self.get(position)
 
 
 def subsample_indices(size: int, max_images: Optional[int], *, seed: int = 0) -> list[int]:
@@ -148,12 +125,6 @@ def block_tokens_encoder(model: DinoVisionTransformer, *, n_last_blocks: int) ->
 PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_by_index(features: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """All ranks' ``(features [m_r, ...], indices [m_r])`` concatenated and sorted by index, on the main rank;
     the other ranks get empty tensors (the results are computed there only, and an ImageNet feature bank on
@@ -162,10 +133,9 @@ def gather_by_index(features: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     Shards may differ in size (and be empty), so each is padded to the largest before ``gather``.
     In a single process this only sorts.
     """
-    rank, world = _world()
+    rank, world = distributed.rank(), distributed.world_size()
     if world > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        world = dist.get_world_size()
+        device = distributed.backend_device()
         count = torch.tensor([features.shape[0]], device=device)
         counts = [torch.zeros_like(count) for _ in range(world)]
         dist.all_gather(counts, count)
@@ -197,7 +167,7 @@ def extract_dataset_features(encode: Encoder, dataset, *, image_size: int, batch
     index-ordered :class:`FeatureSet`, the others an empty one. Needs ``dataset.targets`` (class label per
     index).
     """
-    rank, world = _world()
+    rank, world = distributed.rank(), distributed.world_size()
     wanted = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     loader = build_eval_loader(IndexedView(dataset, wanted[rank::world]), image_size=image_size,
                                batch_size=batch_size, num_workers=num_workers, resize_size=resize_size)

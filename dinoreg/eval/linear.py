@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dinoreg.eval.context import EvalContext, ResultsWriter, write_atomically
+from dinoreg.distributed import broadcast_flag
+from dinoreg.eval.context import EvalContext, ResultsWriter
 from dinoreg.eval.features import PROGRESS_INTERVAL_S, FeatureSet, block_tokens_encoder, extract_dataset_features
-from dinoreg.eval.knn import topk_hits
-from dinoreg.train.distributed import broadcast_flag
+from dinoreg.metrics.knn import topk_hits
+from dinoreg.run_dir import write_atomically
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)  # official grid
 N_LAST_BLOCKS = (1, 4)

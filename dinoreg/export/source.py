@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch.distributed.checkpoint as dcp
 
 from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
 
 __all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "resolve_checkpoint"]
 
@@ -45,8 +46,8 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
     """A checkpoint directory (``RUN/checkpoints/<iteration>``) as given, or the newest intact checkpoint of a
     training output directory (newer damaged ones are reported to ``warn`` and skipped); a damaged or
     incomplete checkpoint given directly is an error naming the problem."""
-    from dinoreg.train.checkpoint import (CHECKPOINT_DIR, META_FILE, CheckpointError,  # noqa: PLC0415
-                                          checkpoint_dirs, newest_intact_checkpoint, verify_checkpoint)
+    from dinoreg.train.checkpoint import (CheckpointError, checkpoint_dirs, newest_intact_checkpoint,  # noqa: PLC0415
+                                          verify_checkpoint)
 
     path = Path(path)
     if not path.exists():
@@ -80,9 +81,7 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
 
 def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisionTransformer, BackboneSource]:
     """The ``part`` backbone of ``checkpoint`` in fp32 and eval mode, loaded strictly, and where it came from."""
-    from dinoreg.config import load_config  # noqa: PLC0415
-    from dinoreg.models import build_backbone  # noqa: PLC0415
-    from dinoreg.ssl.meta_arch import backbone_kwargs  # noqa: PLC0415
+    from dinoreg.config import build_backbone_from_config, load_config  # noqa: PLC0415
     from dinoreg.train.checkpoint import read_meta, single_process_is_intended  # noqa: PLC0415
 
     if part not in PARTS:
@@ -93,11 +92,10 @@ def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisio
     if not saved:
         parts = sorted({".".join(key.split(".")[:2]) for key in meta["model_keys"]})
         raise ExportError(f"{checkpoint} holds no {part} backbone (it has: {', '.join(parts)})")
-    config_file = checkpoint / "config.yaml"
+    config_file = checkpoint / CONFIG_FILE
     cfg = load_config(str(config_file))
     img_size = cfg.crops.global_crops_size
-    backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg.student, img_size=img_size,
-                                                                  with_drop_path=False))
+    backbone = build_backbone_from_config(cfg, stochastic_depth=False)
     own = backbone.state_dict()
     if saved != set(own):
         raise ExportError(f"{checkpoint}'s {part} backbone does not match its config.yaml: missing "

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -16,6 +12,7 @@ from torch import Tensor
 from dinoreg.export.source import BackboneSource, ExportError
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY
+from dinoreg.run_dir import publish
 
 __all__ = ["DTYPES", "FORMATS", "SOURCE_METADATA_KEY", "check_output", "dinov2_load_overrides", "export_backbone",
            "resize_backbone"]
@@ -62,7 +59,7 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
     tensors = {name: value.detach().to("cpu", DTYPES[dtype]).contiguous() for name, value in model.state_dict().items()}
     arch = {**model.arch_kwargs}
     provenance = {**(source.as_metadata() if source else {}), "dtype": dtype}
-    with _atomic_output(output, directory=fmt == "hf") as tmp:
+    with publish(output, directory=fmt == "hf") as tmp:
         if fmt == "dinov2":
             torch.save(tensors, tmp)
         elif fmt == "safetensors":
@@ -107,44 +104,3 @@ def check_output(fmt: str, output: str | Path, *, force: bool) -> Path:
         raise ExportError(f"{output} already exists; pass --force to replace it (it is kept until the new export "
                           "is complete)")
     return output
-
-
-@contextlib.contextmanager
-def _atomic_output(output: Path, *, directory: bool) -> Iterator[Path]:
-    """Yield a fresh temporary path beside ``output``; publish it by rename only once the body succeeded and
-    the data is on disk. An existing output stays in place until then (a directory is moved aside and moved
-    back if publishing fails)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{output.name}.tmp-"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
-    else:
-        handle, name = tempfile.mkstemp(prefix=prefix, dir=output.parent)
-        os.close(handle)
-        tmp = Path(name)
-    try:
-        yield tmp
-        for path in (tmp.iterdir() if directory else [tmp]):
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-        if directory and output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old)
-            try:
-                os.replace(tmp, output)
-            except OSError:
-                os.replace(old, output)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output)
-        directory_fd = os.open(output.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
-            tmp.unlink()

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from dinoreg.models.layers import swiglu_hidden_features
+from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.models.weights import CheckpointMismatchError
 
 # (interpolate_antialias, interpolate_offset) that each HF class reproduces when it resizes position embeddings
 HF_INTERPOLATION: dict[str, tuple[bool, float]] = {
@@ -81,19 +81,9 @@ def checked_state_dict(state_dict: Mapping[str, Tensor], arch: Mapping[str, Any]
     """``state_dict`` as a plain dict, after checking it has exactly the keys and shapes of ``arch``'s model."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost even for ViT-g
         expected = DinoVisionTransformer(**arch).state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = sorted(
-        f"{k}: state dict {tuple(state_dict[k].shape)} vs arch {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape
-    )
-    if missing or unexpected or mis_shaped:
-        lines = ["state dict does not fit arch_kwargs:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        lines.append("  Pass the model's own arch_kwargs and flat official keys (dinoreg.models.weights.read_checkpoint).")
-        raise CheckpointMismatchError("\n".join(lines))
+    check_state_dict_fits(state_dict, expected, given_name="state dict", expected_name="arch_kwargs",
+                          hint="Pass the model's own arch_kwargs and flat official keys "
+                               "(dinoreg.models.weights.read_checkpoint).")
     return {k: state_dict[k].detach() for k in expected}
 
 

@@ -21,9 +21,12 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from dinoreg.models.formats import from_hf, from_timm
 from dinoreg.models.layers import swiglu_hidden_features
 from dinoreg.models.pos_embed import resample_pos_embed
+from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.run_dir import write_atomically
 
 METADATA_KEY = "dinoreg_arch"
 LAYOUT_KEY = "dinoreg_layout"  # "timm" in our timm exports
@@ -31,10 +34,6 @@ _WRAPPERS = ("model", "teacher", "student", "state_dict")
 # Longest first: "teacher.backbone." must win over "backbone.".
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "module.", "backbone.", "_orig_mod.")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -60,8 +59,6 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
     if isinstance(raw.get(METADATA_KEY), Mapping):
         metadata = dict(raw[METADATA_KEY])
     if raw.get(LAYOUT_KEY) == "timm":
-        from dinoreg.models.formats import from_timm  # noqa: PLC0415 (formats imports this module)
-
         return from_timm(raw["state_dict"], metadata), metadata
     for wrapper in _WRAPPERS:
         if isinstance(raw.get(wrapper), Mapping):
@@ -73,7 +70,6 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
 def _read_hf_directory(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    from dinoreg.models.formats import from_hf  # noqa: PLC0415 (formats imports this module)
 
     config, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
     if not (os.path.isfile(config) and os.path.isfile(weights)):
@@ -136,21 +132,8 @@ def infer_arch_kwargs(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """``load_state_dict(strict=True)`` with one error that lists every misfit, shapes included."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state_dict)
-        if state_dict[k].shape != expected[k].shape
-    )
-    if missing or unexpected or mis_shaped:
-        lines = ["checkpoint does not fit the model:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        lines.append("  Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer).")
-        raise CheckpointMismatchError("\n".join(lines))
+    check_state_dict_fits(state_dict, model.state_dict(), given_name="checkpoint", expected_name="model",
+                          hint="Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer).")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -159,15 +142,8 @@ def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike) -> None
     a temporary file is renamed over ``path`` only once complete, so a good file is never half-replaced."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(model.arch_kwargs)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(model.arch_kwargs)}))
 
 
 def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> DinoVisionTransformer:

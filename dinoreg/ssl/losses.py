@@ -10,7 +10,7 @@ Same inputs -> same values as the official DINOv2 code (``dinov2/loss/``). Delib
   official scalings (``/ sum(Q)``, ``/ K``, ``/ B``, ``* B``) each cancel in the normalisation that
   follows them, so they are omitted: the result is mathematically identical.
 * Softmax centering uses ``F.softmax``, which already subtracts the row max (stable at any scale).
-* Collectives go through :mod:`dinoreg.ssl.distributed` (no-ops in a single process). A centre
+* Collectives go through :mod:`dinoreg.distributed` (no-ops in a single process). A centre
   update reduces the batch sum together with its row count, so ranks may hold different numbers
   of rows; with equal counts this equals the official ``sum / (len * world_size)``. An iBOT rank
   with no masked patch contributes nothing instead of the official NaN mean of an empty batch.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinoreg.ssl.distributed import all_reduce_max, all_reduce_sum
+from dinoreg.distributed import all_reduce_max, all_reduce_sum
 
 __all__ = ["DINOLoss", "iBOTPatchLoss", "KoLeoLoss", "sinkhorn_knopp"]
 

@@ -2,71 +2,73 @@
 
 The arithmetic is the official ``SSLMetaArch.forward_backward``; it is written without the static-shape
 padding buffers the official code needs for xformers (padded rows never reach a loss, so the values
-are the same) and it returns the loss instead of calling backward itself.
+are the same) and it returns the loss instead of calling backward itself. It receives what it needs as
+arguments (backbones, head sizes, loss weights, centering); :func:`dinoreg.train.build.build_ssl_model`
+builds it from a config.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from dinoreg.models import DINOHead, DinoVisionTransformer, build_backbone
-from dinoreg.models.weights import CheckpointMismatchError, load_weights_into
+from dinoreg.models import DINOHead, DinoVisionTransformer
 from dinoreg.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-
-
-def backbone_kwargs(student_cfg: Any, *, img_size: int, with_drop_path: bool) -> dict[str, Any]:
-    """Backbone constructor arguments from ``cfg.student`` (the teacher gets no stochastic depth)."""
-    kwargs = dict(
-        img_size=img_size,
-        patch_size=student_cfg.patch_size,
-        init_values=student_cfg.layerscale,
-        ffn_layer=student_cfg.ffn_layer,
-        block_chunks=student_cfg.block_chunks,
-        qkv_bias=student_cfg.qkv_bias,
-        proj_bias=student_cfg.proj_bias,
-        ffn_bias=student_cfg.ffn_bias,
-        num_register_tokens=student_cfg.num_register_tokens,
-        interpolate_antialias=student_cfg.interpolate_antialias,
-        interpolate_offset=student_cfg.interpolate_offset,
-        attn_backend=student_cfg.attention_backend,
-        attn_backend_required=student_cfg.attention_backend_required,
-        embed_dim=student_cfg.embed_dim,
-        depth=student_cfg.depth,
-        num_heads=student_cfg.num_heads,
-    )
-    if with_drop_path:
-        kwargs.update(drop_path_rate=student_cfg.drop_path_rate, drop_path_uniform=student_cfg.drop_path_uniform)
-    return kwargs
 
 
 def _entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """A projection head (:class:`~dinoreg.models.DINOHead`): an MLP of ``nlayers`` layers to the bottleneck,
+    then ``n_prototypes`` weight-normalised prototypes."""
+
+    n_prototypes: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+
+    def build(self, in_dim: int) -> DINOHead:
+        return DINOHead(in_dim, self.n_prototypes, nlayers=self.nlayers, hidden_dim=self.hidden_dim,
+                        bottleneck_dim=self.bottleneck_dim)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the objective's terms (official ``dino.loss_weight``, ``dino.koleo_loss_weight``,
+    ``ibot.loss_weight``); a zero weight turns the term off."""
+
+    dino: float = 1.0
+    koleo: float = 0.1
+    ibot: float = 1.0
+
+
+CENTERINGS = ("centering", "sinkhorn_knopp")
+
+
 class SSLMetaArch(nn.Module):
-    def __init__(self, cfg: Any, *, load_pretrained: bool = True) -> None:
-        """``load_pretrained``: read ``cfg.student.pretrained_weights`` (off when a checkpoint will be loaded)."""
+    def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer, *,
+                 dino_head: HeadSpec, ibot_head: Optional[HeadSpec] = None,
+                 loss_weights: LossWeights = LossWeights(), centering: str = "centering") -> None:
+        """``teacher_backbone``: the same architecture as ``student_backbone`` (without stochastic depth); it
+        starts as an exact copy. ``ibot_head``: a separate iBOT head; None shares the DINO head (official
+        default). ``centering``: the teacher's ``"centering"`` (softmax, EMA centre) or ``"sinkhorn_knopp"``."""
         super().__init__()
-        self.cfg = cfg
-        img_size = cfg.crops.global_crops_size
-        student_backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg.student, img_size=img_size,
-                                                                             with_drop_path=True))
-        teacher_backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg.student, img_size=img_size,
-                                                                             with_drop_path=False))
-        if cfg.student.pretrained_weights and load_pretrained:  # continued pretraining; the heads start fresh
-            _load_pretrained(student_backbone, cfg.student.pretrained_weights)
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering {centering!r}: choose one of {', '.join(CENTERINGS)}")
+        self.loss_weights, self.centering = loss_weights, centering
         embed_dim = student_backbone.embed_dim
-        self.do_ibot = cfg.ibot.loss_weight > 0
-        self.separate_ibot_head = self.do_ibot and cfg.ibot.separate_head
-        student: dict[str, nn.Module] = {"backbone": student_backbone, "dino_head": self._head(cfg.dino, embed_dim)}
+        self.do_ibot = loss_weights.ibot > 0
+        self.separate_ibot_head = self.do_ibot and ibot_head is not None
+        student: dict[str, nn.Module] = {"backbone": student_backbone, "dino_head": dino_head.build(embed_dim)}
         if self.separate_ibot_head:
-            student["ibot_head"] = self._head(cfg.ibot, embed_dim)
+            student["ibot_head"] = ibot_head.build(embed_dim)
         self.student = nn.ModuleDict(student)
         # The teacher starts as an exact copy of the student and is only ever updated by EMA.
         teacher = {name: copy.deepcopy(module) for name, module in student.items() if name != "backbone"}
@@ -74,15 +76,9 @@ class SSLMetaArch(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict(), strict=True)
         self.teacher.requires_grad_(False)
 
-        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
-        ibot_dim = cfg.ibot.head_n_prototypes if self.separate_ibot_head else cfg.dino.head_n_prototypes
-        self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
+        self.dino_loss = DINOLoss(dino_head.n_prototypes)
+        self.ibot_patch_loss = iBOTPatchLoss((ibot_head if self.separate_ibot_head else dino_head).n_prototypes)
         self.koleo_loss = KoLeoLoss()
-
-    @staticmethod
-    def _head(head_cfg: Any, in_dim: int) -> DINOHead:
-        return DINOHead(in_dim, head_cfg.head_n_prototypes, nlayers=head_cfg.head_nlayers,
-                        hidden_dim=head_cfg.head_hidden_dim, bottleneck_dim=head_cfg.head_bottleneck_dim)
 
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
@@ -109,7 +105,7 @@ class SSLMetaArch(nn.Module):
             head = self.teacher["ibot_head"] if self.separate_ibot_head else self.teacher["dino_head"]
             patch_logits = head(masked_patches).float()  # [M, K]
 
-        if self.cfg.train.centering == "centering":
+        if self.centering == "centering":
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
             patch_probs = None
@@ -166,18 +162,18 @@ class SSLMetaArch(nn.Module):
                 list(head_out[1].chunk(n_local_crops)), teacher_views) / n_loss_terms
         # The official code scores both cross-view pairs in one mean over 2B rows, hence the factor 2.
         losses["dino_global_crops_loss"] = self.dino_loss([global_logits], [teacher_cls]) * 2 / n_loss_terms
-        total = self.cfg.dino.loss_weight * sum(losses.values())
-        if self.cfg.dino.koleo_loss_weight > 0:
+        total = self.loss_weights.dino * sum(losses.values())
+        if self.loss_weights.koleo > 0:
             # per global view: never pull two views of one image apart
             koleo = sum(self.koleo_loss(view.float()) for view in global_cls.chunk(n_global_crops))
-            losses["koleo_loss"] = self.cfg.dino.koleo_loss_weight * koleo
+            losses["koleo_loss"] = self.loss_weights.koleo * koleo
             total = total + losses["koleo_loss"]
         if self.do_ibot:
             student_patch = self.student["ibot_head"](masked_patches).float() if self.separate_ibot_head else head_out[-1]
             losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(
                 student_patch, teacher_patch, student_masks_flat=masks,
                 n_masked_patches=mask_indices.shape[0], masks_weight=batch["masks_weight"])
-            total = total + self.cfg.ibot.loss_weight * losses["ibot_loss"]
+            total = total + self.loss_weights.ibot * losses["ibot_loss"]
         metrics.update({name: value.detach() for name, value in losses.items()})
         metrics["total_loss"] = total.detach()
         return total, metrics
@@ -188,21 +184,3 @@ class SSLMetaArch(nn.Module):
         for name, student_module in self.student.items():
             for t, s in zip(self.teacher[name].parameters(), student_module.parameters()):
                 t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-
-
-def max_entropy(cfg: Any) -> float:
-    """log K: the teacher entropy of a collapse to the uniform distribution."""
-    return math.log(cfg.dino.head_n_prototypes)
-
-
-def _load_pretrained(backbone: DinoVisionTransformer, path: str) -> None:
-    """Strictly, with ``pos_embed`` resampled to the global crop size; errors name the config key."""
-    if not os.path.exists(path):
-        raise ValueError(f"student.pretrained_weights: {path} does not exist; give an official or exported "
-                         "backbone (.pth, .safetensors, or a `dinoreg export` output), or leave it empty")
-    try:
-        load_weights_into(backbone, path)
-    except CheckpointMismatchError as error:
-        raise CheckpointMismatchError(
-            f"student.pretrained_weights {path} does not fit the configured student (student.arch, patch_size, "
-            f"num_register_tokens, ffn_layer...):\n{error}") from None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import shutil
 import time
@@ -31,24 +30,20 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
+from dinoreg import distributed
 from dinoreg.config import save_config
 from dinoreg.models.weights import CheckpointMismatchError
-from dinoreg.train.distributed import barrier
+from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, fsync_directory, replace_directory,
+                             write_json, write_text)
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "checkpoint_dirs",
            "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
            "save_checkpoint", "verify_checkpoint"]
-
-CHECKPOINT_DIR = "checkpoints"
-LATEST_FILE = "latest"
-META_FILE = "meta.json"
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
 BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.")
@@ -84,29 +79,14 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return published[-1] if published else None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def remove_incomplete(run_dir: str | Path) -> list[Path]:
-    """Delete ``.tmp-*`` leftovers of interrupted saves (call on one rank, before training)."""
+    """Delete the leftovers of interrupted saves (call on one rank, before training): every hidden entry of
+    ``checkpoints/`` is one (``.tmp-<iteration>`` being written, a checkpoint moved aside, a ``latest`` being
+    replaced)."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    leftovers = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    leftovers = sorted(root.glob(".*")) if root.is_dir() else []
     for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return leftovers
 
 
@@ -141,14 +121,6 @@ def single_process_is_intended():
         yield
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, stream_position: int, cfg: DictConfig,
                     keep_last: int = 3, keep_every: int = 0) -> Path:
@@ -159,35 +131,30 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     final, tmp = root / str(iteration), root / f".tmp-{iteration}"
-    rank = _rank()
+    rank = distributed.rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         (tmp / "rng").mkdir()
-    barrier()
+    distributed.barrier()
     state = _model_and_optimizer_state(model, optimizer)
     with single_process_is_intended():
-        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        dcp.save(state, checkpoint_id=tmp, no_dist=not distributed.is_distributed())
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
-    barrier()
+    distributed.barrier()
     if rank == 0:
-        save_config(cfg, tmp / "config.yaml")
+        save_config(cfg, tmp / CONFIG_FILE)
         # every file with its size, so a missing or truncated file is named at load time
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        meta = {"iteration": iteration, "stream_position": stream_position, "world_size": _world_size(),
+        meta = {"iteration": iteration, "stream_position": stream_position, "world_size": distributed.world_size(),
                 "model_keys": sorted(state["model"]), "files": files, "saved_at": time.time()}
-        _write_atomically(tmp / META_FILE, json.dumps(meta, indent=1))
-        _fsync_dir(tmp)
-        replaced = root / f".tmp-replaced-{iteration}"
-        if final.exists():  # a re-save of one iteration (after resuming past a damaged checkpoint)
-            os.rename(final, replaced)
-        os.rename(tmp, final)
-        shutil.rmtree(replaced, ignore_errors=True)
-        _fsync_dir(root)
-        _write_atomically(root / LATEST_FILE, f"{iteration}\n")
+        write_json(tmp / META_FILE, meta, indent=1)
+        fsync_directory(tmp)
+        replace_directory(tmp, final)  # over an older save of this iteration (resumed past a damaged one)
+        write_text(root / LATEST_FILE, f"{iteration}\n")
         _apply_retention(root, keep_last=keep_last, keep_every=keep_every, protect=final)
-    barrier()
+    distributed.barrier()
     return final
 
 
@@ -253,20 +220,20 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
         raise CheckpointMismatchError(
             f"{checkpoint} does not fit this model: missing {sorted(wanted - saved)[:20]}, unexpected "
             f"{sorted(saved - wanted)[:20]}. Resume with the config the run was started with "
-            f"({checkpoint / 'config.yaml'}).")
+            f"({checkpoint / CONFIG_FILE}).")
     try:
         with single_process_is_intended():
-            dcp.load(state, checkpoint_id=checkpoint, no_dist=not dist.is_initialized())
+            dcp.load(state, checkpoint_id=checkpoint, no_dist=not distributed.is_distributed())
     except dcp.CheckpointException as error:
         missing = [line for line in str(error).splitlines() if "Missing key" in line]
         raise CheckpointError(
             f"{checkpoint} does not fit this run's optimizer or model: {missing[0].strip() if missing else error}. "
             "The parameter groups follow optim.layerwise_decay and the model's structure: resume with the "
-            f"config the run was saved with ({checkpoint / 'config.yaml'}).") from None
+            f"config the run was saved with ({checkpoint / CONFIG_FILE}).") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    rng_file = checkpoint / "rng" / f"rank{_rank()}.pt"
-    meta["rng_restored"] = meta["world_size"] == _world_size() and rng_file.is_file()
+    rng_file = checkpoint / "rng" / f"rank{distributed.rank()}.pt"
+    meta["rng_restored"] = meta["world_size"] == distributed.world_size() and rng_file.is_file()
     if meta["rng_restored"]:
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return meta

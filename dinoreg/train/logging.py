@@ -17,6 +17,8 @@ from typing import Any, Mapping
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from dinoreg.run_dir import RunDir
+
 # Shown on the progress bar, in this order, when present.
 _BAR_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss",
              "images_per_sec", "knn_top1")
@@ -43,9 +45,9 @@ class TrainingLogger:
         self.latest: dict[str, float] = {}  # every key's most recent value
         if not enabled:
             return
-        output_dir = Path(output_dir)
-        self.jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        files = RunDir(output_dir)
+        self.jsonl = open(files.metrics, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.writer = SummaryWriter(log_dir=str(files.tensorboard))
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_iterations, initial=start_iteration, dynamic_ncols=True,
                         disable=not self.interactive, desc="train")

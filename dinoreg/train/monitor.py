@@ -22,9 +22,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dinoreg.analysis.norms import patch_norms
-from dinoreg.data import build_dataset, build_eval_loader
-from dinoreg.eval.features import IndexedView
+from dinoreg.data import IndexedView, build_dataset, build_eval_loader
+from dinoreg.metrics.tokens import patch_norms
 
 __all__ = ["ArtifactMonitor", "artifact_metrics"]
 

@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from dinoreg.train.distributed import all_reduce_max
+from dinoreg.distributed import max_over_ranks
 
 __all__ = ["EXIT_CODE_SAVED_ON_SIGNAL", "SignalWatcher", "StoppedOnSignal"]
 
@@ -51,7 +51,7 @@ class SignalWatcher:
             self.received = signal.Signals(number).name
 
     def should_stop(self) -> bool:
-        number = int(all_reduce_max(signal.Signals[self.received].value if self.received else 0))
+        number = int(max_over_ranks(signal.Signals[self.received].value if self.received else 0))
         if number:
             self.received = signal.Signals(number).name
         return number > 0

@@ -8,13 +8,12 @@ import subprocess
 import pytest
 import torch
 from launch_helpers import TORCHRUN, free_port, subprocess_env
-
 from PIL import Image
 
 from dinoreg.cli import main
-from dinoreg.eval.context import RUN_BACKBONE_FILE
 from dinoreg.models import build_backbone
 from dinoreg.models.weights import save_backbone
+from dinoreg.run_dir import BACKBONE_FILE
 
 DATA = "synthetic:size=200,image_size=32"
 
@@ -74,13 +73,10 @@ def test_linear_end_to_end_and_feature_cache(weights, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["train_features"] == 100
 
 
-def test_run_dir_defaults_output_and_backbone_name_matches_training(weights, tmp_path):
-    from dinoreg.train.loop import BACKBONE_FILE
-
-    assert RUN_BACKBONE_FILE == BACKBONE_FILE
+def test_run_dir_defaults_output_and_reads_the_run_backbone(weights, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / RUN_BACKBONE_FILE).write_bytes(weights.read_bytes())
+    (run / BACKBONE_FILE).write_bytes(weights.read_bytes())
     assert main(["eval", "knn", "--run", str(run), "--data", "synthetic:size=40,image_size=32", "--ks", "5", "100",
                  "--num-workers", "0"]) == 0
     results = json.loads((run / "eval_knn" / "results.json").read_text())
@@ -150,7 +146,7 @@ def test_random_init_baseline_uses_the_architecture_not_the_weights(tmp_path):
     assert torch.equal(again.blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
     run = tmp_path / "run"
     run.mkdir()
-    (run / RUN_BACKBONE_FILE).write_bytes(weights.read_bytes())
+    (run / BACKBONE_FILE).write_bytes(weights.read_bytes())
     assert main(["eval", "knn", "--run", str(run), "--random-init", "--data", "synthetic:size=40,image_size=32",
                  "--num-workers", "0"]) == 0
     assert json.loads((run / "eval_knn_random_init" / "results.json").read_text())["random_init"] is True

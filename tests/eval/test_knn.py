@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoreg.eval.knn import extract_features, knn_accuracy, knn_classify, vote_scores
+from dinoreg.metrics.knn import extract_features, knn_accuracy, knn_classify, vote_scores
 
 
 def test_weighted_votes_hand_computed():

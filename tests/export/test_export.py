@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import TINY
 
 from dinoreg import load_backbone
 from dinoreg.cli import main
 from dinoreg.config import load_config
 from dinoreg.export.source import ExportError, read_backbone, resolve_checkpoint
-from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.loop import BACKBONE_FILE
-from launch_helpers import TINY
+from dinoreg.run_dir import BACKBONE_FILE
+from dinoreg.train.build import build_ssl_model
 
 # 64-dimensional heads, as every official model: a plain .pth then needs no arguments to load
 RUN = [*TINY, "student.embed_dim=64", "student.num_heads=1", "train.batch_size_per_gpu=8", "train.num_workers=0",
@@ -171,14 +171,14 @@ def test_torch_hub_entry_loads_an_export(run_dir, tmp_path):
 def test_pretrained_weights_initialise_student_and_teacher(run_dir, teacher, tmp_path):
     path = export(run_dir, tmp_path, "dinov2", "b.pth")
     cfg = load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={path}", "crops.global_crops_size=48"])
-    model = SSLMetaArch(cfg)
+    model = build_ssl_model(cfg)
     for backbone in (model.student["backbone"], model.teacher["backbone"]):
         torch.testing.assert_close(features(backbone.eval(), RESAMPLED), features(teacher, RESAMPLED), atol=1e-5,
                                    rtol=0)
     with pytest.raises(ValueError, match="student.pretrained_weights: .* does not exist"):
-        SSLMetaArch(load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={tmp_path / 'missing.pth'}"]))
+        build_ssl_model(load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={tmp_path / 'missing.pth'}"]))
     with pytest.raises(Exception, match="does not fit the configured student"):
-        SSLMetaArch(load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={path}", "student.depth=3"]))
+        build_ssl_model(load_config("tiny_cpu", [*RUN, f"student.pretrained_weights={path}", "student.depth=3"]))
 
 
 def test_torch_hub_entry_loads_a_fitting_file(tmp_path):

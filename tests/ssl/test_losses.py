@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinoreg.ssl import distributed
+from dinoreg import distributed
 from dinoreg.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dinoreg.config import apply_scaling_rule, load_config
 from dinoreg.ssl.masking import sample_masks
-from dinoreg.ssl.meta_arch import SSLMetaArch
+from dinoreg.train.build import build_ssl_model
 from dinoreg.train.optim import apply_optim_schedule, build_optimizer, build_param_groups
 
 B, N_LOCAL, G, L = 4, 3, 32, 16
@@ -63,7 +63,7 @@ def reference_losses(model, batch, teacher_temp, cfg):
 
 
 def test_teacher_starts_as_student_copy_without_gradients():
-    model = SSLMetaArch(tiny_cfg("ibot.separate_head=true"))
+    model = build_ssl_model(tiny_cfg("ibot.separate_head=true"))
     student, teacher = model.student.state_dict(), model.teacher.state_dict()
     assert set(student) == set(teacher)
     assert all(torch.equal(student[k], teacher[k]) for k in student)
@@ -73,7 +73,7 @@ def test_teacher_starts_as_student_copy_without_gradients():
 def test_losses_match_official_objective_written_out():
     cfg = tiny_cfg("ibot.separate_head=true", "student.drop_path_rate=0.0")
     torch.manual_seed(0)
-    model = SSLMetaArch(cfg).train()
+    model = build_ssl_model(cfg).train()
     with torch.no_grad():  # a student different from the teacher, so no term is trivially symmetric
         for p in model.student.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -92,7 +92,7 @@ def test_losses_match_official_objective_written_out():
 
 @pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
 def test_backward_reaches_student_only_and_shared_head_works(centering):
-    model = SSLMetaArch(tiny_cfg(f"train.centering={centering}"))
+    model = build_ssl_model(tiny_cfg(f"train.centering={centering}"))
     assert "ibot_head" not in model.student
     total, metrics = model.forward_loss(make_batch(), teacher_temp=0.04)
     total.backward()
@@ -103,7 +103,7 @@ def test_backward_reaches_student_only_and_shared_head_works(centering):
 
 
 def test_ema_update_is_momentum_weighted_average():
-    model = SSLMetaArch(tiny_cfg())
+    model = build_ssl_model(tiny_cfg())
     with torch.no_grad():
         for p in model.student.parameters():
             p.add_(1.0)
@@ -117,7 +117,7 @@ def test_ema_update_is_momentum_weighted_average():
 def test_last_layer_is_frozen_while_its_lr_is_zero():
     cfg = tiny_cfg()
     apply_scaling_rule(cfg, world_size=1)
-    model = SSLMetaArch(cfg)
+    model = build_ssl_model(cfg)
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=0.9, patch_embed_lr_mult=0.2))
     apply_optim_schedule(optimizer, lr=1e-2, weight_decay=0.04, last_layer_lr=0.0)  # first epoch
     last = [p.clone() for p in model.student["dino_head"].last_layer.parameters()]

@@ -11,9 +11,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dinoreg.config import load_config
+from dinoreg.distributed import detect_environment, init_distributed, shutdown_distributed
 from dinoreg.ssl.masking import sample_masks
-from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.distributed import detect_environment, init_distributed, shutdown_distributed
+from dinoreg.train.build import build_ssl_model
 from dinoreg.train.loop import train_step
 from dinoreg.train.optim import Schedules, build_optimizer, build_param_groups
 from dinoreg.train.parallel import shard_ssl_model
@@ -54,7 +54,7 @@ def main(out: str, steps: int, overrides: list) -> None:
     init_distributed(env, device)
     cfg = load_config("tiny_cpu", overrides)
     torch.manual_seed(0)
-    model = SSLMetaArch(cfg).train()
+    model = build_ssl_model(cfg).train()
     if env.distributed:
         shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=False)
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=0.9, patch_embed_lr_mult=0.2))

@@ -10,8 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dinoreg import load_backbone
 from dinoreg.cli import main
 from dinoreg.config import load_config
+from dinoreg.run_dir import BACKBONE_FILE
 from dinoreg.ssl import meta_arch
-from dinoreg.train.loop import BACKBONE_FILE, NonFiniteLossError, train
+from dinoreg.train.loop import NonFiniteLossError, train
 
 FAST = ["student.embed_dim=64", "student.num_heads=2", "student.depth=2", "crops.global_crops_size=32",
         "crops.local_crops_size=16", "crops.local_crops_number=2", "train.batch_size_per_gpu=16",
@@ -87,7 +88,7 @@ def test_bad_dataset_path_fails_before_any_model_is_built(tmp_path, monkeypatch)
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the dataset was checked")
 
-    monkeypatch.setattr("dinoreg.train.loop.SSLMetaArch", no_model)
+    monkeypatch.setattr("dinoreg.train.build.SSLMetaArch", no_model)
     with pytest.raises(ValueError, match="does not exist"):
         run(tmp_path, f"train.dataset_path={tmp_path / 'missing'}")
     empty = tmp_path / "empty"

@@ -1,8 +1,12 @@
-"""Where this process stands in a job: single process, torchrun, or SLURM ``srun``; process-group set-up.
+"""The one process module: where this process stands in a job, and the collectives the package uses.
 
-``detect_environment()`` reads the launcher's variables and never guesses: a half-set environment (say
-``RANK`` without ``WORLD_SIZE``) is an error naming what is missing, because a job that silently trains
-as N independent single-process runs wastes a whole allocation.
+* ``detect_environment()`` reads the launcher's variables (single process, torchrun, or a SLURM ``srun``
+  task) and never guesses: a half-set environment (say ``RANK`` without ``WORLD_SIZE``) is an error naming
+  what is missing, because a job that silently trains as N independent single-process runs wastes a whole
+  allocation. ``process_device`` and ``init_distributed`` set up the device and the process group.
+* ``rank()``, ``world_size()`` and every reduction below work without a process group too: one process is
+  world size 1 and each reduction is then a no-op, so the losses, the loop and the evaluations run
+  unchanged in tests and on a laptop.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedEnvironment", "DistributedSetupError", "detect_environment", "first_host",
-           "init_distributed", "shutdown_distributed", "all_reduce_max", "all_reduce_mean", "barrier",
-           "broadcast_flag"]
+__all__ = ["DistributedEnvironment", "DistributedSetupError", "all_reduce_max", "all_reduce_mean", "all_reduce_sum",
+           "backend_device", "barrier", "broadcast_flag", "detect_environment", "first_host", "init_distributed",
+           "is_distributed", "max_over_ranks", "process_device", "rank", "shutdown_distributed", "world_size"]
 
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
@@ -98,6 +102,15 @@ def detect_environment(environ: Optional[Mapping[str, str]] = None) -> Distribut
     return env
 
 
+def process_device(env: DistributedEnvironment) -> torch.device:
+    """This process's device: ``cuda:<local rank>`` (made current) when there are GPUs, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
 def init_distributed(env: DistributedEnvironment, device: torch.device, *, timeout_min: float = 30) -> None:
     """Create the default process group (nccl on GPU, gloo on CPU) when the job has several processes."""
     if not env.distributed or dist.is_initialized():
@@ -113,9 +126,48 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+# --------------------------------------------------------------------------------------------------
+# rank, world size and collectives: each works (as a no-op) without a process group
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def backend_device() -> torch.device:
+    """Where the process group's tensors must live: the current GPU for nccl, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
-    if dist.is_initialized():
+    if is_distributed():
         dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, *, async_op: bool = False):
+    """Sum ``tensor`` in place over all ranks. Returns the work handle when ``async_op`` (None in one process:
+    the tensor already holds the answer), else ``tensor``."""
+    if not is_distributed():
+        return None if async_op else tensor
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=async_op)
+    return work if async_op else tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``tensor`` over all ranks, in place; returns ``tensor``."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def all_reduce_mean(values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
@@ -125,24 +177,18 @@ def all_reduce_mean(values: Mapping[str, float | torch.Tensor]) -> dict[str, flo
         return {}
     packed = torch.stack([torch.as_tensor(values[n], dtype=torch.float64).detach().cpu().reshape(())
                           for n in names])
-    if dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        packed = packed.to(device)
-        dist.all_reduce(packed)
-        packed = packed / dist.get_world_size()
+    if is_distributed():
+        packed = all_reduce_sum(packed.to(backend_device())) / world_size()
     return dict(zip(names, packed.cpu().tolist()))
 
 
-def all_reduce_max(value: float) -> float:
+def max_over_ranks(value: float) -> float:
     """The largest ``value`` over all ranks (``value`` itself in a single process)."""
-    if not dist.is_initialized():
+    if not is_distributed():
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([float(value)], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
+    return all_reduce_max(torch.tensor([float(value)], device=backend_device())).item()
 
 
 def broadcast_flag(flag: bool) -> bool:
     """True on every rank when any rank passes True."""
-    return all_reduce_max(1.0 if flag else 0.0) > 0
+    return max_over_ranks(1.0 if flag else 0.0) > 0

@@ -1,0 +1,33 @@
+"""Strict loading: the one report of how a state dict misfits a model (missing, unexpected, mis-shaped keys)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import Tensor
+
+__all__ = ["CheckpointMismatchError", "check_state_dict_fits"]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
+
+
+def check_state_dict_fits(given: Mapping[str, Tensor], expected: Mapping[str, Tensor], *, given_name: str,
+                          expected_name: str, hint: str) -> None:
+    """Raise :class:`CheckpointMismatchError` listing every key of ``given`` that does not fit ``expected``
+    (by name and shape; the first 20 of each kind), followed by ``hint``, the fix to try."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: {given_name} {tuple(given[k].shape)} vs {expected_name} {tuple(expected[k].shape)}"
+        for k in set(expected) & set(given) if given[k].shape != expected[k].shape
+    )
+    if not (missing or unexpected or mis_shaped):
+        return
+    lines = [f"{given_name} does not fit the {expected_name}:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+    lines.append(f"  {hint}")
+    raise CheckpointMismatchError("\n".join(lines))

@@ -1,0 +1,151 @@
+"""What a run writes, and how: the names and layout of a run directory, and the one atomic write.
+
+Layout of a ``dinoreg train`` output directory (``--output-dir``)::
+
+    config.yaml                     the resolved config (also saved inside every checkpoint)
+    metrics.jsonl                   one JSON object per logged row (training, kNN, monitor)
+    tensorboard/                    TensorBoard events
+    checkpoints/<iteration>/        DCP checkpoints (see dinoreg.train.checkpoint), ``latest`` names the newest
+    teacher_backbone.safetensors    the final teacher backbone, written when training ends
+
+``dinoreg eval`` writes ``results.json`` and ``tensorboard/`` in its own output directory.
+
+Every file a reader may open while it is being replaced goes through :func:`write_atomically` (a file) or
+:func:`publish` (a file or a directory): the new content is written beside the target under a temporary
+name, flushed to disk, and renamed over the target only once complete. A crash at any moment leaves either
+the old content or the new, never half of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = ["BACKBONE_FILE", "CHECKPOINT_DIR", "CONFIG_FILE", "LATEST_FILE", "META_FILE", "METRICS_FILE",
+           "RESULTS_FILE", "TENSORBOARD_DIR", "RunDir", "fsync_directory", "publish", "replace_directory",
+           "write_atomically", "write_json", "write_text"]
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"  # inside CHECKPOINT_DIR: the iteration of the newest published checkpoint
+META_FILE = "meta.json"  # inside each checkpoint
+BACKBONE_FILE = "teacher_backbone.safetensors"
+RESULTS_FILE = "results.json"  # of an evaluation
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one training run's files under ``root``."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def backbone(self) -> Path:
+        return self.root / BACKBONE_FILE
+
+    def training_outputs(self) -> list[Path]:
+        """What an earlier run left here (checkpoints, logs, the exported backbone); ``config.yaml`` aside."""
+        return [path for path in (self.checkpoints, self.metrics, self.tensorboard, self.backbone) if path.exists()]
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make the entries of ``path`` (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]):
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``final``. An existing ``final`` is moved aside first and put
+    back if the rename fails, then deleted: at every moment one complete version is at ``final`` or aside."""
+    if final.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, aside)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(aside, final)
+            raise
+        shutil.rmtree(aside)
+    else:
+        os.replace(tmp, final)
+    fsync_directory(final.parent)
+
+
+@contextlib.contextmanager
+def publish(output: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``output`` (a directory when ``directory``) to write into; once the
+    block succeeds its data is flushed to disk and it replaces ``output`` by rename. When the block fails,
+    ``output`` is untouched and the temporary path is removed."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{output.name}.tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=prefix, dir=output.parent)
+        os.close(handle)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if directory:
+            replace_directory(tmp, output)
+        else:
+            os.replace(tmp, output)
+            fsync_directory(output.parent)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then publish it over ``path``; returns ``path``."""
+    with publish(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2) -> Path:
+    return write_text(path, json.dumps(payload, indent=indent) + "\n")

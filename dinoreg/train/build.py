@@ -1,0 +1,128 @@
+"""What the training loop builds from the config: the model and its optimizer, the batches, the on-device
+augmentation, the precision. The config is read here, at set-up; the pieces built receive plain arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from dinoreg.config import build_backbone_from_config
+from dinoreg.data import MultiCropDataset, MultiCropGeometric, Photometric, build_loader, collate_multicrop
+from dinoreg.distributed import DistributedEnvironment
+from dinoreg.models import DinoVisionTransformer
+from dinoreg.models.weights import CheckpointMismatchError, load_weights_into
+from dinoreg.ssl.masking import MaskingGenerator, sample_masks
+from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
+from dinoreg.train.optim import build_optimizer, build_param_groups
+from dinoreg.train.parallel import shard_ssl_model
+
+__all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "precision",
+           "seed_everything", "training_batches"]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def precision(cfg: DictConfig, device: torch.device, *, distributed: bool) -> tuple[bool, Any]:
+    """``(bf16, autocast)``. Master weights, optimizer state and losses stay fp32; only the forward computes in
+    bf16 (under FSDP the mixed-precision policy does this, so the autocast is then a no-op)."""
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not distributed \
+        else contextlib.nullcontext()
+    return bf16, autocast
+
+
+def _head_spec(section: Any) -> HeadSpec:
+    return HeadSpec(n_prototypes=section.head_n_prototypes, hidden_dim=section.head_hidden_dim,
+                    bottleneck_dim=section.head_bottleneck_dim, nlayers=section.head_nlayers)
+
+
+def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMetaArch:
+    """Student and teacher of ``cfg``. ``load_pretrained``: start the student backbone from
+    ``student.pretrained_weights`` (off when a checkpoint will be loaded: it holds every weight)."""
+    student = build_backbone_from_config(cfg, stochastic_depth=True)
+    teacher = build_backbone_from_config(cfg, stochastic_depth=False)
+    if cfg.student.pretrained_weights and load_pretrained:  # continued pretraining; the heads start fresh
+        _load_pretrained(student, cfg.student.pretrained_weights)
+    return SSLMetaArch(student, teacher, dino_head=_head_spec(cfg.dino),
+                       ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
+                       loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
+                                                ibot=cfg.ibot.loss_weight),
+                       centering=cfg.train.centering)
+
+
+def _load_pretrained(backbone: DinoVisionTransformer, path: str) -> None:
+    """Strictly, with ``pos_embed`` resampled to the global crop size; errors name the config key."""
+    if not os.path.exists(path):
+        raise ValueError(f"student.pretrained_weights: {path} does not exist; give an official or exported "
+                         "backbone (.pth, .safetensors, or a `dinoreg export` output), or leave it empty")
+    try:
+        load_weights_into(backbone, path)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(
+            f"student.pretrained_weights {path} does not fit the configured student (student.arch, patch_size, "
+            f"num_register_tokens, ffn_layer...):\n{error}") from None
+
+
+def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *,
+                              bf16: bool = False, load_pretrained: bool = True
+                              ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
+    """The model on ``device`` in training mode (FSDP2-sharded when ``env`` has several processes) and its AdamW
+    over the student's parameter groups."""
+    model = build_ssl_model(cfg, load_pretrained=load_pretrained).to(device).train()
+    if env.distributed:  # shard before building the optimizer: it must hold the sharded parameters
+        shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
+    optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
+                                                   patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
+                                betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    return model, optimizer
+
+
+class BatchMasks:
+    """iBOT masks for one batch, drawn in the collate (worker) from an RNG seeded by the batch's first
+    stream position, so a resumed run draws the same masks whatever the number of workers."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        side = cfg.crops.global_crops_size // cfg.student.patch_size
+        self.grid = (side, side)
+        self.generator = MaskingGenerator(self.grid, max_num_patches=0.5 * side * side)
+        self.ratio = tuple(cfg.ibot.mask_ratio_min_max)
+        self.probability = cfg.ibot.mask_sample_probability
+        self.seed = cfg.train.seed
+
+    def __call__(self, n_images: int, seed_position: int) -> dict[str, Any]:
+        rng = random.Random(f"masks-{self.seed}-{seed_position}")
+        return sample_masks(n_images, self.grid, self.ratio, self.probability, rng=rng, generator=self.generator)
+
+
+def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment, *,
+                     start: int) -> Iterator[dict[str, Any]]:
+    """This rank's multi-crop batches (uint8, with iBOT masks) from global stream position ``start``
+    (``iterations * global batch``)."""
+    crops = cfg.crops
+    geometric = MultiCropGeometric(crops.global_crops_size, crops.local_crops_size, crops.local_crops_number,
+                                   global_crops_scale=tuple(crops.global_crops_scale),
+                                   local_crops_scale=tuple(crops.local_crops_scale))
+    loader = build_loader(MultiCropDataset(dataset, geometric, seed=cfg.train.seed),
+                          batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
+                          seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=start,
+                          collate_fn=functools.partial(collate_multicrop, mask_fn=BatchMasks(cfg)))
+    return iter(loader)
+
+
+def build_photometric(cfg: DictConfig, device: torch.device) -> Photometric:
+    """Colour jitter, blur, solarisation and normalisation, applied to whole batches on ``device``."""
+    crops = cfg.crops
+    return Photometric(crops.blur_prob_global1, crops.blur_prob_global2, crops.blur_prob_local,
+                       crops.solarization_prob_global2, color_jitter=tuple(crops.color_jitter)).to(device)
