@@ -1,6 +1,7 @@
 """The `dinoreg` command line: real outputs, and argument errors that name the option."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,11 @@ def test_python_dash_m():
                             cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "--registers" in result.stdout
+
+
+def test_version_is_the_package_version(capsys):
+    version = re.search(r'^__version__ = "([^"]+)"', (ROOT / "dinoreg" / "__init__.py").read_text(), re.M).group(1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dinoreg {version}"
