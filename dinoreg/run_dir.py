@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -107,6 +108,23 @@ def replace_directory(tmp: Path, final: Path) -> None:
     fsync_directory(final.parent)
 
 
+def _new_temporary(output: Path, *, directory: bool) -> Path:
+    """A new, unique hidden name beside ``output``, created as an empty file or directory with the permissions
+    a plain ``open`` or ``mkdir`` gives (the umask's), not ``tempfile``'s owner-only ones: colleagues on a
+    shared cluster must be able to read a run's files."""
+    for _ in range(100):
+        tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            if directory:
+                os.mkdir(tmp)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {output}")
+
+
 @contextlib.contextmanager
 def publish(output: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``output`` (a directory when ``directory``) to write into; once the
@@ -114,13 +132,7 @@ def publish(output: str | os.PathLike, *, directory: bool = False) -> Iterator[P
     ``output`` is untouched and the temporary path is removed."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{output.name}.tmp-"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
-    else:
-        handle, name = tempfile.mkstemp(prefix=prefix, dir=output.parent)
-        os.close(handle)
-        tmp = Path(name)
+    tmp = _new_temporary(output, directory=directory)
     try:
         yield tmp
         _fsync_tree(tmp)

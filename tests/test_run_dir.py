@@ -1,0 +1,89 @@
+"""dinoreg.run_dir: a run's file names, and the one atomic write every writer of the package goes through."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from dinoreg import run_dir
+from dinoreg.run_dir import RunDir, publish, write_atomically, write_json, write_text
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_run_dir_names_the_files_a_run_writes(tmp_path):
+    run = RunDir(str(tmp_path))
+    assert run.config == tmp_path / "config.yaml" and run.metrics == tmp_path / "metrics.jsonl"
+    assert run.tensorboard == tmp_path / "tensorboard" and run.checkpoints == tmp_path / "checkpoints"
+    assert run.backbone == tmp_path / "teacher_backbone.safetensors"
+    assert run.training_outputs() == []
+    run.config.write_text("x")  # the config alone is no earlier run
+    run.checkpoints.mkdir()
+    run.metrics.write_text("{}\n")
+    assert run.training_outputs() == [run.checkpoints, run.metrics]
+
+
+def test_write_json_replaces_the_file_whole_with_plain_permissions(tmp_path, umask_022):
+    path = tmp_path / "sub" / "results.json"
+    assert write_json(path, {"a": 1}) == path
+    write_json(path, {"a": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": [1, 2]} and path.read_text().endswith("\n")
+    assert os.listdir(path.parent) == ["results.json"]  # no temporary file left
+    # a plain open() under umask 022 gives 0644; tempfile's owner-only 0600 would hide runs from colleagues
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
+    path = tmp_path / "latest"
+    write_text(path, "7\n")
+
+    def half_then_crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(path, half_then_crash)
+    assert path.read_text() == "7\n" and os.listdir(tmp_path) == ["latest"]
+
+
+def test_publish_directory_replaces_an_existing_one_and_keeps_it_on_failure(tmp_path, umask_022):
+    output = tmp_path / "hf"
+    with publish(output, directory=True) as tmp:
+        (tmp / "config.json").write_text("old")
+    assert stat.S_IMODE(output.stat().st_mode) == 0o755
+    with pytest.raises(ValueError):
+        with publish(output, directory=True) as tmp:
+            (tmp / "config.json").write_text("broken")
+            raise ValueError("conversion failed")
+    assert (output / "config.json").read_text() == "old" and os.listdir(tmp_path) == ["hf"]
+    with publish(output, directory=True) as tmp:
+        (tmp / "config.json").write_text("new")
+        (tmp / "model.safetensors").write_text("weights")
+    assert sorted(os.listdir(output)) == ["config.json", "model.safetensors"]
+    assert (output / "config.json").read_text() == "new" and os.listdir(tmp_path) == ["hf"]  # nothing aside left
+
+
+def test_replace_directory_puts_the_old_one_back_when_the_rename_fails(tmp_path, monkeypatch):
+    final, new = tmp_path / "600", tmp_path / ".tmp-600"
+    final.mkdir()
+    (final / "meta.json").write_text("old")
+    new.mkdir()
+    (new / "meta.json").write_text("new")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src) == str(new):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(run_dir.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        run_dir.replace_directory(new, final)
+    assert (final / "meta.json").read_text() == "old"  # the complete old version is back in place
+    assert sorted(os.listdir(tmp_path)) == [".tmp-600", "600"]
