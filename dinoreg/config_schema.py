@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, FFN_LAYERS
+from dinoreg.ssl.meta_arch import CENTERINGS
 
 # (embed_dim, depth, num_heads) per architecture, as the model factories define them.
 ARCHITECTURES = ARCH_DIMS
@@ -178,7 +179,7 @@ CHOICES = {
     "student.arch": tuple(ARCHITECTURES),
     "student.ffn_layer": FFN_LAYERS,
     "student.attention_backend": ATTENTION_BACKENDS,
-    "train.centering": ("centering", "sinkhorn_knopp"),
+    "train.centering": CENTERINGS,
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.sharding": ("full_shard", "shard_grad_op", "no_shard"),

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedEnvironment", "DistributedSetupError", "all_reduce_max", "all_reduce_mean", "all_reduce_sum",
-           "backend_device", "barrier", "broadcast_flag", "detect_environment", "first_host", "init_distributed",
-           "is_distributed", "max_over_ranks", "process_device", "rank", "shutdown_distributed", "world_size"]
+           "backend_device", "barrier", "broadcast_flag", "detect_environment", "first_host", "gather_rows_to_main",
+           "init_distributed", "is_distributed", "max_over_ranks", "process_device", "rank", "shutdown_distributed",
+           "world_size"]
 
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
@@ -187,6 +188,25 @@ def max_over_ranks(value: float) -> float:
     if not is_distributed():
         return value
     return all_reduce_max(torch.tensor([float(value)], device=backend_device())).item()
+
+
+def gather_rows_to_main(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows ``local [m_r, ...]`` concatenated in rank order on the main rank (on the CPU); the
+    other ranks get an empty tensor. Shards may differ in size, and be empty: each is padded to the largest
+    for the collective. In one process: ``local`` itself."""
+    if not is_distributed():
+        return local
+    device, world = backend_device(), world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([local.shape[0]], device=device))
+    sizes = [int(count.item()) for count in counts]
+    padded = local.new_zeros((max(sizes), *local.shape[1:]), device=device)
+    padded[:local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank() == 0 else None
+    dist.gather(padded.contiguous(), parts, dst=0)
+    if rank() != 0:
+        return local[:0].cpu()
+    return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes)])
 
 
 def broadcast_flag(flag: bool) -> bool:

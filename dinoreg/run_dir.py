@@ -5,10 +5,14 @@ Layout of a ``dinoreg train`` output directory (``--output-dir``)::
     config.yaml                     the resolved config (also saved inside every checkpoint)
     metrics.jsonl                   one JSON object per logged row (training, kNN, monitor)
     tensorboard/                    TensorBoard events
-    checkpoints/<iteration>/        DCP checkpoints (see dinoreg.train.checkpoint), ``latest`` names the newest
+    checkpoints/<iteration>/        DCP checkpoints (see dinoreg.train.checkpoint), ``latest`` names the newest;
+                                    each holds meta.json, config.yaml, rng/rank<r>.pt and DCP's files
+    checkpoints/.tmp-<iteration>/   a checkpoint being written by every rank
     teacher_backbone.safetensors    the final teacher backbone, written when training ends
+    eval_<protocol>[_random_init]/  ``dinoreg eval --run``'s default output directory
 
-``dinoreg eval`` writes ``results.json`` and ``tensorboard/`` in its own output directory.
+``dinoreg eval`` writes ``results.json``, ``tensorboard/`` and its feature files (``knn_features.pt``,
+``linear_features.pt``) in its output directory.
 
 Every file a reader may open while it is being replaced goes through :func:`write_atomically` (a file) or
 :func:`publish` (a file or a directory): the new content is written beside the target under a temporary
@@ -28,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["BACKBONE_FILE", "CHECKPOINT_DIR", "CONFIG_FILE", "LATEST_FILE", "META_FILE", "METRICS_FILE",
-           "RESULTS_FILE", "TENSORBOARD_DIR", "RunDir", "fsync_directory", "publish", "replace_directory",
-           "write_atomically", "write_json", "write_text"]
+__all__ = ["BACKBONE_FILE", "CHECKPOINT_DIR", "CONFIG_FILE", "FEATURES_FILES", "IN_PROGRESS_PREFIX", "LATEST_FILE",
+           "META_FILE", "METRICS_FILE", "RESULTS_FILE", "TENSORBOARD_DIR", "RunDir", "fsync_directory", "is_temporary",
+           "publish", "replace_directory", "rng_state_file", "write_atomically", "write_json", "write_text"]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -40,6 +44,8 @@ LATEST_FILE = "latest"  # inside CHECKPOINT_DIR: the iteration of the newest pub
 META_FILE = "meta.json"  # inside each checkpoint
 BACKBONE_FILE = "teacher_backbone.safetensors"
 RESULTS_FILE = "results.json"  # of an evaluation
+FEATURES_FILES = {"knn": "knn_features.pt", "linear": "linear_features.pt"}  # of an evaluation
+IN_PROGRESS_PREFIX = ".tmp-"  # checkpoints/.tmp-<iteration>: written by every rank, then renamed
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,27 @@ class RunDir:
     def backbone(self) -> Path:
         return self.root / BACKBONE_FILE
 
+    def checkpoint_in_progress(self, iteration: int) -> Path:
+        return self.checkpoints / f"{IN_PROGRESS_PREFIX}{iteration}"
+
+    def evaluation(self, protocol: str, *, random_init: bool = False) -> Path:
+        """``dinoreg eval <protocol> --run`` writes here by default."""
+        return self.root / f"eval_{protocol}{'_random_init' if random_init else ''}"
+
     def training_outputs(self) -> list[Path]:
         """What an earlier run left here (checkpoints, logs, the exported backbone); ``config.yaml`` aside."""
         return [path for path in (self.checkpoints, self.metrics, self.tensorboard, self.backbone) if path.exists()]
+
+
+def rng_state_file(checkpoint: Path, rank: int) -> Path:
+    """Inside a checkpoint: rank ``rank``'s python, numpy, torch and CUDA RNG states."""
+    return checkpoint / "rng" / f"rank{rank}.pt"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of the hidden names this module and the checkpoints write through (a checkpoint
+    in progress, a file being replaced, a directory moved aside): what an interrupted write leaves behind."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)  # IN_PROGRESS_PREFIX is ".tmp-"
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -149,10 +173,18 @@ def publish(output: str | os.PathLike, *, directory: bool = False) -> Iterator[P
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then publish it over ``path``; returns ``path``."""
-    with publish(path) as tmp:
+    """``write(tmp)`` to a temporary file beside ``path``, then publish it over ``path``; returns ``path``.
+
+    A symbolic link is written through (its target is replaced). A target that exists and is no regular file
+    (``/dev/stdout``, a FIFO) is written in place: it cannot be replaced, and half a file means nothing there.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():  # both follow links: /dev/stdout is a link to a pipe or terminal
+        write(path)
+        return path
+    with publish(Path(os.path.realpath(path)) if path.is_symlink() else path) as tmp:
         write(tmp)
-    return Path(path)
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

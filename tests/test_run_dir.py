@@ -87,3 +87,26 @@ def test_replace_directory_puts_the_old_one_back_when_the_rename_fails(tmp_path,
         run_dir.replace_directory(new, final)
     assert (final / "meta.json").read_text() == "old"  # the complete old version is back in place
     assert sorted(os.listdir(tmp_path)) == [".tmp-600", "600"]
+
+
+def test_links_are_written_through_and_devices_in_place(tmp_path):
+    target = tmp_path / "real.json"
+    write_json(target, {"v": 1})
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_json(link, {"v": 2})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"v": 2}
+    # `--json /dev/stdout`: a device cannot be replaced by rename (as root that would replace the device node)
+    device = tmp_path / "stdout"
+    device.symlink_to(os.devnull)
+    write_json(device, {"v": 3})
+    assert device.is_symlink() and stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "real.json", "stdout"]
+
+
+def test_is_temporary_knows_every_name_an_interrupted_write_leaves():
+    assert run_dir.is_temporary(".tmp-600")  # a checkpoint being written
+    assert run_dir.is_temporary(".latest.tmp-123-0a1b2c3d")  # a file being replaced
+    assert run_dir.is_temporary(".600.old-k2j3h4")  # a checkpoint moved aside
+    assert not run_dir.is_temporary("600") and not run_dir.is_temporary("latest")
+    assert not run_dir.is_temporary(".nfs000000001234")  # NFS's own: not ours to delete

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dinoreg.argtypes import int_at_least, positive_int
+from dinoreg.run_dir import FEATURES_FILES, RunDir
 
 _OFFICIAL_LRS = "1e-5 2e-5 5e-5 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 5e-2 0.1"
 _EXIT_CODES = ("exit codes: 0 done, 1 error (e.g. an incomplete torchrun/SLURM environment), 2 bad arguments or "
@@ -145,8 +146,8 @@ def _run_protocol(args: argparse.Namespace, evaluate: Callable[..., Any], report
     command = f"dinoreg eval {args.protocol}"
     try:
         weights = resolve_weights(weights=args.weights, run=args.run)
-        suffix = "_random_init" if args.random_init else ""
-        output_dir = args.output_dir or (args.run / f"eval_{args.protocol}{suffix}" if args.run else None)
+        output_dir = args.output_dir or (RunDir(args.run).evaluation(args.protocol, random_init=args.random_init)
+                                         if args.run else None)
         if output_dir is None:
             raise EvalInputError("--output-dir DIR is required with --weights (with --run it defaults to "
                                  f"RUN/eval_{args.protocol})")
@@ -182,7 +183,7 @@ def _knn(args: argparse.Namespace) -> int:
     from dinoreg.eval.knn import evaluate_knn, format_knn_table  # noqa: PLC0415 (heavy imports)
 
     def evaluate(context: Any, *, output_dir: Path, writer: Any) -> Any:
-        features = output_dir / "knn_features.pt" if args.save_features else None
+        features = output_dir / FEATURES_FILES["knn"] if args.save_features else None
         return evaluate_knn(context, ks=args.ks, temperature=args.temperature, avgpool=args.avgpool, writer=writer,
                             save_features=features)
 
@@ -195,7 +196,7 @@ def _linear(args: argparse.Namespace) -> int:
     def evaluate(context: Any, *, output_dir: Path, writer: Any) -> Any:
         return evaluate_linear(context, epochs=args.epochs, batch_size=args.classifier_batch_size,
                                learning_rates=args.learning_rates or LEARNING_RATES, val_fraction=args.val_fraction,
-                               seed=args.seed, cache_path=None if args.no_cache else output_dir / "linear_features.pt",
+                               seed=args.seed, cache_path=None if args.no_cache else output_dir / FEATURES_FILES["linear"],
                                writer=writer)
 
     return _run_protocol(args, evaluate, format_linear_table)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
@@ -128,30 +127,8 @@ PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
 def gather_by_index(features: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """All ranks' ``(features [m_r, ...], indices [m_r])`` concatenated and sorted by index, on the main rank;
     the other ranks get empty tensors (the results are computed there only, and an ImageNet feature bank on
-    every rank would multiply its memory by the number of ranks).
-
-    Shards may differ in size (and be empty), so each is padded to the largest before ``gather``.
-    In a single process this only sorts.
-    """
-    rank, world = distributed.rank(), distributed.world_size()
-    if world > 1:
-        device = distributed.backend_device()
-        count = torch.tensor([features.shape[0]], device=device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        sizes = [int(c.item()) for c in counts]
-        pad = max(sizes)
-
-        def gather(local: Tensor) -> Tensor:
-            padded = local.new_zeros((pad, *local.shape[1:]), device=device)
-            padded[:local.shape[0]] = local.to(device)
-            parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-            dist.gather(padded.contiguous(), parts, dst=0)
-            if rank != 0:
-                return local[:0].cpu()
-            return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes)])
-
-        features, indices = gather(features), gather(indices)
+    every rank would multiply its memory by the number of ranks). In a single process this only sorts."""
+    features, indices = distributed.gather_rows_to_main(features), distributed.gather_rows_to_main(indices)
     order = indices.argsort()
     return features[order], indices[order]
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch.distributed.checkpoint as dcp
 
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
+from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, IN_PROGRESS_PREFIX, META_FILE
 
 __all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "resolve_checkpoint"]
 
@@ -59,7 +59,7 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
         except CheckpointError as error:
             raise ExportError(f"damaged checkpoint: {error}; export an older one from {path.parent}") from None
         return path
-    if path.name.startswith(".tmp-"):
+    if path.name.startswith(IN_PROGRESS_PREFIX):
         raise ExportError(f"{path} is a checkpoint that was never finished (a run stopped while writing it); "
                           f"export a published one from {path.parent}")
     if not (path / CHECKPOINT_DIR).is_dir():

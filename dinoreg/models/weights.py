@@ -70,7 +70,6 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
 def _read_hf_directory(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     from safetensors.torch import load_file  # noqa: PLC0415
 
-
     config, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
     if not (os.path.isfile(config) and os.path.isfile(weights)):
         raise FileNotFoundError(f"{path} is a directory without config.json and model.safetensors: not a Hugging "

@@ -30,9 +30,9 @@ class HeadSpec:
     then ``n_prototypes`` weight-normalised prototypes."""
 
     n_prototypes: int
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
+    hidden_dim: int
+    bottleneck_dim: int
+    nlayers: int
 
     def build(self, in_dim: int) -> DINOHead:
         return DINOHead(in_dim, self.n_prototypes, nlayers=self.nlayers, hidden_dim=self.hidden_dim,
@@ -44,9 +44,9 @@ class LossWeights:
     """Weights of the objective's terms (official ``dino.loss_weight``, ``dino.koleo_loss_weight``,
     ``ibot.loss_weight``); a zero weight turns the term off."""
 
-    dino: float = 1.0
-    koleo: float = 0.1
-    ibot: float = 1.0
+    dino: float
+    koleo: float
+    ibot: float
 
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
@@ -54,8 +54,8 @@ CENTERINGS = ("centering", "sinkhorn_knopp")
 
 class SSLMetaArch(nn.Module):
     def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer, *,
-                 dino_head: HeadSpec, ibot_head: Optional[HeadSpec] = None,
-                 loss_weights: LossWeights = LossWeights(), centering: str = "centering") -> None:
+                 dino_head: HeadSpec, ibot_head: Optional[HeadSpec], loss_weights: LossWeights,
+                 centering: str) -> None:
         """``teacher_backbone``: the same architecture as ``student_backbone`` (without stochastic depth); it
         starts as an exact copy. ``ibot_head``: a separate iBOT head; None shares the DINO head (official
         default). ``centering``: the teacher's ``"centering"`` (softmax, EMA centre) or ``"sinkhorn_knopp"``."""

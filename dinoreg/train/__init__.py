@@ -1,5 +1,6 @@
-"""Training: the loop, optimiser and schedules, distribution, parallelism, checkpoints and logging.
+"""Training: the loop, what it builds from the config, optimiser and schedules, parallelism (FSDP2),
+checkpoints (DCP), signals, the live monitor and logging.
 
-This is the only sub-package that knows about processes, FSDP, DCP and signals; it composes
-:mod:`dinoreg.ssl`, :mod:`dinoreg.data` and :mod:`dinoreg.models`.
+The only sub-package that knows FSDP, DCP and signals; it composes :mod:`dinoreg.ssl`, :mod:`dinoreg.data`,
+:mod:`dinoreg.models` and :mod:`dinoreg.metrics`, and reaches the processes through :mod:`dinoreg.distributed`.
 """

@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from dinoreg import distributed
 from dinoreg.config import save_config
 from dinoreg.models.weights import CheckpointMismatchError
-from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, fsync_directory, replace_directory,
-                             write_json, write_text)
+from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, fsync_directory, is_temporary,
+                             replace_directory, rng_state_file, write_json, write_text)
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "checkpoint_dirs",
            "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
@@ -80,13 +80,13 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
 
 
 def remove_incomplete(run_dir: str | Path) -> list[Path]:
-    """Delete the leftovers of interrupted saves (call on one rank, before training): every hidden entry of
-    ``checkpoints/`` is one (``.tmp-<iteration>`` being written, a checkpoint moved aside, a ``latest`` being
-    replaced)."""
+    """Delete the leftovers of interrupted saves (call on one rank, before training): checkpoints that were
+    being written (``.tmp-<iteration>``), moved aside, or a ``latest`` being replaced."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    leftovers = sorted(root.glob(".*")) if root.is_dir() else []
+    leftovers = sorted(path for path in root.iterdir() if is_temporary(path.name)) if root.is_dir() else []
     for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. a file still open elsewhere on NFS: it is never read anyway
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return leftovers
 
 
@@ -130,18 +130,18 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
     ``keep_last`` newest checkpoints plus every one whose iteration is a multiple of ``keep_every`` (> 0).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    final, tmp = root / str(iteration), root / f".tmp-{iteration}"
+    final, tmp = root / str(iteration), RunDir(run_dir).checkpoint_in_progress(iteration)
     rank = distributed.rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        (tmp / "rng").mkdir()
+        rng_state_file(tmp, 0).parent.mkdir()
     distributed.barrier()
     state = _model_and_optimizer_state(model, optimizer)
     with single_process_is_intended():
         dcp.save(state, checkpoint_id=tmp, no_dist=not distributed.is_distributed())
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    torch.save(_rng_state(), rng_state_file(tmp, rank))
     distributed.barrier()
     if rank == 0:
         save_config(cfg, tmp / CONFIG_FILE)
@@ -232,7 +232,7 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
             f"config the run was saved with ({checkpoint / CONFIG_FILE}).") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    rng_file = checkpoint / "rng" / f"rank{distributed.rank()}.pt"
+    rng_file = rng_state_file(checkpoint, distributed.rank())
     meta["rng_restored"] = meta["world_size"] == distributed.world_size() and rng_file.is_file()
     if meta["rng_restored"]:
         _set_rng_state(torch.load(rng_file, weights_only=False))

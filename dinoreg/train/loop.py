@@ -119,13 +119,15 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     barrier()
     batches = training_batches(cfg, dataset, env, start=position)
     photometric = build_photometric(cfg, device)
+    evaluate = KnnEvaluator(cfg, device) if cfg.evaluation.knn_enabled else None
+    monitor = ArtifactMonitor(cfg, device) if cfg.monitor.period else None  # reads its probe images: may fail
+    # last, because train() closes them only once set_up has returned: the logger opens metrics.jsonl and
+    # TensorBoard, the watcher takes over the signals
     logger = TrainingLogger(output.root, total_iterations=schedules.total_iterations, start_iteration=start,
                             enabled=env.is_main, print_every=cfg.train.log_every)
     return Run(cfg=cfg, env=env, device=device, autocast=autocast, output=output, model=model, optimizer=optimizer,
-               schedules=schedules, batches=batches, photometric=photometric,
-               evaluate=KnnEvaluator(cfg, device) if cfg.evaluation.knn_enabled else None,
-               monitor=ArtifactMonitor(cfg, device) if cfg.monitor.period else None, logger=logger,
-               signals=SignalWatcher(cfg.checkpoint.save_on_signals),
+               schedules=schedules, batches=batches, photometric=photometric, evaluate=evaluate, monitor=monitor,
+               logger=logger, signals=SignalWatcher(cfg.checkpoint.save_on_signals),
                report=logger.warn if env.is_main else warn, start=start, position=position)
 
 

@@ -14,11 +14,11 @@ import torch
 from launch_helpers import TINY, subprocess_env, wait_for_training_rows
 
 from dinoreg.config import load_config
+from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.weights import CheckpointMismatchError
-from dinoreg.train.build import build_ssl_model
+from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, checkpoint_dirs, config_differences,
                                       latest_checkpoint, load_checkpoint, read_meta, save_checkpoint)
-from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher
 
 # A run of 2 x 10 iterations that takes about 2 s after start-up.
@@ -29,9 +29,7 @@ RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs
 def model_and_optimizer(*overrides):
     cfg = load_config("tiny_cpu", [*RUN, *overrides])
     torch.manual_seed(0)
-    model = build_ssl_model(cfg)
-    optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
-                                                   patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult))
+    model, optimizer = build_model_and_optimizer(cfg, DistributedEnvironment(), torch.device("cpu"))
     return cfg, model, optimizer
 
 

@@ -17,9 +17,8 @@ from dinoreg.config import load_config
 from dinoreg.distributed import (DistributedEnvironment, DistributedSetupError, all_reduce_mean, detect_environment,
                                  first_host)
 from dinoreg.run_dir import BACKBONE_FILE
-from dinoreg.train.build import build_ssl_model
+from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
-from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL
 
 HERE = Path(__file__).parent
@@ -135,9 +134,7 @@ def test_checkpoints_resume_on_the_same_and_on_another_number_of_processes(tmp_p
 
     # the exported teacher equals the teacher of the final checkpoint, read back by one process without FSDP
     cfg = load_config("tiny_cpu", RUN2)
-    model = build_ssl_model(cfg)
-    optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
-                                                   patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult))
+    model, optimizer = build_model_and_optimizer(cfg, DistributedEnvironment(), torch.device("cpu"))
     meta = load_checkpoint(latest_checkpoint(straight), model=model, optimizer=optimizer)
     assert (meta["iteration"], meta["world_size"], meta["stream_position"]) == (16, 2, 16 * 8)
     exported = load_backbone(straight / BACKBONE_FILE)
