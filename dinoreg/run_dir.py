@@ -155,8 +155,12 @@ def publish(output: str | os.PathLike, *, directory: bool = False) -> Iterator[P
     block succeeds its data is flushed to disk and it replaces ``output`` by rename. When the block fails,
     ``output`` is untouched and the temporary path is removed."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temporary(output, directory=directory)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temporary(output, directory=directory)
+    except OSError as error:  # name what was asked for, not our temporary name
+        raise OSError(error.errno, f"cannot write {output}: {error.strerror}; choose a folder that exists and that "
+                                   "you can write to") from None
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -110,3 +110,16 @@ def test_is_temporary_knows_every_name_an_interrupted_write_leaves():
     assert run_dir.is_temporary(".600.old-k2j3h4")  # a checkpoint moved aside
     assert not run_dir.is_temporary("600") and not run_dir.is_temporary("latest")
     assert not run_dir.is_temporary(".nfs000000001234")  # NFS's own: not ours to delete
+
+
+def test_an_output_that_cannot_be_created_is_named_as_asked(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    asked = tmp_path / "file" / "teacher.pth"
+    with pytest.raises(OSError) as error:
+        write_atomically(asked, lambda tmp: tmp.write_bytes(b"weights"))
+    assert f"cannot write {asked}" in str(error.value) and ".tmp-" not in str(error.value)
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o555)
+        with pytest.raises(OSError, match=f"cannot write {read_only / 'x.json'}"):
+            write_json(read_only / "x.json", {})

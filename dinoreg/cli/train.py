@@ -29,8 +29,9 @@ def add_train_parser(commands: Any) -> None:
                "  torchrun --nproc_per_node=8 -m dinoreg train --config vitl14_reg4 --output-dir runs/l \\\n"
                "      train.dataset_path=/data/imagenet/train train.batch_size_per_gpu=32")
     add_recipe_arguments(train)
-    train.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
-                       help="where the config, metrics, TensorBoard logs and weights go (sets train.output_dir)")
+    train.add_argument("--output-dir", type=Path, metavar="DIR",
+                       help="where the config, metrics, TensorBoard logs and weights go (sets train.output_dir); "
+                            "required except with --print-config")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved configuration and exit without training")
     train.add_argument("--no-resume", action="store_true",
@@ -78,13 +79,17 @@ def _train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf  # noqa: PLC0415
 
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
+    from dinoreg.data import DatasetError  # noqa: PLC0415
     from dinoreg.distributed import DistributedSetupError  # noqa: PLC0415
     from dinoreg.models.weights import CheckpointMismatchError  # noqa: PLC0415
     from dinoreg.train.checkpoint import CheckpointError  # noqa: PLC0415 (heavy imports)
     from dinoreg.train.loop import NonFiniteLossError, prepare_output_dir, train  # noqa: PLC0415
 
+    if args.output_dir is None and not args.print_config:
+        args.parser.error("the following arguments are required: --output-dir (except with --print-config)")
+    output = [f"train.output_dir={args.output_dir}"] if args.output_dir is not None else []
     try:
-        cfg = load_config(args.config, [*args.overrides, f"train.output_dir={args.output_dir}"])
+        cfg = load_config(args.config, [*args.overrides, *output])
     except ConfigError as error:
         print(f"dinoreg train: invalid configuration:\n{error}", file=sys.stderr)
         return 2
@@ -94,6 +99,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         prepare_output_dir(args.output_dir, resume=not args.no_resume, force=args.force)
         final = train(cfg, resume=not args.no_resume, allow_config_change=args.allow_config_change)
+    except DatasetError as error:  # a bad value, as every other bad config value: exit 2
+        print(f"dinoreg train: invalid configuration:\ntrain.dataset_path: {error}", file=sys.stderr)
+        return 2
     except (NonFiniteLossError, CheckpointError, CheckpointMismatchError, DistributedSetupError,
             ValueError) as error:
         print(f"dinoreg train: {error}", file=sys.stderr)

@@ -16,6 +16,7 @@ from dinoreg.data.augment import (
 from dinoreg.data.datasets import (
     IMAGE_EXTENSIONS,
     BadFileLog,
+    DatasetError,
     FileList,
     ImageFolder,
     IndexedView,
@@ -36,7 +37,7 @@ from dinoreg.data.synthetic import SyntheticShapes
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
-    "BadFileLog", "BadSample", "EvalTransform", "FileList", "ImageFolder", "IndexedView", "InfiniteShardedSampler",
+    "BadFileLog", "BadSample", "DatasetError", "EvalTransform", "FileList", "ImageFolder", "IndexedView", "InfiniteShardedSampler",
     "MultiCropDataset", "MultiCropGeometric", "Photometric", "RandomColorJitter", "SyntheticShapes",
     "build_dataset", "build_eval_loader", "build_loader", "collate_multicrop", "load_image",
     "sample_resized_crop_params", "to_rgb",

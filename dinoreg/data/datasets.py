@@ -24,6 +24,11 @@ from PIL import Image
 from dinoreg.data.synthetic import SyntheticShapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+class DatasetError(ValueError):
+    """A dataset path or spec that cannot be read (missing, empty, malformed): a bad value of the config's
+    ``train.dataset_path`` or of a tool's data option. The message names the path and the fix."""
+
+
 _FIX = ('use "synthetic", "synthetic:size=N,image_size=S,objects=A-B", a folder of images, '
         'or a .txt file with one image path per line')
 
@@ -140,9 +145,9 @@ class ImageFolder(_FileDataset):
         super().__init__()
         self.root = Path(root)
         if not self.root.exists():
-            raise ValueError(f"dataset folder {str(self.root)!r} does not exist; {_FIX}")
+            raise DatasetError(f"dataset folder {str(self.root)!r} does not exist; {_FIX}")
         if not self.root.is_dir():
-            raise ValueError(f"{str(self.root)!r} is not a folder; {_FIX}")
+            raise DatasetError(f"{str(self.root)!r} is not a folder; {_FIX}")
         per_folder = {}
         for directory, subdirs, files in os.walk(self.root, followlinks=True):
             subdirs.sort()
@@ -152,7 +157,7 @@ class ImageFolder(_FileDataset):
                 if is_image_file(name):
                     per_folder.setdefault(top, []).append(os.path.join(directory, name))
         if not per_folder:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}; {_FIX}")
+            raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}; {_FIX}")
         self.classes = sorted(k for k in per_folder if k is not None)
         label_of = {name: i for i, name in enumerate(self.classes)}
         self.samples = [(p, -1) for p in per_folder.get(None, [])]
@@ -175,7 +180,7 @@ class FileList(_FileDataset):
         super().__init__()
         self.txt_path = Path(txt_path)
         if not self.txt_path.is_file():
-            raise ValueError(f"file list {str(self.txt_path)!r} does not exist; {_FIX}")
+            raise DatasetError(f"file list {str(self.txt_path)!r} does not exist; {_FIX}")
         base = self.txt_path.resolve().parent
         self.samples = []
         labels = set()
@@ -192,7 +197,7 @@ class FileList(_FileDataset):
             self.samples.append((str(path if path.is_absolute() else base / path), label))
             labels.add(label)
         if not self.samples:
-            raise ValueError(f"file list {str(self.txt_path)!r} lists no images; {_FIX}")
+            raise DatasetError(f"file list {str(self.txt_path)!r} lists no images; {_FIX}")
         self.classes = [str(label) for label in sorted(labels - {-1})]
 
     def __repr__(self) -> str:
@@ -206,7 +211,7 @@ def _parse_synthetic(spec: str, split: str) -> SyntheticShapes:
     for item in filter(None, (s.strip() for s in options.split(","))):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in ("size", "image_size", "seed", "objects"):
-            raise ValueError(f"bad synthetic dataset option {item!r} in {spec!r}; {allowed}")
+            raise DatasetError(f"bad synthetic dataset option {item!r} in {spec!r}; {allowed}")
         try:
             if key == "objects":
                 low, _, high = value.partition("-")
@@ -214,7 +219,7 @@ def _parse_synthetic(spec: str, split: str) -> SyntheticShapes:
             else:
                 kwargs[key] = int(value)
         except ValueError:
-            raise ValueError(f"synthetic dataset option {item!r} in {spec!r} must be an integer "
+            raise DatasetError(f"synthetic dataset option {item!r} in {spec!r} must be an integer "
                              f"(objects: A-B); {allowed}") from None
     if split != "train" and "size" in kwargs:
         # "size" sets the training set; val keeps its default size, scaled in the same proportion.
@@ -234,12 +239,12 @@ def build_dataset(spec: str, split: str = "train"):
         return _parse_synthetic(spec, split)
     path = Path(os.path.expanduser(spec))
     if not path.exists():
-        raise ValueError(f"dataset path {spec!r} does not exist; {_FIX}")
+        raise DatasetError(f"dataset path {spec!r} does not exist; {_FIX}")
     if path.is_dir():
         return ImageFolder(path / split if (path / split).is_dir() else path)
     if path.suffix.lower() == ".txt":
         return FileList(path)
-    raise ValueError(f"dataset path {spec!r} is neither a folder nor a .txt file list; {_FIX}")
+    raise DatasetError(f"dataset path {spec!r} is neither a folder nor a .txt file list; {_FIX}")
 
 
 class IndexedView:

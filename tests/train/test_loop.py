@@ -104,3 +104,18 @@ def test_cli_reports_config_errors_and_prints_config(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "epochs: 3" in printed and f"output_dir: {tmp_path}" in printed
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_print_config_needs_no_output_dir_and_training_does(capsys):
+    assert main(["train", "--print-config", "optim.epochs=3"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "optim.epochs=3"])
+    assert exit_info.value.code == 2 and "--output-dir" in capsys.readouterr().err
+
+
+def test_a_missing_dataset_is_a_bad_config_value_exit_2(tmp_path, capsys):
+    code = main(["train", "--output-dir", str(tmp_path / "run"), f"train.dataset_path={tmp_path / 'missing'}"])
+    assert code == 2  # as every other bad value of the config (it was 1, as a crash)
+    error = capsys.readouterr().err
+    assert "invalid configuration" in error and "train.dataset_path" in error and "does not exist" in error
