@@ -12,7 +12,8 @@
 # Everything lives under $DINOREG_SLURM_DIR (default /tmp/dinoreg-slurm): slurm.conf, munge key and socket,
 # MariaDB data, state, spool, logs, PID files. Nothing is written under /etc. Clients find it through
 #   export SLURM_CONF=$DINOREG_SLURM_DIR/slurm.conf
-# Each `start` after a `stop` begins with empty state: job ids restart at 1.
+# Each `start` after a `stop` begins with empty state, but job ids start from the clock (FirstJobId), so
+# runs/%j never reuses an earlier cluster's directory.
 #
 # Accounting is on, as on real clusters: sacct works (submitit reads job states with it) and jobs must
 # name a known account (associations are enforced). The cluster "dinoreg" has one account, "dinoreg", the
@@ -79,8 +80,8 @@ AccountingStorageEnforce=associations"
   cat >"${CONF}" <<EOF
 # Written by launch/slurm_cluster.sh: one node (this machine), no cgroups.
 ClusterName=dinoreg
-# State starts empty at each start: without this, job ids would restart at 1 and `runs/%j` would reuse the
-# directories (and results) of an earlier cluster's jobs.
+# State starts empty at each start: without this, job ids would restart at 1 and runs/%j would reuse the
+# directories (and results) of an earlier cluster's jobs. (No backticks here: this is an unquoted heredoc.)
 FirstJobId=$(( $(date +%s) % 60000000 + 1000 ))
 SlurmctldHost=localhost
 SlurmUser=root

@@ -151,7 +151,8 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
     if output_dir:
         print(f"  output dir  {info['output_dir']}")
     print(f"  logs        {info['stdout']}\n              {info['stderr']}   (task 0; one pair per task)\n"
-          f"  follow      tail -f {info['stderr']}\n  cancel      scancel {job.job_id}")
+          f"  follow      tail -f {info['stdout']}   (training progress; warnings and errors: the .err log)\n"
+          f"  cancel      scancel {job.job_id}")
     if args.json:
         print(f"wrote {write_json(args.json, info)}")
     if not args.wait:

@@ -69,3 +69,12 @@ def test_cluster_start_is_idempotent(slurm_env):
     status = subprocess.run([LAUNCH / "slurm_cluster.sh", "status"], env={**os.environ}, capture_output=True,
                             text=True, timeout=120)
     assert status.returncode == 0 and "idle" in status.stdout and "slurmd: running" in status.stdout
+
+
+def test_local_cluster_config_is_written_as_its_comments_say(slurm_env):
+    """The config is an unquoted heredoc: a command in backticks there ran (printing `runs/%j: No such file or
+    directory` at every start) and vanished from the comment. Job ids start from the clock, as the header says."""
+    conf = Path(slurm_env["SLURM_CONF"]).read_text()
+    assert "runs/%j would reuse the" in conf
+    first_job_id = int(next(line.split("=", 1)[1] for line in conf.splitlines() if line.startswith("FirstJobId=")))
+    assert first_job_id >= 1000
