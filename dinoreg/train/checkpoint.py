@@ -24,6 +24,7 @@ import json
 import random
 import shutil
 import time
+import zlib
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +42,7 @@ from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, fsync_directory, is_temporary,
                              replace_directory, rng_state_file, write_json, write_text)
 
-__all__ = ["CHECKPOINT_DIR", "CheckpointError", "checkpoint_dirs",
+__all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
            "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
            "save_checkpoint", "verify_checkpoint"]
 
@@ -51,6 +52,11 @@ BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "eval
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed from (unreadable, or incompatible with the current run)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, permission); the partial one was removed and the
+    checkpoints published before are intact."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,6 +70,17 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / META_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name))
+
+
+def _check_latest(root: Path, warn: Any) -> None:
+    path = root / LATEST_FILE
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:  # absent (no checkpoint yet): nothing to report
+        return
+    if not (text.isdigit() and (root / text / META_FILE).is_file()):
+        warn(f"{path} holds {text[:40]!r}, which names no published checkpoint (damaged or edited by hand); it "
+             "is ignored: resuming uses the newest intact checkpoint")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -128,25 +145,31 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
 
     ``iteration`` is the number of completed iterations (the resumed run starts there). Retention keeps the
     ``keep_last`` newest checkpoints plus every one whose iteration is a multiple of ``keep_every`` (> 0).
+    A failure on any rank (disk full, quota, permission) removes the partial checkpoint and raises
+    :class:`CheckpointSaveError` on every rank; the checkpoints published before are untouched.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     final, tmp = root / str(iteration), RunDir(run_dir).checkpoint_in_progress(iteration)
     rank = distributed.rank()
-    if rank == 0:
+    main = rank == 0
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         rng_state_file(tmp, 0).parent.mkdir()
-    distributed.barrier()
-    state = _model_and_optimizer_state(model, optimizer)
-    with single_process_is_intended():
-        dcp.save(state, checkpoint_id=tmp, no_dist=not distributed.is_distributed())
-    torch.save(_rng_state(), rng_state_file(tmp, rank))
-    distributed.barrier()
-    if rank == 0:
+
+    def write_shards() -> None:
+        with single_process_is_intended():
+            dcp.save(state, checkpoint_id=tmp, no_dist=not distributed.is_distributed())
+        torch.save(_rng_state(), rng_state_file(tmp, rank))
+
+    def publish() -> None:
         save_config(cfg, tmp / CONFIG_FILE)
-        # every file with its size, so a missing or truncated file is named at load time
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        # every file with its size and a content checksum: a missing, truncated or overwritten file is named
+        # at load time (DCP itself would crash deep inside its reader, or read the damage silently)
+        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "crc32": file_crc32(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
         meta = {"iteration": iteration, "stream_position": stream_position, "world_size": distributed.world_size(),
                 "model_keys": sorted(state["model"]), "files": files, "saved_at": time.time()}
         write_json(tmp / META_FILE, meta, indent=1)
@@ -154,8 +177,45 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
         replace_directory(tmp, final)  # over an older save of this iteration (resumed past a damaged one)
         write_text(root / LATEST_FILE, f"{iteration}\n")
         _apply_retention(root, keep_last=keep_last, keep_every=keep_every, protect=final)
-    distributed.barrier()
+
+    _on_every_rank(prepare if main else None, final, tmp)
+    state = _model_and_optimizer_state(model, optimizer)
+    _on_every_rank(write_shards, final, tmp)
+    _on_every_rank(publish if main else None, final, tmp)
     return final
+
+
+def _on_every_rank(step: Optional[Any], final: Path, tmp: Path) -> None:
+    """Run ``step`` here (None: nothing to do on this rank), then agree with every rank on whether all went
+    well (the barrier between the steps of a save). When one failed, remove the partial checkpoint and raise
+    :class:`CheckpointSaveError` everywhere, instead of leaving the other ranks waiting."""
+    failure: Optional[BaseException] = None
+    try:
+        if step is not None:
+            step()
+    except (Exception, dcp.CheckpointException) as error:  # noqa: BLE001 -- disk full, quota, permission: each
+        failure = error  # surfaces differently (DCP's CheckpointException is a BaseException)
+    if not distributed.broadcast_flag(failure is not None):
+        return
+    if distributed.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointSaveError(_save_failure_message(final, tmp, failure)) from failure
+
+
+def _save_failure_message(final: Path, tmp: Path, failure: Optional[BaseException]) -> str:
+    if failure is None:
+        cause = "another rank could not write its part (see its message)"
+    else:
+        if isinstance(failure, dcp.CheckpointException) and failure.failures:  # the first rank's own error
+            failure = next(iter(failure.failures.values()))[0]
+        cause = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0] if str(failure).strip() else ''}"
+    with contextlib.suppress(OSError):
+        cause += f" ({shutil.disk_usage(final.parent).free / 2**20:.1f} MiB free on that filesystem)"
+    earlier = [path for path in checkpoint_dirs(final.parent.parent) if path != final]
+    previous = (f"the previous checkpoint {earlier[-1]} is intact and the run resumes from it when started again"
+                if earlier else "no earlier checkpoint exists: the run starts from the beginning when started again")
+    return (f"could not save checkpoint {final}: {cause}. The partial {tmp.name} was removed; {previous}. Free "
+            "space (or fix the quota or permissions) first.")
 
 
 def _apply_retention(root: Path, *, keep_last: int, keep_every: int, protect: Path) -> None:
@@ -175,18 +235,32 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
                               f"RUN/{CHECKPOINT_DIR}/<iteration>") from None
 
 
+def file_crc32(path: Path, chunk_bytes: int = 16 * 2**20) -> str:
+    """CRC-32 of a file's content as 8 hex digits: fast (GB/s), and it catches every burst of damage."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
 def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
-    """``meta.json`` of ``checkpoint`` after checking every file it lists is there with its saved size;
-    raises :class:`CheckpointError` naming the missing or truncated files."""
+    """``meta.json`` of ``checkpoint`` after checking every file it lists is there with its saved size and
+    content checksum; raises :class:`CheckpointError` naming the missing, truncated or overwritten files.
+    (Checkpoints saved before checksums were recorded list sizes only, and are checked by size.)"""
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     problems = []
-    for name, size in meta.get("files", {}).items():
+    for name, saved in meta.get("files", {}).items():
+        size, crc = (saved, None) if isinstance(saved, int) else (saved["bytes"], saved.get("crc32"))
         path = checkpoint / name
         if not path.is_file():
             problems.append(f"{name} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{name} has {path.stat().st_size} bytes, {size} were saved (truncated or overwritten)")
+        elif crc is not None and (found := file_crc32(path)) != crc:
+            problems.append(f"{name} has the saved size but not the saved content (checksum {found}, "
+                            f"saved {crc}: bytes overwritten or corrupted)")
     if problems:
         raise CheckpointError(f"checkpoint {checkpoint} is damaged: " + "; ".join(problems) +
                               ". Resume from an older checkpoint (delete this directory), or restore the files.")
@@ -196,7 +270,9 @@ def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
 def newest_intact_checkpoint(run_dir: str | Path, warn: Any = print) -> Optional[Path]:
     """The newest published checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are reported
     by ``warn`` and skipped (left on disk for inspection). Published directories are complete by construction,
-    so one published just before a crash counts even if ``latest`` was not yet updated."""
+    so one published just before a crash counts even if ``latest`` was not yet updated; a ``latest`` that names
+    no published checkpoint at all is reported."""
+    _check_latest(Path(run_dir) / CHECKPOINT_DIR, warn)
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
             verify_checkpoint(path)

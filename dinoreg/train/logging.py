@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dinoreg.run_dir import RunDir
+from dinoreg.run_dir import RunDir, write_text
 
 # Shown on the progress bar, in this order, when present.
 _BAR_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss",
@@ -29,6 +29,24 @@ _SHORT = {"total_loss": "loss", "dino_local_crops_loss": "dino_l", "dino_global_
 def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _drop_rows_from(metrics: Path, iteration: int) -> None:
+    """Rows logged at ``iteration`` or later are from a run that stopped before its next checkpoint; the resumed
+    run logs those iterations again. Keep every iteration once (atomically: a crash here loses nothing)."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip() or _row_iteration(line) < iteration]
+    if len(kept) != len(lines):
+        write_text(metrics, "".join(kept))
+
+
+def _row_iteration(line: str) -> float:
+    try:
+        return json.loads(line).get("iteration", -1)
+    except ValueError:  # a line cut by a crash while it was written
+        return math.inf
 
 
 class TrainingLogger:
@@ -46,8 +64,11 @@ class TrainingLogger:
         if not enabled:
             return
         files = RunDir(output_dir)
+        if start_iteration > 0:
+            _drop_rows_from(files.metrics, start_iteration)
         self.jsonl = open(files.metrics, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self.writer = SummaryWriter(log_dir=str(files.tensorboard))
+        # purge_step: TensorBoard drops the events of a crashed run's iterations that are being done again
+        self.writer = SummaryWriter(log_dir=str(files.tensorboard), purge_step=start_iteration or None)
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_iterations, initial=start_iteration, dynamic_ncols=True,
                         disable=not self.interactive, desc="train")

@@ -154,6 +154,16 @@ def test_bad_inputs_have_clear_errors(run_dir, tmp_path, capsys):
     shard = next(damaged.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     assert shard.name in fails(damaged, "--format", "dinov2", "--output", tmp_path / "x.pth")
+    # bytes overwritten with the size unchanged (issue 13: exporting the student crashed inside DCP's reader)
+    overwritten = tmp_path / "overwritten"
+    os.system(f"cp -r {resolve_checkpoint(run_dir)} {overwritten}")
+    shard = next(overwritten.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4096])
+    shard.write_bytes(bytes(data))
+    error = fails(overwritten, "--part", "student", "--format", "safetensors", "--output", tmp_path / "s.safetensors")
+    assert "damaged checkpoint" in error and shard.name in error and "saved content" in error
+    assert "Traceback" not in error and len(error.splitlines()) <= 2
     with pytest.raises(ExportError, match="holds no teacher backbone|unknown part"):
         read_backbone(resolve_checkpoint(run_dir), part="heads")
     assert not (tmp_path / "x.pth").exists()

@@ -18,7 +18,7 @@ from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, checkpoint_dirs, config_differences,
-                                      latest_checkpoint, load_checkpoint, read_meta, save_checkpoint)
+                                      latest_checkpoint, load_checkpoint, read_meta, save_checkpoint, verify_checkpoint)
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher
 
 # A run of 2 x 10 iterations that takes about 2 s after start-up.
@@ -207,7 +207,7 @@ def test_kill_minus_9_during_checkpoint_writes_never_loses_the_newest_checkpoint
     assert sorted(losses_by_iteration(tmp_path)) == list(range(80))
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "overwrite"])
 def test_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(tmp_path, damage):
     code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")
     assert code == 0, output
@@ -216,10 +216,16 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(t
     victim = sorted(newest.glob("*.distcp"))[0]
     if damage == "delete":
         victim.unlink()
-    else:
+    elif damage == "truncate":
         victim.write_bytes(victim.read_bytes()[:100])
+    else:  # bytes overwritten in the middle, the size unchanged: only the content checksum tells
+        data = bytearray(victim.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 4096] = bytes(byte ^ 0xFF for byte in data[middle:middle + 4096])
+        victim.write_bytes(bytes(data))
     _, model, optimizer = model_and_optimizer()
-    with pytest.raises(CheckpointError, match=f"{victim.name} (is missing|has 100 bytes)"):
+    with pytest.raises(CheckpointError, match=f"{victim.name} (is missing|has 100 bytes|has the saved size but not "
+                                              "the saved content)"):
         load_checkpoint(newest, model=model, optimizer=optimizer)
     # the run resumes from iteration 5 and redoes 5..9, re-publishing an intact checkpoint 10
     code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")
@@ -248,3 +254,48 @@ def test_signal_watcher_records_the_first_signal_and_restores_handlers():
     signal.signal(signal.SIGUSR2, previous)
     with pytest.raises(ValueError, match="SIGFOO"):
         SignalWatcher(["SIGFOO"])
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 2 MiB tmpfs: room for one checkpoint of RUN's model (about 1.2 MiB) and the logs, not for two."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_during_a_save_stops_with_one_message_and_keeps_the_previous_checkpoint(small_filesystem):
+    run = small_filesystem / "run"
+    code, output = dinoreg_train(run, "checkpoint.period=5")
+    assert code == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("dinoreg train:")]
+    assert len(errors) == 1 and "Traceback" not in output, output
+    assert f"could not save checkpoint {run / CHECKPOINT_DIR / '10'}" in errors[0]
+    assert f"the previous checkpoint {run / CHECKPOINT_DIR / '5'} is intact" in errors[0]
+    assert "MiB free" in errors[0]
+    assert sorted(p.name for p in (run / CHECKPOINT_DIR).iterdir()) == ["5", "latest"]  # no partial .tmp-10
+    assert verify_checkpoint(run / CHECKPOINT_DIR / "5")["iteration"] == 5
+
+
+def test_a_resumed_run_logs_every_iteration_once_and_a_bad_latest_is_reported(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415
+
+    code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")  # checkpoints 5 and 10
+    assert code == 0, output
+    # as if killed after logging iterations 5..9 but before checkpoint 10 was published, then `latest` damaged
+    subprocess.run(["rm", "-r", str(tmp_path / CHECKPOINT_DIR / "10")], check=True)
+    (tmp_path / CHECKPOINT_DIR / "latest").write_text("\x00garbage\n")
+    code, output = dinoreg_train(tmp_path, "optim.epochs=1", "optim.warmup_epochs=0")
+    assert code == 0, output
+    assert "latest holds '\\x00garbage', which names no published checkpoint" in output
+    assert "resumed from" in output and "(iteration 5)" in output
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows if "total_loss" in row] == list(range(10))  # 5..9 once, not twice
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("total_loss")] == list(range(10))
