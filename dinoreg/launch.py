@@ -118,6 +118,10 @@ def sbatch_parameters(request: SlurmRequest) -> dict[str, Any]:
     params.update({key: value for key, value in optional.items() if value is not None})
     if request.srun_args:
         params["srun_args"] = list(request.srun_args)
+    # The job starts `python -m submitit.core._submit` in the submission folder, whose entries come first on
+    # sys.path: a folder named dinoreg/ there (a clone of this repository, say) would shadow the installed
+    # package and the job would die unpickling DinoregJob. PYTHONSAFEPATH (Python >= 3.11) keeps it off.
+    params["setup"] = ["export PYTHONSAFEPATH=1"]
     return params
 
 
@@ -126,7 +130,7 @@ def format_sbatch(params: dict[str, Any], log_dir: str) -> list[str]:
     from submitit.core.utils import JobPaths  # noqa: PLC0415
 
     options = {key: value for key, value in params.items()
-               if key not in ("signal_delay_s", "additional_parameters", "srun_args") and value is not None}
+               if key not in ("signal_delay_s", "additional_parameters", "srun_args", "setup") and value is not None}
     options.update(params.get("additional_parameters", {}))
     options["signal"] = f"{REQUEUE_SIGNAL_NAME[3:]}@{params['signal_delay_s']}"
     # task 0's logs; srun sends each task's own output to %j_<task>_log.out|err

@@ -9,4 +9,7 @@
 #
 # PYTHON  the interpreter with dinoreg installed (default: python)
 set -euo pipefail
+# Keep the current folder off sys.path (Python >= 3.11): a folder named dinoreg/ here, such as a clone of
+# this repository, would otherwise shadow the installed package.
+export PYTHONSAFEPATH=1
 exec "${PYTHON:-python}" -m dinoreg submit "$@"

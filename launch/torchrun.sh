@@ -26,5 +26,8 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 
 PYTHON="${PYTHON:-python}"
+# Keep the current folder off sys.path, in torchrun and in every worker it starts (Python >= 3.11): a folder
+# named dinoreg/ here, such as a clone of this repository, would otherwise shadow the installed package.
+export PYTHONSAFEPATH=1
 # --standalone: a local rendezvous on a free port, so several runs can share the machine.
 exec "${PYTHON}" -m torch.distributed.run --standalone --nproc_per_node="${NPROC}" -m dinoreg "$@"

@@ -6,6 +6,7 @@ directory. Every wait is bounded, so a job killed before writing its result cann
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,20 @@ def test_any_dinoreg_command_runs_as_a_job(slurm_env, tmp_path):
     job_result = submitit.SlurmJob(folder=info["log_dir"], job_id=info["job_id"]).result()
     assert job_result["exit_code"] == 0 and job_result["command"][:2] == ["analyze", "flops"]
     assert "GFLOPs" in log(info, kind="out")
+
+
+def test_a_job_submitted_beside_a_dinoreg_folder_still_imports_the_package(slurm_env, tmp_path):
+    """Clone into ~/dinoreg, submit from ~: the job's Python starts in the submission folder, where the clone
+    (a folder named dinoreg/ without __init__.py) would shadow the installed package."""
+    (tmp_path / "dinoreg").mkdir()
+    report = tmp_path / "flops.json"
+    dinoreg = shutil.which("dinoreg")  # the console script, as a user types it: it is not shadowed itself
+    assert dinoreg, "the dinoreg console script is not on PATH"
+    result = subprocess.run(
+        [dinoreg, "submit", "--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout-min", "30",
+         "--log-dir", str(tmp_path / "logs" / "%j"), "--json", str(tmp_path / "job.json"), "--wait", "--",
+         "analyze", "flops", "--arch", "vit_tiny", "--patch-size", "16", "--img-size", "32", "--registers", "0",
+         "--json", str(report)],
+        env=slurm_env, cwd=tmp_path, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [row["registers"] for row in json.loads(report.read_text())] == [0]
