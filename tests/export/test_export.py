@@ -206,6 +206,40 @@ def test_torch_hub_entry_loads_a_fitting_file(tmp_path):
     torch.testing.assert_close(features(loaded, images), features(model, images), atol=1e-5, rtol=0)
 
 
+def test_torch_hub_speaks_the_official_dialect(run_dir, tmp_path):
+    from dinoreg.models import build_backbone
+    from dinoreg.models.weights import save_backbone
+
+    repo = str(Path(__file__).resolve().parents[2])
+
+    def hub(name, **kwargs):
+        return torch.hub.load(repo, name, source="local", **kwargs)
+
+    random_init = hub("dinoreg_vits14_reg4", pretrained=False)  # was a TypeError
+    assert random_init.num_register_tokens == 4 and random_init.pos_embed.shape[1] == 1 + 37 * 37
+    with pytest.raises(ValueError, match="ships no weights"):
+        hub("dinoreg_vits14_reg4", pretrained=True)
+    with pytest.raises(FileNotFoundError, match="downloads dinoreg does not make"):
+        hub("dinov2_vits14_reg", weights="LVD142M")  # the official hub's weights name
+    torch.manual_seed(5)
+    small = build_backbone("vit_small", patch_size=14, img_size=224, num_register_tokens=4, init_values=1.0,
+                           interpolate_antialias=True, interpolate_offset=0.0).eval()
+    path = tmp_path / "vits14_reg4_224.safetensors"
+    save_backbone(small, path)
+    with pytest.raises(ValueError, match="pretrained=False builds random weights"):
+        hub("dinoreg_vits14_reg4", pretrained=False, weights=str(path))
+    # the official name is an alias; the file's own 224 px grid is kept (no silent resampling to 518)
+    official = hub("dinov2_vits14_reg", weights=str(path))
+    assert official.pos_embed.shape == small.pos_embed.shape
+    images = torch.rand(1, 3, 224, 224)
+    torch.testing.assert_close(features(official, images), features(small, images), atol=1e-5, rtol=0)
+    assert hub("dinov2_vits14", pretrained=False).num_register_tokens == 0
+    # one entry for any export: here the tiny run's, which no released architecture fits
+    exported = export(run_dir, tmp_path, "safetensors", "any.safetensors")
+    anything = hub("dinoreg_backbone", weights=str(exported))
+    assert anything.embed_dim == load_backbone(exported).embed_dim and not anything.training
+
+
 def test_force_keeps_the_old_output_when_the_new_export_fails(tmp_path):
     from dinoreg.export.writers import export_backbone
     from dinoreg.models import build_backbone
