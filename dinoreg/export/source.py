@@ -36,10 +36,13 @@ class BackboneSource:
     world_size: int
     config_digest: str  # sha256 of the checkpoint's config.yaml, first 16 hex digits
     img_size: int  # the training global crop size
+    dataset: str = ""  # the config's train.dataset_path
+    total_iterations: int = 0  # of the training run (optim.epochs * train.epoch_length)
 
     def as_metadata(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "part": self.part, "iteration": self.iteration,
-                "world_size": self.world_size, "config_digest": self.config_digest, "img_size": self.img_size}
+                "world_size": self.world_size, "config_digest": self.config_digest, "img_size": self.img_size,
+                "dataset": self.dataset, "total_iterations": self.total_iterations}
 
 
 def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda message: None) -> Path:
@@ -107,5 +110,7 @@ def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisio
     backbone.load_state_dict({name[len(prefix):]: tensor for name, tensor in request["model"].items()}, strict=True)
     digest = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
     source = BackboneSource(checkpoint=checkpoint, part=part, iteration=int(meta["iteration"]),
-                            world_size=int(meta["world_size"]), config_digest=digest, img_size=img_size)
+                            world_size=int(meta["world_size"]), config_digest=digest, img_size=img_size,
+                            dataset=str(cfg.train.dataset_path),
+                            total_iterations=int(cfg.optim.epochs * cfg.train.epoch_length))
     return backbone.eval(), source

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from dinoreg.export.model_card import hf_preprocessor_config, model_card
 from dinoreg.export.source import BackboneSource, ExportError
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY
@@ -72,6 +73,11 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
             config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             _save_safetensors(hf_tensors, tmp / "model.safetensors", {"format": "pt"})
+            # a complete model folder: AutoImageProcessor / pipeline(...) need the processor's settings
+            (tmp / "preprocessor_config.json").write_text(
+                json.dumps(hf_preprocessor_config(arch["img_size"]), indent=2) + "\n", encoding="utf-8")
+            (tmp / "README.md").write_text(model_card(arch, source, architecture=config["architectures"][0],
+                                                      dtype=dtype), encoding="utf-8")
         else:
             from dinoreg.models.formats import TimmNameError, to_timm  # noqa: PLC0415
 

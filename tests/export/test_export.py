@@ -65,7 +65,8 @@ def test_hf_export_loads_in_transformers_and_back(run_dir, teacher, tmp_path):
     import transformers
 
     path = export(run_dir, tmp_path, "hf", "hf_model")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                      "preprocessor_config.json"]
     model = transformers.AutoModel.from_pretrained(path)
     assert type(model).__name__ == "Dinov2WithRegistersModel" and not model.training
     for images in (NATIVE, RESAMPLED):  # the native 4x4 grid and a resampled 6x6 one
@@ -74,6 +75,29 @@ def test_hf_export_loads_in_transformers_and_back(run_dir, teacher, tmp_path):
         torch.testing.assert_close(hidden, features(teacher, images), atol=1e-4, rtol=0)
         torch.testing.assert_close(features(load_backbone(path), images), features(teacher, images), atol=1e-5,
                                    rtol=0)
+
+
+def test_hf_export_is_a_complete_folder_for_the_pipeline(run_dir, teacher, tmp_path):
+    """pipeline("image-feature-extraction") and AutoImageProcessor need preprocessor_config.json (they raised
+    OSError); it holds DINOv2's evaluation preprocessing, which is dinoreg's: bit-identical pixels."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD
+    from dinoreg.data.loader import EvalTransform
+
+    path = export(run_dir, tmp_path, "hf", "hf_model")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 52, 3)) * 255).astype("uint8"))
+    extracted = transformers.pipeline("image-feature-extraction", model=str(path))(image, return_tensors=True)
+    ours = EvalTransform(32)(image).float() / 255  # the training resolution, resize 37 (32 * 256 / 224)
+    ours = ((ours - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))[None]
+    processed = transformers.AutoImageProcessor.from_pretrained(path)(image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(processed, ours)
+    torch.testing.assert_close(extracted, features(load_backbone(path), ours), atol=1e-4, rtol=0)
+    card = (path / "README.md").read_text()
+    assert "pipeline_tag: image-feature-extraction" in card and "| register tokens | 4 |" in card
+    assert "| training data | `synthetic" in card and "| iterations | 10 of 10 |" in card
 
 
 def test_timm_export_follows_timms_layout_and_loads_back(run_dir, teacher, tmp_path):
@@ -254,7 +278,8 @@ def test_force_keeps_the_old_output_when_the_new_export_fails(tmp_path):
         export_backbone(legacy, None, fmt="hf", output=good, force=True)
     assert (good / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     export_backbone(legacy, None, fmt="hf", output=good, force=True, allow_interpolation_mismatch=True)
-    assert sorted(p.name for p in good.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in good.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                      "preprocessor_config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # the old directory is gone, no temporaries
 
 
