@@ -3,7 +3,7 @@ its train split, queries from its held-out split), scored by :mod:`dinoreg.metri
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from omegaconf import DictConfig
@@ -35,11 +35,14 @@ class KnnEvaluator:
         self.k, self.temperature, self.device = ev.knn_k, ev.knn_temperature, device
 
     @torch.no_grad()
-    def __call__(self, backbone: torch.nn.Module, autocast: Any) -> dict[str, float]:
+    def __call__(self, backbone: torch.nn.Module, autocast: Any,
+                 progress: Callable[..., Iterable[Any]] = lambda items, what, total=None: items) -> dict[str, float]:
+        """``progress(batches, what, total)`` wraps each pass over the images (a bar on a terminal)."""
         was_training = backbone.training
         backbone.eval()
         with autocast:
-            bank = extract_features(backbone, self.bank, self.device)
-            queries = extract_features(backbone, self.queries, self.device)
+            bank = extract_features(backbone, progress(self.bank, "kNN bank", len(self.bank)), self.device)
+            queries = extract_features(backbone, progress(self.queries, "kNN queries", len(self.queries)),
+                                       self.device)
         backbone.train(was_training)
         return knn_accuracy(*bank, *queries, k=self.k, temperature=self.temperature)

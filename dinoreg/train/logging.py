@@ -7,21 +7,25 @@ and a tqdm bar on a terminal or plain periodic lines otherwise (e.g. under SLURM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dinoreg.run_dir import RunDir, write_text
 
-# Shown on the progress bar, in this order, when present.
-_BAR_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss",
-             "images_per_sec", "knn_top1")
+# "train [kNN] |███▏      | 191/600, eta 0:05:54 loss 8.134 img/s 43.7 knn 0.478": 80 columns hold it
+BAR_FORMAT = "{desc} |{bar:10}| {n_fmt}/{total_fmt}{postfix}"
+# Shown after the ETA, in this order, when present: on a terminal's bar the first ones only (fits 80 columns),
+# in a log's plain lines all of them.
+_BAR_KEYS = ("total_loss", "images_per_sec", "knn_top1")
+_LINE_KEYS = (*_BAR_KEYS, "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
 _SHORT = {"total_loss": "loss", "dino_local_crops_loss": "dino_l", "dino_global_crops_loss": "dino_g",
           "koleo_loss": "koleo", "ibot_loss": "ibot", "images_per_sec": "img/s", "knn_top1": "knn"}
 
@@ -59,6 +63,7 @@ class TrainingLogger:
         self.print_every = max(print_every, 1)
         self.start_iteration = start_iteration
         self.started = time.perf_counter()
+        self.paused = 0.0  # seconds spent outside the training steps (evaluations, monitor, checkpoints)
         self.last_train: dict[str, float] = {}
         self.latest: dict[str, float] = {}  # every key's most recent value
         if not enabled:
@@ -71,7 +76,8 @@ class TrainingLogger:
         self.writer = SummaryWriter(log_dir=str(files.tensorboard), purge_step=start_iteration or None)
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_iterations, initial=start_iteration, dynamic_ncols=True,
-                        disable=not self.interactive, desc="train")
+                        disable=not self.interactive, desc="train",
+                        bar_format=BAR_FORMAT)
 
     def log(self, iteration: int, metrics: Mapping[str, Any], *, step_done: bool = True) -> None:
         """Record ``metrics`` (floats or 0-d tensors) for ``iteration``."""
@@ -92,19 +98,50 @@ class TrainingLogger:
             self.write(f"eval @ iteration {iteration}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k != "iteration"))
 
+    def eta(self, iteration: int) -> float:
+        """Seconds left after ``iteration``, from the time the training steps took so far (what ran between
+        them, evaluations and checkpoints, is left out: it would make a short run look hours long)."""
+        done = iteration + 1 - self.start_iteration
+        training = time.perf_counter() - self.started - self.paused
+        return training / max(done, 1) * (self.total - iteration - 1)
+
     def _progress(self, iteration: int, row: Mapping[str, float]) -> None:
         shown = {**self.last_train, **row}
-        summary = {_SHORT[k]: f"{shown[k]:.4g}" for k in _BAR_KEYS if k in shown}
+        eta = f"eta {_format_duration(self.eta(iteration))}"
         if self.interactive:
             self.bar.n = iteration + 1
-            self.bar.set_postfix(summary, refresh=True)
+            self.bar.set_postfix_str(" ".join([eta, *(f"{_SHORT[k]} {shown[k]:.4g}" for k in _BAR_KEYS if k in shown)]))
             return
-        done = iteration + 1 - self.start_iteration
         if iteration + 1 == self.total or iteration % self.print_every == 0 or "knn_top1" in row:
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed / max(done, 1) * (self.total - iteration - 1)
-            fields = " ".join(f"{k} {v}" for k, v in summary.items())
-            print(f"[{iteration + 1}/{self.total}] {fields} eta {_format_duration(eta)}", flush=True)
+            fields = " ".join(f"{_SHORT[k]} {shown[k]:.4g}" for k in _LINE_KEYS if k in shown)
+            print(f"[{iteration + 1}/{self.total}] {eta} {fields}", flush=True)
+
+    @contextlib.contextmanager
+    def activity(self, what: str, *, label: str, log: bool = True) -> Iterator[None]:
+        """Work between two training steps (an evaluation, the monitor, a checkpoint save): shown while it runs
+        (on a terminal, ``label`` in the bar; with ``log``, a line when it starts and one when it ends in a log)
+        and left out of the ETA."""
+        started = time.perf_counter()
+        log = log and self.enabled and not self.interactive
+        if self.enabled and self.interactive:
+            self.bar.set_description_str(f"train [{label}]", refresh=True)
+        elif log:
+            print(f"{what}...", flush=True)
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - started
+            self.paused += seconds
+            if self.enabled and self.interactive:
+                self.bar.set_description_str("train", refresh=True)
+            elif log:
+                print(f"{what}: done in {seconds:.1f} s", flush=True)
+
+    def progress(self, items: Iterable[Any], what: str, total: Optional[int] = None) -> Iterable[Any]:
+        """``items`` with a bar of their own below the training bar, on a terminal (as is, elsewhere)."""
+        if not (self.enabled and self.interactive):
+            return items
+        return tqdm(items, desc=what, total=total, leave=False, position=1, dynamic_ncols=True)
 
     def warn(self, message: str) -> None:
         self.write(f"warning: {message}", stream=sys.stderr)

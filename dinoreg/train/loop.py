@@ -297,9 +297,13 @@ def periodic_work(run: Run, iteration: int) -> None:
 def measure(run: Run, iteration: int, *, evaluate: bool, monitor: bool) -> None:
     """Log the teacher's kNN accuracy and the artifact monitor's figures (each when asked and enabled)."""
     if evaluate and run.evaluate:
-        run.logger.log(iteration, run.evaluate(run.model.teacher_backbone, run.autocast), step_done=False)
+        with run.logger.activity(f"kNN evaluation of the teacher at iteration {iteration}", label="kNN"):
+            metrics = run.evaluate(run.model.teacher_backbone, run.autocast, progress=run.logger.progress)
+        run.logger.log(iteration, metrics, step_done=False)
     if monitor and run.monitor:
-        run.logger.log(iteration, run.monitor(run.model.teacher_backbone, run.autocast), step_done=False)
+        with run.logger.activity("artifact monitor", label="monitor", log=False):  # a fraction of a second
+            metrics = run.monitor(run.model.teacher_backbone, run.autocast)
+        run.logger.log(iteration, metrics, step_done=False)
 
 
 def save(run: Run, iterations_done: int) -> Path:
@@ -307,9 +311,10 @@ def save(run: Run, iterations_done: int) -> Path:
     run.model.dino_loss.apply_center_update()  # fold the deferred centre update into the saved state
     run.model.ibot_patch_loss.apply_center_update()
     checkpoint = run.cfg.checkpoint
-    return save_checkpoint(run.output.root, iteration=iterations_done, model=run.model, optimizer=run.optimizer,
-                           stream_position=run.position, cfg=run.cfg, keep_last=checkpoint.keep_last,
-                           keep_every=checkpoint.keep_every)
+    with run.logger.activity(f"saving checkpoint {iterations_done}", label="checkpoint"):
+        return save_checkpoint(run.output.root, iteration=iterations_done, model=run.model, optimizer=run.optimizer,
+                               stream_position=run.position, cfg=run.cfg, keep_last=checkpoint.keep_last,
+                               keep_every=checkpoint.keep_every)
 
 
 def export_teacher(run: Run) -> None:

@@ -70,7 +70,7 @@ def test_submit_two_task_job_and_get_its_result(uninterrupted, slurm_env, tmp_pa
     # The log the printed `tail -f` hint names is the one that holds the training progress.
     followed = next(line.split("tail -f ", 1)[1].split()[0] for line in result.stdout.splitlines() if "tail -f" in line)
     assert followed == str(Path(info["log_dir"], f"{info['job_id']}_0_log.out"))
-    assert f"[{ITERATIONS}/{ITERATIONS}] loss" in Path(followed).read_text()
+    assert f"[{ITERATIONS}/{ITERATIONS}] eta 0:00:00 loss" in Path(followed).read_text()
     # Both tasks returned the same result, which is what the run logged.
     results = job_handle(info).results()
     assert [r["exit_code"] for r in results] == [0, 0]
