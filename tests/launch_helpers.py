@@ -27,9 +27,11 @@ def subprocess_env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: int = 300, warnings: str = "ignore") -> subprocess.CompletedProcess:
+    """``warnings``: the workers' PYTHONWARNINGS ("default" to see them in stderr)."""
     command = [*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *args]
-    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env={**subprocess_env(), "PYTHONWARNINGS": warnings}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def wait_for_training_rows(run_dir, count: int, *, timeout: float = 120, process=None) -> None:

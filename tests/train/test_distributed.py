@@ -125,8 +125,11 @@ def losses(run_dir: Path) -> dict:
 
 def test_checkpoints_resume_on_the_same_and_on_another_number_of_processes(tmp_path):
     straight = tmp_path / "straight"
-    result = torchrun(2, *train_command(straight))
+    result = torchrun(2, *train_command(straight), warnings="default")
     assert result.returncode == 0, result.stderr[-3000:]
+    # FSDP2 warned at every forward that the backbone returns views; the 2-rank vs 1-rank comparisons above show
+    # that path is sound, so train/parallel.py silences exactly that warning (it was in every rank's log)
+    assert "returned a view tensor" not in result.stderr
     reference = losses(straight)
     assert sorted(reference) == list(range(16))
     knn = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines() if "knn_top1" in line]
