@@ -72,26 +72,29 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name))
 
 
-def _check_latest(root: Path, warn: Any) -> None:
-    path = root / LATEST_FILE
+def _read_latest(root: Path) -> tuple[Optional[str], Optional[Path]]:
+    """``(what checkpoints/latest holds, the published checkpoint it names)``; ``(None, None)`` without the file,
+    ``(text, None)`` when it names no published checkpoint."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:  # absent (no checkpoint yet): nothing to report
-        return
-    if not (text.isdigit() and (root / text / META_FILE).is_file()):
-        warn(f"{path} holds {text[:40]!r}, which names no published checkpoint (damaged or edited by hand); it "
-             "is ignored: resuming uses the newest intact checkpoint")
+        text = (root / LATEST_FILE).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None, None
+    named = root / text
+    return text, named if text.isdigit() and (named / META_FILE).is_file() else None
+
+
+def _check_latest(root: Path, warn: Any) -> None:
+    text, named = _read_latest(root)
+    if text is not None and named is None:
+        warn(f"{root / LATEST_FILE} holds {text[:40]!r}, which names no published checkpoint (damaged or edited "
+             "by hand); it is ignored: resuming uses the newest intact checkpoint")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     """The newest published checkpoint: the one ``latest`` names when it exists, else the highest iteration."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    try:
-        named = root / (root / LATEST_FILE).read_text().strip()
-        if named.name.isdigit() and (named / META_FILE).is_file():
-            return named
-    except OSError:
-        pass
+    _, named = _read_latest(Path(run_dir) / CHECKPOINT_DIR)
+    if named is not None:
+        return named
     published = checkpoint_dirs(run_dir)
     return published[-1] if published else None
 
