@@ -25,9 +25,11 @@ def add_export_parser(commands: Any) -> None:
                "  dinoreg export runs/vitl --format safetensors --output vitl14_reg4.safetensors\n"
                "  dinoreg export runs/vitl/checkpoints/125000 --format hf --output hf/vitl14_reg4 --img-size 518\n"
                "  dinoreg export runs/vitl --format timm --output vitl14_reg4_timm.pth --dtype bf16\n"
+               "  dinoreg export runs/tiny --format timm --output tiny_timm.pth --timm-name vit_small_patch14_reg4_dinov2\n"
                "load it: dinoreg.load_backbone(path) (every format), torch.load(path) (dinov2), "
-               "transformers.AutoModel.from_pretrained(dir) (hf), timm.create_model(name, **kwargs) + "
-               "load_state_dict (timm: name and kwargs are stored in the file)")
+               "transformers.AutoModel.from_pretrained(dir) or pipeline('image-feature-extraction', model=dir) (hf), "
+               "timm.create_model(f['model_name'], pretrained=True, pretrained_cfg_overlay={**f['pretrained_cfg'], "
+               "'file': path}, **f['model_kwargs']) with f = torch.load(path) (timm; see docs/EXPORT.md)")
     export.add_argument("source", metavar="RUN_OR_CHECKPOINT", type=Path,
                         help="a training output directory (its newest intact checkpoint) or a checkpoint "
                              "directory RUN/checkpoints/<iteration>")
@@ -44,6 +46,11 @@ def add_export_parser(commands: Any) -> None:
     export.add_argument("--allow-interpolation-mismatch", action="store_true",
                         help="hf: export even though the Hugging Face class resizes position embeddings differently "
                              "from this model (outputs then agree only at --img-size); see README")
+    export.add_argument("--timm-name", metavar="NAME",
+                        help="timm: the timm entry point to build the model with, needed when timm registers no "
+                             "DINOv2 name for the architecture (any timm ViT name works: the stored kwargs set "
+                             "every field; the error suggests one) (default: timm's DINOv2 name, e.g. "
+                             "vit_small_patch14_reg4_dinov2)")
     export.add_argument("--force", action="store_true", help="replace PATH if it exists")
     export.set_defaults(handler=_export, parser=export)
 
@@ -52,6 +59,7 @@ def _export(args: argparse.Namespace) -> int:
     from dinoreg.export.source import ExportError, read_backbone, resolve_checkpoint  # noqa: PLC0415
     from dinoreg.export.writers import (check_output, dinov2_load_overrides, export_backbone,  # noqa: PLC0415
                                         resize_backbone)
+    from dinoreg.models.formats import timm_resizes_like  # noqa: PLC0415
 
     try:
         check_output(args.format, args.output, force=args.force)
@@ -61,13 +69,19 @@ def _export(args: argparse.Namespace) -> int:
         if args.img_size and args.img_size != model.arch_kwargs["img_size"]:
             model = resize_backbone(model, args.img_size)
         path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,
-                               force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch)
+                               force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch,
+                               timm_name=args.timm_name)
     except (ExportError, ValueError, OSError) as error:
         message = str(error).replace("allow_interpolation_mismatch=True", "--allow-interpolation-mismatch")
+        message = message.replace("timm_name=", "--timm-name ")
         print(f"dinoreg export: {message}", file=sys.stderr)
         return 1
     print(f"wrote {path}: {args.part} backbone of {checkpoint} (iteration {source.iteration}, saved by "
           f"{source.world_size} process(es)), {args.format}, {args.dtype}, img_size {model.arch_kwargs['img_size']}")
+    if args.format == "timm" and not timm_resizes_like(model.arch_kwargs):
+        print(f"note: timm resizes position embeddings with antialiased bicubic at the exact grid, this model "
+              f"another way: the timm model is fixed to {model.arch_kwargs['img_size']} px (dynamic_img_size=False, "
+              "so timm refuses other sizes rather than computing other features); --img-size exports another size")
     overrides = dinov2_load_overrides(model) if args.format == "dinov2" else {}
     if overrides:
         arguments = ", ".join(f"{key}={value!r}" for key, value in overrides.items())

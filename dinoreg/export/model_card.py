@@ -1,4 +1,5 @@
-"""What makes a Hugging Face export a complete model folder: the image processor's settings and a model card."""
+"""What makes an export complete beyond its tensors: the preprocessing it expects (Hugging Face's image processor,
+timm's ``pretrained_cfg``) and, for a Hugging Face folder, a model card."""
 
 from __future__ import annotations
 
@@ -8,23 +9,32 @@ from dinoreg import __version__
 from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD
 from dinoreg.export.source import BackboneSource
 
-__all__ = ["hf_preprocessor_config", "model_card"]
+__all__ = ["hf_preprocessor_config", "model_card", "timm_pretrained_cfg"]
 
 BICUBIC = 3  # PIL's code for bicubic resampling, as the image processor stores it
+# DINOv2's evaluation preprocessing, which is ``dinoreg eval``'s: bicubic resize of the shorter side to
+# ``img_size / CROP_FRACTION`` (256 px for 224), centre crop ``img_size``, ImageNet normalisation
+CROP_FRACTION = 224 / 256
 
 
 def hf_preprocessor_config(img_size: int) -> dict[str, Any]:
-    """``preprocessor_config.json`` for ``AutoImageProcessor`` and ``pipeline("image-feature-extraction")``: DINOv2's
-    evaluation preprocessing (bicubic resize of the shorter side to ``img_size * 256 / 224``, centre crop
-    ``img_size``, ImageNet normalisation), which is ``dinoreg eval``'s, for the resolution the model was trained at."""
+    """``preprocessor_config.json`` for ``AutoImageProcessor`` and ``pipeline("image-feature-extraction")``: the
+    evaluation preprocessing (see ``CROP_FRACTION``) at the resolution the model was trained at."""
     return {
         "image_processor_type": "BitImageProcessor",  # what the official facebook/dinov2-* folders use
         "do_convert_rgb": True,
-        "do_resize": True, "size": {"shortest_edge": round(img_size * 256 / 224)}, "resample": BICUBIC,
+        "do_resize": True, "size": {"shortest_edge": round(img_size / CROP_FRACTION)}, "resample": BICUBIC,
         "do_center_crop": True, "crop_size": {"height": img_size, "width": img_size},
         "do_rescale": True, "rescale_factor": 1 / 255,
         "do_normalize": True, "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
     }
+
+
+def timm_pretrained_cfg(img_size: int) -> dict[str, Any]:
+    """The preprocessing fields of timm's ``pretrained_cfg`` (what ``timm.data.resolve_data_config`` reads to
+    build ``create_transform``): the evaluation preprocessing (see ``CROP_FRACTION``) at ``img_size``."""
+    return {"input_size": [3, img_size, img_size], "interpolation": "bicubic", "crop_pct": CROP_FRACTION,
+            "crop_mode": "center", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": 0}
 
 
 def model_card(arch: Mapping[str, Any], source: Optional[BackboneSource], *, architecture: str, dtype: str) -> str:
@@ -68,7 +78,7 @@ model = AutoModel.from_pretrained("path/to/this/folder")
 tokens = model(**processor(images, return_tensors="pt")).last_hidden_state     # [cls, registers, patches]
 ```
 
-The image processor resizes the shorter side to {round(arch["img_size"] * 256 / 224)} px (bicubic), crops \
+The image processor resizes the shorter side to {round(arch["img_size"] / CROP_FRACTION)} px (bicubic), crops \
 {arch["img_size"]} px and normalises with the ImageNet mean and std, as DINOv2's evaluations and \
 `dinoreg eval` do. `dinoreg.load_backbone("path/to/this/folder")` reads the folder back into dinoreg.
 """

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from dinoreg.export.model_card import hf_preprocessor_config, model_card
+from dinoreg.export.model_card import hf_preprocessor_config, model_card, timm_pretrained_cfg
 from dinoreg.export.source import BackboneSource, ExportError
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY
@@ -22,7 +22,7 @@ FORMATS = {
     "dinov2": "a .pth state dict in the official hub layout (torch.hub DINOv2 / dinoreg / load_state_dict)",
     "safetensors": "a .safetensors file with the architecture and provenance as metadata (dinoreg.load_backbone)",
     "hf": "a directory for transformers.AutoModel.from_pretrained (config.json + model.safetensors)",
-    "timm": "a .pth holding a timm state dict, the timm model name and its create_model kwargs",
+    "timm": "a .pth holding a timm state dict, the timm model name, its create_model kwargs and pretrained_cfg",
 }
 SUFFIXES = {"dinov2": (".pth", ".pt"), "safetensors": (".safetensors",), "timm": (".pth", ".pt")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,12 +51,17 @@ def dinov2_load_overrides(model: DinoVisionTransformer) -> dict[str, Any]:
 
 
 def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSource], *, fmt: str, output: str | Path,
-                    dtype: str = "fp32", force: bool = False, allow_interpolation_mismatch: bool = False) -> Path:
+                    dtype: str = "fp32", force: bool = False, allow_interpolation_mismatch: bool = False,
+                    timm_name: Optional[str] = None) -> Path:
     """Write ``model`` as ``fmt`` to ``output``; returns the path written. ``allow_interpolation_mismatch``: see
-    :func:`dinoreg.models.formats.to_hf`."""
+    :func:`dinoreg.models.formats.to_hf`; ``timm_name``: see :func:`dinoreg.models.formats.to_timm`."""
     output = check_output(fmt, output, force=force)
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if fmt == "timm":
+        from dinoreg.models.formats import resolve_timm_name, to_timm  # noqa: PLC0415
+
+        timm_name = resolve_timm_name(model.arch_kwargs, timm_name)  # refused before anything is written
     tensors = {name: value.detach().to("cpu", DTYPES[dtype]).contiguous() for name, value in model.state_dict().items()}
     arch = {**model.arch_kwargs}
     provenance = {**(source.as_metadata() if source else {}), "dtype": dtype}
@@ -79,14 +84,11 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
             (tmp / "README.md").write_text(model_card(arch, source, architecture=config["architectures"][0],
                                                       dtype=dtype), encoding="utf-8")
         else:
-            from dinoreg.models.formats import TimmNameError, to_timm  # noqa: PLC0415
-
-            try:
-                timm_tensors, name, kwargs = to_timm(tensors, arch)
-            except TimmNameError as unnamed:  # still loadable: any timm ViT name with these kwargs builds it
-                timm_tensors, name, kwargs = unnamed.tensors, None, unnamed.create_kwargs
-            # "state_dict" is the key timm's own load_checkpoint reads; the rest is for people and load_backbone
+            timm_tensors, name, kwargs = to_timm(tensors, arch, timm_name=timm_name)
+            # "state_dict" is the key timm's own load_checkpoint reads (and create_model's pretrained_cfg_overlay
+            # file=); the rest is for people, timm's data config and load_backbone
             torch.save({"state_dict": timm_tensors, "model_name": name, "model_kwargs": kwargs,
+                        "pretrained_cfg": timm_pretrained_cfg(arch["img_size"]),
                         LAYOUT_KEY: "timm", METADATA_KEY: arch, SOURCE_METADATA_KEY: provenance}, tmp)
     return output
 

@@ -56,15 +56,16 @@ TIMM_SIZES: dict[tuple[int, int, int, str], str] = {
 TIMM_REGISTER_COUNTS = (0, 4)
 
 
-class TimmNameError(ValueError):
-    """timm registers no model name for this architecture. The conversion itself succeeded: ``tensors`` and
-    ``create_kwargs`` are attached, and since the kwargs set every architecture field, any timm ViT name
-    (e.g. ``vit_base_patch14_dinov2``) given those kwargs builds the matching model."""
+# timm's DINOv2 entry points that build SwiGLUPacked MLPs (the only ones a SwiGLU backbone fits)
+TIMM_SWIGLU_NAMES = ("vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2")
+# how timm resizes position embeddings for another input size (``dynamic_img_size=True``):
+# ``resample_abs_pos_embed``, bicubic to the exact grid with antialiasing, i.e. our (antialias, offset)
+TIMM_INTERPOLATION = (True, 0.0)
 
-    def __init__(self, message: str, *, tensors: dict[str, Tensor], create_kwargs: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.tensors = tensors
-        self.create_kwargs = create_kwargs
+
+class TimmNameError(ValueError):
+    """No timm model name fits: timm registers none for the architecture and none was given, or the given one
+    cannot build it. The message names the reason and a name that works."""
 
 
 def full_arch_kwargs(arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,13 +202,19 @@ def to_hf(
     return config, _hf_tensors(sd, arch)
 
 
+def timm_resizes_like(arch_kwargs: Mapping[str, Any]) -> bool:
+    """Whether timm's ``dynamic_img_size`` resizes position embeddings as this model does (see
+    ``TIMM_INTERPOLATION``); if not, outputs at other input sizes would differ from ours."""
+    arch = full_arch_kwargs(arch_kwargs)
+    return (bool(arch["interpolate_antialias"]), float(arch["interpolate_offset"])) == TIMM_INTERPOLATION
+
+
 def timm_create_kwargs(arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``timm.create_model`` kwargs for a VisionTransformer matching ``arch_kwargs`` (no head: ``num_classes=0``).
-
-    For SwiGLU, ``mlp_layer`` is the name of a ``timm.layers`` class ("SwiGLUPacked"): timm's VisionTransformer
-    takes a class there and does not resolve strings, so pass ``getattr(timm.layers, kwargs["mlp_layer"])``;
-    ``act_layer="silu"`` is resolved by timm itself.
-    """
+    They set every architecture field, so any timm ViT entry point builds the model with them (a SwiGLU one:
+    one of ``TIMM_SWIGLU_NAMES``, which set ``mlp_layer``). ``dynamic_img_size`` is on (any multiple of the patch
+    size) when timm resizes position embeddings as the model does, else off (timm then refuses other sizes
+    rather than computing other features)."""
     arch = full_arch_kwargs(arch_kwargs)
     dim, registers = arch["embed_dim"], arch["num_register_tokens"]
     kwargs: dict[str, Any] = dict(
@@ -215,13 +222,13 @@ def timm_create_kwargs(arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
         qkv_bias=bool(arch["qkv_bias"]), proj_bias=True, init_values=arch["init_values"] or None,
         reg_tokens=registers, no_embed_class=registers > 0, num_classes=0,
+        dynamic_img_size=timm_resizes_like(arch),
     )
     if arch["ffn_layer"] != "mlp":
         packed = 2 * swiglu_hidden_features(int(dim * arch["mlp_ratio"]))  # fc1 rows: [w1; w2]
         # timm's GluMlp takes fc1 width int(dim * mlp_ratio): pick a ratio that lands exactly on it
         ratio = packed / dim
         kwargs["mlp_ratio"] = ratio if int(dim * ratio) == packed else (packed + 0.5) / dim
-        kwargs["mlp_layer"], kwargs["act_layer"] = "SwiGLUPacked", "silu"
     return kwargs
 
 
@@ -245,42 +252,67 @@ def _timm_tensors(sd: Mapping[str, Tensor], arch: Mapping[str, Any]) -> dict[str
     return out
 
 
+def _family(arch: Mapping[str, Any]) -> str:
+    return "mlp" if arch["ffn_layer"] == "mlp" else "swiglu"
+
+
 def timm_model_name(arch_kwargs: Mapping[str, Any]) -> str | None:
     """timm's registered DINOv2 name for this architecture, or ``None`` when timm has none."""
     arch = full_arch_kwargs(arch_kwargs)
-    family = "mlp" if arch["ffn_layer"] == "mlp" else "swiglu"
-    size = TIMM_SIZES.get((arch["embed_dim"], arch["depth"], arch["num_heads"], family))
+    size = TIMM_SIZES.get((arch["embed_dim"], arch["depth"], arch["num_heads"], _family(arch)))
     registers = arch["num_register_tokens"]
     if size is None or arch["patch_size"] != 14 or float(arch["mlp_ratio"]) != 4.0 or registers not in TIMM_REGISTER_COUNTS:
         return None
     return f"vit_{size}_patch14_{'reg4_' if registers else ''}dinov2"
 
 
-def to_timm(
-    state_dict: Mapping[str, Tensor],
-    arch_kwargs: Mapping[str, Any],
-) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
-    """``(tensors, timm model name, create_model kwargs)``; the tensors load with ``strict=True`` into
-    ``timm.create_model(name, **kwargs)`` (``mlp_layer`` resolved as ``timm_create_kwargs`` says).
-
-    Raises ``TimmNameError`` (a ``ValueError`` carrying ``.tensors`` and ``.create_kwargs``) when timm registers
-    no name for the architecture (timm has ViT-S/B/L and ViT-g, patch 14, with 0 or 4 registers).
-    """
+def suggested_timm_name(arch_kwargs: Mapping[str, Any]) -> str:
+    """A timm DINOv2 entry point that builds this architecture with :func:`timm_create_kwargs`: the registered
+    name of the nearest width in the same FFN family, with registers if the model has them."""
     arch = full_arch_kwargs(arch_kwargs)
-    sd = _with_zero_biases(checked_state_dict(state_dict, arch), arch)
-    tensors, kwargs = _timm_tensors(sd, arch), timm_create_kwargs(arch)
+    sizes = [(abs(dim - arch["embed_dim"]), size) for (dim, _, _, family), size in TIMM_SIZES.items()
+             if family == _family(arch)]
+    return f"vit_{min(sizes)[1]}_patch14_{'reg4_' if arch['num_register_tokens'] else ''}dinov2"
+
+
+def resolve_timm_name(arch_kwargs: Mapping[str, Any], given: str | None) -> str:
+    """The timm entry point to build this architecture with: ``given`` (checked to fit a SwiGLU model), or the
+    registered one; :class:`TimmNameError` naming a name that works when neither fits."""
+    arch = full_arch_kwargs(arch_kwargs)
+    if given is not None:
+        if _family(arch) == "swiglu" and given not in TIMM_SWIGLU_NAMES:
+            raise TimmNameError(f"timm name {given!r} builds MLP blocks; a SwiGLU backbone needs an entry point that "
+                                f"builds SwiGLUPacked ones: {' or '.join(TIMM_SWIGLU_NAMES)}")
+        return given
     name = timm_model_name(arch)
     if name is None:
         raise TimmNameError(
             f"timm registers no DINOv2 model for embed_dim={arch['embed_dim']}, depth={arch['depth']}, "
             f"num_heads={arch['num_heads']}, ffn_layer={arch['ffn_layer']!r}, mlp_ratio={arch['mlp_ratio']}, "
             f"patch_size={arch['patch_size']}, num_register_tokens={arch['num_register_tokens']} (it has "
-            f"ViT-S/B/L with mlp and ViT-g with SwiGLU, patch 14, 0 or 4 registers). The conversion succeeded: "
-            f"use this error's .tensors and .create_kwargs with any timm ViT name, e.g. "
-            f"timm.create_model('vit_base_patch14_dinov2', **create_kwargs), since the kwargs set every field.",
-            tensors=tensors, create_kwargs=kwargs,
-        )
-    return tensors, name, kwargs
+            f"ViT-S/B/L with mlp and ViT-g with SwiGLU, patch 14, 0 or 4 registers). Name an entry point to build "
+            f"it with: timm_name={suggested_timm_name(arch)!r} works, since the stored create_model kwargs set every "
+            f"architecture field.")
+    return name
+
+
+def to_timm(
+    state_dict: Mapping[str, Tensor],
+    arch_kwargs: Mapping[str, Any],
+    *,
+    timm_name: str | None = None,
+) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+    """``(tensors, timm model name, create_model kwargs)``; the tensors load with ``strict=True`` into
+    ``timm.create_model(name, **kwargs)``.
+
+    ``timm_name``: the entry point to build with (default: timm's registered DINOv2 name for the architecture).
+    Raises :class:`TimmNameError` when timm registers no name and none is given (timm has ViT-S/B/L and ViT-g,
+    patch 14, with 0 or 4 registers), or when the given one cannot build a SwiGLU model.
+    """
+    arch = full_arch_kwargs(arch_kwargs)
+    name = resolve_timm_name(arch, timm_name)
+    sd = _with_zero_biases(checked_state_dict(state_dict, arch), arch)
+    return _timm_tensors(sd, arch), name, timm_create_kwargs(arch)
 
 
 # ----------------------------------------------------------------------------------------------------------------

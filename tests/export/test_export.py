@@ -101,17 +101,29 @@ def test_hf_export_is_a_complete_folder_for_the_pipeline(run_dir, teacher, tmp_p
 
 
 def test_timm_export_follows_timms_layout_and_loads_back(run_dir, teacher, tmp_path):
-    path = export(run_dir, tmp_path, "timm", "timm.pth")
+    path = export(run_dir, tmp_path, "timm", "timm.pth", "--timm-name", "vit_small_patch14_reg4_dinov2")
     saved = torch.load(path, weights_only=True)
     tensors = saved["state_dict"]
-    assert saved["model_name"] is None  # timm has no name for this tiny test model; its kwargs still build it
+    assert saved["model_name"] == "vit_small_patch14_reg4_dinov2"  # asked for: timm has none for this tiny model
     assert saved["model_kwargs"]["reg_tokens"] == 4 and saved["model_kwargs"]["no_embed_class"] is True
+    assert saved["model_kwargs"]["dynamic_img_size"] is True  # tiny_cpu resizes as timm does
+    assert saved["pretrained_cfg"] == {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.875,
+                                       "crop_mode": "center", "mean": [0.485, 0.456, 0.406],
+                                       "std": [0.229, 0.224, 0.225], "num_classes": 0}
     assert "reg_token" in tensors and "register_tokens" not in tensors and "mask_token" not in tensors
     assert tensors["pos_embed"].shape == (1, 16, 64)  # no cls slot: folded into cls_token, as timm does
     torch.testing.assert_close(tensors["cls_token"], teacher.cls_token + teacher.pos_embed[:, :1], atol=0, rtol=0)
     for images in (NATIVE, RESAMPLED):
         torch.testing.assert_close(features(load_backbone(path), images), features(teacher, images), atol=1e-5,
                                    rtol=0)
+
+
+def test_timm_export_without_a_timm_name_is_refused_with_one_that_works(run_dir, tmp_path, capsys):
+    output = tmp_path / "timm.pth"
+    assert main(["export", str(run_dir), "--format", "timm", "--output", str(output)]) == 1
+    error = capsys.readouterr().err
+    assert "timm registers no DINOv2 model for embed_dim=64" in error
+    assert "--timm-name 'vit_small_patch14_reg4_dinov2' works" in error and not output.exists()
 
 
 def test_safetensors_records_architecture_and_provenance(run_dir, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from dinoreg.models import CheckpointMismatchError, build_backbone
-from dinoreg.models.formats import TimmNameError, to_hf, to_timm
+from dinoreg.models.formats import TimmNameError, timm_create_kwargs, to_hf, to_timm
 
 AA = dict(interpolate_antialias=True, interpolate_offset=0.0)  # official registers family
 PLAIN = dict(interpolate_antialias=False, interpolate_offset=0.0)  # what HF's Dinov2Model does
@@ -133,9 +133,9 @@ def timm_vit_keys(depth, registers):
 def test_timm_tensors_follow_timms_conversion(registers, ffn):
     model = tiny(registers, ffn)
     state_dict = model.state_dict()
-    with pytest.raises(TimmNameError) as caught:  # tiny/patch 8 has no timm name, the tensors come with the error
-        to_timm(state_dict, model.arch_kwargs)
-    tensors, kwargs = caught.value.tensors, caught.value.create_kwargs
+    name = "vit_giant_patch14_dinov2" if ffn != "mlp" else "vit_small_patch14_dinov2"  # tiny/patch 8: no timm name
+    tensors, built_by, kwargs = to_timm(state_dict, model.arch_kwargs, timm_name=name)
+    assert built_by == name
     reference = timm_reference(state_dict)
     assert set(tensors) == set(reference) == timm_vit_keys(2, registers)
     for key, value in reference.items():
@@ -153,7 +153,7 @@ def test_timm_tensors_follow_timms_conversion(registers, ffn):
         packed = state_dict["blocks.0.mlp.w12.weight"].shape[0]  # [w1; w2] rows
         # timm's GluMlp: fc1 has int(dim * mlp_ratio) rows, fc2 half as many inputs
         assert int(dim * kwargs["mlp_ratio"]) == packed == 2 * tensors["blocks.0.mlp.fc2.weight"].shape[1]
-        assert (kwargs["mlp_layer"], kwargs["act_layer"]) == ("SwiGLUPacked", "silu")
+    assert "mlp_layer" not in kwargs  # set by the giant entry points, and only there: kwargs are plain values
 
     # timm's _pos_embed, restated: no_embed_class adds positions to patches, then prepends cls (+ registers)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -178,14 +178,14 @@ def test_timm_names_and_kwargs():
     assert name == "vit_small_patch14_reg4_dinov2"
     assert kwargs == dict(img_size=518, patch_size=14, in_chans=3, embed_dim=384, depth=12, num_heads=6,
                           mlp_ratio=4.0, qkv_bias=True, proj_bias=True, init_values=1e-5, reg_tokens=4,
-                          no_embed_class=True, num_classes=0)
+                          no_embed_class=True, num_classes=0, dynamic_img_size=True)
     assert tensors["pos_embed"].shape == (1, 37 * 37, 384) and tensors["reg_token"].shape == (1, 4, 384)
 
     giant = meta_backbone("vit_giant2", num_register_tokens=4, ffn_layer="swiglufused")
     tensors, name, kwargs = to_timm(giant.state_dict(), giant.arch_kwargs)
     assert name == "vit_giant_patch14_reg4_dinov2"
     assert (kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"]) == (1536, 40, 24)
-    assert (kwargs["mlp_layer"], kwargs["act_layer"], kwargs["reg_tokens"]) == ("SwiGLUPacked", "silu", 4)
+    assert kwargs["reg_tokens"] == 4 and "mlp_layer" not in kwargs
     assert int(1536 * kwargs["mlp_ratio"]) == 8192 and tensors["blocks.39.mlp.fc1.weight"].shape == (8192, 1536)
     assert tensors["blocks.39.mlp.fc2.weight"].shape == (1536, 4096) and "mask_token" not in tensors
 
@@ -193,9 +193,23 @@ def test_timm_names_and_kwargs():
     assert to_timm(base.state_dict(), base.arch_kwargs)[1] == "vit_base_patch14_dinov2"
 
 
-def test_timm_unnamed_architecture_error_says_what_and_how():
+def test_timm_unnamed_architecture_is_refused_with_a_name_that_works():
     model = meta_backbone("vit_small", num_register_tokens=2)
     with pytest.raises(TimmNameError, match="num_register_tokens=2") as caught:
         to_timm(model.state_dict(), model.arch_kwargs)
-    assert isinstance(caught.value, ValueError) and caught.value.create_kwargs["reg_tokens"] == 2
-    assert "timm.create_model" in str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert "timm_name='vit_small_patch14_reg4_dinov2' works" in str(caught.value)  # same width, with registers
+    kwargs = to_timm(model.state_dict(), model.arch_kwargs, timm_name="vit_small_patch14_reg4_dinov2")[2]
+    assert kwargs["reg_tokens"] == 2  # the kwargs override the entry point's 4
+    wide = meta_backbone("vit_large", ffn_layer="swiglufused")  # SwiGLU at width 1024: only giant builds SwiGLU
+    assert "timm_name='vit_giant_patch14_dinov2'" in str(pytest.raises(TimmNameError, to_timm, wide.state_dict(),
+                                                                          wide.arch_kwargs).value)
+    with pytest.raises(TimmNameError, match="SwiGLUPacked"):
+        to_timm(wide.state_dict(), wide.arch_kwargs, timm_name="vit_large_patch14_dinov2")
+
+
+def test_timm_dynamic_size_only_where_timm_resizes_as_the_model():
+    antialiased = meta_backbone("vit_small")  # AA: the registers family's bicubic antialiased, no offset
+    assert timm_create_kwargs(antialiased.arch_kwargs)["dynamic_img_size"] is True
+    legacy = {**antialiased.arch_kwargs, "interpolate_antialias": False, "interpolate_offset": 0.1}  # official no-reg
+    assert timm_create_kwargs(legacy)["dynamic_img_size"] is False

@@ -1,0 +1,103 @@
+"""Our timm exports through timm's own front door, with real timm.
+
+timm cannot be imported beside the CPU torch the suite runs on (its torchvision), so this module skips there. Run
+it in a venv where timm imports (see docs/EXPORT.md):
+
+    python -m venv /tmp/timmenv && /tmp/timmenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm
+    /tmp/timmenv/bin/pip install -e . pytest && /tmp/timmenv/bin/python -m pytest -q tests/export/test_timm.py
+"""
+
+import pytest
+import torch
+from PIL import Image
+
+try:
+    import timm
+    import timm.data
+except Exception as error:  # noqa: BLE001 (an ImportError, or torchvision failing to register its operators)
+    pytest.skip(f"timm does not import here ({type(error).__name__}: {error})", allow_module_level=True)
+
+from dinoreg.data.loader import EvalTransform
+from dinoreg.export.writers import export_backbone
+from dinoreg.models import build_backbone
+
+AA = dict(interpolate_antialias=True, interpolate_offset=0.0)  # the registers family's interpolation
+
+
+def ours(model, images):
+    with torch.no_grad():
+        out = model.forward_features(images)
+    return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], 1)
+
+
+def through_timm(path, **extra):
+    """timm's documented way to load local weights: create_model with a pretrained_cfg overlay naming the file."""
+    saved = torch.load(path, weights_only=True)
+    overlay = {**saved["pretrained_cfg"], "file": str(path)}
+    model = timm.create_model(saved["model_name"], pretrained=True, pretrained_cfg_overlay=overlay,
+                              **saved["model_kwargs"], **extra)
+    return model.eval()
+
+
+def timm_tokens(model, images):
+    with torch.no_grad():
+        return model.forward_features(images)  # [B, 1 + R + HW, D] after the final norm
+
+
+def trained_like(model):
+    """Random weights with non-trivial layer scales and biases, so a dropped tensor would show."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05 + parameter)
+    return model.eval()
+
+
+def test_registered_name_loads_with_timms_front_door_at_any_size(tmp_path):
+    model = trained_like(build_backbone("vit_small", patch_size=14, img_size=56, num_register_tokens=4,
+                                        init_values=1e-5, **AA))
+    path = export_backbone(model, None, fmt="timm", output=tmp_path / "s.pth")
+    loaded = through_timm(path)
+    assert torch.load(path, weights_only=True)["model_name"] == "vit_small_patch14_reg4_dinov2"
+    for size in (56, 84, 70):  # native, and others through dynamic_img_size
+        images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        torch.testing.assert_close(timm_tokens(loaded, images), ours(model, images), atol=1e-4, rtol=0)
+
+    config = timm.data.resolve_data_config(model=loaded)
+    assert tuple(config["input_size"]) == (3, 56, 56) and config["interpolation"] == "bicubic"
+    assert tuple(config["mean"]) == (0.485, 0.456, 0.406) and tuple(config["std"]) == (0.229, 0.224, 0.225)
+    picture = Image.fromarray(torch.randint(0, 256, (80, 80, 3), dtype=torch.uint8,
+                                            generator=torch.Generator().manual_seed(1)).numpy())
+    timm_input = timm.data.create_transform(**config)(picture)  # resize 64 (56 / 0.875), centre crop 56
+    our_input = EvalTransform(56)(picture).float() / 255  # round(56 * 256 / 224) = 64, the same crop
+    mean, std = torch.tensor(config["mean"]).view(3, 1, 1), torch.tensor(config["std"]).view(3, 1, 1)
+    torch.testing.assert_close(timm_input, (our_input - mean) / std, atol=1e-6, rtol=0)  # both PIL bicubic
+
+
+def test_unregistered_swiglu_with_a_giant_name(tmp_path):
+    model = trained_like(build_backbone("vit_giant2", patch_size=14, img_size=42, depth=2, num_register_tokens=2,
+                                        ffn_layer="swiglufused", init_values=1e-5, **AA))
+    path = export_backbone(model, None, fmt="timm", output=tmp_path / "g.pth", timm_name="vit_giant_patch14_dinov2")
+    images = torch.randn(1, 3, 42, 42, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(timm_tokens(through_timm(path), images), ours(model, images), atol=1e-4, rtol=0)
+
+
+def test_a_model_timm_cannot_resize_is_fixed_to_its_size(tmp_path):
+    model = trained_like(build_backbone("vit_small", patch_size=14, img_size=56, init_values=1e-5,
+                                        interpolate_antialias=False, interpolate_offset=0.1))  # official, no registers
+    path = export_backbone(model, None, fmt="timm", output=tmp_path / "legacy.pth")
+    loaded = through_timm(path)
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(timm_tokens(loaded, images), ours(model, images), atol=1e-4, rtol=0)
+    with pytest.raises(AssertionError, match="Input height"):  # refused, not different features
+        timm_tokens(loaded, torch.randn(1, 3, 84, 84))
+
+
+def test_official_layout_loads_with_timms_own_dinov2_conversion(tmp_path):
+    model = trained_like(build_backbone("vit_small", patch_size=14, img_size=56, num_register_tokens=4,
+                                        init_values=1e-5, **AA))
+    path = export_backbone(model, None, fmt="dinov2", output=tmp_path / "official.pth")
+    loaded = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=True, img_size=56, dynamic_img_size=True,
+                               pretrained_cfg_overlay={"file": str(path)}).eval()
+    images = torch.randn(2, 3, 70, 70, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(timm_tokens(loaded, images), ours(model, images), atol=1e-4, rtol=0)
