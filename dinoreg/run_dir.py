@@ -4,14 +4,14 @@ Layout of a ``dinoreg train`` output directory (``--output-dir``)::
 
     config.yaml                     the resolved config (also saved inside every checkpoint)
     metrics.jsonl                   one JSON object per logged row (training, kNN, monitor)
-    tensorboard/                    TensorBoard events
+    tensorboard/<run name>/         TensorBoard events
     checkpoints/<iteration>/        DCP checkpoints (see dinoreg.train.checkpoint), ``latest`` names the newest;
                                     each holds meta.json, config.yaml, rng/rank<r>.pt and DCP's files
     checkpoints/.tmp-<iteration>/   a checkpoint being written by every rank
     teacher_backbone.safetensors    the final teacher backbone, written when training ends
     eval_<protocol>[_random_init]/  ``dinoreg eval --run``'s default output directory
 
-``dinoreg eval`` writes ``results.json``, ``tensorboard/`` and its feature files (``knn_features.pt``,
+``dinoreg eval`` writes ``results.json``, ``tensorboard/<name>/`` and its feature files (``knn_features.pt``,
 ``linear_features.pt``) in its output directory.
 
 Every file a reader may open while it is being replaced goes through :func:`write_atomically` (a file) or
@@ -68,6 +68,12 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / TENSORBOARD_DIR
+
+    @property
+    def tensorboard_run(self) -> Path:
+        """Where the events go: ``tensorboard/<name of this directory>``, so that TensorBoard shows the run by
+        its name (``tensorboard --logdir RUN/tensorboard`` or, for several runs, a folder above them)."""
+        return self.tensorboard / self.root.resolve().name
 
     @property
     def checkpoints(self) -> Path:

@@ -12,7 +12,7 @@ import torch
 from dinoreg.distributed import DistributedEnvironment, detect_environment, init_distributed, process_device
 from dinoreg.eval.features import EvalInputError, eval_splits, subsample_indices
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.run_dir import BACKBONE_FILE, RESULTS_FILE, TENSORBOARD_DIR, RunDir, write_json
+from dinoreg.run_dir import BACKBONE_FILE, RESULTS_FILE, RunDir, write_json
 
 
 @dataclass
@@ -123,7 +123,7 @@ class ResultsWriter:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (slow import)
 
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR))
+            self._writer = SummaryWriter(log_dir=str(RunDir(self.output_dir).tensorboard_run))
 
     def scalar(self, tag: str, value: float, step: int = 0) -> None:
         if self._writer is not None:

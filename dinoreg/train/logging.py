@@ -3,6 +3,11 @@
 Every figure is logged, never printed once: one JSON object per logged iteration (training rows and
 evaluation rows share the file, evaluation rows carry ``knn_top1``), the same scalars to TensorBoard,
 and a tqdm bar on a terminal or plain periodic lines otherwise (e.g. under SLURM).
+
+TensorBoard groups the scalars by what they are (:func:`tensorboard_tag`): ``loss/``, ``optim/``
+(schedules), ``grad_norm/``, ``eval/``, ``data/`` and ``monitor/`` (the artifact monitor, which also adds
+its maps as images and the patch-token norms as a histogram). The run's resolved config is in the HParams
+tab, beside the final metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 from dinoreg.run_dir import RunDir, write_text
@@ -28,6 +35,47 @@ _BAR_KEYS = ("total_loss", "images_per_sec", "knn_top1")
 _LINE_KEYS = (*_BAR_KEYS, "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
 _SHORT = {"total_loss": "loss", "dino_local_crops_loss": "dino_l", "dino_global_crops_loss": "dino_g",
           "koleo_loss": "koleo", "ibot_loss": "ibot", "images_per_sec": "img/s", "knn_top1": "knn"}
+
+
+_OPTIM = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
+_DATA = ("images_per_sec", "data_wait", "bad_files")
+_LOSS_DIAGNOSTICS = ("teacher_entropy", "teacher_batch_entropy")  # the DINO loss's, beside its terms
+# the HParams tab shows these beside the config: their last values are the run's outcome
+HPARAM_METRICS = ("eval/knn_top1", "eval/knn_top5", "loss/total")
+
+
+def tensorboard_tag(key: str) -> Optional[str]:
+    """The TensorBoard tag of a ``metrics.jsonl`` key, in its group (``None``: not shown, a duplicate)."""
+    if "/" in key:  # grouped where it is made (monitor/...)
+        return key
+    if key == "grad_norm":  # the backbone's, also logged as grad_norm_backbone
+        return None
+    if key.endswith("_loss"):
+        return f"loss/{key[:-len('_loss')]}"
+    if key in _LOSS_DIAGNOSTICS:
+        return f"loss/{key}"
+    if key.startswith("grad_norm_"):
+        return f"grad_norm/{key[len('grad_norm_'):]}"
+    if key.startswith("knn_"):
+        return f"eval/{key}"
+    if key in _OPTIM:
+        return f"optim/{key}"
+    if key in _DATA:
+        return f"data/{key}"
+    return f"other/{key}"  # a new figure nobody has grouped yet: shown, not lost
+
+
+def hparam_values(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as the flat ``{"optim.lr": 0.004, ...}`` TensorBoard's HParams tab shows (lists as text;
+    unset values left out)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(hparam_values(value, f"{name}."))
+        elif value is not None:
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
 
 
 def _format_duration(seconds: float) -> str:
@@ -73,7 +121,7 @@ class TrainingLogger:
             _drop_rows_from(files.metrics, start_iteration)
         self.jsonl = open(files.metrics, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         # purge_step: TensorBoard drops the events of a crashed run's iterations that are being done again
-        self.writer = SummaryWriter(log_dir=str(files.tensorboard), purge_step=start_iteration or None)
+        self.writer = SummaryWriter(log_dir=str(files.tensorboard_run), purge_step=start_iteration or None)
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_iterations, initial=start_iteration, dynamic_ncols=True,
                         disable=not self.interactive, desc="train",
@@ -87,8 +135,9 @@ class TrainingLogger:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         for key, value in row.items():
-            if key != "iteration" and math.isfinite(value):
-                self.writer.add_scalar(key, value, iteration)
+            tag = tensorboard_tag(key) if key != "iteration" else None
+            if tag and math.isfinite(value):
+                self.writer.add_scalar(tag, value, iteration)
         self.latest.update(row)
         if "total_loss" in row:
             self.last_train = row
@@ -97,6 +146,27 @@ class TrainingLogger:
         elif "knn_top1" in row:
             self.write(f"eval @ iteration {iteration}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k != "iteration"))
+
+    def image(self, tag: str, picture: Tensor, iteration: int) -> None:
+        """A ``[3, H, W]`` picture with values in ``[0, 1]``, in TensorBoard's Images tab."""
+        if self.enabled:
+            self.writer.add_image(tag, picture, iteration)
+
+    def histogram(self, tag: str, values: Tensor, iteration: int) -> None:
+        if self.enabled:
+            self.writer.add_histogram(tag, values.float().flatten(), iteration)
+
+    def hparams(self, config: Mapping[str, Any]) -> None:
+        """The resolved config in the HParams tab, beside the last values of ``HPARAM_METRICS`` (read from the
+        scalars as they come). Written once, when a run starts fresh; a resumed run keeps its own."""
+        if self.enabled and self.start_iteration == 0:
+            for summary in hparams(hparam_values(config), dict.fromkeys(HPARAM_METRICS, 0.0))[:2]:
+                self.writer.file_writer.add_summary(summary)  # experiment, session start (the end: finished())
+
+    def finished(self) -> None:
+        """Mark the HParams session complete (a run that stopped early stays "unknown")."""
+        if self.enabled:
+            self.writer.file_writer.add_summary(hparams({}, {})[2])
 
     def eta(self, iteration: int) -> float:
         """Seconds left after ``iteration``, from the time the training steps took so far (what ran between

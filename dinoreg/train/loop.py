@@ -125,6 +125,7 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     # TensorBoard, the watcher takes over the signals
     logger = TrainingLogger(output.root, total_iterations=schedules.total_iterations, start_iteration=start,
                             enabled=env.is_main, print_every=cfg.train.log_every)
+    logger.hparams(OmegaConf.to_container(cfg, resolve=True))
     return Run(cfg=cfg, env=env, device=device, autocast=autocast, output=output, model=model, optimizer=optimizer,
                schedules=schedules, batches=batches, photometric=photometric, evaluate=evaluate, monitor=monitor,
                logger=logger, signals=SignalWatcher(cfg.checkpoint.save_on_signals),
@@ -213,6 +214,7 @@ def iterate(run: Run) -> None:
         periodic_work(run, it)
         step_end = time.perf_counter()
     export_teacher(run)
+    run.logger.finished()
 
 
 def next_batch(run: Run, iteration: int) -> dict[str, Any]:
@@ -302,8 +304,10 @@ def measure(run: Run, iteration: int, *, evaluate: bool, monitor: bool) -> None:
         run.logger.log(iteration, metrics, step_done=False)
     if monitor and run.monitor:
         with run.logger.activity("artifact monitor", label="monitor", log=False):  # a fraction of a second
-            metrics = run.monitor(run.model.teacher_backbone, run.autocast)
-        run.logger.log(iteration, metrics, step_done=False)
+            reading = run.monitor(run.model.teacher_backbone, run.autocast)
+        run.logger.log(iteration, reading.metrics, step_done=False)
+        run.logger.image("monitor/maps", reading.picture, iteration)
+        run.logger.histogram("monitor/patch_norms", reading.norms, iteration)
 
 
 def save(run: Run, iterations_done: int) -> Path:

@@ -11,21 +11,31 @@ Every ``monitor.period`` iterations the teacher encodes a fixed probe batch and 
 * ``monitor/cls_to_registers``: the last block's attention mass from the cls token to the registers (0
   without registers), averaged over heads and images;
 * ``monitor/seconds``: what the measurement cost (``dinoreg bench train`` turns it into an overhead).
+
+And to TensorBoard only: ``monitor/maps``, a picture of the first probe images with their output patch-token
+norm maps and the last block's attention maps of [CLS] and the registers (what ``dinoreg analyze norms`` and
+``attention`` draw), and ``monitor/patch_norms``, the histogram of the output patch-token norms.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dinoreg.data import IndexedView, build_dataset, build_eval_loader
+from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD, IndexedView, build_dataset, build_eval_loader
 from dinoreg.metrics.tokens import patch_norms
 
-__all__ = ["ArtifactMonitor", "artifact_metrics"]
+__all__ = ["ArtifactMonitor", "MonitorReading", "artifact_metrics", "maps_picture"]
+
+MAPS_SHOWN = 4  # probe images in the picture
+REGISTER_MAPS = 4  # registers whose attention maps are shown (the first ones)
 
 
 def artifact_metrics(block_outputs: list[Tensor], last_attention: Tensor, *, num_register_tokens: int,
@@ -47,6 +57,43 @@ def artifact_metrics(block_outputs: list[Tensor], last_attention: Tensor, *, num
     return metrics
 
 
+def _coloured(maps: Tensor, colormap: str, size: int) -> Tensor:
+    """``[n, h, w]`` -> ``[n, 3, size, size]`` in ``[0, 1]``: each map scaled to its own range, coloured, and
+    enlarged without smoothing (one square per patch)."""
+    from matplotlib import colormaps  # noqa: PLC0415 (no pyplot: nothing opens a display)
+
+    low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
+    scaled = ((maps - low) / (high - low).clamp_min(1e-12)).numpy()
+    rgb = torch.from_numpy(colormaps[colormap](scaled)[..., :3]).float().permute(0, 3, 1, 2)
+    return F.interpolate(rgb, size=(size, size), mode="nearest")
+
+
+def maps_picture(images: Tensor, norms: Tensor, attention: Tensor, *, num_register_tokens: int) -> Tensor:
+    """``[3, rows * S, columns * S]``: one row per image (the first ``MAPS_SHOWN``): the image, its output
+    patch-token norm map (viridis), and the head-averaged attention of [CLS] and the first ``REGISTER_MAPS``
+    registers over the patches in the last block (inferno). ``images``: normalised ``[B, 3, S, S]``; ``norms``:
+    ``[B, HW]``; ``attention``: ``[B, heads, Q, 1 + R + HW]`` with at least [CLS] and those registers as queries."""
+    shown, size = min(MAPS_SHOWN, images.shape[0]), images.shape[-1]
+    grid = math.isqrt(norms.shape[-1])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    columns = [(images[:shown].float().cpu() * std + mean).clamp(0, 1),
+               _coloured(norms[:shown].float().cpu().view(shown, grid, grid), "viridis", size)]
+    queries = min(attention.shape[2], 1 + min(num_register_tokens, REGISTER_MAPS))
+    patches = attention[:shown, :, :queries, 1 + num_register_tokens:].float().mean(1).cpu()  # [shown, Q, HW]
+    columns += [_coloured(patches[:, query].view(shown, grid, grid), "inferno", size) for query in range(queries)]
+    rows = torch.cat(columns, dim=-1)  # [shown, 3, S, columns * S]
+    return torch.cat(list(rows), dim=-2)  # [3, shown * S, columns * S]
+
+
+@dataclass
+class MonitorReading:
+    """One measurement: the figures for ``metrics.jsonl`` and TensorBoard, and what only TensorBoard shows."""
+
+    metrics: dict[str, float]
+    picture: Tensor  # see maps_picture
+    norms: Tensor  # [B * HW]: every output patch-token norm of the probe batch
+
+
 class ArtifactMonitor:
     """A fixed probe batch (the first ``monitor.images`` images of the dataset's val split, or of the dataset,
     resized to the global crop size) and the measurement. Runs on every rank (the teacher may be sharded)."""
@@ -60,15 +107,19 @@ class ArtifactMonitor:
         self.cfg = cfg.monitor
 
     @torch.no_grad()
-    def __call__(self, backbone: Any, autocast: Any) -> dict[str, float]:
+    def __call__(self, backbone: Any, autocast: Any) -> MonitorReading:
         started = time.perf_counter()
         was_training = backbone.training
         backbone.eval()
-        last = len(backbone.blocks) - 1
+        last, registers = len(backbone.blocks) - 1, backbone.num_register_tokens
         with autocast:
-            outputs, attention = backbone.block_outputs(self.images, attention_of=(last,), num_queries=1)
+            outputs, attention = backbone.block_outputs(self.images, attention_of=(last,),
+                                                        num_queries=1 + min(registers, REGISTER_MAPS))
         backbone.train(was_training)
-        metrics = artifact_metrics(outputs, attention[last], num_register_tokens=backbone.num_register_tokens,
+        metrics = artifact_metrics(outputs, attention[last], num_register_tokens=registers,
                                    relative_threshold=self.cfg.relative_threshold,
                                    absolute_threshold=self.cfg.absolute_threshold)
-        return {**metrics, "monitor/seconds": time.perf_counter() - started}  # its own cost, for the overhead
+        norms = patch_norms(outputs[-1:], registers)[0]  # [B, HW]
+        picture = maps_picture(self.images, norms, attention[last], num_register_tokens=registers)
+        metrics["monitor/seconds"] = time.perf_counter() - started  # its own cost, for the overhead
+        return MonitorReading(metrics=metrics, picture=picture, norms=norms.flatten().cpu())

@@ -46,7 +46,7 @@ def test_knn_end_to_end(weights, tmp_path, capsys):
     for row in results["knn"]:
         assert _fraction(row["top1"]) and _fraction(row["top5"]) and row["top1"] <= row["top5"]
     assert (results["img_size"], results["resize_size"], len(results["classes"])) == (32, 37, 8)
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard" / out.name).glob("events.out.tfevents.*"))  # the run named after its folder
 
 
 def test_linear_end_to_end_and_feature_cache(weights, tmp_path, capsys):

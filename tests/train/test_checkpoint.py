@@ -296,6 +296,6 @@ def test_a_resumed_run_logs_every_iteration_once_and_a_bad_latest_is_reported(tm
     assert "resumed from" in output and "(iteration 5)" in output
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows if "total_loss" in row] == list(range(10))  # 5..9 once, not twice
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "tensorboard" / tmp_path.name))
     events.Reload()
-    assert [event.step for event in events.Scalars("total_loss")] == list(range(10))
+    assert [event.step for event in events.Scalars("loss/total")] == list(range(10))

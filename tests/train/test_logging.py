@@ -59,3 +59,27 @@ def test_quiet_activities_and_the_terminal_bar_fit_80_columns(tmp_path, clock, c
                              postfix=postfix)
     assert line == "train [kNN] |███▏      | 191/600, eta 0:05:54 loss 8.134 img/s 43.7 knn 0.478"
     assert len(line) <= 80
+
+
+def test_tensorboard_groups_every_figure_the_loop_logs():
+    from dinoreg.train.logging import tensorboard_tag
+
+    expected = {"total_loss": "loss/total", "dino_local_crops_loss": "loss/dino_local_crops",
+                "koleo_loss": "loss/koleo", "ibot_loss": "loss/ibot", "teacher_entropy": "loss/teacher_entropy",
+                "lr": "optim/lr", "wd": "optim/wd", "momentum": "optim/momentum",
+                "teacher_temp": "optim/teacher_temp", "last_layer_lr": "optim/last_layer_lr",
+                "grad_norm_backbone": "grad_norm/backbone", "grad_norm_ibot_head": "grad_norm/ibot_head",
+                "knn_top1": "eval/knn_top1", "images_per_sec": "data/images_per_sec", "data_wait": "data/data_wait",
+                "bad_files": "data/bad_files", "monitor/norm_p99/b03": "monitor/norm_p99/b03",
+                "grad_norm": None,  # the backbone's norm once more (kept in metrics.jsonl for old readers)
+                "something_new": "other/something_new"}
+    assert {key: tensorboard_tag(key) for key in expected} == expected
+
+
+def test_hparams_are_the_flattened_config():
+    from dinoreg.train.logging import hparam_values
+
+    config = {"optim": {"lr": 0.004, "epochs": 2, "scaling_rule": None}, "student": {"arch": "vit_tiny"},
+              "crops": {"global_crops_scale": [0.32, 1.0]}, "train": {"compile": False}}
+    assert hparam_values(config) == {"optim.lr": 0.004, "optim.epochs": 2, "student.arch": "vit_tiny",
+                                     "crops.global_crops_scale": "[0.32, 1.0]", "train.compile": False}

@@ -57,10 +57,24 @@ def test_short_run_writes_everything_and_losses_fall(tmp_path):
     # the resolved config is written and reloads to the same values
     saved = load_config(tmp_path / "config.yaml")
     assert saved.optim.lr == cfg.optim.lr > 0 and saved.student.embed_dim == 64
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    # TensorBoard: one run, named after the output directory, every scalar in its group, the config as hparams
+    assert [p.name for p in (tmp_path / "tensorboard").iterdir()] == [tmp_path.name]
+    events = EventAccumulator(str(tmp_path / "tensorboard" / tmp_path.name))
     events.Reload()
-    assert {"total_loss", "knn_top1", "lr", "images_per_sec"} <= set(events.Tags()["scalars"])
-    assert len(events.Scalars("total_loss")) == 40
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/koleo", "loss/teacher_entropy", "optim/lr", "optim/momentum", "grad_norm/backbone",
+            "grad_norm/dino_head", "eval/knn_top1", "data/images_per_sec", "data/data_wait"} <= tags
+    assert {tag.split("/")[0] for tag in tags} == {"loss", "optim", "grad_norm", "eval", "data", "monitor"}
+    assert len(events.Scalars("loss/total")) == 40
+    from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: PLC0415
+
+    summaries = events.SummaryMetadata
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        summaries("_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert start.hparams["optim.epochs"].number_value == 2 and start.hparams["student.arch"].string_value
+    assert start.hparams["train.output_dir"].string_value == str(tmp_path)
+    end = plugin_data_pb2.HParamsPluginData.FromString(summaries("_hparams_/session_end_info").plugin_data.content)
+    assert end.session_end_info.status == 1  # STATUS_SUCCESS: the run finished
     # the teacher backbone file loads by itself and is the registers model that was trained
     backbone = load_backbone(tmp_path / BACKBONE_FILE)
     assert backbone.num_register_tokens == 4 and backbone.embed_dim == 64 and backbone.interpolate_antialias

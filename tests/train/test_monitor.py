@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dinoreg.cli import main
 from dinoreg.models import build_backbone
-from dinoreg.train.monitor import artifact_metrics
+from dinoreg.metrics.tokens import patch_norms
+from dinoreg.train.monitor import artifact_metrics, maps_picture
 from launch_helpers import TINY
 
 PLANTED = (0, 11)  # patch indices on the 4x4 grid
@@ -56,6 +58,33 @@ def test_unedited_model_has_no_high_norm_tokens():
     assert all(metrics[f"monitor/high_norm_{kind}/b{b:02d}"] == 0.0 for kind in ("rel", "abs") for b in (0, 1))
 
 
+def test_the_maps_picture_shows_the_planted_tokens_and_the_attention():
+    model = planted_backbone(4)
+    images = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        outputs, attention = model.block_outputs(images, attention_of=(2,), num_queries=5)
+    norms = patch_norms(outputs[-1:], 4)[0]  # [5, 16]
+    picture = maps_picture(images, norms, attention[2], num_register_tokens=4)
+    # 4 images (rows) x [image, norms, cls, reg0..reg3] (columns), 32 px each
+    assert picture.shape == (3, 4 * 32, 7 * 32) and 0 <= picture.min() and picture.max() <= 1
+    viridis_top, viridis_bottom = torch.tensor([0.993248, 0.906157, 0.143936]), torch.tensor([0.267004, 0.004874,
+                                                                                               0.329415])
+    for row in range(4):
+        norm_map = picture[:, row * 32:(row + 1) * 32, 32:64]  # [3, 32, 32]: one 8 x 8 square per patch
+        colours = norm_map[:, 4::8, 4::8].reshape(3, 16).T  # [16, 3]: the middle of each patch's square
+        assert all(torch.allclose(colours[p], viridis_top, atol=0.05) for p in PLANTED)  # about 300: the top
+        assert all(torch.allclose(colours[p], viridis_bottom, atol=0.1) for p in range(16) if p not in PLANTED)
+        assert torch.equal(norm_map[:, :8, :8], colours[0].view(3, 1, 1).expand(3, 8, 8))  # one square per patch
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)  # the image column is the image, unnormalised
+        assert torch.allclose(picture[:, row * 32:(row + 1) * 32, :32], (images[row] * std + mean).clamp(0, 1))
+    # the [CLS] column is brightest where the last block's head-averaged cls attention over patches peaks
+    cls_map = attention[2][0, :, 0, 5:].mean(0)  # [16]
+    y, x = divmod(int(cls_map.argmax()), 4)
+    inferno_top = torch.tensor([0.988362, 0.998364, 0.644924])
+    assert torch.allclose(picture[:, y * 8 + 4, 64 + x * 8 + 4], inferno_top, atol=1e-5)
+
+
 def test_the_loop_logs_the_monitor_on_schedule(tmp_path):
     run = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=10",
            "evaluation.knn_enabled=false"]
@@ -64,5 +93,11 @@ def test_the_loop_logs_the_monitor_on_schedule(tmp_path):
     monitored = [row for row in rows if "monitor/seconds" in row]
     assert [row["iteration"] for row in monitored] == [0, 3, 7, 9]  # at the start, every 4 steps and the end
     assert {"monitor/high_norm_rel/b01", "monitor/norm_p99/b00", "monitor/cls_to_registers"} <= set(monitored[0])
+    events = EventAccumulator(str(tmp_path / "on" / "tensorboard" / "on"), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("monitor/maps")] == [0, 3, 7, 9]  # with every measurement
+    assert (events.Images("monitor/maps")[0].height, events.Images("monitor/maps")[0].width) == (4 * 32, 7 * 32)
+    assert [h.step for h in events.Histograms("monitor/patch_norms")] == [0, 3, 7, 9]
+    assert events.Histograms("monitor/patch_norms")[0].histogram_value.num == 6 * 16  # 6 probe images, 4 x 4
     assert main(["train", "--output-dir", str(tmp_path / "off"), *run, "monitor.period=0"]) == 0
     assert "monitor/" not in (tmp_path / "off" / "metrics.jsonl").read_text()
