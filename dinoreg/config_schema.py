@@ -12,6 +12,8 @@ from dinoreg.ssl.meta_arch import CENTERINGS
 
 # (embed_dim, depth, num_heads) per architecture, as the model factories define them.
 ARCHITECTURES = ARCH_DIMS
+# torch's AdamW kernels (see dinoreg.train.optim.build_optimizer)
+ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 
 
 # --- schema (official defaults) -------------------------------------------------------------
@@ -109,6 +111,9 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
+    # torch's AdamW kernels: "auto" is fused on CUDA (one kernel for all parameters) and foreach (multi-tensor)
+    # elsewhere; "foreach" and "for_loop" (the official single-tensor loop) give identical values on CPU.
+    adamw_implementation: str = "auto"
 
 
 @dataclass
@@ -181,6 +186,7 @@ CHOICES = {
     "student.attention_backend": ATTENTION_BACKENDS,
     "train.centering": CENTERINGS,
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
+    "optim.adamw_implementation": ADAMW_IMPLEMENTATIONS,
     "train.precision": ("auto", "fp32", "bf16"),
     "train.sharding": ("full_shard", "shard_grad_op", "no_shard"),
 }

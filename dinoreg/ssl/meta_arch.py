@@ -180,7 +180,11 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA: teacher <- momentum * teacher + (1 - momentum) * student, for every student sub-module."""
+        """EMA: teacher <- momentum * teacher + (1 - momentum) * student, for every student sub-module, in two
+        multi-tensor operations over all parameters (the same values as a loop of ``mul_``/``add_``)."""
+        teacher, student = [], []
         for name, student_module in self.student.items():
-            for t, s in zip(self.teacher[name].parameters(), student_module.parameters()):
-                t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+            teacher += list(self.teacher[name].parameters())
+            student += [p.detach() for p in student_module.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1 - momentum)

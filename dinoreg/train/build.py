@@ -85,7 +85,8 @@ def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, devi
         shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
                                                    patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
-                                betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+                                betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+                                implementation=cfg.optim.adamw_implementation, device=device)
     return model, optimizer
 
 

@@ -47,7 +47,8 @@ __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoi
            "save_checkpoint", "verify_checkpoint"]
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
-BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.")
+BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.",
+               "optim.adamw_implementation")  # how, not what: the same update in other kernels
 
 
 class CheckpointError(RuntimeError):

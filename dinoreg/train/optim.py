@@ -30,6 +30,7 @@ from fvcore.common.param_scheduler import (
 )
 from torch import nn
 
+from dinoreg.config_schema import ADAMW_IMPLEMENTATIONS
 from dinoreg.models.layers import LayerScale
 from dinoreg.models.vit import DinoVisionTransformer
 
@@ -126,11 +127,21 @@ def build_param_groups(student: nn.ModuleDict | Mapping[str, nn.Module], *, laye
     return list(fused.values())
 
 
-def build_optimizer(param_groups: Iterable[dict[str, Any]], *, betas: tuple[float, float] = (0.9, 0.999)
-                    ) -> torch.optim.AdamW:
+def build_optimizer(param_groups: Iterable[dict[str, Any]], *, betas: tuple[float, float] = (0.9, 0.999),
+                    implementation: str = "auto", device: torch.device = torch.device("cpu")) -> torch.optim.AdamW:
     """AdamW over ``param_groups``. lr and weight decay start at 0 (so a step taken before
-    :func:`apply_optim_schedule` changes nothing) and are set every iteration by the schedules."""
-    return torch.optim.AdamW(list(param_groups), lr=0.0, weight_decay=0.0, betas=tuple(betas))
+    :func:`apply_optim_schedule` changes nothing) and are set every iteration by the schedules.
+
+    ``implementation``: torch's kernels for the update. ``auto`` is ``fused`` on CUDA and ``foreach``
+    (multi-tensor) elsewhere; ``for_loop`` is the single-tensor loop (the official code's, with torch's default
+    on CPU). On CPU ``foreach`` and ``for_loop`` give bitwise the same parameters."""
+    if implementation not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(f"unknown AdamW implementation {implementation!r}; choose one of "
+                         f"{', '.join(ADAMW_IMPLEMENTATIONS)}")
+    if implementation == "auto":
+        implementation = "fused" if device.type == "cuda" else "foreach"
+    kernels = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[implementation]
+    return torch.optim.AdamW(list(param_groups), lr=0.0, weight_decay=0.0, betas=tuple(betas), **kernels)
 
 
 def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float,
@@ -147,10 +158,10 @@ def clip_grad_norms(student: nn.ModuleDict | Mapping[str, nn.Module], max_norm: 
     norms: dict[str, float] = {}
     for key, submodel in student.items():
         params = [p for p in submodel.parameters() if p.grad is not None]
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if max_norm > 0:  # foreach: multi-tensor norms and scaling (the same values as the per-tensor loop)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
         norms[key] = float(norm)

@@ -112,6 +112,8 @@ def test_ema_update_is_momentum_weighted_average():
     model.update_teacher(0.9)
     for t0, s, t1 in zip(before_t, student, model.teacher.parameters()):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s)
+        # bitwise what the per-parameter loop it replaces computed: t.mul_(m).add_(s, alpha=1 - m)
+        assert torch.equal(t1, t0.clone().mul_(0.9).add_(s, alpha=1 - 0.9))
 
 
 def test_last_layer_is_frozen_while_its_lr_is_zero():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -195,7 +196,49 @@ def test_optimizer_and_apply_optim_schedule(groups):
     assert by_name["dino_head.mlp.0.weight"]["weight_decay"] == pytest.approx(0.1)
 
 
+def test_multi_tensor_adamw_gives_the_single_tensor_loops_values():
+    """foreach (the default off CUDA) against the official single-tensor loop: bitwise, over param groups with
+    their own lr and weight decay, for several steps."""
+    torch.manual_seed(0)
+    loop_student = make_student()
+    multi_student = copy.deepcopy(loop_student)
+    optimizers = {}
+    for name, module in (("for_loop", loop_student), ("auto", multi_student)):
+        optimizers[name] = build_optimizer(build_param_groups(module, layerwise_decay=DECAY,
+                                                              patch_embed_lr_mult=PATCH_MULT), implementation=name)
+    assert optimizers["auto"].defaults["foreach"] is True and optimizers["for_loop"].defaults["foreach"] is False
+    for step in range(4):
+        for name, module in (("for_loop", loop_student), ("auto", multi_student)):
+            apply_optim_schedule(optimizers[name], lr=1e-3 * (step + 1), weight_decay=0.04, last_layer_lr=1e-4)
+            for p in module.parameters():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + step))
+            optimizers[name].step()
+    for (name, a), b in zip(loop_student.named_parameters(), multi_student.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_adamw_implementation_per_device():
+    params = [nn.Parameter(torch.zeros(3))]
+    assert build_optimizer([{"params": params}], device=torch.device("cuda")).defaults["fused"] is True
+    assert build_optimizer([{"params": params}], implementation="fused").defaults["fused"] is True
+    with pytest.raises(ValueError, match="unknown AdamW implementation 'apex'; choose one of auto, fused"):
+        build_optimizer([{"params": params}], implementation="apex")
+
+
 # --- gradient clipping -----------------------------------------------------------------------
+
+
+def test_multi_tensor_clipping_gives_the_per_tensor_values():
+    student, reference = make_student(), make_student()
+    for (name, p), q in zip(student.named_parameters(), reference.parameters()):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 3
+        q.grad = p.grad.clone()
+    norms = clip_grad_norms(student, 3.0)
+    for key, module in reference.items():  # torch's per-tensor loop, as the official trainer calls it
+        norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), 3.0, foreach=False)
+        assert norms[key] == float(norm)
+    for (name, p), q in zip(student.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
 
 
 def _set_grads(module: nn.Module, value: float) -> float:
