@@ -88,7 +88,9 @@ class TrainConfig:
     centering: str = "centering"
     # "auto": bf16 autocast with fp32 master weights and fp32 losses on CUDA, fp32 elsewhere.
     precision: str = "auto"
-    log_every: int = 10  # iterations between plain progress lines when not on a terminal
+    # iterations between reads of the steps' figures from the device (one host synchronisation each, none in
+    # between) and between plain progress lines when not on a terminal
+    log_every: int = 10
     # FSDP2 sharding of student and teacher when several processes train: full_shard | shard_grad_op |
     # no_shard (official: SHARD_GRAD_OP); see dinoreg/train/parallel.py.
     sharding: str = "shard_grad_op"

@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 __all__ = ["DistributedEnvironment", "DistributedSetupError", "all_reduce_max", "all_reduce_mean", "all_reduce_sum",
            "backend_device", "barrier", "broadcast_flag", "detect_environment", "first_host", "gather_rows_to_main",
-           "init_distributed", "is_distributed", "max_over_ranks", "process_device", "rank", "shutdown_distributed",
-           "world_size"]
+           "init_distributed", "is_distributed", "max_over_ranks", "mean_over_ranks", "process_device", "rank",
+           "shutdown_distributed", "world_size"]
 
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
@@ -178,9 +178,15 @@ def all_reduce_mean(values: Mapping[str, float | torch.Tensor]) -> dict[str, flo
         return {}
     packed = torch.stack([torch.as_tensor(values[n], dtype=torch.float64).detach().cpu().reshape(())
                           for n in names])
-    if is_distributed():
-        packed = all_reduce_sum(packed.to(backend_device())) / world_size()
-    return dict(zip(names, packed.cpu().tolist()))
+    return dict(zip(names, mean_over_ranks(packed).cpu().tolist()))
+
+
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``tensor`` over all ranks, in one collective and without reading it on the host
+    (``tensor`` itself in one process); on ``tensor``'s device."""
+    if not is_distributed():
+        return tensor
+    return (all_reduce_sum(tensor.to(backend_device())) / world_size()).to(tensor.device)
 
 
 def max_over_ranks(value: float) -> float:

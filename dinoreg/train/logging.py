@@ -110,6 +110,7 @@ class TrainingLogger:
         self.total = total_iterations
         self.print_every = max(print_every, 1)
         self.start_iteration = start_iteration
+        self.done = start_iteration - 1  # the last iteration whose step has finished
         self.started = time.perf_counter()
         self.paused = 0.0  # seconds spent outside the training steps (evaluations, monitor, checkpoints)
         self.last_train: dict[str, float] = {}
@@ -175,14 +176,24 @@ class TrainingLogger:
         training = time.perf_counter() - self.started - self.paused
         return training / max(done, 1) * (self.total - iteration - 1)
 
+    def advance(self, iteration: int) -> None:
+        """``iteration``'s step is done, its figures not read yet (they come with :meth:`log` later): on a
+        terminal the bar and the ETA move on with the figures last read."""
+        self.done = max(self.done, iteration)
+        if self.enabled and self.interactive:
+            self._progress(iteration, {})
+
     def _progress(self, iteration: int, row: Mapping[str, float]) -> None:
         shown = {**self.last_train, **row}
-        eta = f"eta {_format_duration(self.eta(iteration))}"
+        self.done = max(self.done, iteration)
+        eta = f"eta {_format_duration(self.eta(self.done))}"
         if self.interactive:
-            self.bar.n = iteration + 1
+            self.bar.n = self.done + 1
             self.bar.set_postfix_str(" ".join([eta, *(f"{_SHORT[k]} {shown[k]:.4g}" for k in _BAR_KEYS if k in shown)]))
             return
-        if iteration + 1 == self.total or iteration % self.print_every == 0 or "knn_top1" in row:
+        # the first step, every print_every-th and the last: the rows as they are read (see train.log_every)
+        if (iteration == self.start_iteration or (iteration + 1) % self.print_every == 0
+                or iteration + 1 == self.total or "knn_top1" in row):
             fields = " ".join(f"{_SHORT[k]} {shown[k]:.4g}" for k in _LINE_KEYS if k in shown)
             print(f"[{iteration + 1}/{self.total}] {eta} {fields}", flush=True)
 

@@ -3,6 +3,12 @@
 One process (CPU or one GPU), or several under torchrun / srun with FSDP2-sharded student and teacher. Read
 top to bottom: :func:`train` -> :func:`set_up` (a :class:`Run`) -> :func:`iterate`, whose every iteration is
 :func:`next_batch`, :func:`train_step`, :func:`log_step` and :func:`periodic_work`.
+
+A step never waits for the device: its figures (loss terms, gradient norms) stay there, and every
+``train.log_every`` iterations, and before anything reads the model (evaluation, monitor, checkpoint, export),
+:func:`flush` averages the pending ones over ranks in one collective, reads them in one host synchronisation,
+checks them (a non-finite term stops the run, naming its first iteration, before anything is saved) and logs a
+row per iteration.
 """
 
 from __future__ import annotations
@@ -11,19 +17,20 @@ import contextlib
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from dinoreg.config import apply_scaling_rule, build_backbone_from_config, save_config
 from dinoreg.data import Photometric, build_dataset
-from dinoreg.distributed import (DistributedEnvironment, all_reduce_mean, barrier, broadcast_flag, detect_environment,
-                                 init_distributed, process_device, shutdown_distributed)
+from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag, detect_environment, init_distributed,
+                                 mean_over_ranks, process_device, shutdown_distributed)
 from dinoreg.models.weights import save_backbone
 from dinoreg.run_dir import RunDir
 from dinoreg.ssl.meta_arch import SSLMetaArch
@@ -34,10 +41,11 @@ from dinoreg.train.checkpoint import (CheckpointError, config_differences, load_
 from dinoreg.train.evaluation import KnnEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
-from dinoreg.train.optim import Schedules, apply_optim_schedule, clip_grad_norms
+from dinoreg.train.optim import Schedules, apply_optim_schedule, clip_grad_norms_on_device
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, StoppedOnSignal
 
-__all__ = ["NonFiniteLossError", "Run", "iterate", "prepare_output_dir", "set_up", "train", "train_step"]
+__all__ = ["NonFiniteLossError", "Run", "StepFigures", "flush", "iterate", "prepare_output_dir", "read_figures", "set_up",
+           "train", "train_step"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -91,6 +99,7 @@ class Run:
     start: int  # first iteration to run
     position: int  # global data stream position: images drawn so far by all ranks
     bad_files: int = 0
+    pending: list[StepFigures] = field(default_factory=list)  # steps whose figures are not read yet
 
     @property
     def global_batch(self) -> int:
@@ -205,15 +214,15 @@ def iterate(run: Run) -> None:
         data_wait = time.perf_counter() - step_end
         batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         batch["global_crops"], batch["local_crops"] = run.photometric(batch["global_crops"], batch["local_crops"])
-        metrics, grad_norms = train_step(run.model, run.optimizer, batch, values, iteration=it,
-                                         clip_grad=run.cfg.optim.clip_grad, autocast=run.autocast)
+        metrics, grad_norms = train_step(run.model, run.optimizer, batch, values, clip_grad=run.cfg.optim.clip_grad,
+                                         autocast=run.autocast)
         if batch.get("bad_files"):
             run.bad_files += len(batch["bad_files"])
             run.report(f"iteration {it}: skipped unreadable images: {', '.join(map(str, batch['bad_files']))}")
         log_step(run, it, values, metrics, grad_norms, data_wait=data_wait, seconds=time.perf_counter() - step_end)
         periodic_work(run, it)
         step_end = time.perf_counter()
-    export_teacher(run)
+    export_teacher(run)  # the last step's log_step flushed (and checked) every figure
     run.logger.finished()
 
 
@@ -231,29 +240,55 @@ def next_batch(run: Run, iteration: int) -> dict[str, Any]:
 
 
 def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict[str, Any],
-               values: dict[str, float], *, iteration: int, clip_grad: float,
-               autocast: Any = contextlib.nullcontext()) -> tuple[dict[str, float], dict[str, float]]:
-    """One optimisation step on this rank's augmented ``batch`` with the schedule ``values`` of ``iteration``.
-
-    Returns the loss terms averaged over ranks and the pre-clip gradient norms per sub-model. Raises
-    :class:`NonFiniteLossError` (on every rank alike) before any parameter changes when a term is not finite.
-    """
+               values: dict[str, float], *, clip_grad: float, autocast: Any = contextlib.nullcontext()
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One optimisation step on this rank's augmented ``batch`` with the schedule ``values``, without waiting for
+    the device. Returns this rank's loss terms and the pre-clip gradient norms per sub-model (over all ranks), as
+    0-d tensors on the device: :func:`read_figures` averages and reads them, :func:`flush` checks them."""
     apply_optim_schedule(optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
                          last_layer_lr=values["last_layer_lr"])
     with autocast:
         loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"])
-    metrics = all_reduce_mean(metrics)  # means over ranks: the same on every rank
-    _check_finite(iteration, metrics)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norms = clip_grad_norms(model.student, clip_grad)
+    grad_norms = clip_grad_norms_on_device(model.student, clip_grad)
     optimizer.step()
     model.update_teacher(values["momentum"])
     return metrics, grad_norms
 
 
-def _check_finite(iteration: int, metrics: dict[str, float]) -> None:
-    bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
+@dataclass
+class StepFigures:
+    """One step's figures, on the device until :func:`read_figures`."""
+
+    iteration: int
+    losses: dict[str, Tensor]  # this rank's loss terms (0-d)
+    grad_norms: dict[str, Tensor]  # per sub-model, over all ranks (0-d)
+    host: dict[str, float] = field(default_factory=dict)  # what the host knows already (schedules, throughput)
+
+
+def read_figures(steps: list[StepFigures]) -> list[dict[str, float]]:
+    """A row per step: the loss terms averaged over ranks (one collective for all the steps), the gradient norms
+    as ``grad_norm_<sub-model>`` (and ``grad_norm``: the backbone's) and the host figures, read from the device
+    in one synchronisation. Means in float64, as the logged figures always were."""
+    if not steps:
+        return []
+    names, parts = list(steps[0].losses), list(steps[0].grad_norms)
+    losses = torch.stack([torch.stack([s.losses[n].detach().to(torch.float64).reshape(()) for n in names])
+                          for s in steps])  # [steps, terms]
+    norms = torch.stack([torch.stack([s.grad_norms[n].detach().to(torch.float64).reshape(()) for n in parts])
+                         for s in steps]).to(losses.device)  # [steps, sub-models]
+    read = torch.cat([mean_over_ranks(losses), norms], dim=1).tolist()
+    rows = []
+    for step, numbers in zip(steps, read):
+        norm = dict(zip(parts, numbers[len(names):]))
+        rows.append({**dict(zip(names, numbers[:len(names)])), **step.host, "grad_norm": norm["backbone"],
+                     **{f"grad_norm_{part}": value for part, value in norm.items()}})
+    return rows
+
+
+def _check_finite(iteration: int, row: dict[str, float], names: list[str]) -> None:
+    bad = {name: row[name] for name in names if not math.isfinite(row[name])}
     if bad:
         terms = ", ".join(f"{name}={value}" for name, value in bad.items())
         raise NonFiniteLossError(
@@ -261,15 +296,29 @@ def _check_finite(iteration: int, metrics: dict[str, float]) -> None:
             "Lower optim.base_lr or raise optim.warmup_epochs, and check the data.")
 
 
-def log_step(run: Run, iteration: int, values: dict[str, float], metrics: dict[str, float],
-             grad_norms: dict[str, float], *, data_wait: float, seconds: float) -> None:
-    """The iteration's row: loss terms, schedule values, gradient norms, throughput, data wait, bad files."""
+def log_step(run: Run, iteration: int, values: dict[str, float], metrics: dict[str, Tensor],
+             grad_norms: dict[str, Tensor], *, data_wait: float, seconds: float) -> None:
+    """Keep the iteration's figures (loss terms, schedule values, gradient norms, throughput, data wait, bad
+    files) for :func:`flush`, due after the first step and every ``train.log_every`` iterations."""
     schedule = {"lr": values["lr"], "wd": values["weight_decay"], "momentum": values["momentum"],
                 "teacher_temp": values["teacher_temp"], "last_layer_lr": values["last_layer_lr"]}
-    run.logger.log(iteration, {**metrics, **schedule, "grad_norm": grad_norms["backbone"],
-                               **{f"grad_norm_{name}": norm for name, norm in grad_norms.items()},
-                               "images_per_sec": run.global_batch / seconds, "data_wait": data_wait,
-                               "bad_files": run.bad_files})
+    run.pending.append(StepFigures(iteration, metrics, grad_norms, {
+        **schedule, "images_per_sec": run.global_batch / seconds, "data_wait": data_wait,
+        "bad_files": run.bad_files}))
+    if iteration == run.start or _due(iteration, run.cfg.train.log_every, run.schedules.total_iterations):
+        flush(run)  # the first step at once (a line to see, a NaN caught early), then every log_every
+    else:
+        run.logger.advance(iteration)
+
+
+def flush(run: Run) -> None:
+    """Read, check and log the pending steps' figures (a collective: every rank calls it at the same
+    iterations). Raises :class:`NonFiniteLossError` at the first step with a non-finite loss term, after logging
+    the steps before it."""
+    steps, run.pending = run.pending, []
+    for step, row in zip(steps, read_figures(steps)):
+        _check_finite(step.iteration, row, list(step.losses))
+        run.logger.log(step.iteration, row)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,16 +332,20 @@ def _due(iteration: int, period: int, total: int) -> bool:
 
 def periodic_work(run: Run, iteration: int) -> None:
     """After ``iteration``: kNN evaluation and artifact monitor when due, then save and stop when a signal came,
-    else a checkpoint when due."""
+    else a checkpoint when due. The pending figures are read and checked before any of them."""
     cfg, total = run.cfg, run.schedules.total_iterations
-    measure(run, iteration, evaluate=_due(iteration, cfg.evaluation.eval_period_iterations, total),
-            monitor=_due(iteration, cfg.monitor.period, total))
-    if run.signals.should_stop():
+    evaluate = _due(iteration, cfg.evaluation.eval_period_iterations, total)
+    monitor = _due(iteration, cfg.monitor.period, total)
+    stop, checkpoint = run.signals.should_stop(), _due(iteration, cfg.checkpoint.period, total)
+    if evaluate or monitor or stop or checkpoint:
+        flush(run)  # never evaluate or save a state whose losses were not checked
+    measure(run, iteration, evaluate=evaluate, monitor=monitor)
+    if stop:
         path = save(run, iteration + 1)
         run.logger.write(f"{run.signals.received}: saved {path}; exiting with "
                          f"code {EXIT_CODE_SAVED_ON_SIGNAL} so the job can be requeued")
         raise StoppedOnSignal(run.signals.received, path)
-    if _due(iteration, cfg.checkpoint.period, total):
+    if checkpoint:
         save(run, iteration + 1)
 
 

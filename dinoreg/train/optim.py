@@ -28,7 +28,7 @@ from fvcore.common.param_scheduler import (
     LinearParamScheduler,
     ParamScheduler,
 )
-from torch import nn
+from torch import Tensor, nn
 
 from dinoreg.config_schema import ADAMW_IMPLEMENTATIONS
 from dinoreg.models.layers import LayerScale
@@ -41,6 +41,7 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "clip_grad_norms",
+    "clip_grad_norms_on_device",
     "cosine_schedule",
     "zero_first_iterations",
 ]
@@ -155,7 +156,13 @@ def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_
 def clip_grad_norms(student: nn.ModuleDict | Mapping[str, nn.Module], max_norm: float) -> dict[str, float]:
     """Clip each sub-model's gradients separately to ``max_norm`` (as the official trainer does)
     and return their pre-clip norms by sub-model name. ``max_norm <= 0`` only measures."""
-    norms: dict[str, float] = {}
+    return {key: float(norm) for key, norm in clip_grad_norms_on_device(student, max_norm).items()}
+
+
+def clip_grad_norms_on_device(student: nn.ModuleDict | Mapping[str, nn.Module], max_norm: float) -> dict[str, Tensor]:
+    """:func:`clip_grad_norms` without reading the norms on the host: 0-d tensors on the parameters' device
+    (the norm over all ranks under FSDP2). Nothing in it waits for the device."""
+    norms: dict[str, Tensor] = {}
     for key, submodel in student.items():
         params = [p for p in submodel.parameters() if p.grad is not None]
         if max_norm > 0:  # foreach: multi-tensor norms and scaling (the same values as the per-tensor loop)
@@ -164,7 +171,7 @@ def clip_grad_norms(student: nn.ModuleDict | Mapping[str, nn.Module], max_norm: 
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
-        norms[key] = float(norm)
+        norms[key] = norm
     return norms
 
 

@@ -14,7 +14,7 @@ from dinoreg.config import load_config
 from dinoreg.distributed import detect_environment, init_distributed, shutdown_distributed
 from dinoreg.ssl.masking import sample_masks
 from dinoreg.train.build import build_ssl_model
-from dinoreg.train.loop import train_step
+from dinoreg.train.loop import StepFigures, read_figures, train_step
 from dinoreg.train.optim import Schedules, build_optimizer, build_param_groups
 from dinoreg.train.parallel import shard_ssl_model
 
@@ -63,8 +63,9 @@ def main(out: str, steps: int, overrides: list) -> None:
     for step in range(steps):
         batch = rank_share(global_batch(step, cfg), env.rank, env.world_size)
         values = dict(schedules.values(step), lr=1e-3, last_layer_lr=1e-3)
-        metrics, grad_norms = train_step(model, optimizer, batch, values, iteration=step, clip_grad=0.5)
-        losses.append({**{k: v for k, v in metrics.items() if k.endswith("loss")}, **grad_norms})
+        metrics, grad_norms = train_step(model, optimizer, batch, values, clip_grad=0.5)
+        row = read_figures([StepFigures(step, metrics, grad_norms)])[0]  # averaged over ranks, read
+        losses.append({k: v for k, v in row.items() if k.endswith("loss") or k.startswith("grad_norm_")})
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
         torch.save({"losses": losses, "state": state}, out)

@@ -12,6 +12,7 @@ from dinoreg.cli import main
 from dinoreg.config import load_config
 from dinoreg.run_dir import BACKBONE_FILE
 from dinoreg.ssl import meta_arch
+from dinoreg.train import loop
 from dinoreg.train.loop import NonFiniteLossError, train
 
 FAST = ["student.embed_dim=64", "student.num_heads=2", "student.depth=2", "crops.global_crops_size=32",
@@ -96,6 +97,56 @@ def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path, monkeypatch):
         run(tmp_path, "optim.epochs=1", "train.epoch_length=5", "evaluation.knn_enabled=false")
     assert not (tmp_path / BACKBONE_FILE).exists()
     assert max(r["iteration"] for r in rows(tmp_path)) == 1  # the poisoned step was never logged
+
+
+def test_steps_never_wait_for_the_device_between_reads(tmp_path, monkeypatch):
+    """Everything a step does with the model (forward, losses, backward, clipping, AdamW, EMA, keeping the
+    figures) reads no tensor on the host; only flush does, every train.log_every. Two reads are of host tensors
+    by design, and allowed: AdamW's step counts (on the host for foreach; fused reads them on the device), and
+    the photometric augmentation, kornia's, whose argument checks read host-side copies (not trapped: on CPU a
+    host tensor and a device tensor cannot be told apart)."""
+    reads = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+    trap = {"on": False, "optimizer": None}
+    originals = {name: getattr(torch.Tensor, name) for name in reads}
+
+    def guard(name):
+        def read(tensor, *args, **kwargs):
+            steps = [state["step"] for state in trap["optimizer"].state.values()] if trap["on"] else []
+            if trap["on"] and not any(tensor is step for step in steps):
+                raise AssertionError(f"Tensor.{name}() inside a step")
+            return originals[name](tensor, *args, **kwargs)
+        return read
+
+    for name in reads:
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+
+    def trapped(function, optimizer_of):
+        def call(*args, **kwargs):
+            trap["on"], trap["optimizer"] = True, optimizer_of(args)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                trap["on"] = False
+        return call
+
+    flushed = []
+
+    def flush(run):
+        flushed.append([step.iteration for step in run.pending])
+        was, trap["on"] = trap["on"], False
+        try:
+            original_flush(run)
+        finally:
+            trap["on"] = was
+
+    original_flush = loop.flush
+    monkeypatch.setattr(loop, "flush", flush)
+    monkeypatch.setattr(loop, "train_step", trapped(loop.train_step, lambda args: args[1]))
+    monkeypatch.setattr(loop, "log_step", trapped(loop.log_step, lambda args: args[0].optimizer))
+    run(tmp_path, "optim.epochs=1", "train.epoch_length=10", "train.log_every=4", "evaluation.knn_enabled=false",
+        "monitor.period=0", "checkpoint.period=0")
+    assert flushed[:4] == [[0], [1, 2, 3], [4, 5, 6, 7], [8, 9]]  # the first step, every 4th, the last
+    assert [r["iteration"] for r in rows(tmp_path) if "total_loss" in r] == list(range(10))
 
 
 def test_bad_dataset_path_fails_before_any_model_is_built(tmp_path, monkeypatch):
