@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, FFN_LAYERS
+from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, CHECKPOINTING_MODES, FFN_LAYERS
 from dinoreg.ssl.meta_arch import CENTERINGS
 
 # (embed_dim, depth, num_heads) per architecture, as the model factories define them.
@@ -95,6 +95,12 @@ class TrainConfig:
     # no_shard (official: SHARD_GRAD_OP); see dinoreg/train/parallel.py.
     sharding: str = "shard_grad_op"
     log_all_ranks: bool = False  # when several processes train, print warnings of every rank, not just rank 0's
+    # torch.compile of each block's attention and FFN branches (static shapes, a graph per crop size), student
+    # and teacher: "auto" compiles on CUDA and runs eager elsewhere; "blocks" always; "none" never.
+    compile: str = "auto"
+    # activation checkpointing of the student's blocks: "none", "selective" (keep matmul and attention outputs,
+    # recompute the rest) or "full" (recompute each block in the backward pass); gradients are unchanged
+    activation_checkpointing: str = "none"
 
 
 @dataclass
@@ -191,6 +197,8 @@ CHOICES = {
     "optim.adamw_implementation": ADAMW_IMPLEMENTATIONS,
     "train.precision": ("auto", "fp32", "bf16"),
     "train.sharding": ("full_shard", "shard_grad_op", "no_shard"),
+    "train.compile": ("auto", "blocks", "none"),
+    "train.activation_checkpointing": CHECKPOINTING_MODES,
 }
 
 # Official keys that we renamed, and official keys we deliberately dropped (with why).

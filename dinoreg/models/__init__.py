@@ -1,7 +1,7 @@
 """Pure nn.Modules of the DINOv2 backbone; importable with torch alone."""
 
 from dinoreg.models.head import DINOHead
-from dinoreg.models.layers import ATTENTION_BACKENDS, FFN_LAYERS
+from dinoreg.models.layers import ATTENTION_BACKENDS, CHECKPOINTING_MODES, FFN_LAYERS
 from dinoreg.models.vit import (
     ARCH_DIMS,
     ARCHS,
@@ -16,7 +16,7 @@ from dinoreg.models.vit import (
 from dinoreg.models.weights import CheckpointMismatchError, load_backbone, load_state_dict_strict, save_backbone
 
 __all__ = [
-    "ARCHS", "ARCH_DIMS", "ATTENTION_BACKENDS", "FFN_LAYERS", "CheckpointMismatchError", "DINOHead", "DinoVisionTransformer",
+    "ARCHS", "ARCH_DIMS", "ATTENTION_BACKENDS", "CHECKPOINTING_MODES", "FFN_LAYERS", "CheckpointMismatchError", "DINOHead", "DinoVisionTransformer",
     "build_backbone", "load_backbone", "load_state_dict_strict", "save_backbone",
     "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2",
 ]

@@ -15,11 +15,28 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 Shapes = Sequence[tuple[int, int]]  # [(batch, tokens per image)] for each group in a pack
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+# activation checkpointing of a block in training: nothing, "selective" (keep the outputs of the matmuls and
+# of attention, recompute the rest: norms, activations, layer scales, residual adds), or "full" (keep the
+# block's input only, recompute the whole block in the backward pass)
+CHECKPOINTING_MODES = ("none", "selective", "full")
+_SAVED_BY_SELECTIVE = tuple(getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+
+
+def _selective_policy(context: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_BY_SELECTIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts() -> tuple[object, object]:
+    return create_selective_checkpoint_contexts(_selective_policy)
 
 
 @functools.lru_cache(maxsize=1)
@@ -266,6 +283,20 @@ class Block(nn.Module):
             self.mlp = SwiGLUFFN(dim, hidden, bias=ffn_bias, fused=ffn_layer == "swiglufused")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path_rate = drop_path
+        self.checkpointing = "none"  # see CHECKPOINTING_MODES and set_checkpointing
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Activation checkpointing in training (a forward with gradients); see ``CHECKPOINTING_MODES``.
+        Gradients are the same as without: the recomputation replays the forward, random draws included."""
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"unknown activation checkpointing {mode!r}; choose one of {', '.join(CHECKPOINTING_MODES)}")
+        self.checkpointing = mode
+
+    def compile_residuals(self) -> None:
+        """``torch.compile`` the attention and FFN branches (static shapes: one graph per set of crop sizes).
+        Stochastic depth's random draws stay eager, so a compiled step draws what an eager one does."""
+        self._attn_residual = torch.compile(self._attn_residual, dynamic=False)  # type: ignore[method-assign]
+        self._ffn_residual = torch.compile(self._ffn_residual, dynamic=False)  # type: ignore[method-assign]
 
     def _attn_residual(self, tokens: Tensor, shapes: Shapes) -> Tensor:
         return self.ls1(self.attn(self.norm1(tokens), shapes))
@@ -277,6 +308,13 @@ class Block(nn.Module):
         """``batch_subset`` selects DINOv2's batch-subset stochastic depth over per-sample drop
         path. The official code uses it for lists of crops always and for single tensors when the
         rate exceeds 0.1 (below that its overhead does not pay off)."""
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            return self._forward_packed(tokens, shapes, batch_subset)
+        contexts = _selective_contexts if self.checkpointing == "selective" else None
+        return checkpoint(self._forward_packed, tokens, shapes, batch_subset, use_reentrant=False,
+                          **({"context_fn": contexts} if contexts else {}))
+
+    def _forward_packed(self, tokens: Tensor, shapes: Shapes, batch_subset: bool) -> Tensor:
         rate = self.drop_path_rate if self.training else 0.0
         for residual_fn in (self._attn_residual, self._ffn_residual):
             if rate > 0 and batch_subset:
@@ -311,5 +349,5 @@ def init_weights_vit_timm(module: nn.Module) -> None:
 
 __all__ = [
     "ATTENTION_BACKENDS", "FFN_LAYERS", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed",
-    "SwiGLUFFN", "pack", "unpack", "swiglu_hidden_features", "init_weights_vit_timm",
+    "SwiGLUFFN", "CHECKPOINTING_MODES", "pack", "unpack", "swiglu_hidden_features", "init_weights_vit_timm",
 ]

@@ -119,6 +119,17 @@ class DinoVisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
         return x
 
+    def set_checkpointing(self, mode: str) -> None:
+        """Activation checkpointing of every block in training: ``none``, ``selective`` or ``full`` (see
+        :data:`dinoreg.models.layers.CHECKPOINTING_MODES`); gradients are unchanged."""
+        for block in self.blocks:
+            block.set_checkpointing(mode)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block's attention and FFN branches (see ``Block.compile_residuals``)."""
+        for block in self.blocks:
+            block.compile_residuals()
+
     def _run_blocks(self, tokens: list[Tensor], batch_subset: bool) -> list[Tensor]:
         packed, shapes = pack(tokens)
         for block in self.blocks:

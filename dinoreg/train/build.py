@@ -81,6 +81,10 @@ def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, devi
     """The model on ``device`` in training mode (FSDP2-sharded when ``env`` has several processes) and its AdamW
     over the student's parameter groups."""
     model = build_ssl_model(cfg, load_pretrained=load_pretrained).to(device).train()
+    model.student["backbone"].set_checkpointing(cfg.train.activation_checkpointing)  # the teacher has no backward
+    if cfg.train.compile == "blocks" or (cfg.train.compile == "auto" and device.type == "cuda"):
+        model.student["backbone"].compile_blocks()
+        model.teacher["backbone"].compile_blocks()
     if env.distributed:  # shard before building the optimizer: it must hold the sharded parameters
         shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,

@@ -48,7 +48,7 @@ __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoi
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
 BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.",
-               "optim.adamw_implementation")  # how, not what: the same update in other kernels
+               "optim.adamw_implementation", "train.compile", "train.activation_checkpointing")  # how, not what
 
 
 class CheckpointError(RuntimeError):

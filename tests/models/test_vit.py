@@ -1,7 +1,9 @@
+import collections
 import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinoreg.models import ARCH_DIMS, build_backbone, layers
 from dinoreg.models.vit import DinoVisionTransformer, vit_giant2, vit_small
@@ -232,3 +234,53 @@ def test_invalid_construction_is_a_clear_error():
         build_backbone("vit_small", depth=1, ffn_layer="geglu")
     with pytest.raises(ValueError, match="attention backend"):
         build_backbone("vit_small", depth=1, attn_backend="flash")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops_and_grads(model, crops):
+    """What the backward pass runs (forward ops among them are recomputations) and the gradients."""
+    torch.manual_seed(5)  # the same stochastic-depth draws in every run
+    outputs = model.forward_features(crops, masks=None)
+    loss = sum(o["x_norm_patchtokens"].pow(2).mean() + o["x_norm_clstoken"].sum() for o in outputs)
+    counter = _CountOps()
+    with counter:
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return counter.ops, grads
+
+
+def test_activation_checkpointing_recomputes_what_it_should_and_keeps_gradients():
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2,
+                                  num_register_tokens=4, drop_path_rate=0.3, init_values=1e-5).train()
+    crops = [torch.randn(4, 3, 32, 32), torch.randn(8, 3, 16, 16)]
+    results = {}
+    for mode in ("none", "selective", "full"):
+        model.set_checkpointing(mode)
+        results[mode] = _backward_ops_and_grads(model, crops)
+    for mode in ("selective", "full"):
+        assert results[mode][1].keys() == results["none"][1].keys()
+        for name, grad in results["none"][1].items():  # the recomputation replays the same forward, draws included
+            torch.testing.assert_close(results[mode][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    recomputed = {mode: {op: ops[op] for op in ("native_layer_norm", "gelu", "addmm",
+                                                "_scaled_dot_product_flash_attention_for_cpu")}
+                  for mode, (ops, _) in results.items()}
+    # 3 blocks x 2 norms, 3 GELUs, 3 x 4 linear layers, 3 blocks x 2 crop groups of attention
+    assert recomputed["none"] == {"native_layer_norm": 0, "gelu": 0, "addmm": 0,
+                                  "_scaled_dot_product_flash_attention_for_cpu": 0}
+    assert recomputed["selective"] == {"native_layer_norm": 6, "gelu": 3, "addmm": 0,  # matmuls, attention kept
+                                       "_scaled_dot_product_flash_attention_for_cpu": 0}
+    assert recomputed["full"] == {"native_layer_norm": 6, "gelu": 3, "addmm": 12,
+                                  "_scaled_dot_product_flash_attention_for_cpu": 6}
+    with pytest.raises(ValueError, match="unknown activation checkpointing 'some'; choose one of none, selective"):
+        model.set_checkpointing("some")

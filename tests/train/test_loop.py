@@ -149,6 +149,25 @@ def test_steps_never_wait_for_the_device_between_reads(tmp_path, monkeypatch):
     assert [r["iteration"] for r in rows(tmp_path) if "total_loss" in r] == list(range(10))
 
 
+def test_compiled_blocks_and_activation_checkpointing_train_as_eager(tmp_path):
+    """train.compile=blocks (inductor on CPU) and train.activation_checkpointing: the same losses as the plain
+    eager path over 3 steps (the same batches, augmentations and stochastic-depth draws)."""
+    common = ("optim.epochs=1", "train.epoch_length=3", "evaluation.knn_enabled=false", "monitor.period=0",
+              "optim.warmup_epochs=0", "student.drop_path_rate=0.2")
+    losses = {}
+    for name, overrides in (("eager", ("train.compile=none",)), ("compiled", ("train.compile=blocks",)),
+                            ("checkpointed", ("train.activation_checkpointing=selective",))):
+        run(tmp_path / name, *common, *overrides)
+        losses[name] = [{k: v for k, v in r.items() if k.endswith("_loss")} for r in rows(tmp_path / name)
+                        if "total_loss" in r]
+    assert len(losses["eager"]) == 3
+    for name in ("compiled", "checkpointed"):
+        for ours, eager in zip(losses[name], losses["eager"]):
+            assert ours.keys() == eager.keys()
+            for key in eager:
+                assert ours[key] == pytest.approx(eager[key], abs=1e-5, rel=1e-5), (name, key)
+
+
 def test_bad_dataset_path_fails_before_any_model_is_built(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the dataset was checked")
