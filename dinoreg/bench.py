@@ -1,44 +1,142 @@
-"""Benchmarks of what users run: the training loop (iteration time, images/s, data wait) and its
-checkpoints (save and load time, size).
+"""Benchmarks of what users run: the training loop (iteration time, images/s, FLOP/s and MFU, peak memory,
+data wait) and its checkpoints (save and load time, size).
 
 The loop is run as ``dinoreg train`` would run it (kNN evaluation off) into a temporary directory,
 and the figures are read back from its ``metrics.jsonl``; checkpoints are written and read with the
 same functions the loop uses.
+
+FLOPs are real ones (2 per multiply-add; fvcore counts multiply-adds): the backbone's counted by fvcore once
+per crop size, the heads' once per head. A step is the student's forward and backward (twice the forward) on
+every crop and the teacher's forward on the global crops, heads included; element-wise work (norms,
+softmaxes, the losses) is not counted, nor are the savings of stochastic depth (the FLOPs are the full model's,
+so MFU is a lower bound by up to the drop rate). MFU is given against a matmul peak measured in the same run
+on the same device, and against the device's nominal dense peak where it is known (``NOMINAL_PEAKS``).
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+from fvcore.nn import FlopCountAnalysis
+from omegaconf import DictConfig
 
+from dinoreg.analysis.flops import count_flops
 from dinoreg.config import load_config
-from dinoreg.distributed import DistributedEnvironment
+from dinoreg.distributed import DistributedEnvironment, detect_environment, process_device
 from dinoreg.run_dir import RunDir
 from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.build import build_model_and_optimizer
+from dinoreg.train.build import build_model_and_optimizer, build_ssl_model, precision
 from dinoreg.train.checkpoint import load_checkpoint, save_checkpoint
 from dinoreg.train.loop import train
 
 
-def benchmark_training(config: str = "tiny_cpu", *, iterations: int = 50, warmup: int = 10,
-                       overrides: Sequence[str] = ()) -> dict[str, float]:
-    """Train ``warmup + iterations`` steps; summarise the last ``iterations``.
+# dense bf16 peaks in FLOP/s, by a name torch.cuda.get_device_name() contains (the vendors' data sheets, no sparsity)
+NOMINAL_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# the slow way, for --compare: eager, the plain attention, no activation checkpointing, the single-tensor AdamW
+NAIVE = ("train.compile=none", "student.attention_backend=math", "train.activation_checkpointing=none",
+         "optim.adamw_implementation=for_loop")
 
-    Returns seconds per iteration (median and mean), images/s (source images, each giving 2 global
-    and n local crops), and data wait per iteration (median, mean, and as a fraction of step time).
-    """
+
+def _head_macs(head: torch.nn.Module, in_dim: int) -> int:
+    parameter = next(head.parameters())
+    analysis = FlopCountAnalysis(head, (torch.zeros(1, in_dim, dtype=parameter.dtype),))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return int(analysis.total())
+
+
+def training_step_flops(cfg: DictConfig) -> dict[str, float]:
+    """FLOPs of one training step of one device at ``cfg``'s per-device batch (see the module docstring): the
+    student's forward, the teacher's forward and the step (student forward x 3 + teacher forward). The masked
+    patches that go through the iBOT head are their expected number."""
+    with torch.device("cpu"):
+        model = build_ssl_model(cfg, load_pretrained=False)
+    backbone, batch = model.student["backbone"], cfg.train.batch_size_per_gpu
+    global_images, local_images = 2 * batch, cfg.crops.local_crops_number * batch
+    patches = (cfg.crops.global_crops_size // cfg.student.patch_size) ** 2
+    masked = global_images * cfg.ibot.mask_sample_probability * statistics.fmean(cfg.ibot.mask_ratio_min_max) * patches
+    dino = _head_macs(model.student["dino_head"], backbone.embed_dim)
+    ibot = _head_macs(model.student["ibot_head"], backbone.embed_dim) if model.separate_ibot_head else dino
+    masked = masked if model.do_ibot else 0.0
+    global_macs = count_flops(backbone, cfg.crops.global_crops_size) * global_images
+    local_macs = count_flops(backbone, cfg.crops.local_crops_size) * local_images if local_images else 0
+    student = global_macs + local_macs + dino * (global_images + local_images) + ibot * masked
+    teacher = global_macs + dino * global_images + ibot * masked
+    return {"student_forward_flops": 2.0 * student, "teacher_forward_flops": 2.0 * teacher,
+            "step_flops": 2.0 * (3 * student + teacher), "masked_patches_expected": masked}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, *, size: Optional[int] = None, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul on ``device`` in ``dtype`` (8192 on CUDA, 2048 elsewhere): the
+    attainable peak that MFU is also measured against."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    for _ in range(2):
+        a @ b
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _synchronize(device)
+    return 2.0 * size ** 3 * repeats / (time.perf_counter() - started)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_facts(cfg: DictConfig) -> dict[str, Any]:
+    """The device this process trains on, its compute dtype, its nominal peak (None when unknown)."""
+    device = process_device(detect_environment())
+    bf16, _ = precision(cfg, device, distributed=False)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    nominal = next((peak for key, peak in NOMINAL_PEAKS.items() if key in name), None) if bf16 else None
+    return {"device": device, "device_name": name, "dtype": torch.bfloat16 if bf16 else torch.float32,
+            "nominal_peak_flops": nominal}
+
+
+def _peak_memory(device: torch.device) -> tuple[str, int]:
+    if device.type == "cuda":
+        return "cuda_max_allocated", torch.cuda.max_memory_allocated(device)
+    return "peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def benchmark_training(config: str = "tiny_cpu", *, iterations: int = 50, warmup: int = 10,
+                       overrides: Sequence[str] = (), compare: bool = False) -> dict[str, Any]:
+    """Train ``warmup + iterations`` steps; summarise the last ``iterations``: step time (median, mean, p90),
+    images/s (source images, each giving 2 global and n local crops), FLOPs, TFLOP/s and MFU, peak memory, data
+    wait (median, mean, share of the step time). ``compare``: the same again the naive way (``NAIVE``), and the
+    ratio of throughputs."""
+    result = _measure_training(config, iterations=iterations, warmup=warmup, overrides=overrides)
+    if compare:
+        naive = _measure_training(config, iterations=iterations, warmup=warmup, overrides=[*overrides, *NAIVE])
+        result["naive"] = naive
+        result["speedup_over_naive"] = result["images_per_sec"] / naive["images_per_sec"]
+    return result
+
+
+def _measure_training(config: str, *, iterations: int, warmup: int, overrides: Sequence[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as output_dir:
         cfg = load_config(config, [*overrides, "optim.epochs=1", "optim.warmup_epochs=0",
                                    f"train.epoch_length={warmup + iterations}", "evaluation.knn_enabled=false",
                                    f"train.output_dir={output_dir}"])
+        facts = _device_facts(cfg)
+        if facts["device"].type == "cuda":
+            torch.cuda.reset_peak_memory_stats(facts["device"])
         train(cfg)
+        memory_kind, memory = _peak_memory(facts["device"])
         rows = [json.loads(line) for line in RunDir(output_dir).metrics.read_text().splitlines()]
+    flops = training_step_flops(cfg)
+    peak = matmul_peak(facts["device"], facts["dtype"])
     measured = [row for row in rows if "total_loss" in row][warmup:]
     batch = cfg.train.batch_size_per_gpu
     step_times = [batch / row["images_per_sec"] for row in measured]
@@ -46,12 +144,32 @@ def benchmark_training(config: str = "tiny_cpu", *, iterations: int = 50, warmup
     # the artifact monitor runs outside the timed steps: its cost per period, as a share of that period
     monitor = [row["monitor/seconds"] for row in rows if "monitor/seconds" in row][1:]  # the first one warms up
     monitor_s = statistics.median(monitor) if monitor else None
+    median = statistics.median(step_times)
+    achieved = flops["step_flops"] / median
+    nominal = facts["nominal_peak_flops"]
     return {
         "config": config,
+        "overrides": list(overrides),
+        "device": facts["device_name"],
+        "dtype": str(facts["dtype"]).removeprefix("torch."),
+        "torch": torch.__version__,
+        "compile": cfg.train.compile,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "attention_backend": cfg.student.attention_backend,
         "batch_size": batch,
         "iterations": len(measured),
-        "iteration_time_median_s": statistics.median(step_times),
+        "iteration_time_median_s": median,
         "iteration_time_mean_s": statistics.fmean(step_times),
+        "iteration_time_p90_s": statistics.quantiles(step_times, n=10)[-1] if len(step_times) > 1 else median,
+        **flops,
+        "achieved_flops_per_s": achieved,
+        "matmul_peak_flops_per_s": peak,
+        "mfu_of_matmul_peak": achieved / peak,
+        "nominal_peak_flops_per_s": nominal,
+        "mfu_of_nominal_peak": achieved / nominal if nominal else None,
+        "stochastic_depth_savings_counted": False,
+        "peak_memory_kind": memory_kind,
+        "peak_memory_bytes": memory,
         "images_per_sec": batch * len(step_times) / sum(step_times),
         "data_wait_median_s": statistics.median(waits),
         "data_wait_mean_s": statistics.fmean(waits),
@@ -62,17 +180,31 @@ def benchmark_training(config: str = "tiny_cpu", *, iterations: int = 50, warmup
     }
 
 
-def format_report(result: dict[str, float]) -> str:
-    return "\n".join([
-        f"{result['config']}: {result['iterations']} iterations of batch {result['batch_size']} (after warmup)",
-        f"  iteration time  median {result['iteration_time_median_s']:.3f} s, mean {result['iteration_time_mean_s']:.3f} s",
+def format_report(result: dict[str, Any]) -> str:
+    nominal = (f", {100 * result['mfu_of_nominal_peak']:.1f}% of the nominal {result['nominal_peak_flops_per_s'] / 1e12:.0f} TFLOP/s"
+               if result["nominal_peak_flops_per_s"] else ", no nominal peak known for this device")
+    lines = [
+        f"{result['config']}: {result['iterations']} iterations of batch {result['batch_size']} (after warmup) on "
+        f"{result['device']}, {result['dtype']}, compile {result['compile']}, activation checkpointing "
+        f"{result['activation_checkpointing']}, attention {result['attention_backend']}",
+        f"  iteration time  median {result['iteration_time_median_s']:.3f} s, mean {result['iteration_time_mean_s']:.3f} s, "
+        f"p90 {result['iteration_time_p90_s']:.3f} s",
         f"  throughput      {result['images_per_sec']:.1f} images/s",
+        f"  compute         {result['step_flops'] / 1e12:.3f} TFLOP per step (stochastic-depth savings not counted), "
+        f"{result['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s",
+        f"  MFU             {100 * result['mfu_of_matmul_peak']:.1f}% of the measured matmul peak "
+        f"{result['matmul_peak_flops_per_s'] / 1e12:.3f} TFLOP/s{nominal}",
+        f"  peak memory     {result['peak_memory_bytes'] / 2**30:.2f} GiB ({result['peak_memory_kind']})",
         f"  data wait       median {result['data_wait_median_s'] * 1e3:.1f} ms, mean "
         f"{result['data_wait_mean_s'] * 1e3:.1f} ms ({100 * result['data_wait_fraction']:.1f}% of step time)",
         f"  artifact monitor {result['monitor_seconds_median']:.3f} s per measurement, every "
         f"{result['monitor_period']} iterations: {100 * result['monitor_overhead']:.2f}% of training time"
         if result["monitor_overhead"] is not None else "  artifact monitor off or measured only once",
-    ])
+    ]
+    if "naive" in result:
+        lines.append(f"  naive way       {result['naive']['images_per_sec']:.1f} images/s (eager, math attention, no "
+                     f"checkpointing, single-tensor AdamW): {result['speedup_over_naive']:.2f}x faster")
+    return "\n".join(lines)
 
 
 def _model_and_optimizer(cfg) -> tuple[SSLMetaArch, torch.optim.Optimizer]:

@@ -51,14 +51,20 @@ def add_bench_parser(commands: Any) -> None:
                                 description="Benchmarks; numbers for docs/BENCHMARKS.md and the README.")
     benches = bench.add_subparsers(dest="benchmark", metavar="<benchmark>", required=True)
     bench_train = benches.add_parser(
-        "train", help="iteration time, images/s and data wait of the training loop",
+        "train", help="iteration time, images/s, TFLOP/s and MFU, peak memory and data wait of the training loop",
         description="Run the real training loop (kNN evaluation off) for --warmup + --iterations steps in a "
-                    "temporary directory and summarise the last --iterations.")
+                    "temporary directory and summarise the last --iterations: step time (median, mean, p90), "
+                    "images/s, FLOPs per step (fvcore, once per crop size), achieved TFLOP/s, MFU against a matmul "
+                    "peak measured in the same run and against the device's nominal peak when known, peak memory "
+                    "(CUDA max allocated, or the process's peak RSS) and data wait.")
     add_recipe_arguments(bench_train)
     bench_train.add_argument("--iterations", type=positive_int, default=50,
                              help="measured iterations (default: %(default)s)")
     bench_train.add_argument("--warmup", type=int_at_least(0, "a number of iterations >= 0"), default=10,
                              help="iterations run first and not measured (default: %(default)s)")
+    bench_train.add_argument("--compare", action="store_true",
+                             help="also run the same steps the naive way (eager, math attention, no activation "
+                                  "checkpointing, single-tensor AdamW) and report the speed-up")
     bench_train.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     bench_train.set_defaults(handler=_bench_train, parser=bench_train)
     bench_checkpoint = benches.add_parser(
@@ -128,7 +134,8 @@ def _bench_train(args: argparse.Namespace) -> int:
     from dinoreg.bench import benchmark_training, format_report  # noqa: PLC0415 (heavy imports)
 
     return _run_benchmark(args, lambda: benchmark_training(args.config, iterations=args.iterations,
-                                                           warmup=args.warmup, overrides=args.overrides),
+                                                           warmup=args.warmup, overrides=args.overrides,
+                                                           compare=args.compare),
                           format_report)
 
 
