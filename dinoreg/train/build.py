@@ -112,9 +112,9 @@ class BatchMasks:
 
 
 def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment, *,
-                     start: int) -> Iterator[dict[str, Any]]:
+                     start: int, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
     """This rank's multi-crop batches (uint8, with iBOT masks) from global stream position ``start``
-    (``iterations * global batch``)."""
+    (``iterations * global batch``); ``pin_memory`` (for a CUDA device) lets the copies to it overlap."""
     crops = cfg.crops
     geometric = MultiCropGeometric(crops.global_crops_size, crops.local_crops_size, crops.local_crops_number,
                                    global_crops_scale=tuple(crops.global_crops_scale),
@@ -122,7 +122,8 @@ def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment,
     loader = build_loader(MultiCropDataset(dataset, geometric, seed=cfg.train.seed),
                           batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
                           seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=start,
-                          collate_fn=functools.partial(collate_multicrop, mask_fn=BatchMasks(cfg)))
+                          collate_fn=functools.partial(collate_multicrop, mask_fn=BatchMasks(cfg)),
+                          pin_memory=pin_memory)
     return iter(loader)
 
 

@@ -126,7 +126,7 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
         save_config(cfg, output.config)
         remove_incomplete(output.root)
     barrier()
-    batches = training_batches(cfg, dataset, env, start=position)
+    batches = training_batches(cfg, dataset, env, start=position, pin_memory=device.type == "cuda")
     photometric = build_photometric(cfg, device)
     evaluate = KnnEvaluator(cfg, device) if cfg.evaluation.knn_enabled else None
     monitor = ArtifactMonitor(cfg, device) if cfg.monitor.period else None  # reads its probe images: may fail

@@ -62,3 +62,13 @@ def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_
             fully_shard(module, **options)
             if name == "backbone":
                 register_fsdp_forward_method(module, "block_outputs")
+                _prefetch_neighbours(list(module.blocks))
+
+
+def _prefetch_neighbours(blocks: list[nn.Module]) -> None:
+    """Explicit prefetch: each block's all-gather of the next block's parameters is issued when it starts, in
+    the forward pass (the next block) and in the backward pass (the previous one), so communication overlaps
+    with its compute instead of waiting for FSDP2's implicit one-ahead order."""
+    for current, following in zip(blocks, blocks[1:]):
+        current.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([current])
