@@ -36,7 +36,6 @@ from dinoreg.train.build import build_model_and_optimizer, build_ssl_model, prec
 from dinoreg.train.checkpoint import load_checkpoint, save_checkpoint
 from dinoreg.train.loop import train
 
-
 # dense bf16 peaks in FLOP/s, by a name torch.cuda.get_device_name() contains (the vendors' data sheets, no sparsity)
 NOMINAL_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 # the slow way, for --compare: eager, the plain attention, no activation checkpointing, the single-tensor AdamW

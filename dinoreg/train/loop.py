@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from dinoreg.config import apply_scaling_rule, build_backbone_from_config, save_config
