@@ -155,6 +155,25 @@ def _new_temporary(output: Path, *, directory: bool) -> Path:
     raise FileExistsError(f"no free temporary name beside {output}")
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only read by setting)
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _permissions_of_the_umask(root: Path) -> None:
+    """What a writer made under ``root`` gets the permissions a plain ``open``/``mkdir`` gives: some libraries
+    (safetensors) create their files owner-only, which would hide a run's outputs from colleagues."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def publish(output: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``output`` (a directory when ``directory``) to write into; once the
@@ -169,6 +188,7 @@ def publish(output: str | os.PathLike, *, directory: bool = False) -> Iterator[P
                                    "you can write to") from None
     try:
         yield tmp
+        _permissions_of_the_umask(tmp)
         _fsync_tree(tmp)
         if directory:
             replace_directory(tmp, output)

@@ -123,3 +123,18 @@ def test_an_output_that_cannot_be_created_is_named_as_asked(tmp_path):
         read_only.mkdir(mode=0o555)
         with pytest.raises(OSError, match=f"cannot write {read_only / 'x.json'}"):
             write_json(read_only / "x.json", {})
+
+
+def test_published_files_get_the_umask_permissions_whatever_their_writer_chose(tmp_path, umask_022):
+    """safetensors creates its files 0600: a published export must still be readable by colleagues (0644)."""
+    import torch  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    with publish(tmp_path / "weights.safetensors") as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp))
+    assert stat.S_IMODE((tmp_path / "weights.safetensors").stat().st_mode) == 0o644
+    with publish(tmp_path / "folder", directory=True) as tmp:
+        (tmp / "inner").mkdir(mode=0o700)
+        save_file({"x": torch.zeros(2)}, str(tmp / "inner" / "model.safetensors"))
+    assert stat.S_IMODE((tmp_path / "folder" / "inner").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "folder" / "inner" / "model.safetensors").stat().st_mode) == 0o644

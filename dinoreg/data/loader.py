@@ -182,7 +182,9 @@ def build_loader(dataset, *, batch_size: int, num_workers: int, seed: int, rank:
 
 
 class EvalTransform:
-    """Bicubic resize of the shorter side to ``resize_size``, then a central ``image_size`` crop -> uint8 [3, S, S]."""
+    """Bicubic resize of the shorter side to ``resize_size``, then a central ``image_size`` crop -> uint8 [3, S, S],
+    pixel for pixel what the official evaluation's torchvision ``Resize(resize_size)`` + ``CenterCrop(image_size)``
+    give (and timm's transform; Hugging Face's processor too where the margin is even, as for every patch-14 size)."""
 
     def __init__(self, image_size: int, resize_size: Optional[int] = None):
         self.image_size = int(image_size)
@@ -192,10 +194,14 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         w, h = image.size
-        scale = self.resize_size / min(w, h)
-        new_w, new_h = max(self.resize_size, round(w * scale)), max(self.resize_size, round(h * scale))
+        # torchvision's Resize(int), which the official evaluation uses (and HF's and timm's processors):
+        # the shorter side to resize_size, the longer one scaled and truncated
+        short, long = min(w, h), max(w, h)
+        scaled = int(self.resize_size * long / short)
+        new_w, new_h = (self.resize_size, scaled) if w <= h else (scaled, self.resize_size)
         image = image.convert("RGB").resize((new_w, new_h), Image.BICUBIC)
-        left, top = (new_w - self.image_size) // 2, (new_h - self.image_size) // 2
+        # torchvision's CenterCrop: offsets rounded half to even (an odd margin of 7 px starts the crop at 4)
+        left, top = int(round((new_w - self.image_size) / 2.0)), int(round((new_h - self.image_size) / 2.0))
         image = image.crop((left, top, left + self.image_size, top + self.image_size))
         return pil_to_uint8_tensor(image)
 

@@ -3,6 +3,7 @@ timm's ``pretrained_cfg``) and, for a Hugging Face folder, a model card."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional
 
 from dinoreg import __version__
@@ -32,8 +33,12 @@ def hf_preprocessor_config(img_size: int) -> dict[str, Any]:
 
 def timm_pretrained_cfg(img_size: int) -> dict[str, Any]:
     """The preprocessing fields of timm's ``pretrained_cfg`` (what ``timm.data.resolve_data_config`` reads to
-    build ``create_transform``): the evaluation preprocessing (see ``CROP_FRACTION``) at ``img_size``."""
-    return {"input_size": [3, img_size, img_size], "interpolation": "bicubic", "crop_pct": CROP_FRACTION,
+    build ``create_transform``): the evaluation preprocessing (see ``CROP_FRACTION``) at ``img_size``. timm
+    resizes to ``floor(img_size / crop_pct)`` and dinoreg to ``round(img_size / CROP_FRACTION)``: where the two
+    differ (48 px: 54 and 55), ``crop_pct`` is chosen so that timm lands on dinoreg's size."""
+    resize = round(img_size / CROP_FRACTION)
+    crop_pct = CROP_FRACTION if math.floor(img_size / CROP_FRACTION) == resize else img_size / (resize + 0.5)
+    return {"input_size": [3, img_size, img_size], "interpolation": "bicubic", "crop_pct": crop_pct,
             "crop_mode": "center", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": 0}
 
 

@@ -79,7 +79,8 @@ def test_hf_export_loads_in_transformers_and_back(run_dir, teacher, tmp_path):
 
 def test_hf_export_is_a_complete_folder_for_the_pipeline(run_dir, teacher, tmp_path):
     """pipeline("image-feature-extraction") and AutoImageProcessor need preprocessor_config.json (they raised
-    OSError); it holds DINOv2's evaluation preprocessing, which is dinoreg's: bit-identical pixels."""
+    OSError); it holds DINOv2's evaluation preprocessing, which is dinoreg's: the same pixels, except that an odd
+    crop margin puts Hugging Face's crop 1 px before torchvision's."""
     import numpy as np
     import transformers
     from PIL import Image
@@ -88,13 +89,23 @@ def test_hf_export_is_a_complete_folder_for_the_pipeline(run_dir, teacher, tmp_p
     from dinoreg.data.loader import EvalTransform
 
     path = export(run_dir, tmp_path, "hf", "hf_model")
-    image = Image.fromarray((np.random.default_rng(0).random((40, 52, 3)) * 255).astype("uint8"))
-    extracted = transformers.pipeline("image-feature-extraction", model=str(path))(image, return_tensors=True)
-    ours = EvalTransform(32)(image).float() / 255  # the training resolution, resize 37 (32 * 256 / 224)
-    ours = ((ours - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))[None]
-    processed = transformers.AutoImageProcessor.from_pretrained(path)(image, return_tensors="pt")["pixel_values"]
-    assert torch.equal(processed, ours)
-    torch.testing.assert_close(extracted, features(load_backbone(path), ours), atol=1e-4, rtol=0)
+    pipeline = transformers.pipeline("image-feature-extraction", model=str(path))
+    processor = transformers.AutoImageProcessor.from_pretrained(path)
+    normalise = lambda pixels: ((pixels.float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1))  # noqa: E731
+                                / torch.tensor(IMAGENET_STD).view(3, 1, 1))[None]
+    for height, width in ((40, 52), (70, 90)):
+        image = Image.fromarray((np.random.default_rng(0).random((height, width, 3)) * 255).astype("uint8"))
+        ours = normalise(EvalTransform(32)(image))  # the training resolution, resize 37 (32 * 256 / 224)
+        processed = processor(image, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(pipeline(image, return_tensors=True), features(load_backbone(path), processed),
+                                   atol=1e-4, rtol=0)
+        if (height, width) == (40, 52):  # resized to 37 x 48: even margins, bit-identical pixels
+            assert torch.equal(processed, ours)
+        else:  # resized to 37 x 47 (both truncate the long side): a 15 px margin, which torchvision (DINOv2's
+            # evaluation, and dinoreg's) rounds half to even (8) and Hugging Face floor-divides (7)
+            resized = torch.from_numpy(np.asarray(image.resize((47, 37), Image.BICUBIC))).permute(2, 0, 1)
+            assert torch.equal(ours, normalise(resized[:, 2:34, 8:40]))
+            assert torch.equal(processed, normalise(resized[:, 2:34, 7:39]))
     card = (path / "README.md").read_text()
     assert "pipeline_tag: image-feature-extraction" in card and "| register tokens | 4 |" in card
     assert "| training data | `synthetic" in card and "| iterations | 10 of 10 |" in card
@@ -107,7 +118,8 @@ def test_timm_export_follows_timms_layout_and_loads_back(run_dir, teacher, tmp_p
     assert saved["model_name"] == "vit_small_patch14_reg4_dinov2"  # asked for: timm has none for this tiny model
     assert saved["model_kwargs"]["reg_tokens"] == 4 and saved["model_kwargs"]["no_embed_class"] is True
     assert saved["model_kwargs"]["dynamic_img_size"] is True  # tiny_cpu resizes as timm does
-    assert saved["pretrained_cfg"] == {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.875,
+    # timm resizes to floor(32 / crop_pct): 37, as dinoreg's round(32 * 256 / 224) (0.875 would give 36)
+    assert saved["pretrained_cfg"] == {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 32 / 37.5,
                                        "crop_mode": "center", "mean": [0.485, 0.456, 0.406],
                                        "std": [0.229, 0.224, 0.225], "num_classes": 0}
     assert "reg_token" in tensors and "register_tokens" not in tensors and "mask_token" not in tensors

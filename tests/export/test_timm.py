@@ -17,6 +17,7 @@ try:
 except Exception as error:  # noqa: BLE001 (an ImportError, or torchvision failing to register its operators)
     pytest.skip(f"timm does not import here ({type(error).__name__}: {error})", allow_module_level=True)
 
+from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD
 from dinoreg.data.loader import EvalTransform
 from dinoreg.export.writers import export_backbone
 from dinoreg.models import build_backbone
@@ -24,7 +25,7 @@ from dinoreg.models import build_backbone
 AA = dict(interpolate_antialias=True, interpolate_offset=0.0)  # the registers family's interpolation
 
 
-def ours(model, images):
+def ours_tokens(model, images):
     with torch.no_grad():
         out = model.forward_features(images)
     return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], 1)
@@ -61,7 +62,7 @@ def test_registered_name_loads_with_timms_front_door_at_any_size(tmp_path):
     assert torch.load(path, weights_only=True)["model_name"] == "vit_small_patch14_reg4_dinov2"
     for size in (56, 84, 70):  # native, and others through dynamic_img_size
         images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
-        torch.testing.assert_close(timm_tokens(loaded, images), ours(model, images), atol=1e-4, rtol=0)
+        torch.testing.assert_close(timm_tokens(loaded, images), ours_tokens(model, images), atol=1e-4, rtol=0)
 
     config = timm.data.resolve_data_config(model=loaded)
     assert tuple(config["input_size"]) == (3, 56, 56) and config["interpolation"] == "bicubic"
@@ -74,12 +75,30 @@ def test_registered_name_loads_with_timms_front_door_at_any_size(tmp_path):
     torch.testing.assert_close(timm_input, (our_input - mean) / std, atol=1e-6, rtol=0)  # both PIL bicubic
 
 
+def test_timms_transform_is_dinoregs_at_the_tiny_recipes_size_and_any_aspect_ratio(tmp_path):
+    """48 px (tiny_cpu's): timm resizes to floor(48 / crop_pct), dinoreg to round(48 * 256 / 224) = 55; the stored
+    crop_pct makes them agree, and both truncate the longer side as torchvision does."""
+    model = trained_like(build_backbone("vit_tiny", patch_size=8, img_size=48, depth=1, num_register_tokens=4,
+                                        init_values=1e-5, **AA))
+    path = export_backbone(model, None, fmt="timm", output=tmp_path / "t.pth",
+                           timm_name="vit_small_patch14_reg4_dinov2")
+    loaded = through_timm(path)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=loaded))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for height, width in ((64, 64), (70, 90), (90, 70), (480, 640)):
+        picture = Image.fromarray(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8,
+                                                generator=torch.Generator().manual_seed(height)).numpy())
+        ours = (EvalTransform(48)(picture).float() / 255 - mean) / std
+        torch.testing.assert_close(transform(picture), ours, atol=1e-6, rtol=0, msg=f"{height}x{width}")
+        torch.testing.assert_close(timm_tokens(loaded, ours[None]), ours_tokens(model, ours[None]), atol=1e-4, rtol=0)
+
+
 def test_unregistered_swiglu_with_a_giant_name(tmp_path):
     model = trained_like(build_backbone("vit_giant2", patch_size=14, img_size=42, depth=2, num_register_tokens=2,
                                         ffn_layer="swiglufused", init_values=1e-5, **AA))
     path = export_backbone(model, None, fmt="timm", output=tmp_path / "g.pth", timm_name="vit_giant_patch14_dinov2")
     images = torch.randn(1, 3, 42, 42, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(timm_tokens(through_timm(path), images), ours(model, images), atol=1e-4, rtol=0)
+    torch.testing.assert_close(timm_tokens(through_timm(path), images), ours_tokens(model, images), atol=1e-4, rtol=0)
 
 
 def test_a_model_timm_cannot_resize_is_fixed_to_its_size(tmp_path):
@@ -88,7 +107,7 @@ def test_a_model_timm_cannot_resize_is_fixed_to_its_size(tmp_path):
     path = export_backbone(model, None, fmt="timm", output=tmp_path / "legacy.pth")
     loaded = through_timm(path)
     images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(timm_tokens(loaded, images), ours(model, images), atol=1e-4, rtol=0)
+    torch.testing.assert_close(timm_tokens(loaded, images), ours_tokens(model, images), atol=1e-4, rtol=0)
     with pytest.raises(AssertionError, match="Input height"):  # refused, not different features
         timm_tokens(loaded, torch.randn(1, 3, 84, 84))
 
@@ -100,4 +119,4 @@ def test_official_layout_loads_with_timms_own_dinov2_conversion(tmp_path):
     loaded = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=True, img_size=56, dynamic_img_size=True,
                                pretrained_cfg_overlay={"file": str(path)}).eval()
     images = torch.randn(2, 3, 70, 70, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(timm_tokens(loaded, images), ours(model, images), atol=1e-4, rtol=0)
+    torch.testing.assert_close(timm_tokens(loaded, images), ours_tokens(model, images), atol=1e-4, rtol=0)
