@@ -8,7 +8,8 @@
 Each entry speaks the official dialect: ``pretrained=False`` builds the architecture randomly initialised;
 ``weights=`` is anything :func:`dinoreg.load_backbone` reads (our exports in every format, the official
 ``.pth`` files), which must fit the entry's architecture (strict loading). dinoreg downloads nothing, so
-``pretrained=True`` needs ``weights=PATH``. The official names (``dinov2_vits14``, ``dinov2_vits14_reg``, ...)
+``pretrained=True``, the official default, needs ``weights=PATH``: no argument at all is an error, never a
+silently random model. The official names (``dinov2_vits14``, ``dinov2_vits14_reg``, ...)
 are aliases of ours (``dinoreg_vits14``, ``dinoreg_vits14_reg4``, ...). ``img_size`` defaults to the file's
 own (518 without a file, as the released models); given, ``pos_embed`` is resampled to it. Models are
 returned in eval mode. The ``*_reg4`` entries use the registers models' antialiased positional-embedding
@@ -38,11 +39,12 @@ def _weights_file(name: str, pretrained, weights):
     if weights is not None and pretrained is False:
         raise ValueError(f"{name}: pretrained=False builds random weights, but weights={weights!r} was given; "
                          "pass one or the other")
-    if pretrained is False or weights is None:
-        if pretrained is True:
-            raise ValueError(f"{name}: dinoreg ships no weights and downloads nothing; pass weights=PATH (a "
-                             "dinoreg export or an official DINOv2 .pth), or pretrained=False for random weights")
+    if pretrained is False:
         return None
+    if weights is None:  # pretrained=True, or nothing: the official entries' default is pretrained=True
+        raise ValueError(f"{name}: dinoreg ships no weights and downloads nothing (the official hub's default, "
+                         "pretrained=True, downloads); pass weights=PATH (a dinoreg export or an official DINOv2 "
+                         ".pth), or pretrained=False for random weights")
     import os
 
     if not os.path.exists(weights):

@@ -267,6 +267,8 @@ def test_torch_hub_speaks_the_official_dialect(run_dir, tmp_path):
     assert random_init.num_register_tokens == 4 and random_init.pos_embed.shape[1] == 1 + 37 * 37
     with pytest.raises(ValueError, match="ships no weights"):
         hub("dinoreg_vits14_reg4", pretrained=True)
+    with pytest.raises(ValueError, match="ships no weights"):  # the official default is pretrained=True
+        hub("dinov2_vits14_reg")
     with pytest.raises(FileNotFoundError, match="downloads dinoreg does not make"):
         hub("dinov2_vits14_reg", weights="LVD142M")  # the official hub's weights name
     torch.manual_seed(5)
