@@ -222,7 +222,7 @@ def test_torch_hub_entry_loads_an_export(run_dir, tmp_path):
     repo = Path(__file__).resolve().parents[2]
     with pytest.raises(Exception, match="not dinoreg_vits14_reg4"):
         torch.hub.load(str(repo), "dinoreg_vits14_reg4", weights=str(path), source="local")
-    random_init = torch.hub.load(str(repo), "dinoreg_vits14_reg4", source="local", img_size=224)
+    random_init = torch.hub.load(str(repo), "dinoreg_vits14_reg4", source="local", img_size=224, pretrained=False)
     assert random_init.pos_embed.shape == (1, 1 + 16 * 16, 384) and random_init.num_register_tokens == 4
 
 
