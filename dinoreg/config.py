@@ -222,6 +222,8 @@ def _validate(cfg: DictConfig) -> list[str]:
     check(train.batch_size_per_gpu >= 2, "train.batch_size_per_gpu", "must be >= 2 (KoLeo needs 2+ per view)")
     check(train.epoch_length > 0, "train.epoch_length", "must be > 0")
     check(train.num_workers >= 0, "train.num_workers", "must be >= 0")
+    check(train.loss_chunk_elements > 0, "train.loss_chunk_elements",
+          "must be > 0 values per chunk (the default 16777216 is 64 MiB in fp32)")
     check(train.log_every > 0, "train.log_every", "must be > 0")
     for key in ("evaluation.knn_train_images", "evaluation.knn_eval_images", "evaluation.knn_k",
                 "evaluation.eval_period_iterations"):

@@ -101,6 +101,12 @@ class TrainConfig:
     # activation checkpointing of the student's blocks: "none", "selective" (keep matmul and attention outputs,
     # recompute the rest) or "full" (recompute each block in the backward pass); gradients are unchanged
     activation_checkpointing: str = "none"
+    # the student sees the global and local crops in one packed pass through the blocks' linear layers (attention
+    # per crop group); false: one backbone pass per crop group (the naive way, the same values)
+    pack_crops: bool = True
+    # the prototype losses (cross-entropies, teacher softmax) work on chunks of rows of at most this many
+    # [rows, prototypes] values (64 MiB in fp32: 128 rows of 131,072 prototypes); the small recipes fit in one
+    loss_chunk_elements: int = 16777216
 
 
 @dataclass

@@ -123,8 +123,24 @@ def init_distributed(env: DistributedEnvironment, device: torch.device, *, timeo
 
 
 def shutdown_distributed() -> None:
+    global _HOST_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
+
+
+_HOST_GROUP = None
+
+
+def _host_group():
+    """The group for values the host already holds (flags, signals): a gloo group beside an nccl default group, so
+    that agreeing on them never waits for the GPU's queued work; None (the default group) when that is gloo."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None:  # created lazily, at a collective every rank reaches in the same order
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,10 +206,13 @@ def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def max_over_ranks(value: float) -> float:
-    """The largest ``value`` over all ranks (``value`` itself in a single process)."""
+    """The largest ``value`` over all ranks (``value`` itself in a single process), agreed on by the hosts: it
+    does not synchronise with the device."""
     if not is_distributed():
         return value
-    return all_reduce_max(torch.tensor([float(value)], device=backend_device())).item()
+    flag = torch.tensor([float(value)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group())
+    return flag.item()
 
 
 def gather_rows_to_main(local: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@
 # kornia and kornia_rs for Python 3.12) into a private folder and put it and this checkout on PYTHONPATH;
 # (2) the tests marked gpu; (3) a short bf16 training run of vitl14_reg4 whose losses must be finite; (4)
 # `dinoreg bench train --compare` of vitl14_reg4 (2x224 + 8x98 crops) at the largest per-GPU batch of
-# 64/48/32 that fits, and of vitg14_reg4 at the largest of 48/32/24/16. Everything goes to $OUT (default
+# 64/48/32 that fits, and of vitg14_reg4 at the largest of 48/32/24/16; `dinoreg bench heads` of vitl14_reg4 at
+# batch 32 (the prototype heads' and losses' peak memory). Everything goes to $OUT (default
 # ./gpu_check_out): gpu_check.json (all figures) and gpu_check.log (every command's output).
 #
 # OUT           output folder (default ./gpu_check_out)
@@ -104,6 +105,9 @@ bench() {  # bench NAME "BATCHES" CONFIG OVERRIDES...
 }
 bench large "${LARGE_BATCHES[*]}" "${LARGE[@]}"
 bench giant "${GIANT_BATCHES[*]}" "${GIANT[@]}"
+# the prototype heads and losses alone (peak memory), at the smallest large batch
+run "${PYTHON}" -m dinoreg bench heads --config "${LARGE[0]}" "${LARGE[@]:1}" "train.batch_size_per_gpu=${LARGE_BATCHES[-1]}" \
+  --json "${OUT}/bench_heads.json" || { say "bench heads failed (see ${LOG})"; exit 1; }
 
 # one JSON of everything
 "${PYTHON}" - "${OUT}" "${RUN_DIR}" "${REHEARSAL}" <<'PY' | tee -a "${LOG}"
@@ -125,6 +129,7 @@ result = {
     "run": {"iterations": len(losses), "finite": all(map(math.isfinite, losses)), "total_loss": losses,
             "dino_kl_plus_ibot_first_fifth": sum(kl[:fifth]) / fifth, "dino_kl_plus_ibot_last_fifth": sum(kl[-fifth:]) / fifth},
     "bench": {name: json.loads((out / f"bench_{name}.json").read_text()) for name in ("large", "giant")},
+    "heads": json.loads((out / "bench_heads.json").read_text()),
 }
 result["run"]["falls"] = result["run"]["dino_kl_plus_ibot_last_fifth"] < result["run"]["dino_kl_plus_ibot_first_fifth"]
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -132,6 +137,9 @@ for name, bench in result["bench"].items():
     print(f"{name}: batch {bench['batch_size']}, {bench['images_per_sec']:.1f} img/s, MFU {100 * bench['mfu_of_matmul_peak']:.1f}% "
           f"of measured matmul peak, peak memory {bench['peak_memory_bytes'] / 2**30:.1f} GiB, "
           f"{bench['speedup_over_naive']:.2f}x the naive way")
+heads = result["heads"]
+print(f"heads: batch {heads['batch_size']}, peak memory {heads['peak_memory_bytes'] / 2**30:.2f} GiB "
+      f"({heads['peak_in_fp32_logits']:.2f}x the fp32 logits of {heads['cls_rows']} + {heads['masked_patch_rows']} rows)")
 print(f"run: {len(losses)} iterations, finite {result['run']['finite']}, KL + iBOT falls {result['run']['falls']}")
 PY
 say "done: ${OUT}/gpu_check.json"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dinoreg.bench import NAIVE, training_step_flops
+from dinoreg.bench import NAIVE, benchmark_heads, training_step_flops
 from dinoreg.cli import main
 from dinoreg.config import load_config
 
@@ -59,3 +59,22 @@ def test_bench_train_reports_throughput_mfu_memory_and_the_naive_way(tmp_path, c
     assert result["iteration_time_p90_s"] >= result["iteration_time_median_s"] > 0
     assert result["naive"]["attention_backend"] == "math" and result["naive"]["overrides"][-len(NAIVE):] == list(NAIVE)
     assert result["speedup_over_naive"] == pytest.approx(result["images_per_sec"] / result["naive"]["images_per_sec"])
+
+
+def test_bench_heads_counts_the_rows_of_every_head(tmp_path, capsys):
+    """The heads alone: 2 global + 2 local crops x batch 2 cls rows over the DINO head, the iBOT masks' patches
+    over the separate iBOT head; the peak is reported against the fp32 logits of those rows, which the step holds
+    at least once (student logits, teacher probabilities and the logits' gradient live together)."""
+    out = tmp_path / "heads.json"
+    heads = [*TINY, "ibot.separate_head=true", "dino.head_n_prototypes=8192", "ibot.head_n_prototypes=4096"]
+    assert main(["bench", "heads", "--config", "tiny_cpu", "--json", str(out), *heads]) == 0
+    assert "x the fp32 logits of those rows" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["cls_rows"] == 8 and result["dino_prototypes"] == 8192 and result["ibot_prototypes"] == 4096
+    cfg = load_config("tiny_cpu", heads)
+    from dinoreg.train.build import BatchMasks  # noqa: PLC0415
+    assert result["masked_patch_rows"] == BatchMasks(cfg)(4, 0)["mask_indices"].shape[0] > 0
+    assert result["fp32_logits_bytes"] == 4 * (8 * 8192 + result["masked_patch_rows"] * 4096)
+    assert result["peak_memory_kind"] == "peak_rss" and result["peak_memory_bytes"] >= result["fp32_logits_bytes"]
+    assert result["peak_in_fp32_logits"] == pytest.approx(result["peak_memory_bytes"] / result["fp32_logits_bytes"])
+    assert benchmark_heads("tiny_cpu", overrides=TINY)["separate_ibot_head"] is False

@@ -67,6 +67,17 @@ def add_bench_parser(commands: Any) -> None:
                                   "checkpointing, single-tensor AdamW) and report the speed-up")
     bench_train.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     bench_train.set_defaults(handler=_bench_train, parser=bench_train)
+    bench_heads = benches.add_parser(
+        "heads", help="peak memory of the prototype heads and losses alone",
+        description="One forward + backward through the student and teacher prototype heads and the DINO and iBOT "
+                    "losses of a recipe, at its per-device batch and iBOT masks, with the backbones replaced by "
+                    "stand-ins that emit tokens of the right shapes; prints the peak memory of that step (CUDA max "
+                    "allocated, or the resident-set high-water mark on CPU) and compares it with the size of the "
+                    "fp32 logits of all rows.",
+        epilog="example: dinoreg bench heads --config vitl14_reg4 train.batch_size_per_gpu=4")
+    add_recipe_arguments(bench_heads)
+    bench_heads.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    bench_heads.set_defaults(handler=_bench_heads, parser=bench_heads)
     bench_checkpoint = benches.add_parser(
         "checkpoint", help="time saving and loading a full training checkpoint; its size",
         description="Save and load a recipe's full training state (student, teacher, DINO/iBOT centres, AdamW "
@@ -128,6 +139,12 @@ def _run_benchmark(args: argparse.Namespace, run: Any, report: Any) -> int:
     if args.json:
         print(f"wrote {write_json(args.json, result)}")
     return 0
+
+
+def _bench_heads(args: argparse.Namespace) -> int:
+    from dinoreg.bench import benchmark_heads, format_heads_report  # noqa: PLC0415 (heavy imports)
+
+    return _run_benchmark(args, lambda: benchmark_heads(args.config, overrides=args.overrides), format_heads_report)
 
 
 def _bench_train(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dinoreg.models import DINOHead, DinoVisionTransformer
-from dinoreg.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinoreg.ssl.losses import DEFAULT_CHUNK_ELEMENTS, DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 
 def _entropy(probs: Tensor) -> Tensor:
@@ -55,14 +55,17 @@ CENTERINGS = ("centering", "sinkhorn_knopp")
 class SSLMetaArch(nn.Module):
     def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer, *,
                  dino_head: HeadSpec, ibot_head: Optional[HeadSpec], loss_weights: LossWeights,
-                 centering: str) -> None:
+                 centering: str, pack_crops: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
         """``teacher_backbone``: the same architecture as ``student_backbone`` (without stochastic depth); it
         starts as an exact copy. ``ibot_head``: a separate iBOT head; None shares the DINO head (official
-        default). ``centering``: the teacher's ``"centering"`` (softmax, EMA centre) or ``"sinkhorn_knopp"``."""
+        default). ``centering``: the teacher's ``"centering"`` (softmax, EMA centre) or ``"sinkhorn_knopp"``.
+        ``pack_crops``: the student sees global and local crops in one packed pass (False: one pass per crop
+        group, the same values). ``chunk_elements``: the losses' row chunks over the prototypes (see
+        :mod:`dinoreg.ssl.losses`)."""
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering {centering!r}: choose one of {', '.join(CENTERINGS)}")
-        self.loss_weights, self.centering = loss_weights, centering
+        self.loss_weights, self.centering, self.pack_crops = loss_weights, centering, pack_crops
         embed_dim = student_backbone.embed_dim
         self.do_ibot = loss_weights.ibot > 0
         self.separate_ibot_head = self.do_ibot and ibot_head is not None
@@ -76,8 +79,9 @@ class SSLMetaArch(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict(), strict=True)
         self.teacher.requires_grad_(False)
 
-        self.dino_loss = DINOLoss(dino_head.n_prototypes)
-        self.ibot_patch_loss = iBOTPatchLoss((ibot_head if self.separate_ibot_head else dino_head).n_prototypes)
+        self.dino_loss = DINOLoss(dino_head.n_prototypes, chunk_elements=chunk_elements)
+        self.ibot_patch_loss = iBOTPatchLoss((ibot_head if self.separate_ibot_head else dino_head).n_prototypes,
+                                             chunk_elements=chunk_elements)
         self.koleo_loss = KoLeoLoss()
 
     def train(self, mode: bool = True) -> "SSLMetaArch":
@@ -98,12 +102,12 @@ class SSLMetaArch(nn.Module):
         cls_view1, cls_view2 = out["x_norm_clstoken"].chunk(2)
         # Swapped so that view 1 of the student is matched with view 2 of the teacher and vice versa.
         cls_tokens = torch.cat((cls_view2, cls_view1))  # [2B, D]
-        cls_logits = self.teacher["dino_head"](cls_tokens).float()  # [2B, K]
+        cls_logits = self.teacher["dino_head"](cls_tokens)  # [2B, K], bf16 under autocast: the losses upcast
         patch_logits = None
         if self.do_ibot:
             masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)  # [M, D]
             head = self.teacher["ibot_head"] if self.separate_ibot_head else self.teacher["dino_head"]
-            patch_logits = head(masked_patches).float()  # [M, K]
+            patch_logits = head(masked_patches)  # [M, K]
 
         if self.centering == "centering":
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
@@ -141,7 +145,10 @@ class SSLMetaArch(nn.Module):
 
         crops = [global_crops] + ([local_crops] if n_local_crops else [])
         crop_masks = [masks] + ([None] if n_local_crops else [])
-        outs = self.student["backbone"](crops, masks=crop_masks, is_training=True)
+        if self.pack_crops:
+            outs = self.student["backbone"](crops, masks=crop_masks, is_training=True)
+        else:
+            outs = [self.student["backbone"]([c], masks=[m], is_training=True)[0] for c, m in zip(crops, crop_masks)]
         global_out = outs[0]
         global_cls = global_out["x_norm_clstoken"]  # [2B, D]
         # One pass through the shared head for cls tokens (and masked patches when the head is shared).
@@ -152,7 +159,7 @@ class SSLMetaArch(nn.Module):
             masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)  # [M, D]
             if not self.separate_ibot_head:
                 head_inputs.append(masked_patches)
-        head_out = self.student["dino_head"](torch.cat(head_inputs)).float().split([t.shape[0] for t in head_inputs])
+        head_out = self.student["dino_head"](torch.cat(head_inputs)).split([t.shape[0] for t in head_inputs])
         global_logits = head_out[0]
 
         teacher_views = list(teacher_cls.chunk(n_global_crops))
@@ -169,7 +176,7 @@ class SSLMetaArch(nn.Module):
             losses["koleo_loss"] = self.loss_weights.koleo * koleo
             total = total + losses["koleo_loss"]
         if self.do_ibot:
-            student_patch = self.student["ibot_head"](masked_patches).float() if self.separate_ibot_head else head_out[-1]
+            student_patch = self.student["ibot_head"](masked_patches) if self.separate_ibot_head else head_out[-1]
             losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(
                 student_patch, teacher_patch, student_masks_flat=masks,
                 n_masked_patches=mask_indices.shape[0], masks_weight=batch["masks_weight"])

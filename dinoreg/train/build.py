@@ -59,7 +59,8 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
                        ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
                        loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
                                                 ibot=cfg.ibot.loss_weight),
-                       centering=cfg.train.centering)
+                       centering=cfg.train.centering, pack_crops=cfg.train.pack_crops,
+                       chunk_elements=cfg.train.loss_chunk_elements)
 
 
 def _load_pretrained(backbone: DinoVisionTransformer, path: str) -> None:

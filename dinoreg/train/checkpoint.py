@@ -48,7 +48,8 @@ __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoi
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
 BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.",
-               "optim.adamw_implementation", "train.compile", "train.activation_checkpointing")  # how, not what
+               "optim.adamw_implementation", "train.compile", "train.activation_checkpointing",
+               "train.pack_crops", "train.loss_chunk_elements")  # how, not what
 
 
 class CheckpointError(RuntimeError):

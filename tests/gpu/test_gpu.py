@@ -3,17 +3,24 @@
 - bf16 autocast against fp32: the same step's losses within a stated tolerance;
 - every SDPA kernel CUDA offers (flash, memory-efficient, cuDNN) and xformers when installed, against the
   math backend;
-- train.compile against eager on the GPU.
+- train.compile against eager on the GPU;
+- the chunked prototype cross-entropy on bf16 logits against the plain fp32 expression;
+- flags agreed on over an nccl process group without waiting for the GPU.
 """
 
 import random
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
+from dinoreg import distributed
 from dinoreg.config import load_config
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.ssl.losses import soft_cross_entropies
 from dinoreg.ssl.masking import sample_masks
 from dinoreg.train.build import build_model_and_optimizer
 
@@ -80,3 +87,38 @@ def test_attention_kernels_match_math(backend):
                 outputs = model.forward_features(crops)
     for ours, theirs in zip(outputs, reference):
         torch.testing.assert_close(ours["x_norm_patchtokens"].float(), theirs, atol=5e-2, rtol=5e-2)
+
+
+def test_chunked_cross_entropy_of_bf16_logits_matches_fp32():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(300, 65536, device="cuda", generator=g).bfloat16()
+    teacher = F.softmax(torch.randn(300, 65536, device="cuda", generator=g), dim=-1)
+    leaf = logits.clone().requires_grad_(True)
+    rows, = soft_cross_entropies(leaf, [teacher], 0.1, chunk_elements=1 << 22)  # 64-row chunks
+    rows.sum().backward()
+    plain = logits.float().requires_grad_(True)
+    reference = torch.sum(teacher * F.log_softmax(plain / 0.1, dim=-1), dim=-1)
+    reference.sum().backward()
+    torch.testing.assert_close(rows, reference, rtol=1e-5, atol=1e-4)
+    assert leaf.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(leaf.grad.float(), plain.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_host_flags_never_wait_for_the_gpu():
+    """broadcast_flag (every step: the unreadable-batch check, the signal check) goes over a gloo group beside the
+    nccl one, so it never synchronises with the device's queued work."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        x = torch.randn(8192, 8192, device="cuda")
+        _ = x @ x  # queued work a device synchronisation would wait for
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            assert distributed.broadcast_flag(True) and not distributed.broadcast_flag(False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        distributed.shutdown_distributed()

@@ -3,9 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dinoreg import distributed
-from dinoreg.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp
+from dinoreg.ssl.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss, sinkhorn_knopp, soft_cross_entropies
 
 
 def _log_softmax(row, temp):
@@ -165,6 +166,72 @@ def test_sinkhorn_bf16_input_and_empty_ibot_batch():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, sinkhorn_knopp(logits.bfloat16().float(), 0.1))
     assert iBOTPatchLoss(5).sinkhorn_knopp_teacher(torch.zeros(0, 5), 0.1, torch.tensor([0])).shape == (0, 5)
+
+
+def test_sinkhorn_leaves_the_logits_alone():
+    logits = torch.randn(7, 5)
+    kept = logits.clone()
+    out = sinkhorn_knopp(logits, 0.1)
+    assert torch.equal(logits, kept) and out.data_ptr() != logits.data_ptr()
+
+
+# ---------------------------------------------------------------- the lean prototype losses
+
+
+def _plain_cross_entropies(student, teachers, temp):
+    """The unchunked expression the losses compute, written plainly."""
+    log_probs = F.log_softmax(student.float() / temp, dim=-1)
+    return [torch.sum(t * log_probs, dim=-1) for t in teachers]
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 3 * 64, 64, 1])  # one chunk, 3 rows, 1 row, 1 row (< K)
+def test_soft_cross_entropies_are_the_plain_expression_forward_and_backward(chunk_elements):
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(10, 64, generator=g) * 3
+    teachers = [F.softmax(torch.randn(10, 64, generator=g), dim=-1) for _ in range(2)]
+    weights = [torch.randn(10, generator=g) for _ in range(2)]  # any downstream use of the rows
+
+    def grad_of(function):
+        leaf = student.clone().requires_grad_(True)
+        rows = function(leaf, teachers, 0.1)
+        sum((r * w).sum() for r, w in zip(rows, weights)).backward()
+        return rows, leaf.grad
+
+    ours, our_grad = grad_of(lambda s, t, temp: soft_cross_entropies(s, t, temp, chunk_elements=chunk_elements))
+    plain, plain_grad = grad_of(_plain_cross_entropies)
+    # every row is computed by the same kernels as the unchunked expression: equal on this CPU
+    for a, b in zip(ours, plain):
+        assert torch.equal(a, b)
+    assert torch.equal(our_grad, plain_grad)
+
+
+def test_soft_cross_entropies_keep_no_fp32_copy_of_bf16_logits():
+    """Autograd keeps the inputs themselves (the bf16 logits, the teacher's probabilities), not an fp32
+    [rows, K] log-softmax; the gradient comes back in the logits' dtype."""
+    student = torch.randn(6, 32).bfloat16().requires_grad_(True)
+    teacher = F.softmax(torch.randn(6, 32), dim=-1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rows, = soft_cross_entropies(student, [teacher], 0.1, chunk_elements=2 * 32)
+    assert {(str(t.dtype), t.data_ptr()) for t in saved} == {
+        ("torch.bfloat16", student.data_ptr()), ("torch.float32", teacher.data_ptr())}
+    rows.sum().backward()
+    assert student.grad.dtype == torch.bfloat16
+    plain, = _plain_cross_entropies(student.detach().requires_grad_(True), [teacher], 0.1)
+    assert torch.equal(rows.detach(), plain.detach())
+
+
+def test_chunked_teacher_softmax_equals_one_chunk():
+    logits = torch.randn(1, 9, 16) * 4
+    whole, chunked = iBOTPatchLoss(16), iBOTPatchLoss(16, chunk_elements=2 * 16)  # 5 chunks of <= 2 rows
+    for loss in (whole, chunked):
+        loss.center.copy_(torch.linspace(-1, 1, 16))
+    assert torch.equal(chunked.softmax_center_teacher(logits, 0.07), whole.softmax_center_teacher(logits, 0.07))
+    # bf16 logits are promoted against the fp32 centre chunk by chunk, never copied whole
+    assert torch.equal(chunked.softmax_center_teacher(logits.bfloat16(), 0.07),
+                       whole.softmax_center_teacher(logits.bfloat16().float(), 0.07))
+    with pytest.raises(ValueError, match="chunk_elements must be a positive"):
+        DINOLoss(16, chunk_elements=0)
 
 
 # ---------------------------------------------------------------- iBOT

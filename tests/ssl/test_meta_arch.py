@@ -102,6 +102,25 @@ def test_backward_reaches_student_only_and_shared_head_works(centering):
     assert torch.isfinite(total) and {"ibot_loss", "koleo_loss", "dino_local_crops_loss"} <= set(metrics)
 
 
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_one_pass_per_crop_group_and_row_chunks_change_no_value(centering):
+    """train.pack_crops=false (the naive way: one backbone pass per crop group) gives the packed pass's loss and
+    gradients up to matmul rounding; losses on one-row chunks (train.loss_chunk_elements=1) give them exactly."""
+    results = {}
+    for name, overrides in (("packed", ()), ("per_group", ("train.pack_crops=false",)),
+                            ("chunked", ("train.loss_chunk_elements=1",))):
+        torch.manual_seed(0)
+        model = build_ssl_model(tiny_cfg(f"train.centering={centering}", "ibot.separate_head=true", *overrides))
+        assert model.pack_crops == (name != "per_group")
+        total, _ = model.forward_loss(make_batch(), teacher_temp=0.05)
+        total.backward()
+        results[name] = [total.detach()] + [p.grad for p in model.student.parameters()]
+    for ours, packed in zip(results["chunked"], results["packed"]):
+        assert torch.equal(ours, packed)
+    for ours, packed in zip(results["per_group"], results["packed"]):
+        torch.testing.assert_close(ours, packed, rtol=1e-4, atol=1e-6)
+
+
 def test_ema_update_is_momentum_weighted_average():
     model = build_ssl_model(tiny_cfg())
     with torch.no_grad():
