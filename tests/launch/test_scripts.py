@@ -98,3 +98,31 @@ def test_gpu_check_rehearses_every_step_on_the_cpu(tmp_path):
     assert "giant: batch 8 fits" in result.stdout and "done:" in result.stdout
     help_text = subprocess.run([LAUNCH / "gpu_check.sh", "--help"], capture_output=True, text=True, timeout=30)
     assert "--cpu-rehearsal" in help_text.stdout and "RUN_ITERATIONS" in help_text.stdout
+
+
+def test_step_ab_times_both_sides_and_checks_their_first_losses(tmp_path):
+    """launch/bench_step_ab.py: the same step two ways, interleaved; the first losses of the same maths agree (full
+    activation checkpointing against none), those of different maths (another iBOT loss weight) are reported as
+    differing."""
+    tiny = ["student.depth=1", "train.batch_size_per_gpu=2", "crops.local_crops_number=2",
+            "dino.head_n_prototypes=64", "ibot.head_n_prototypes=64"]
+    results = {}
+    for name, b_side in (("same", "train.activation_checkpointing=full"), ("other", "ibot.loss_weight=0.5")):
+        out = tmp_path / f"{name}.json"
+        run = subprocess.run([sys.executable, LAUNCH / "bench_step_ab.py", "--common", *tiny, "--b", b_side,
+                              "--rounds", "2", "--warmup", "1", "--json", str(out)],
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[name] = json.loads(out.read_text())
+        assert "A / B =" in run.stdout
+    same = results["same"]
+    assert same["first_losses_agree"] is True and len(same["seconds"]["a"]) == len(same["seconds"]["b"]) == 2
+    assert same["a_over_b"] == same["median_s"]["a"] / same["median_s"]["b"]
+    assert results["other"]["first_losses_agree"] is False
+
+
+def test_bench_vs_official_names_what_it_needs(tmp_path):
+    run = subprocess.run([sys.executable, LAUNCH / "bench_vs_official.py", "--official", str(tmp_path)],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "no dinov2/models/vision_transformer.py there" in run.stderr
+    assert "clone https://github.com/facebookresearch/dinov2" in run.stderr
