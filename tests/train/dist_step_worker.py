@@ -1,5 +1,6 @@
 """Run by tests/train/test_distributed.py under torchrun (or alone): a few training steps on fixed global
-batches, each rank taking its share of the images, then rank 0 saves the losses and the full parameters.
+batches, each rank taking its share of the images, then rank 0 saves the losses, the full parameters and every
+rank's bytes of local parameters, gradients and AdamW state.
 
 usage: python dist_step_worker.py OUT.pt STEPS [key=value ...]
 """
@@ -8,7 +9,9 @@ import random
 import sys
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from dinoreg.config import load_config
 from dinoreg.distributed import detect_environment, init_distributed, shutdown_distributed
@@ -48,6 +51,19 @@ def rank_share(batch: dict, rank: int, world_size: int) -> dict:
             "n_masked_patches": torch.tensor([mask_indices.numel()])}
 
 
+def local_bytes(model, optimizer) -> dict:
+    """Bytes this rank holds of the parameters (student and teacher), the student's gradients and the AdamW
+    moments: the local shards of sharded tensors."""
+    def size(tensor):
+        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return tensor.numel() * tensor.element_size()
+
+    return {"parameters": sum(size(p) for p in model.parameters()),
+            "gradients": sum(size(p.grad) for p in model.parameters() if p.grad is not None),
+            "optimizer": sum(size(v) for state in optimizer.state.values() for v in state.values()
+                             if torch.is_tensor(v) and v.dim() > 0)}  # not the 0-d step counters
+
+
 def main(out: str, steps: int, overrides: list) -> None:
     env = detect_environment()
     device = torch.device("cpu")
@@ -66,9 +82,13 @@ def main(out: str, steps: int, overrides: list) -> None:
         metrics, grad_norms = train_step(model, optimizer, batch, values, clip_grad=0.5)
         row = read_figures([StepFigures(step, metrics, grad_norms)])[0]  # averaged over ranks, read
         losses.append({k: v for k, v in row.items() if k.endswith("loss") or k.startswith("grad_norm_")})
+    shard_bytes = [local_bytes(model, optimizer)]
+    if env.distributed:
+        shard_bytes = [None] * env.world_size
+        dist.all_gather_object(shard_bytes, local_bytes(model, optimizer))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
-        torch.save({"losses": losses, "state": state}, out)
+        torch.save({"losses": losses, "state": state, "shard_bytes": shard_bytes}, out)
     shutdown_distributed()
 
 

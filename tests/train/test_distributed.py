@@ -114,6 +114,23 @@ RUN2 = [*TINY, "train.batch_size_per_gpu=4", "train.num_workers=0", "optim.epoch
         "evaluation.knn_train_images=64", "evaluation.knn_eval_images=32", "train.sharding=full_shard"]
 
 
+def test_full_shard_divides_each_ranks_bytes_by_the_number_of_ranks(tmp_path):
+    """With full_shard over N ranks each rank holds 1/N of the parameters (student and teacher), gradients and AdamW
+    moments (FSDP2 shards dim 0; its padding to a multiple of N may add a little), measured as the bytes of the
+    local shards after a step, for N = 1, 2, 4 on ViT-S width."""
+    wider = ["student.embed_dim=384", "student.num_heads=6", "dino.head_n_prototypes=4096",
+             "ibot.head_n_prototypes=4096", "train.sharding=full_shard"]
+    per_world = {n: run_steps(tmp_path, n, *wider, steps=1)["shard_bytes"] for n in (1, 2, 4)}
+    whole = per_world[1][0]
+    assert whole["parameters"] > 10 * 2**20 and whole["gradients"] > 0 and whole["optimizer"] == 2 * whole["gradients"]
+    for n in (2, 4):
+        assert len(per_world[n]) == n
+        for kind, total in whole.items():
+            ranks = [rank[kind] for rank in per_world[n]]
+            assert total <= sum(ranks) <= 1.01 * total, (n, kind)
+            assert max(ranks) <= 1.02 * total / n, (n, kind)
+
+
 def train_command(run_dir: Path, *overrides: str) -> list:
     return ["-m", "dinoreg", "train", "--output-dir", str(run_dir), *RUN2, *overrides]
 
