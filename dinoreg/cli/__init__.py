@@ -5,6 +5,7 @@ Subcommands:
   submit           the same (or any command) as a SLURM job that requeues itself and resumes
   export           a checkpoint's backbone in the official, safetensors, Hugging Face or timm layout
   bench train      time the real training loop: iteration time, images/s, data wait
+  bench memory     plan a run's memory per GPU and the largest batch that fits, before submitting
   bench heads      peak memory of the prototype heads and losses alone
   bench checkpoint time saving and loading a full training checkpoint; its size
   eval knn         weighted kNN accuracy of a frozen backbone (DINO's protocol)
