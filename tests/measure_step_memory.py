@@ -4,9 +4,13 @@
 
 usage: python measure_step_memory.py CONFIG OUTPUT_DIR [key=value ...]   -> prints {"measured_bytes": N}
 """
-import json, sys
+import json
+import sys
+
 from dinoreg.config import load_config
 from dinoreg.train.loop import train
+
+
 def rss(key):
     for line in open("/proc/self/status"):
         if line.startswith(key): return int(line.split()[1]) * 1024
