@@ -19,7 +19,9 @@ The plan adds, per GPU:
   states);
 - a fixed **reserve** (CUDA context, NCCL buffers, allocator fragmentation): an assumption, ``reserve_gib``.
 
-Everything that grows with the batch is linear in it, so the largest batch that fits is a division.
+Everything that grows with the batch is linear in it, so the largest batch that fits is a division. The
+measurements read this process's resident set: plan in a fresh process (as ``dinoreg bench memory`` does), not
+after other large computations whose freed heap would blur them.
 """
 
 from __future__ import annotations

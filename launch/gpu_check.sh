@@ -10,7 +10,8 @@
 # (2) the tests marked gpu; (3) a short bf16 training run of vitl14_reg4 whose losses must be finite; (4)
 # `dinoreg bench train --compare` of vitl14_reg4 (2x224 + 8x98 crops) at the largest per-GPU batch of
 # 64/48/32 that fits, and of vitg14_reg4 at the largest of 48/32/24/16; `dinoreg bench heads` of vitl14_reg4 at
-# batch 32 (the prototype heads' and losses' peak memory). Everything goes to $OUT (default
+# batch 32 (the prototype heads' and losses' peak memory); `dinoreg bench memory`'s plan of vitl14_reg4 against
+# the measured peak at two batches. Everything goes to $OUT (default
 # ./gpu_check_out): gpu_check.json (all figures) and gpu_check.log (every command's output).
 #
 # OUT           output folder (default ./gpu_check_out)
@@ -108,6 +109,15 @@ bench giant "${GIANT_BATCHES[*]}" "${GIANT[@]}"
 # the prototype heads and losses alone (peak memory), at the smallest large batch
 run "${PYTHON}" -m dinoreg bench heads --config "${LARGE[0]}" "${LARGE[@]:1}" "train.batch_size_per_gpu=${LARGE_BATCHES[-1]}" \
   --json "${OUT}/bench_heads.json" || { say "bench heads failed (see ${LOG})"; exit 1; }
+# (5) the memory planner against measured peaks: vitl14_reg4 at the batch the benchmark ran and at half of it
+FIT_BATCH="$("${PYTHON}" -c "import json, sys; print(json.load(open(sys.argv[1]))['batch_size'])" "${OUT}/bench_large.json")"
+HALF_BATCH=$(( FIT_BATCH / 2 > 2 ? FIT_BATCH / 2 : 2 ))
+run "${PYTHON}" -m dinoreg bench train --config "${LARGE[0]}" "${LARGE[@]:1}" "train.batch_size_per_gpu=${HALF_BATCH}" \
+  --iterations 3 --warmup 2 --json "${OUT}/bench_large_half.json" || { say "bench train at batch ${HALF_BATCH} failed"; exit 1; }
+for batch in "${FIT_BATCH}" "${HALF_BATCH}"; do
+  run "${PYTHON}" -m dinoreg bench memory --config "${LARGE[0]}" "${LARGE[@]:1}" --gpus 1 --batch "${batch}" \
+    --reserve-gib 0 --json "${OUT}/plan_large_${batch}.json" || { say "bench memory failed (see ${LOG})"; exit 1; }
+done
 
 # one JSON of everything
 "${PYTHON}" - "${OUT}" "${RUN_DIR}" "${REHEARSAL}" <<'PY' | tee -a "${LOG}"
@@ -130,13 +140,23 @@ result = {
             "dino_kl_plus_ibot_first_fifth": sum(kl[:fifth]) / fifth, "dino_kl_plus_ibot_last_fifth": sum(kl[-fifth:]) / fifth},
     "bench": {name: json.loads((out / f"bench_{name}.json").read_text()) for name in ("large", "giant")},
     "heads": json.loads((out / "bench_heads.json").read_text()),
+    "planner": [],
 }
+for measured_file in ("bench_large.json", "bench_large_half.json"):
+    measured = json.loads((out / measured_file).read_text())
+    plan = json.loads((out / f"plan_large_{measured['batch_size']}.json").read_text())
+    result["planner"].append({"batch_size": measured["batch_size"], "planned_bytes": plan["total_bytes"],
+                              "measured_bytes": measured["peak_memory_bytes"], "measured_kind": measured["peak_memory_kind"],
+                              "planned_over_measured": plan["total_bytes"] / measured["peak_memory_bytes"]})
 result["run"]["falls"] = result["run"]["dino_kl_plus_ibot_last_fifth"] < result["run"]["dino_kl_plus_ibot_first_fifth"]
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
 for name, bench in result["bench"].items():
     print(f"{name}: batch {bench['batch_size']}, {bench['images_per_sec']:.1f} img/s, MFU {100 * bench['mfu_of_matmul_peak']:.1f}% "
           f"of measured matmul peak, peak memory {bench['peak_memory_bytes'] / 2**30:.1f} GiB, "
           f"{bench['speedup_over_naive']:.2f}x the naive way")
+for row in result["planner"]:
+    print(f"planner: batch {row['batch_size']}, planned {row['planned_bytes'] / 2**30:.2f} GiB, measured "
+          f"{row['measured_bytes'] / 2**30:.2f} GiB ({row['measured_kind']}): {row['planned_over_measured']:.2f}x")
 heads = result["heads"]
 print(f"heads: batch {heads['batch_size']}, peak memory {heads['peak_memory_bytes'] / 2**30:.2f} GiB "
       f"({heads['peak_in_fp32_logits']:.2f}x the fp32 logits of {heads['cls_rows']} + {heads['masked_patch_rows']} rows)")

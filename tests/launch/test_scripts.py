@@ -95,6 +95,8 @@ def test_gpu_check_rehearses_every_step_on_the_cpu(tmp_path):
         assert bench["batch_size"] == 8 and bench["naive"]["attention_backend"] == "math"
         assert bench["step_flops"] > 0 and 0 < bench["mfu_of_matmul_peak"] < 1
     assert check["heads"]["batch_size"] == 4 and check["heads"]["cls_rows"] == (2 + 4) * 4  # tiny_cpu: 4 local crops
+    assert [row["batch_size"] for row in check["planner"]] == [8, 4]  # the fitting batch and its half
+    assert all(row["planned_bytes"] > 0 and row["measured_kind"] == "peak_rss" for row in check["planner"])
     assert "giant: batch 8 fits" in result.stdout and "done:" in result.stdout
     help_text = subprocess.run([LAUNCH / "gpu_check.sh", "--help"], capture_output=True, text=True, timeout=30)
     assert "--cpu-rehearsal" in help_text.stdout and "RUN_ITERATIONS" in help_text.stdout
