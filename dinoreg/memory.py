@@ -7,7 +7,8 @@ The plan adds, per GPU:
   parameters of student and teacher, the student's fp32 gradients and AdamW's two fp32 moments, each divided by
   the number of GPUs under ``full_shard`` / ``shard_grad_op`` (replicated under ``no_shard`` or on one GPU);
 - **bf16 compute copies** (bf16 runs): with FSDP2, the all-gathered bf16 parameters in flight (two blocks and the
-  largest head under ``full_shard``; the whole student between forward and backward under ``shard_grad_op``);
+  largest head under ``full_shard``; the whole student between forward and backward under ``shard_grad_op`` and
+  ``no_shard``);
   on one GPU, autocast's cached bf16 copy of the student's weights;
 - **activations**, measured: one block's saved activations per image of each crop size, by a real forward on
   the CPU at the model's width in the run's precision and activation checkpointing mode (the resident set
@@ -98,7 +99,7 @@ def plan_memory(config: str, *, gpus: int = 1, batch: int | None = None, gpu_mem
               "adamw": 8 * student / shards}
     if not bf16:
         states["bf16_compute_copies"] = 0.0
-    elif gpus > 1 and cfg.train.sharding == "shard_grad_op":
+    elif gpus > 1 and cfg.train.sharding in ("shard_grad_op", "no_shard"):  # kept from forward to backward
         states["bf16_compute_copies"] = 2.0 * student
     elif gpus > 1:
         states["bf16_compute_copies"] = 2.0 * (2 * block + max(heads.values()))
