@@ -233,9 +233,18 @@ class _TokenStandIn(torch.nn.Module):
         return [self._tokens(images) for images in x] if isinstance(x, (list, tuple)) else self._tokens(x)
 
 
-def _resident_bytes(key: str) -> int:
+def resident_bytes(key: str = "VmRSS:") -> int:
+    """This process's resident set (``VmRSS:``) or its high-water mark (``VmHWM:``), from /proc/self/status."""
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
+
+
+def release_freed_memory() -> None:
+    """Make the resident set follow the live tensors (glibc): blocks of 64 KiB and more are mmapped and returned
+    when freed (M_MMAP_THRESHOLD), and the heap's free pages are released now, so reusing them counts again."""
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-3, 64 * 1024)
+    libc.malloc_trim(0)
 
 
 def _heads_step(model: SSLMetaArch, batch: dict[str, Any], autocast: Any) -> None:
@@ -277,14 +286,13 @@ def benchmark_heads(config: str = "vitl14_reg4", *, overrides: Sequence[str] = (
         torch.cuda.synchronize(device)
         kind, peak = "cuda_max_allocated", torch.cuda.max_memory_allocated(device) - before
     else:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big blocks are mmapped and returned when freed
+        release_freed_memory()
         _heads_step(model, batch, autocast)
-        libc.malloc_trim(0)  # free heap pages leave the resident set: reusing them counts again
-        before = _resident_bytes("VmRSS:")
+        release_freed_memory()
+        before = resident_bytes()
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
         _heads_step(model, batch, autocast)
-        kind, peak = "peak_rss", _resident_bytes("VmHWM:") - before
+        kind, peak = "peak_rss", resident_bytes("VmHWM:") - before
     dino_k = cfg.dino.head_n_prototypes
     ibot_k = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else dino_k
     masked = int(batch["mask_indices"].shape[0])

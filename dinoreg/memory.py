@@ -28,25 +28,19 @@ after other large computations whose freed heap would blur them.
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
 from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig
 
-from dinoreg.bench import benchmark_heads
+from dinoreg.bench import benchmark_heads, release_freed_memory, resident_bytes
 from dinoreg.config import build_backbone_from_config, load_config
 from dinoreg.train.build import build_ssl_model
 
 __all__ = ["plan_memory", "format_memory_plan"]
 
 GIB = 2**30
-
-
-def _resident() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def _forward_bytes(cfg: DictConfig, depth: int, images: int, size: int, bf16: bool, mode: str) -> int:
@@ -57,13 +51,11 @@ def _forward_bytes(cfg: DictConfig, depth: int, images: int, size: int, bf16: bo
     backbone = build_backbone_from_config(cfg, stochastic_depth=False).train()
     backbone.set_checkpointing(mode)
     crops = torch.randn(images, 3, size, size)
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big blocks leave the resident set when freed
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        libc.malloc_trim(0)
-        before = _resident()
+        release_freed_memory()
+        before = resident_bytes()
         out = backbone([crops], is_training=True)[0]
-        held = _resident() - before
+        held = resident_bytes() - before
     del out
     return held
 
