@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from dinoreg.distributed import detect_environment
 from dinoreg.run_dir import RunDir
 
 __all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "final_metrics",
@@ -170,9 +171,10 @@ class DinoregJob:
         environment.paths.result_pickle.unlink(missing_ok=True)
         argv = [arg.replace("%j", environment.job_id) for arg in self.argv]
         restarts = _restarts()
+        process = detect_environment()  # where the process group will meet: the first host of the node list
         _log(f"job {environment.job_id} task {environment.global_rank}/{environment.num_tasks} on "
-             f"{environment.hostname}, requeued {restarts} times so far (at most {self.max_requeues}): "
-             f"dinoreg {shlex.join(argv)}")
+             f"{environment.hostname} (rendezvous {process.master_addr}:{process.master_port}), requeued {restarts} "
+             f"times so far (at most {self.max_requeues}): dinoreg {shlex.join(argv)}")
         requeue = signal.getsignal(getattr(signal, REQUEUE_SIGNAL_NAME))  # submitit's; training replaces it
         stderr = _Tee(sys.stderr)
         try:

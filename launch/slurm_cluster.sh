@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for dinoreg's tests and for trying `dinoreg submit`
-# without a cluster. Runs as root; needs no systemd and no cgroups.
+# A real SLURM cluster on this machine, for dinoreg's tests and for trying `dinoreg submit` without a
+# cluster. Runs as root; needs no systemd and no cgroups.
 #
-#   launch/slurm_cluster.sh start    install what is missing (apt-get), start munged, MariaDB + slurmdbd
-#                                    (accounting), slurmctld and slurmd, wait until the node is idle; does
-#                                    nothing when already running
+#   launch/slurm_cluster.sh start [--nodes N]
+#                                    install what is missing (apt-get), start munged, MariaDB + slurmdbd
+#                                    (accounting), slurmctld and slurmd, wait until the nodes are idle; does
+#                                    nothing when already running. N = 1 (default): one node, "localhost".
+#                                    N >= 2: nodes node1..nodeN, each slurmd in a network namespace the
+#                                    script creates (own hostname, own address on a bridge, own /etc/hosts
+#                                    bind-mounted in its own mount namespace), so that a job spans "hosts"
 #   launch/slurm_cluster.sh stop     stop the daemons by PID (state and logs stay for inspection)
 #   launch/slurm_cluster.sh status   show the daemons' PIDs and `sinfo`
 #   launch/slurm_cluster.sh env      print the line that points SLURM's clients at this cluster
 #
 # Everything lives under $DINOREG_SLURM_DIR (default /tmp/dinoreg-slurm): slurm.conf, munge key and socket,
-# MariaDB data, state, spool, logs, PID files. Nothing is written under /etc. Clients find it through
+# MariaDB data, state, spool, logs, PID files. Nothing is written under /etc. Two clusters can run side by side
+# with their own DINOREG_SLURM_DIR, DINOREG_SLURM_PORT (slurmctld's port; slurmd and slurmdbd take the next
+# two, default 6817) and DINOREG_SLURM_DB_PORT. Several nodes live on the /24 DINOREG_SLURM_SUBNET (default
+# 10.213.<port % 250>): the controller at .1 on the bridge, node i at .(10 + i). Clients find it through
 #   export SLURM_CONF=$DINOREG_SLURM_DIR/slurm.conf
 # Each `start` after a `stop` begins with empty state, but job ids start from the clock (FirstJobId), so
 # runs/%j never reuses an earlier cluster's directory.
@@ -32,6 +39,11 @@ READY_TIMEOUT_S="${DINOREG_SLURM_READY_TIMEOUT_S:-60}"
 DB_DIR="${DIR}/mariadb"
 DB_PORT="${DINOREG_SLURM_DB_PORT:-3307}"
 DB_PASSWORD="dinoreg-local-only"
+PORT="${DINOREG_SLURM_PORT:-6817}"
+SUBNET="${DINOREG_SLURM_SUBNET:-10.213.$((PORT % 250))}"
+BRIDGE="dinoreg${PORT}"
+NODES_FILE="${DIR}/nodes"  # the node count of the cluster started last, for stop and status
+NODES="$(cat "${NODES_FILE}" 2>/dev/null || echo 1)"
 
 log() { echo "slurm_cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -40,9 +52,23 @@ pid_alive() {  # pid_alive FILE: the PID in FILE names a live process
   [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
+node_names() {  # the NodeNames of the cluster, one per line
+  if ((NODES == 1)); then echo localhost; else seq -f 'node%g' 1 "${NODES}"; fi
+}
+
+slurmd_pidfile() {  # slurmd_pidfile NODE
+  if ((NODES == 1)); then echo "${DIR}/slurmd.pid"; else echo "${DIR}/slurmd-$1.pid"; fi
+}
+
+namespace() {  # namespace NODE: its network namespace
+  echo "dinoreg${PORT}-$1"
+}
+
 running() {
-  pid_alive "${MUNGE_DIR}/munged.pid" && pid_alive "${DIR}/slurmctld.pid" && pid_alive "${DIR}/slurmd.pid" \
-    && { [[ "${ACCOUNTING}" != 1 ]] || { pid_alive "${DB_DIR}/mariadb.pid" && pid_alive "${DIR}/slurmdbd.pid"; }; }
+  local node
+  pid_alive "${MUNGE_DIR}/munged.pid" && pid_alive "${DIR}/slurmctld.pid" || return 1
+  for node in $(node_names); do pid_alive "$(slurmd_pidfile "${node}")" || return 1; done
+  [[ "${ACCOUNTING}" != 1 ]] || { pid_alive "${DB_DIR}/mariadb.pid" && pid_alive "${DIR}/slurmdbd.pid"; }
 }
 
 install_packages() {
@@ -67,23 +93,37 @@ install_packages() {
 }
 
 write_config() {
-  local cpus memory_mib accounting
+  local cpus memory_mib accounting controller nodes i
   cpus="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it follows OMP_NUM_THREADS
-  memory_mib="$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)"
+  # Several nodes share this machine's cores (each offers them all) and divide its memory.
+  memory_mib="$(awk -v n="${NODES}" '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 / n }' /proc/meminfo)"
   accounting="AccountingStorageType=accounting_storage/none"
   if [[ "${ACCOUNTING}" == 1 ]]; then
     accounting="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+AccountingStoragePort=$((PORT + 2))
 AccountingStoragePass=${SOCKET}
 AccountingStorageEnforce=associations"
   fi
+  if ((NODES == 1)); then
+    controller="localhost"
+    nodes="NodeName=localhost NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory_mib} State=UNKNOWN"
+  else
+    # slurmctld recognises itself by this machine's short hostname; the nodes reach it on the bridge.
+    controller="$(hostname -s)(${SUBNET}.1)"
+    nodes="$(for ((i = 1; i <= NODES; i++)); do
+      echo "NodeName=node${i} NodeAddr=${SUBNET}.$((10 + i)) CPUs=${cpus} RealMemory=${memory_mib} State=UNKNOWN"
+    done)"
+  fi
   cat >"${CONF}" <<EOF
-# Written by launch/slurm_cluster.sh: one node (this machine), no cgroups.
+# Written by launch/slurm_cluster.sh: ${NODES} node(s) on this machine, no cgroups.
 ClusterName=dinoreg
 # State starts empty at each start: without this, job ids would restart at 1 and runs/%j would reuse the
 # directories (and results) of an earlier cluster's jobs. (No backticks here: this is an unquoted heredoc.)
 FirstJobId=$(( $(date +%s) % 60000000 + 1000 ))
-SlurmctldHost=localhost
+SlurmctldHost=${controller}
+SlurmctldPort=${PORT}
+SlurmdPort=$((PORT + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -91,11 +131,11 @@ CredType=cred/munge
 # Short credential lifetime: a requeued job restarts in seconds instead of minutes.
 AuthInfo=socket=${SOCKET},cred_expire=5
 StateSaveLocation=${DIR}/state
-SlurmdSpoolDir=${DIR}/spool
+SlurmdSpoolDir=${DIR}/spool/%n
 SlurmctldPidFile=${DIR}/slurmctld.pid
-SlurmdPidFile=${DIR}/slurmd.pid
+SlurmdPidFile=$(slurmd_pidfile %n)
 SlurmctldLogFile=${DIR}/log/slurmctld.log
-SlurmdLogFile=${DIR}/log/slurmd.log
+SlurmdLogFile=${DIR}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -107,8 +147,8 @@ KillWait=5
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory_mib} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+${nodes}
+PartitionName=debug Nodes=$(node_names | paste -sd, -) Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -129,7 +169,7 @@ start_accounting() {
     CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '${DB_PASSWORD}';
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
   printf '%s\n' "# Written by launch/slurm_cluster.sh." "AuthType=auth/munge" "AuthInfo=socket=${SOCKET}" \
-    "DbdHost=localhost" "SlurmUser=root" "LogFile=${DIR}/log/slurmdbd.log" "PidFile=${DIR}/slurmdbd.pid" \
+    "DbdHost=localhost" "DbdPort=$((PORT + 2))" "SlurmUser=root" "LogFile=${DIR}/log/slurmdbd.log" "PidFile=${DIR}/slurmdbd.pid" \
     "StorageType=accounting_storage/mysql" "StorageHost=127.0.0.1" "StoragePort=${DB_PORT}" "StorageUser=slurm" \
     "StoragePass=${DB_PASSWORD}" "StorageLoc=slurm_acct_db" >"${DIR}/slurmdbd.conf"
   chmod 0600 "${DIR}/slurmdbd.conf"
@@ -157,31 +197,83 @@ start_munge() {
 wait_until_idle() {
   local deadline=$((SECONDS + READY_TIMEOUT_S)) state=""
   while ((SECONDS < deadline)); do
-    state="$(SLURM_CONF="${CONF}" sinfo -h -N -o %T 2>/dev/null || true)"
-    if [[ "${state}" == idle* ]]; then
+    state="$(SLURM_CONF="${CONF}" sinfo -h -N -o %T 2>/dev/null | paste -sd, - || true)"
+    if [[ -n "${state}" ]] && ! grep -qv '^idle' <<<"${state//,/$'\n'}"; then
       return 0
     fi
     sleep 0.5
   done
-  die "the node is not idle after ${READY_TIMEOUT_S} s (state: '${state:-no answer}'); logs in ${DIR}/log"
+  die "the nodes are not all idle after ${READY_TIMEOUT_S} s (state: '${state:-no answer}'); logs in ${DIR}/log"
+}
+
+start_network() {  # a bridge with the controller's address, and per node a namespace joined to it by a veth
+  local i node ns
+  if ip -br addr | grep -q " ${SUBNET}\\."; then
+    die "the subnet ${SUBNET}.0/24 is already in use here (ip -br addr); choose another with DINOREG_SLURM_SUBNET"
+  fi
+  ip link add "${BRIDGE}" type bridge
+  ip addr add "${SUBNET}.1/24" dev "${BRIDGE}"
+  ip link set "${BRIDGE}" up
+  { echo "127.0.0.1 localhost"; echo "${SUBNET}.1 $(hostname -s)"
+    for ((i = 1; i <= NODES; i++)); do echo "${SUBNET}.$((10 + i)) node${i}"; done; } >"${DIR}/hosts"
+  for ((i = 1; i <= NODES; i++)); do
+    node="node${i}" ns="$(namespace "node${i}")"
+    ip netns add "${ns}"
+    ip link add "dr${PORT}n${i}" type veth peer name eth0 netns "${ns}"
+    ip link set "dr${PORT}n${i}" master "${BRIDGE}"
+    ip link set "dr${PORT}n${i}" up
+    ip -n "${ns}" addr add "${SUBNET}.$((10 + i))/24" dev eth0
+    ip -n "${ns}" link set eth0 up
+    ip -n "${ns}" link set lo up
+  done
+}
+
+stop_network() {  # stop what still runs inside the namespaces (job steps), by PID, then remove them
+  local node ns pid
+  for node in $(node_names); do
+    ns="$(namespace "${node}")"
+    ip netns list | grep -qw "${ns}" || continue
+    for pid in $(ip netns pids "${ns}"); do kill -KILL "${pid}" 2>/dev/null || true; done
+    ip netns del "${ns}"
+  done
+  if ip link show "${BRIDGE}" >/dev/null 2>&1; then ip link del "${BRIDGE}"; fi
+}
+
+start_slurmd() {  # start_slurmd NODE
+  if ((NODES == 1)); then
+    slurmd -f "${CONF}" -N localhost || die "slurmd did not start; see ${DIR}/log/slurmd-localhost.log"
+    return
+  fi
+  # In its network namespace, with its own hostname and its own /etc/hosts (a bind mount in a private mount
+  # namespace: the machine's /etc/hosts is untouched). The job steps slurmd starts inherit all three. nsenter,
+  # not `ip netns exec`: that remounts /sys, hiding /sys/fs/cgroup, and slurmd then refuses to start.
+  nsenter --net="/run/netns/$(namespace "$1")" unshare --uts --mount --propagation private \
+    sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd -f "$3" -N "$1"' sh "$1" "${DIR}/hosts" "${CONF}" \
+    || die "slurmd $1 did not start; see ${DIR}/log/slurmd-$1.log"
 }
 
 start() {
+  local nodes="$1" node
   mkdir -p "${DIR}"
   if running; then
+    ((nodes == NODES)) || die "a ${NODES}-node cluster runs in ${DIR}; stop it first (launch/slurm_cluster.sh stop)"
     log "already running (${DIR})"
     return 0
   fi
   stop_daemons quiet  # a half-started cluster from an earlier attempt
+  NODES="${nodes}"
+  echo "${NODES}" >"${NODES_FILE}"
   install_packages
   rm -rf "${DIR}/state" "${DIR}/spool" "${DIR}/log" "${DB_DIR}"
-  mkdir -p "${DIR}/state" "${DIR}/spool" "${DIR}/log"
+  mkdir -p "${DIR}/state" "${DIR}/log"
+  for node in $(node_names); do mkdir -p "${DIR}/spool/${node}"; done
   chmod 0755 "${DIR}"
   write_config
+  if ((NODES > 1)); then start_network; fi
   start_munge
   if [[ "${ACCOUNTING}" == 1 ]]; then start_accounting; fi
   slurmctld -f "${CONF}"
-  slurmd -f "${CONF}" -N localhost
+  for node in $(node_names); do start_slurmd "${node}"; done
   wait_until_idle
   log "ready: $(SLURM_CONF="${CONF}" sinfo -h -o '%P %D node(s) %c CPUs %m MiB %T')"
 }
@@ -204,31 +296,46 @@ stop_one() {  # stop_one NAME PIDFILE
 }
 
 stop_daemons() {
-  stop_one slurmd "${DIR}/slurmd.pid"
+  local node
+  for node in $(node_names); do stop_one slurmd "$(slurmd_pidfile "${node}")"; done
   stop_one slurmctld "${DIR}/slurmctld.pid"
   stop_one slurmdbd "${DIR}/slurmdbd.pid"
   stop_one mariadbd "${DB_DIR}/mariadb.pid"
   stop_one munged "${MUNGE_DIR}/munged.pid"
+  if ((NODES > 1)); then stop_network; fi
   [[ "${1:-}" == quiet ]] || log "stopped (state and logs kept in ${DIR})"
 }
 
 status() {
-  local name file
-  for name in munged mariadb slurmdbd slurmctld slurmd; do
+  local name file node
+  for name in munged mariadb slurmdbd slurmctld; do
     file="${DIR}/${name}.pid"
     [[ ${name} == munged ]] && file="${MUNGE_DIR}/munged.pid"
     [[ ${name} == mariadb ]] && file="${DB_DIR}/mariadb.pid"
+    if pid_alive "${file}"; then echo "${name}: running, pid $(cat "${file}")"; else echo "${name}: not running"; fi
+  done
+  for node in $(node_names); do
+    file="$(slurmd_pidfile "${node}")" name="slurmd"
+    ((NODES == 1)) || name="slurmd ${node}"
     if pid_alive "${file}"; then echo "${name}: running, pid $(cat "${file}")"; else echo "${name}: not running"; fi
   done
   running && SLURM_CONF="${CONF}" sinfo
   running
 }
 
+usage() {
+  echo "usage: $0 start [--nodes N]|stop|status|env   (state under \$DINOREG_SLURM_DIR, default /tmp/dinoreg-slurm)" >&2
+  exit 2
+}
+
 case "${1:-}" in
-  start) start; echo "export SLURM_CONF=${CONF}" ;;
+  start)
+    nodes=1
+    if [[ "${2:-}" == --nodes ]]; then nodes="${3:-}"; elif [[ -n "${2:-}" ]]; then usage; fi
+    [[ "${nodes}" =~ ^[1-9][0-9]?$ ]] || die "--nodes takes a number of nodes from 1 to 99, got '${nodes}'"
+    start "${nodes}"; echo "export SLURM_CONF=${CONF}" ;;
   stop) stop_daemons ;;
   status) status ;;
   env) echo "export SLURM_CONF=${CONF}" ;;
-  *) echo "usage: $0 start|stop|status|env   (state under \$DINOREG_SLURM_DIR, default /tmp/dinoreg-slurm)" >&2
-     exit 2 ;;
+  *) usage ;;
 esac

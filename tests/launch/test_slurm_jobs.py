@@ -13,43 +13,21 @@ from pathlib import Path
 
 import pytest
 import submitit
+from launch_helpers import TINY, wait_for_training_rows
+from slurm_helpers import job_handle, log, metric_rows, preempt, submit_job
 from submitit.core.utils import FailedJobError
 
 from dinoreg.launch import wait_for_job
-from launch_helpers import TINY, wait_for_training_rows
 
 RESOURCES = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout-min", "30"]
 RECIPE = [*TINY, "optim.epochs=4", "train.epoch_length=30", "train.batch_size_per_gpu=8", "train.num_workers=0",
           "evaluation.knn_enabled=false"]
 ITERATIONS = 120
-TIMING_KEYS = {"images_per_sec", "data_wait", "monitor/seconds"}  # the only figures allowed to differ
 JOB_TIMEOUT_S = 300
 
 
 def dinoreg_submit(env, tmp_path, *args, timeout=JOB_TIMEOUT_S):
-    command = [sys.executable, "-m", "dinoreg", "submit", *RESOURCES, "--output-dir", str(tmp_path / "run" / "%j"),
-               "--json", str(tmp_path / "job.json"), *args]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
-    info = json.loads((tmp_path / "job.json").read_text()) if (tmp_path / "job.json").exists() else None
-    return result, info
-
-
-def job_handle(info):
-    return submitit.SlurmJob(folder=info["log_dir"], job_id=info["job_id"], tasks=[0, 1])
-
-
-def metric_rows(output_dir):
-    """iteration -> logged figures, the training row and the monitor's merged (the last value wins: a run
-    resumed from a periodic checkpoint repeats some iterations)."""
-    rows = {}
-    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["iteration"], {}).update({k: v for k, v in row.items() if k not in TIMING_KEYS})
-    return rows
-
-
-def log(info, task=0, kind="err"):
-    return Path(info["log_dir"], f"{info['job_id']}_{task}_log.{kind}").read_text()
+    return submit_job(env, tmp_path, *RESOURCES, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +74,11 @@ def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm_env, tm
     _, _, reference = uninterrupted
     result, info = dinoreg_submit(slurm_env, tmp_path, *RECIPE)
     assert result.returncode == 0, result.stderr
-    wait_for_training_rows(info["output_dir"], 6, timeout=JOB_TIMEOUT_S)
-    subprocess.run(["scancel", "--signal=USR2", info["job_id"]], env=slurm_env, check=True, timeout=60)
-    states = []
-    results = wait_for_job(job_handle(info), timeout_s=JOB_TIMEOUT_S, poll_s=0.5, on_state=states.append)
-
-    stopped = re.search(r"stopped on SIGUSR2 after saving (\S+)/checkpoints/(\d+)", log(info))
-    assert stopped, log(info)
-    saved_at = int(stopped.group(2))
+    results, states, run_dir, saved_at = preempt(slurm_env, info, after_rows=6, timeout=JOB_TIMEOUT_S)
     assert 6 <= saved_at < ITERATIONS
     assert "requeueing: requeue 1 of at most 10" in log(info)
     assert "requeued 1 times so far" in log(info)
-    assert f"resumed from {stopped.group(1)}/checkpoints/{saved_at} (iteration {saved_at})" in log(info, kind="out")
+    assert f"resumed from {run_dir}/checkpoints/{saved_at} (iteration {saved_at})" in log(info, kind="out")
     assert "PENDING" in states[1:] or "REQUEUED" in states  # it went back to the queue
     # The same figures, bitwise, as the run that was never interrupted.
     assert metric_rows(info["output_dir"]) == reference
