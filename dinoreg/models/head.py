@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
+
+from dinoreg.models.initialisation import InitStep, constructor_steps
+from dinoreg.models.layers import init_weights_vit_timm
 
 
 def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, bias: bool) -> nn.Module:
@@ -18,20 +23,31 @@ def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, 
     return nn.Sequential(*layers)
 
 
+def _init_prototypes(weight: nn.Module) -> None:
+    """The weight-normalised last layer: the direction v is what ``nn.Linear``'s constructor drew for its weight
+    (``reset_parameters``: Kaiming uniform with a = sqrt(5)), the magnitude g is 1."""
+    nn.init.kaiming_uniform_(weight.original1, a=math.sqrt(5))
+    nn.init.ones_(weight.original0)
+
+
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, *, nlayers: int = 3, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, mlp_bias: bool = True) -> None:
         super().__init__()
         self.mlp = _build_mlp(max(nlayers, 1), in_dim, bottleneck_dim, hidden_dim, mlp_bias)
-        for module in self.mlp.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        for module, initialise in self._mlp_steps():
+            initialise(module)
         # torch's parametrisation replaces the deprecated weight_norm hook the official code uses;
         # original0 is the magnitude g (initialised to 1, trainable as in DINOv2), original1 the direction v.
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
+        nn.init.ones_(self.last_layer.parametrizations.weight.original0)
+
+    def _mlp_steps(self) -> list[InitStep]:
+        return [(m, init_weights_vit_timm) for m in self.mlp.modules() if isinstance(m, nn.Linear)]
+
+    def initialisation_steps(self) -> list[InitStep]:
+        """Everything construction sets and draws, as steps (see :mod:`dinoreg.models.initialisation`)."""
+        return [*constructor_steps(self.mlp), *self._mlp_steps(), (self.last_layer.parametrizations.weight, _init_prototypes)]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)  # [N, bottleneck]

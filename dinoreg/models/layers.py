@@ -206,7 +206,12 @@ class SwiGLUFFN(nn.Module):
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init_values: float) -> None:
         super().__init__()
+        self.init_values = init_values
         self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        """The constructor's values (``init_values * ones``, the same float32 numbers)."""
+        nn.init.constant_(self.gamma, self.init_values)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from dinoreg.models.initialisation import InitStep, constructor_steps, post_order
 from dinoreg.models.layers import Block, PatchEmbed, init_weights_vit_timm, pack, unpack
 from dinoreg.models.pos_embed import resample_pos_embed
 
@@ -94,11 +95,18 @@ class DinoVisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
-        self.apply(init_weights_vit_timm)
+        """The official initialisation, run by the constructor."""
+        for module, initialise in self._weight_steps():
+            initialise(module)
+
+    def _weight_steps(self) -> list[InitStep]:
+        # the tokens, then every linear layer in the order of Module.apply (children first)
+        return [(self, _init_tokens), *((m, init_weights_vit_timm) for m in post_order(self) if isinstance(m, nn.Linear))]
+
+    def initialisation_steps(self) -> list[InitStep]:
+        """Everything construction sets and draws, as steps (see :mod:`dinoreg.models.initialisation`): the
+        constructors of the submodules, then :meth:`init_weights`."""
+        return [*constructor_steps(self), *self._weight_steps()]
 
     def interpolate_pos_encoding(self, x: Tensor, height: int, width: int) -> Tensor:
         """Positional embedding for an image of ``height x width`` pixels, in ``x``'s dtype."""
@@ -220,6 +228,14 @@ class DinoVisionTransformer(nn.Module):
         for block in self.blocks[:block_index]:
             tokens = block(tokens)
         return self.blocks[block_index].attention_probs(tokens)
+
+
+def _init_tokens(model: DinoVisionTransformer) -> None:
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    nn.init.normal_(model.cls_token, std=1e-6)
+    if model.register_tokens is not None:
+        nn.init.normal_(model.register_tokens, std=1e-6)
+    nn.init.zeros_(model.mask_token)  # as constructed
 
 
 def _factory(arch: str):

@@ -129,10 +129,13 @@ def infer_arch_kwargs(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     )
 
 
+_ARCH_HINT = "Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer)."
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """``load_state_dict(strict=True)`` with one error that lists every misfit, shapes included."""
     check_state_dict_fits(state_dict, model.state_dict(), given_name="checkpoint", expected_name="model",
-                          hint="Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer).")
+                          hint=_ARCH_HINT)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -162,8 +165,17 @@ def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: An
 def load_weights_into(model: DinoVisionTransformer, source: str | os.PathLike | Mapping[str, Any]) -> None:
     """Load a backbone checkpoint (any layout :func:`read_checkpoint` accepts) into ``model`` strictly;
     ``pos_embed`` is resampled to the model's grid with the model's interpolation."""
+    model.load_state_dict(fitted_state_dict(model, source), strict=True)
+
+
+def fitted_state_dict(model: DinoVisionTransformer, source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
+    """What :func:`load_weights_into` loads: the checkpoint's state dict, ``pos_embed`` resampled to ``model``'s
+    grid, checked to fit ``model`` strictly (which may be on the meta device)."""
     state_dict, _ = read_checkpoint(source)
-    load_state_dict_strict(model, _fit_pos_embed(state_dict, model))
+    state_dict = _fit_pos_embed(state_dict, model)
+    check_state_dict_fits(state_dict, model.state_dict(), given_name="checkpoint", expected_name="model",
+                          hint=_ARCH_HINT)
+    return state_dict
 
 
 def _fit_pos_embed(state_dict: dict[str, Tensor], model: DinoVisionTransformer) -> dict[str, Tensor]:

@@ -148,6 +148,10 @@ class _CenteredTeacherLoss(nn.Module):
         self.register_buffer("center", torch.zeros(center_shape))
         self._pending: tuple[Tensor, object] | None = None  # ([K + 1] sum and count, work handle)
 
+    def reset_parameters(self) -> None:
+        """The constructor's centre (zeros), for a model built on the meta device."""
+        nn.init.zeros_(self.center)
+
     @torch.no_grad()
     def _queue_center_update(self, batch_sum: Tensor, count: float) -> None:
         """batch_sum: [K] fp32 sum of this rank's contributions; count: how many they are."""

@@ -5,6 +5,7 @@ augmentation, the precision. The config is read here, at set-up; the pieces buil
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import random
@@ -18,14 +19,15 @@ from dinoreg.config import build_backbone_from_config
 from dinoreg.data import MultiCropDataset, MultiCropGeometric, Photometric, build_loader, collate_multicrop
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models import DinoVisionTransformer
-from dinoreg.models.weights import CheckpointMismatchError, load_weights_into
+from dinoreg.models.initialisation import InitStep
+from dinoreg.models.weights import CheckpointMismatchError, fitted_state_dict
 from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
 from dinoreg.train.optim import build_optimizer, build_param_groups
-from dinoreg.train.parallel import shard_ssl_model
+from dinoreg.train.parallel import TargetedStep, copy_into, materialise, shard_ssl_model
 
-__all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "precision",
-           "seed_everything", "training_batches"]
+__all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "initialisation_steps",
+           "precision", "seed_everything", "training_batches"]
 
 
 def seed_everything(seed: int) -> None:
@@ -50,11 +52,13 @@ def _head_spec(section: Any) -> HeadSpec:
 
 def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMetaArch:
     """Student and teacher of ``cfg``. ``load_pretrained``: start the student backbone from
-    ``student.pretrained_weights`` (off when a checkpoint will be loaded: it holds every weight)."""
+    ``student.pretrained_weights`` (off when a checkpoint will be loaded: it holds every weight). Under
+    ``torch.device("meta")`` nothing is initialised or loaded: see :func:`initialisation_steps`."""
     student = build_backbone_from_config(cfg, stochastic_depth=True)
     teacher = build_backbone_from_config(cfg, stochastic_depth=False)
-    if cfg.student.pretrained_weights and load_pretrained:  # continued pretraining; the heads start fresh
-        _load_pretrained(student, cfg.student.pretrained_weights)
+    if cfg.student.pretrained_weights and load_pretrained and not student.cls_token.is_meta:
+        # continued pretraining; the heads start fresh. The teacher takes these weights as the SSLMetaArch copies.
+        student.load_state_dict(_pretrained_state_dict(student, cfg.student.pretrained_weights), strict=True)
     return SSLMetaArch(student, teacher, dino_head=_head_spec(cfg.dino),
                        ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
                        loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
@@ -63,31 +67,79 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
                        chunk_elements=cfg.train.loss_chunk_elements)
 
 
-def _load_pretrained(backbone: DinoVisionTransformer, path: str) -> None:
-    """Strictly, with ``pos_embed`` resampled to the global crop size; errors name the config key."""
+def initialisation_steps(model: SSLMetaArch) -> list[TargetedStep]:
+    """What :func:`build_ssl_model` sets and draws, in its order, as steps for
+    :func:`dinoreg.train.parallel.materialise`: the student backbone (its values also go to the teacher, which
+    starts as its copy), the teacher backbone (drawn, then overwritten by that copy), the heads (student and
+    teacher), the losses' centres. ``model``: an unsharded template on the meta device."""
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def targeted(steps: list[InitStep], *, copies: bool) -> list[TargetedStep]:
+        out = []
+        for module, initialise in steps:
+            name = names[id(module)]
+            out.append((module, initialise, (name, "teacher" + name[len("student"):]) if copies else ()))
+        return out
+
+    heads = [head for name, head in model.student.items() if name != "backbone"]  # dino_head, then ibot_head
+    return [*targeted(model.student["backbone"].initialisation_steps(), copies=True),
+            *targeted(model.teacher["backbone"].initialisation_steps(), copies=False),
+            *(step for head in heads for step in targeted(head.initialisation_steps(), copies=True)),
+            *((loss, type(loss).reset_parameters, (names[id(loss)],)) for loss in (model.dino_loss, model.ibot_patch_loss))]
+
+
+def _pretrained_state_dict(backbone: DinoVisionTransformer, path: str) -> dict[str, torch.Tensor]:
+    """``student.pretrained_weights``, fitted to ``backbone`` strictly (``pos_embed`` resampled to the global crop
+    size); errors name the config key."""
     if not os.path.exists(path):
         raise ValueError(f"student.pretrained_weights: {path} does not exist; give an official or exported "
                          "backbone (.pth, .safetensors, or a `dinoreg export` output), or leave it empty")
     try:
-        load_weights_into(backbone, path)
+        return fitted_state_dict(backbone, path)
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(
             f"student.pretrained_weights {path} does not fit the configured student (student.arch, patch_size, "
             f"num_register_tokens, ffn_layer...):\n{error}") from None
 
 
-def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *,
-                              bf16: bool = False, load_pretrained: bool = True
-                              ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
-    """The model on ``device`` in training mode (FSDP2-sharded when ``env`` has several processes) and its AdamW
-    over the student's parameter groups."""
-    model = build_ssl_model(cfg, load_pretrained=load_pretrained).to(device).train()
+def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *, bf16: bool,
+                   load_pretrained: bool) -> SSLMetaArch:
+    """Built on the meta device, sharded there, then materialised shard by shard with the values a one-process
+    build has (:func:`initialisation_steps`), so no rank ever holds the whole unsharded model."""
+    with torch.device("meta"):
+        model = build_ssl_model(cfg, load_pretrained=False)
+    template = copy.deepcopy(model)  # stays unsharded
+    pretrained = {}
+    if cfg.student.pretrained_weights and load_pretrained:  # a misfit fails before any work
+        pretrained = _pretrained_state_dict(template.student["backbone"], cfg.student.pretrained_weights)
+    _prepare_for_training(cfg, model, device)
+    shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
+    model.to_empty(device=device)
+    materialise(model, initialisation_steps(template))
+    for backbone in (model.student["backbone"], model.teacher["backbone"]):  # the teacher starts as the student
+        parameters = dict(backbone.named_parameters())
+        for name, value in pretrained.items():
+            copy_into(parameters[name], value)
+    return model.train()
+
+
+def _prepare_for_training(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -> None:
     model.student["backbone"].set_checkpointing(cfg.train.activation_checkpointing)  # the teacher has no backward
     if cfg.train.compile == "blocks" or (cfg.train.compile == "auto" and device.type == "cuda"):
         model.student["backbone"].compile_blocks()
         model.teacher["backbone"].compile_blocks()
+
+
+def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *,
+                              bf16: bool = False, load_pretrained: bool = True
+                              ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
+    """The model on ``device`` in training mode (FSDP2-sharded when ``env`` has several processes, then started
+    on the meta device: see :func:`_build_sharded`) and its AdamW over the student's parameter groups."""
     if env.distributed:  # shard before building the optimizer: it must hold the sharded parameters
-        shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
+        model = _build_sharded(cfg, env, device, bf16=bf16, load_pretrained=load_pretrained)
+    else:
+        model = build_ssl_model(cfg, load_pretrained=load_pretrained).to(device).train()
+        _prepare_for_training(cfg, model, device)
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
                                                    patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
                                 betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),

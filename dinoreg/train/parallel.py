@@ -12,16 +12,23 @@ modes, as the official ``sharding_strategy`` values:
   (world, 1) mesh: every rank holds everything.
 
 On GPU the policy computes in bf16 with fp32 reduction; master weights and optimizer state stay fp32.
+
+Under several processes the model is built on the meta device and sharded there; :func:`materialise` then gives
+each rank its shards of the values a CPU build would have given, one module at a time, so no rank ever holds the
+whole unsharded model and the start is the same for any number of ranks.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
+from typing import Callable, Iterable, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 SHARDING_MODES = ("full_shard", "shard_grad_op", "no_shard")
 
@@ -32,7 +39,11 @@ SHARDING_MODES = ("full_shard", "shard_grad_op", "no_shard")
 # and updated weights. Only this module's warning is silenced.
 _VIEW_WARNING = r"FSDP2-wrapped module \(FSDPDinoVisionTransformer\) returned a view tensor"
 
-__all__ = ["SHARDING_MODES", "shard_ssl_model"]
+__all__ = ["SHARDING_MODES", "TargetedStep", "copy_into", "materialise", "shard_ssl_model"]
+
+# (module of an unsharded meta-device template, what sets its own tensors, the qualified module names in the
+# model that receive them; none: the step only draws, as the build does for values it later overwrites)
+TargetedStep = tuple[nn.Module, Callable[[nn.Module], None], tuple[str, ...]]
 
 
 def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_size: int,
@@ -72,3 +83,40 @@ def _prefetch_neighbours(blocks: list[nn.Module]) -> None:
     for current, following in zip(blocks, blocks[1:]):
         current.set_modules_to_forward_prefetch([following])
         following.set_modules_to_backward_prefetch([current])
+
+
+@torch.no_grad()
+def copy_into(destination: Tensor, value: Tensor) -> None:
+    """Copy the whole tensor ``value`` into ``destination``: this rank's shard of it when ``destination`` is a
+    sharded (DTensor) parameter, sliced locally, without communication."""
+    if isinstance(destination, DTensor):
+        value = distribute_tensor(value, destination.device_mesh, destination.placements, src_data_rank=None)
+    destination.copy_(value)
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, steps: Iterable[TargetedStep]) -> None:
+    """Give ``model`` (built on the meta device, sharded or not, then ``to_empty``) its values: each step's module
+    is materialised alone on the CPU (its own tensors only), initialised, and copied to its targets. Every
+    parameter and buffer of ``model`` must be set by some step."""
+    tensors: Mapping[str, Tensor] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    written: set[str] = set()
+    for module, initialise, targets in steps:
+        alone = copy.deepcopy(module).to_empty(device="cpu", recurse=False)
+        own = [*alone.named_parameters(recurse=False), *alone.named_buffers(recurse=False)]
+        for _, value in own:
+            value.fill_(float("nan"))  # a tensor the step leaves unset shows
+        initialise(alone)
+        unset = [name for name, value in own if value.isnan().any()]
+        if unset:
+            raise RuntimeError(f"meta-device start-up: {getattr(initialise, '__qualname__', initialise)} leaves "
+                               f"{unset} of {type(module).__name__} unset; a step must set all its module's tensors")
+        for target in targets:
+            for name, value in own:
+                key = f"{target}.{name}" if target else name
+                copy_into(tensors[key], value)
+                written.add(key)
+    missing = sorted(set(tensors) - written)
+    if missing:
+        raise RuntimeError(f"meta-device start-up: no initialisation step sets {missing[:8]}"
+                           f"{' ...' if len(missing) > 8 else ''}; each module must list its tensors in its steps")
