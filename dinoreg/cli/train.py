@@ -153,7 +153,8 @@ def _train(args: argparse.Namespace) -> int:
             ValueError) as error:
         print(f"dinoreg train: {error}", file=sys.stderr)
         return 1
-    print(f"done: {format_summary(final)}; outputs in {args.output_dir}")
+    if final:  # the main process's; the others log nothing
+        print(f"done: {format_summary(final)}; outputs in {args.output_dir}")
     return 0
 
 
