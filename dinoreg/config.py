@@ -275,6 +275,15 @@ def _validate(cfg: DictConfig) -> list[str]:
     warmup_ok = 0 <= optim.warmup_epochs <= optim.epochs
     check(warmup_ok, "optim.warmup_epochs", f"must be in [0, optim.epochs={optim.epochs}]")
     check(optim.base_lr > 0, "optim.base_lr", "must be > 0")
+    total = optim.epochs * train.epoch_length
+    check(0 <= optim.head_warmup_iterations < total, "optim.head_warmup_iterations",
+          f"must be in [0, {total}) (the run has optim.epochs x train.epoch_length = {total} iterations)")
+    check(not (train.init_from and s.pretrained_weights), "train.init_from",
+          "give train.init_from (backbone and heads) or student.pretrained_weights (backbone only), not both")
+    distill = cfg.distillation
+    check(not distill.enabled or bool(distill.teacher), "distillation.teacher",
+          "distillation.enabled needs the frozen teacher: a dinoreg run, a `dinoreg export --with-heads` file or "
+          "an official teacher_checkpoint.pth")
     check(0 < optim.layerwise_decay <= 1, "optim.layerwise_decay", "must be in (0, 1]")
     for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
         check(0 <= OmegaConf.select(cfg, key) < 1, key, "must be in [0, 1)")

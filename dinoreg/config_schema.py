@@ -107,6 +107,11 @@ class TrainConfig:
     # the prototype losses (cross-entropies, teacher softmax) work on chunks of rows of at most this many
     # [rows, prototypes] values (64 MiB in fp32: 128 rows of 131,072 prototypes); the small recipes fit in one
     loss_chunk_elements: int = 16777216
+    # start student and teacher from a backbone *with its DINO and iBOT heads* (continued pretraining): a dinoreg
+    # run or checkpoint (its teacher), a `dinoreg export --with-heads` file, or an official teacher_checkpoint.pth;
+    # a backbone alone goes in student.pretrained_weights (then the heads start fresh: see
+    # optim.head_warmup_iterations)
+    init_from: str = ""
 
 
 @dataclass
@@ -128,6 +133,9 @@ class OptimConfig:
     # torch's AdamW kernels: "auto" is fused on CUDA (one kernel for all parameters) and foreach (multi-tensor)
     # elsewhere; "foreach" and "for_loop" (the official single-tensor loop) give identical values on CPU.
     adamw_implementation: str = "auto"
+    # the first iterations train the heads only: student and teacher backbones stay frozen (no gradient, no
+    # update, no EMA), then training goes on with the normal schedules (for a start from a backbone alone)
+    head_warmup_iterations: int = 0
 
 
 @dataclass
@@ -181,6 +189,19 @@ class MonitorConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """DINOv2's distillation: a frozen teacher's DINO and iBOT targets train the student (``student.*``); the
+    EMA of the student (``teacher`` in checkpoints) is what the run evaluates and exports."""
+    enabled: bool = False
+    # the frozen teacher: a dinoreg run or checkpoint (its teacher), a `dinoreg export --with-heads` file, or an
+    # official teacher_checkpoint.pth; its architecture comes from the file, its heads must be there
+    teacher: str = ""
+    # false (DINOv2's distillation): no iBOT masking, the student sees every patch and the iBOT loss scores all
+    # patches of the global crops; true: masking as in self-supervised training
+    mask_student: bool = False
+
+
+@dataclass
 class DinoRegConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -192,6 +213,7 @@ class DinoRegConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
 
 CHOICES = {

@@ -51,32 +51,42 @@ def add_export_parser(commands: Any) -> None:
                              "DINOv2 name for the architecture (any timm ViT name works: the stored kwargs set "
                              "every field; the error suggests one) (default: timm's DINOv2 name, e.g. "
                              "vit_small_patch14_reg4_dinov2)")
+    export.add_argument("--with-heads", action="store_true",
+                        help="also write the DINO and iBOT heads of --part, in the official layout, so that others can "
+                             "continue pretraining from the model (train.init_from): safetensors (dino_head.* keys) or "
+                             "dinov2 (the official teacher checkpoint layout); dinoreg.load_backbone still reads "
+                             "the backbone")
     export.add_argument("--force", action="store_true", help="replace PATH if it exists")
     export.set_defaults(handler=_export, parser=export)
 
 
 def _export(args: argparse.Namespace) -> int:
     from dinoreg.export.source import ExportError, read_backbone, resolve_checkpoint  # noqa: PLC0415
-    from dinoreg.export.writers import (check_output, dinov2_load_overrides, export_backbone,  # noqa: PLC0415
-                                        resize_backbone)
+    from dinoreg.export.writers import (HEAD_FORMATS, check_output, dinov2_load_overrides,  # noqa: PLC0415
+                                        export_backbone, resize_backbone)
     from dinoreg.models.formats import timm_resizes_like  # noqa: PLC0415
+    from dinoreg.train.start import read_run_weights  # noqa: PLC0415
 
     try:
         check_output(args.format, args.output, force=args.force)
+        if args.with_heads and args.format not in HEAD_FORMATS:
+            raise ExportError(f"--with-heads writes {' or '.join(HEAD_FORMATS)} (the heads in the official layout); "
+                              f"--format {args.format} holds a backbone only")
         checkpoint = resolve_checkpoint(args.source, warn=lambda message: print(f"dinoreg export: {message}",
                                                                                  file=sys.stderr))
         model, source = read_backbone(checkpoint, part=args.part)
         if args.img_size and args.img_size != model.arch_kwargs["img_size"]:
             model = resize_backbone(model, args.img_size)
+        heads = read_run_weights(checkpoint, part=args.part).heads if args.with_heads else None
         path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,
                                force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch,
-                               timm_name=args.timm_name)
+                               timm_name=args.timm_name, heads=heads)
     except (ExportError, ValueError, OSError) as error:
         message = str(error).replace("allow_interpolation_mismatch=True", "--allow-interpolation-mismatch")
         message = message.replace("timm_name=", "--timm-name ")
         print(f"dinoreg export: {message}", file=sys.stderr)
         return 1
-    print(f"wrote {path}: {args.part} backbone of {checkpoint} (iteration {source.iteration}, saved by "
+    print(f"wrote {path}: {args.part} backbone{' and heads' if args.with_heads else ''} of {checkpoint} (iteration {source.iteration}, saved by "
           f"{source.world_size} process(es)), {args.format}, {args.dtype}, img_size {model.arch_kwargs['img_size']}")
     if args.format == "timm" and not timm_resizes_like(model.arch_kwargs):
         print(f"note: timm resizes position embeddings with antialiased bicubic at the exact grid, this model "

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch.distributed.checkpoint as dcp
-
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, IN_PROGRESS_PREFIX, META_FILE
 
@@ -85,7 +83,7 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
 def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisionTransformer, BackboneSource]:
     """The ``part`` backbone of ``checkpoint`` in fp32 and eval mode, loaded strictly, and where it came from."""
     from dinoreg.config import build_backbone_from_config, load_config  # noqa: PLC0415
-    from dinoreg.train.checkpoint import read_meta, single_process_is_intended  # noqa: PLC0415
+    from dinoreg.train.checkpoint import read_meta, read_model_tensors  # noqa: PLC0415
 
     if part not in PARTS:
         raise ExportError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
@@ -103,11 +101,9 @@ def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisio
     if saved != set(own):
         raise ExportError(f"{checkpoint}'s {part} backbone does not match its config.yaml: missing "
                           f"{sorted(set(own) - saved)[:10]}, unexpected {sorted(saved - set(own))[:10]}")
-    # DCP fills these tensors in place from the shards; "model" is the top-level key the loop saves under.
-    request = {"model": {prefix + name: tensor for name, tensor in own.items()}}
-    with single_process_is_intended():
-        dcp.load(request, checkpoint_id=str(checkpoint), no_dist=True)
-    backbone.load_state_dict({name[len(prefix):]: tensor for name, tensor in request["model"].items()}, strict=True)
+    request = {prefix + name: tensor for name, tensor in own.items()}
+    read_model_tensors(checkpoint, request)
+    backbone.load_state_dict({name[len(prefix):]: tensor for name, tensor in request.items()}, strict=True)
     digest = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
     source = BackboneSource(checkpoint=checkpoint, part=part, iteration=int(meta["iteration"]),
                             world_size=int(meta["world_size"]), config_digest=digest, img_size=img_size,

@@ -11,11 +11,12 @@ from torch import Tensor
 
 from dinoreg.export.model_card import hf_preprocessor_config, model_card, timm_pretrained_cfg
 from dinoreg.export.source import BackboneSource, ExportError
+from dinoreg.models.head import head_spec_of, head_to_official
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY
 from dinoreg.run_dir import publish
 
-__all__ = ["DTYPES", "FORMATS", "SOURCE_METADATA_KEY", "check_output", "dinov2_load_overrides", "export_backbone",
+__all__ = ["DTYPES", "FORMATS", "HEADS_METADATA_KEY", "HEAD_FORMATS", "SOURCE_METADATA_KEY", "check_output", "dinov2_load_overrides", "export_backbone",
            "resize_backbone"]
 
 FORMATS = {
@@ -27,6 +28,8 @@ FORMATS = {
 SUFFIXES = {"dinov2": (".pth", ".pt"), "safetensors": (".safetensors",), "timm": (".pth", ".pt")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SOURCE_METADATA_KEY = "dinoreg_source"
+HEADS_METADATA_KEY = "dinoreg_heads"  # the heads' sizes, JSON: {"dino_head": {"n_prototypes": ...}, ...}
+HEAD_FORMATS = ("safetensors", "dinov2")
 
 
 def resize_backbone(model: DinoVisionTransformer, img_size: int) -> DinoVisionTransformer:
@@ -52,12 +55,19 @@ def dinov2_load_overrides(model: DinoVisionTransformer) -> dict[str, Any]:
 
 def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSource], *, fmt: str, output: str | Path,
                     dtype: str = "fp32", force: bool = False, allow_interpolation_mismatch: bool = False,
-                    timm_name: Optional[str] = None) -> Path:
+                    timm_name: Optional[str] = None, heads: Optional[dict[str, dict[str, Tensor]]] = None) -> Path:
     """Write ``model`` as ``fmt`` to ``output``; returns the path written. ``allow_interpolation_mismatch``: see
-    :func:`dinoreg.models.formats.to_hf`; ``timm_name``: see :func:`dinoreg.models.formats.to_timm`."""
+    :func:`dinoreg.models.formats.to_hf`; ``timm_name``: see :func:`dinoreg.models.formats.to_timm`. ``heads``
+    (``dino_head`` / ``ibot_head`` state dicts) are written beside the backbone, in the official layout
+    (``last_layer.weight_g`` / ``weight_v``): safetensors under ``dino_head.*`` keys, dinov2 as the official
+    teacher checkpoint ``{"teacher": {"backbone.*", "dino_head.*", ...}}``; ``load_backbone`` reads the backbone."""
     output = check_output(fmt, output, force=force)
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if heads and fmt not in HEAD_FORMATS:
+        raise ExportError(f"heads are written in {' or '.join(HEAD_FORMATS)} only; --format {fmt} holds a backbone")
+    head_tensors = {f"{name}.{key}": value.detach().to("cpu", DTYPES[dtype]).contiguous()
+                    for name, head in (heads or {}).items() for key, value in head_to_official(head).items()}
     if fmt == "timm":
         from dinoreg.models.formats import resolve_timm_name, to_timm  # noqa: PLC0415
 
@@ -66,11 +76,15 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
     arch = {**model.arch_kwargs}
     provenance = {**(source.as_metadata() if source else {}), "dtype": dtype}
     with publish(output, directory=fmt == "hf") as tmp:
-        if fmt == "dinov2":
+        if fmt == "dinov2" and head_tensors:
+            torch.save({"teacher": {**{f"backbone.{k}": v for k, v in tensors.items()}, **head_tensors}}, tmp)
+        elif fmt == "dinov2":
             torch.save(tensors, tmp)
         elif fmt == "safetensors":
-            _save_safetensors(tensors, tmp, {METADATA_KEY: json.dumps(arch),
-                                             SOURCE_METADATA_KEY: json.dumps(provenance)})
+            metadata = {METADATA_KEY: json.dumps(arch), SOURCE_METADATA_KEY: json.dumps(provenance)}
+            if head_tensors:
+                metadata[HEADS_METADATA_KEY] = json.dumps({name: head_spec_of(head) for name, head in heads.items()})
+            _save_safetensors({**tensors, **head_tensors}, tmp, metadata)
         elif fmt == "hf":
             from dinoreg.models.formats import to_hf  # noqa: PLC0415
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,3 +55,33 @@ class DINOHead(nn.Module):
         x = self.mlp(x)  # [N, bottleneck]
         x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
         return self.last_layer(x)  # [N, K]
+
+
+HEAD_NAMES = ("dino_head", "ibot_head")
+# Our parametrisation's names for the weight-normalised last layer, and the official (deprecated
+# torch.nn.utils.weight_norm) ones: g, the magnitude [K, 1], and v, the direction [K, bottleneck].
+_OURS_TO_OFFICIAL = {"last_layer.parametrizations.weight.original0": "last_layer.weight_g",
+                     "last_layer.parametrizations.weight.original1": "last_layer.weight_v"}
+
+
+def head_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A :class:`DINOHead` state dict in the official layout (``last_layer.weight_g`` / ``weight_v``)."""
+    return {_OURS_TO_OFFICIAL.get(key, key): value for key, value in state_dict.items()}
+
+
+def head_from_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`head_to_official`; a state dict already in our layout passes unchanged."""
+    official_to_ours = {official: ours for ours, official in _OURS_TO_OFFICIAL.items()}
+    return {official_to_ours.get(key, key): value for key, value in state_dict.items()}
+
+
+def head_spec_of(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
+    """``DINOHead`` sizes from a state dict (either layout): ``n_prototypes``, ``hidden_dim``, ``bottleneck_dim``,
+    ``nlayers``, ``in_dim``."""
+    ours = head_from_official(state_dict)
+    direction = ours["last_layer.parametrizations.weight.original1"]  # [K, bottleneck]
+    linear = sorted((key for key in ours if key.startswith("mlp") and key.endswith("weight")),
+                    key=lambda key: int(key.split(".")[1]) if key.count(".") > 1 else 0)
+    first = ours[linear[0]]  # [hidden or bottleneck, in_dim]
+    return {"n_prototypes": direction.shape[0], "bottleneck_dim": direction.shape[1], "nlayers": len(linear),
+            "hidden_dim": first.shape[0] if len(linear) > 1 else 0, "in_dim": first.shape[1]}

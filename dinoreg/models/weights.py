@@ -7,7 +7,9 @@ Accepted inputs (files: ``.pth``/``.pt`` via ``torch.load(weights_only=True)``, 
   :mod:`dinoreg.models.formats`;
 * keys under ``module.`` / ``backbone.`` / ``teacher.backbone.`` / ``student.backbone.`` prefixes;
 * wrappers ``{"model": sd}`` / ``{"teacher": sd}`` / ``{"student": sd}``, optionally carrying our
-  metadata ``{"dinoreg_arch": {...}}`` (safetensors: the ``dinoreg_arch`` metadata entry, JSON).
+  metadata ``{"dinoreg_arch": {...}}`` (safetensors: the ``dinoreg_arch`` metadata entry, JSON);
+* projection heads beside the backbone (``dino_head.*``, ``ibot_head.*``: official teacher checkpoints, our
+  exports ``--with-heads``) are left out of the backbone and read by :func:`read_heads`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dinoreg.models.formats import from_hf, from_timm
+from dinoreg.models.head import HEAD_NAMES, head_from_official
 from dinoreg.models.layers import swiglu_hidden_features
 from dinoreg.models.pos_embed import resample_pos_embed
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
@@ -38,11 +41,39 @@ _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Return ``(state_dict, metadata)`` with the backbone keys in the flat official layout."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return _read_hf_directory(os.fspath(source))
+    raw, metadata = _read_raw(source)
+    if raw.get(LAYOUT_KEY) == "timm":
+        return from_timm(raw["state_dict"], metadata), metadata
+    return normalize_state_dict(_unwrap(raw)), metadata
+
+
+def read_heads(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
+    """The DINO and iBOT heads a checkpoint holds, by name (``dino_head``, ``ibot_head``), in our layout; empty when
+    it holds none (a backbone file, a Hugging Face or timm export). Reads ``dinoreg export --with-heads`` files and
+    official teacher checkpoints (``{"teacher": {"dino_head.*", ...}}``, with ``last_layer.weight_g``/``weight_v``)."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return {}
+    raw, _ = _read_raw(source)
+    if raw.get(LAYOUT_KEY) == "timm":
+        return {}
+    tensors = {k: v for k, v in _unwrap(raw).items() if isinstance(v, Tensor)}
+    heads: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        for prefix in ("", *_PREFIXES):
+            name, _, rest = key[len(prefix):].partition(".") if key.startswith(prefix) else ("", "", "")
+            if name in HEAD_NAMES and rest:
+                heads.setdefault(name, {})[rest] = value
+                break
+    return {name: head_from_official(state) for name, state in heads.items()}
+
+
+def _read_raw(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A file's (or mapping's) top-level dict and our architecture metadata, if any."""
     metadata: dict[str, Any] = {}
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if os.path.isdir(path):
-            return _read_hf_directory(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
         if path.endswith(".safetensors"):
@@ -58,13 +89,14 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
         raw = dict(source)
     if isinstance(raw.get(METADATA_KEY), Mapping):
         metadata = dict(raw[METADATA_KEY])
-    if raw.get(LAYOUT_KEY) == "timm":
-        return from_timm(raw["state_dict"], metadata), metadata
+    return raw, metadata
+
+
+def _unwrap(raw: dict[str, Any]) -> dict[str, Any]:
     for wrapper in _WRAPPERS:
         if isinstance(raw.get(wrapper), Mapping):
-            raw = dict(raw[wrapper])
-            break
-    return normalize_state_dict(raw), metadata
+            return dict(raw[wrapper])
+    return raw
 
 
 def _read_hf_directory(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -81,7 +113,7 @@ def _read_hf_directory(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
     """Strip wrapper prefixes, flatten chunked blocks; drop non-backbone entries of a training checkpoint
     (heads, optimizer) only when they sit beside prefixed backbone keys."""
-    tensors = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, Tensor) and k.split(".")[0] not in HEAD_NAMES}
     for prefix in _PREFIXES:
         if any(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

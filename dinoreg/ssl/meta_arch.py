@@ -52,16 +52,37 @@ class LossWeights:
 CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
+def _prototypes(heads: nn.ModuleDict, name: str) -> int:
+    head = heads[name] if name in heads else heads["dino_head"]  # a shared head scores the patches too
+    return head.last_layer.parametrizations.weight.original1.shape[0]
+
+
+def _check_distillation_teacher(teacher: nn.ModuleDict, student: nn.ModuleDict, *, patch_size: int) -> None:
+    problems = [f"{name}: the teacher scores {_prototypes(teacher, name)} prototypes, the student "
+                f"{_prototypes(student, name)}" for name in ("dino_head", "ibot_head")
+                if _prototypes(teacher, name) != _prototypes(student, name)]
+    if teacher["backbone"].patch_size != patch_size:  # the iBOT masks index the same patch grid
+        problems.append(f"patch size: the teacher's is {teacher['backbone'].patch_size}, the student's {patch_size}")
+    if problems:
+        raise ValueError("the distillation teacher does not fit the student: " + "; ".join(problems)
+                         + " (set dino.head_n_prototypes, ibot.head_n_prototypes, student.patch_size to the teacher's)")
+
+
 class SSLMetaArch(nn.Module):
     def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer, *,
                  dino_head: HeadSpec, ibot_head: Optional[HeadSpec], loss_weights: LossWeights,
-                 centering: str, pack_crops: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+                 centering: str, pack_crops: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 distillation_teacher: Optional[nn.ModuleDict] = None, mask_student: bool = True) -> None:
         """``teacher_backbone``: the same architecture as ``student_backbone`` (without stochastic depth); it
         starts as an exact copy. ``ibot_head``: a separate iBOT head; None shares the DINO head (official
         default). ``centering``: the teacher's ``"centering"`` (softmax, EMA centre) or ``"sinkhorn_knopp"``.
         ``pack_crops``: the student sees global and local crops in one packed pass (False: one pass per crop
         group, the same values). ``chunk_elements``: the losses' row chunks over the prototypes (see
-        :mod:`dinoreg.ssl.losses`)."""
+        :mod:`dinoreg.ssl.losses`). ``distillation_teacher``: a frozen ``backbone`` with its ``dino_head`` (and
+        ``ibot_head``) whose outputs are the targets (DINOv2's distillation); ``teacher`` is then the EMA of the
+        student, kept for evaluation and export. Its prototype counts must be the student's. ``mask_student``
+        (distillation only): iBOT masking as in self-supervised training; False, as DINOv2's distillation, the
+        student sees every patch and the iBOT loss scores every patch of the global crops."""
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering {centering!r}: choose one of {', '.join(CENTERINGS)}")
@@ -79,6 +100,12 @@ class SSLMetaArch(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict(), strict=True)
         self.teacher.requires_grad_(False)
 
+        self.distillation_teacher = distillation_teacher
+        self.ibot_all_patches = distillation_teacher is not None and not mask_student and self.do_ibot
+        if distillation_teacher is not None:
+            _check_distillation_teacher(distillation_teacher, self.student, patch_size=student_backbone.patch_size)
+            distillation_teacher.requires_grad_(False)
+
         self.dino_loss = DINOLoss(dino_head.n_prototypes, chunk_elements=chunk_elements)
         self.ibot_patch_loss = iBOTPatchLoss((ibot_head if self.separate_ibot_head else dino_head).n_prototypes,
                                              chunk_elements=chunk_elements)
@@ -87,6 +114,8 @@ class SSLMetaArch(nn.Module):
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
         self.teacher.eval()  # no stochastic depth in the teacher (it has none anyway), and it is never trained
+        if self.distillation_teacher is not None:
+            self.distillation_teacher.eval()
         return self
 
     @property
@@ -95,18 +124,24 @@ class SSLMetaArch(nn.Module):
 
     # --- teacher -----------------------------------------------------------------------------
 
+    @property
+    def target_teacher(self) -> nn.ModuleDict:
+        """The model that gives the targets: the frozen teacher when distilling, else the EMA teacher."""
+        return self.teacher if self.distillation_teacher is None else self.distillation_teacher
+
     @torch.no_grad()
     def _teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, n_masked: Tensor,
                          teacher_temp: float) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        out = self.teacher["backbone"](global_crops, is_training=True)
+        teacher = self.target_teacher
+        out = teacher["backbone"](global_crops, is_training=True)
         cls_view1, cls_view2 = out["x_norm_clstoken"].chunk(2)
         # Swapped so that view 1 of the student is matched with view 2 of the teacher and vice versa.
         cls_tokens = torch.cat((cls_view2, cls_view1))  # [2B, D]
-        cls_logits = self.teacher["dino_head"](cls_tokens)  # [2B, K], bf16 under autocast: the losses upcast
+        cls_logits = teacher["dino_head"](cls_tokens)  # [2B, K], bf16 under autocast: the losses upcast
         patch_logits = None
         if self.do_ibot:
             masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)  # [M, D]
-            head = self.teacher["ibot_head"] if self.separate_ibot_head else self.teacher["dino_head"]
+            head = teacher["ibot_head"] if "ibot_head" in teacher else teacher["dino_head"]
             patch_logits = head(masked_patches)  # [M, K]
 
         if self.centering == "centering":
@@ -135,16 +170,22 @@ class SSLMetaArch(nn.Module):
         ``masks`` [2B, N] bool, ``mask_indices`` [M], ``masks_weight`` [M], ``n_masked_patches`` [1].
         Returns the total loss and detached per-term metrics."""
         global_crops, local_crops = batch["global_crops"], batch["local_crops"]
-        masks, mask_indices = batch["masks"], batch["mask_indices"]
+        masks, mask_indices, masks_weight = batch["masks"], batch["mask_indices"], batch["masks_weight"]
+        n_masked = batch["n_masked_patches"]
+        student_masks = masks
+        if self.ibot_all_patches:  # DINOv2's distillation: the student sees every patch, iBOT scores them all
+            student_masks, masks = None, torch.ones_like(masks)  # [2B, N]
+            mask_indices = torch.arange(masks.numel(), device=masks.device)  # [2B * N]
+            masks_weight = torch.full((masks.numel(),), 1.0 / masks.shape[1], device=masks.device)
+            n_masked = torch.tensor([masks.numel()], device=masks.device)
         n_global_crops = 2
         n_local_crops = local_crops.shape[0] // (global_crops.shape[0] // n_global_crops)
         n_loss_terms = n_global_crops * (n_global_crops - 1) + n_global_crops * n_local_crops
 
-        teacher_cls, teacher_patch, metrics = self._teacher_targets(
-            global_crops, mask_indices, batch["n_masked_patches"], teacher_temp)
+        teacher_cls, teacher_patch, metrics = self._teacher_targets(global_crops, mask_indices, n_masked, teacher_temp)
 
         crops = [global_crops] + ([local_crops] if n_local_crops else [])
-        crop_masks = [masks] + ([None] if n_local_crops else [])
+        crop_masks = [student_masks] + ([None] if n_local_crops else [])
         if self.pack_crops:
             outs = self.student["backbone"](crops, masks=crop_masks, is_training=True)
         else:
@@ -179,18 +220,21 @@ class SSLMetaArch(nn.Module):
             student_patch = self.student["ibot_head"](masked_patches) if self.separate_ibot_head else head_out[-1]
             losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(
                 student_patch, teacher_patch, student_masks_flat=masks,
-                n_masked_patches=mask_indices.shape[0], masks_weight=batch["masks_weight"])
+                n_masked_patches=mask_indices.shape[0], masks_weight=masks_weight)
             total = total + self.loss_weights.ibot * losses["ibot_loss"]
         metrics.update({name: value.detach() for name, value in losses.items()})
         metrics["total_loss"] = total.detach()
         return total, metrics
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA: teacher <- momentum * teacher + (1 - momentum) * student, for every student sub-module, in two
-        multi-tensor operations over all parameters (the same values as a loop of ``mul_``/``add_``)."""
+    def update_teacher(self, momentum: float, *, backbone: bool = True) -> None:
+        """EMA: teacher <- momentum * teacher + (1 - momentum) * student, for every student sub-module (the heads
+        only when not ``backbone``: a head warm-up keeps both backbones as they are), in two multi-tensor
+        operations over all parameters (the same values as a loop of ``mul_``/``add_``)."""
         teacher, student = [], []
         for name, student_module in self.student.items():
+            if name == "backbone" and not backbone:
+                continue
             teacher += list(self.teacher[name].parameters())
             student += [p.detach() for p in student_module.parameters()]
         torch._foreach_mul_(teacher, momentum)

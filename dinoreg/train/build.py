@@ -7,24 +7,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import os
 import random
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import Tensor, nn
 
 from dinoreg.config import build_backbone_from_config
 from dinoreg.data import MultiCropDataset, MultiCropGeometric, Photometric, build_loader, collate_multicrop
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models import DinoVisionTransformer
+from dinoreg.models.head import head_spec_of
 from dinoreg.models.initialisation import InitStep
-from dinoreg.models.weights import CheckpointMismatchError, fitted_state_dict
 from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
 from dinoreg.train.optim import build_optimizer, build_param_groups
-from dinoreg.train.parallel import TargetedStep, copy_into, materialise, shard_ssl_model
+from dinoreg.train.parallel import TargetedStep, copy_state_into, materialise, shard_ssl_model
+from dinoreg.train.start import check_heads, copy_start, fitted_backbone, read_weights, start_tensors
 
 __all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "initialisation_steps",
            "precision", "seed_everything", "training_batches"]
@@ -51,20 +52,48 @@ def _head_spec(section: Any) -> HeadSpec:
 
 
 def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMetaArch:
-    """Student and teacher of ``cfg``. ``load_pretrained``: start the student backbone from
-    ``student.pretrained_weights`` (off when a checkpoint will be loaded: it holds every weight). Under
-    ``torch.device("meta")`` nothing is initialised or loaded: see :func:`initialisation_steps`."""
+    """Student and teacher of ``cfg``. ``load_pretrained``: start from ``student.pretrained_weights`` or
+    ``train.init_from`` (:mod:`dinoreg.train.start`; off when a checkpoint will be loaded: it holds every weight).
+    Under ``torch.device("meta")`` nothing is initialised or loaded: see :func:`initialisation_steps`."""
+    model, frozen_tensors = _build(cfg)
+    if not model.student["backbone"].cls_token.is_meta:
+        if model.distillation_teacher is not None:  # on the meta device: its values come from its file, never a draw
+            model.distillation_teacher.to_empty(device="cpu")
+            copy_state_into(model.distillation_teacher, frozen_tensors)
+        if load_pretrained:
+            copy_start(model, start_tensors(cfg, model))
+    return model
+
+
+def _build(cfg: DictConfig) -> tuple[SSLMetaArch, dict[str, Tensor]]:
+    """The model, uninitialised where a device context says so, and the distillation teacher's tensors."""
     student = build_backbone_from_config(cfg, stochastic_depth=True)
     teacher = build_backbone_from_config(cfg, stochastic_depth=False)
-    if cfg.student.pretrained_weights and load_pretrained and not student.cls_token.is_meta:
-        # continued pretraining; the heads start fresh. The teacher takes these weights as the SSLMetaArch copies.
-        student.load_state_dict(_pretrained_state_dict(student, cfg.student.pretrained_weights), strict=True)
-    return SSLMetaArch(student, teacher, dino_head=_head_spec(cfg.dino),
-                       ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
-                       loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
-                                                ibot=cfg.ibot.loss_weight),
-                       centering=cfg.train.centering, pack_crops=cfg.train.pack_crops,
-                       chunk_elements=cfg.train.loss_chunk_elements)
+    frozen, frozen_tensors = distillation_teacher(cfg) if cfg.distillation.enabled else (None, {})
+    model = SSLMetaArch(student, teacher, dino_head=_head_spec(cfg.dino),
+                        ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
+                        loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
+                                                 ibot=cfg.ibot.loss_weight),
+                        centering=cfg.train.centering, pack_crops=cfg.train.pack_crops,
+                        chunk_elements=cfg.train.loss_chunk_elements, distillation_teacher=frozen,
+                        mask_student=cfg.distillation.mask_student)
+    return model, frozen_tensors
+
+
+def distillation_teacher(cfg: DictConfig) -> tuple[nn.ModuleDict, dict[str, Tensor]]:
+    """The frozen teacher of ``distillation.teacher`` on the meta device (its architecture and head sizes from the
+    file; built for the global crop size, ``pos_embed`` resampled once) and its tensors, checked to fit it."""
+    weights = read_weights(cfg.distillation.teacher, key="distillation.teacher")
+    arch = {**weights.arch, "img_size": cfg.crops.global_crops_size, "attn_backend": cfg.student.attention_backend,
+            "attn_backend_required": cfg.student.attention_backend_required}
+    with torch.device("meta"):
+        backbone = DinoVisionTransformer(**arch)
+        heads = {name: HeadSpec(**{k: v for k, v in spec.items() if k != "in_dim"}).build(backbone.embed_dim)
+                 for name, spec in ((name, head_spec_of(head)) for name, head in weights.heads.items())}
+    check_heads(weights, heads, key="distillation.teacher")
+    tensors = {f"backbone.{k}": v for k, v in fitted_backbone(backbone, weights.backbone, key="distillation.teacher").items()}
+    tensors.update({f"{name}.{k}": v for name, head in weights.heads.items() for k, v in head.items()})
+    return nn.ModuleDict({"backbone": backbone, **heads}), tensors
 
 
 def initialisation_steps(model: SSLMetaArch) -> list[TargetedStep]:
@@ -88,18 +117,16 @@ def initialisation_steps(model: SSLMetaArch) -> list[TargetedStep]:
             *((loss, type(loss).reset_parameters, (names[id(loss)],)) for loss in (model.dino_loss, model.ibot_patch_loss))]
 
 
-def _pretrained_state_dict(backbone: DinoVisionTransformer, path: str) -> dict[str, torch.Tensor]:
-    """``student.pretrained_weights``, fitted to ``backbone`` strictly (``pos_embed`` resampled to the global crop
-    size); errors name the config key."""
-    if not os.path.exists(path):
-        raise ValueError(f"student.pretrained_weights: {path} does not exist; give an official or exported "
-                         "backbone (.pth, .safetensors, or a `dinoreg export` output), or leave it empty")
-    try:
-        return fitted_state_dict(backbone, path)
-    except CheckpointMismatchError as error:
-        raise CheckpointMismatchError(
-            f"student.pretrained_weights {path} does not fit the configured student (student.arch, patch_size, "
-            f"num_register_tokens, ffn_layer...):\n{error}") from None
+def loading_steps(modules: nn.Module, tensors: dict[str, Tensor], *, prefix: str) -> list[TargetedStep]:
+    """Steps that set each module of ``modules`` (a meta-device template) from ``tensors`` (by its state keys), for
+    :func:`dinoreg.train.parallel.materialise` (``prefix``: where ``modules`` sits in the model)."""
+    def load(name: str) -> Callable[[nn.Module], None]:
+        def initialise(module: nn.Module) -> None:
+            for own, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                value.copy_(tensors[f"{name}.{own}" if name else own])
+        return initialise
+    return [(module, load(name), (f"{prefix}.{name}" if name else prefix,)) for name, module in modules.named_modules()
+            if next(iter([*module.parameters(recurse=False), *module.buffers(recurse=False)]), None) is not None]
 
 
 def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *, bf16: bool,
@@ -107,19 +134,17 @@ def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.d
     """Built on the meta device, sharded there, then materialised shard by shard with the values a one-process
     build has (:func:`initialisation_steps`), so no rank ever holds the whole unsharded model."""
     with torch.device("meta"):
-        model = build_ssl_model(cfg, load_pretrained=False)
+        model, frozen_tensors = _build(cfg)
     template = copy.deepcopy(model)  # stays unsharded
-    pretrained = {}
-    if cfg.student.pretrained_weights and load_pretrained:  # a misfit fails before any work
-        pretrained = _pretrained_state_dict(template.student["backbone"], cfg.student.pretrained_weights)
+    start = start_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
+    steps = initialisation_steps(template)
+    if template.distillation_teacher is not None:
+        steps += loading_steps(template.distillation_teacher, frozen_tensors, prefix="distillation_teacher")
     _prepare_for_training(cfg, model, device)
     shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
     model.to_empty(device=device)
-    materialise(model, initialisation_steps(template))
-    for backbone in (model.student["backbone"], model.teacher["backbone"]):  # the teacher starts as the student
-        parameters = dict(backbone.named_parameters())
-        for name, value in pretrained.items():
-            copy_into(parameters[name], value)
+    materialise(model, steps)
+    copy_start(model, start)
     return model.train()
 
 

@@ -44,6 +44,7 @@ from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
            "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
+           "read_model_tensors",
            "save_checkpoint", "verify_checkpoint"]
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
@@ -143,6 +144,21 @@ def single_process_is_intended():
         yield
 
 
+def read_model_tensors(checkpoint: str | Path, wanted: dict[str, torch.Tensor]) -> None:
+    """Fill ``wanted`` (model state keys, e.g. ``teacher.dino_head.mlp.0.weight``, to tensors of their shapes) in
+    place from ``checkpoint``, in this process alone: DCP reads just those byte ranges of the shard files, whatever
+    the world size that wrote them. No FSDP, no process group, no optimizer state."""
+    with single_process_is_intended():
+        dcp.load({"model": wanted}, checkpoint_id=str(checkpoint), no_dist=True)
+
+
+def _without_optimizer_state(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> list[str]:
+    """The optimized parameters that have no AdamW state yet: they never had a gradient (a head warm-up's frozen
+    backbones, the mask token of a student that is never masked). A fresh AdamW state is equivalent to none."""
+    optimized = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return sorted(optimized - set(optimizer_state["state"]))
+
+
 def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, stream_position: int, cfg: DictConfig,
                     keep_last: int = 3, keep_every: int = 0) -> Path:
@@ -176,7 +192,8 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
         files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "crc32": file_crc32(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         meta = {"iteration": iteration, "stream_position": stream_position, "world_size": distributed.world_size(),
-                "model_keys": sorted(state["model"]), "files": files, "saved_at": time.time()}
+                "model_keys": sorted(state["model"]), "files": files, "saved_at": time.time(),
+                "parameters_without_optimizer_state": _without_optimizer_state(model, state["optimizer"])}
         write_json(tmp / META_FILE, meta, indent=1)
         fsync_directory(tmp)
         replace_directory(tmp, final)  # over an older save of this iteration (resumed past a damaged one)
@@ -296,6 +313,8 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
     checkpoint = Path(checkpoint)
     meta = verify_checkpoint(checkpoint)
     state = _model_and_optimizer_state(model, optimizer)
+    for name in meta.get("parameters_without_optimizer_state", []):  # as saved: without state (see above)
+        state["optimizer"]["state"].pop(name, None)
     saved, wanted = set(meta["model_keys"]), set(state["model"])
     if saved != wanted:
         raise CheckpointMismatchError(
@@ -312,7 +331,9 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
             "The parameter groups follow optim.layerwise_decay and the model's structure: resume with the "
             f"config the run was saved with ({checkpoint / CONFIG_FILE}).") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    # strict=False only lets the recorded stateless parameters through: DCP has checked every other key above
+    stateless = bool(meta.get("parameters_without_optimizer_state"))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=not stateless))
     rng_file = rng_state_file(checkpoint, distributed.rank())
     meta["rng_restored"] = meta["world_size"] == distributed.world_size() and rng_file.is_file()
     if meta["rng_restored"]:

@@ -215,7 +215,8 @@ def iterate(run: Run) -> None:
         batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         batch["global_crops"], batch["local_crops"] = run.photometric(batch["global_crops"], batch["local_crops"])
         metrics, grad_norms = train_step(run.model, run.optimizer, batch, values, clip_grad=run.cfg.optim.clip_grad,
-                                         autocast=run.autocast)
+                                         autocast=run.autocast,
+                                         freeze_backbones=it < run.cfg.optim.head_warmup_iterations)
         if batch.get("bad_files"):
             run.bad_files += len(batch["bad_files"])
             run.report(f"iteration {it}: skipped unreadable images: {', '.join(map(str, batch['bad_files']))}")
@@ -240,20 +241,26 @@ def next_batch(run: Run, iteration: int) -> dict[str, Any]:
 
 
 def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict[str, Any],
-               values: dict[str, float], *, clip_grad: float, autocast: Any = contextlib.nullcontext()
-               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+               values: dict[str, float], *, clip_grad: float, autocast: Any = contextlib.nullcontext(),
+               freeze_backbones: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One optimisation step on this rank's augmented ``batch`` with the schedule ``values``, without waiting for
     the device. Returns this rank's loss terms and the pre-clip gradient norms per sub-model (over all ranks), as
-    0-d tensors on the device: :func:`read_figures` averages and reads them, :func:`flush` checks them."""
+    0-d tensors on the device: :func:`read_figures` averages and reads them, :func:`flush` checks them.
+    ``freeze_backbones`` (a head warm-up iteration): only the heads learn; both backbones stay as they are."""
     apply_optim_schedule(optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
                          last_layer_lr=values["last_layer_lr"])
     with autocast:
         loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if freeze_backbones:
+        # No gradient: AdamW skips these parameters (no update, no weight decay, no moments). Dropping the
+        # gradients rather than switching requires_grad keeps FSDP2's unshard/reshard schedule as in any step.
+        for parameter in model.student["backbone"].parameters():
+            parameter.grad = None
     grad_norms = clip_grad_norms_on_device(model.student, clip_grad)
     optimizer.step()
-    model.update_teacher(values["momentum"])
+    model.update_teacher(values["momentum"], backbone=not freeze_backbones)
     return metrics, grad_norms
 
 

@@ -39,7 +39,7 @@ SHARDING_MODES = ("full_shard", "shard_grad_op", "no_shard")
 # and updated weights. Only this module's warning is silenced.
 _VIEW_WARNING = r"FSDP2-wrapped module \(FSDPDinoVisionTransformer\) returned a view tensor"
 
-__all__ = ["SHARDING_MODES", "TargetedStep", "copy_into", "materialise", "shard_ssl_model"]
+__all__ = ["SHARDING_MODES", "TargetedStep", "copy_into", "copy_state_into", "materialise", "shard_ssl_model"]
 
 # (module of an unsharded meta-device template, what sets its own tensors, the qualified module names in the
 # model that receive them; none: the step only draws, as the build does for values it later overwrites)
@@ -58,9 +58,10 @@ def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_
         mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    for models, reshard in ((model.student, mode == "full_shard"), (model.teacher, True)):
-        # The teacher has no backward to reshard it: it always reshards after its forward, so its parameters
-        # are shards again (lined up with the student's) when the EMA update runs.
+    frozen = [(model.distillation_teacher, True)] if getattr(model, "distillation_teacher", None) is not None else []
+    for models, reshard in ((model.student, mode == "full_shard"), (model.teacher, True), *frozen):
+        # The teachers have no backward to reshard them: they always reshard after their forward, so the EMA
+        # teacher's parameters are shards again (lined up with the student's) when the EMA update runs.
         options = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
         for name, module in models.items():
             if name == "backbone":
@@ -92,6 +93,14 @@ def copy_into(destination: Tensor, value: Tensor) -> None:
     if isinstance(destination, DTensor):
         value = distribute_tensor(value, destination.device_mesh, destination.placements, src_data_rank=None)
     destination.copy_(value)
+
+
+@torch.no_grad()
+def copy_state_into(module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy ``tensors`` (by ``module``'s state keys) into ``module``: into this rank's shards when sharded."""
+    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    for name, value in tensors.items():
+        copy_into(own[name], value)
 
 
 @torch.no_grad()

@@ -1,0 +1,142 @@
+"""Where a run's weights start when it does not start from the initialisation alone.
+
+- ``student.pretrained_weights``: a backbone (any file :func:`dinoreg.load_backbone` reads); the heads start fresh
+  (``optim.head_warmup_iterations`` then trains them first, backbones frozen).
+- ``train.init_from``: a backbone *with its DINO and iBOT heads*, for continued pretraining: a dinoreg run or
+  checkpoint (its teacher), a ``dinoreg export --with-heads`` file, or an official ``teacher_checkpoint.pth``
+  (whose deprecated ``weight_norm`` keys ``last_layer.weight_g`` / ``weight_v`` map to ours).
+- ``distillation.teacher``: the frozen teacher of a distillation run, read the same way as ``train.init_from``.
+
+Everything is checked strictly against the configured model (which may sit on the meta device) before any work:
+a misfit is an error listing what does not fit and the config keys to change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from dinoreg.models.head import HEAD_NAMES, head_spec_of
+from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
+from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.weights import fitted_state_dict, infer_arch_kwargs, read_checkpoint, read_heads
+from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
+from dinoreg.train.parallel import copy_state_into
+
+__all__ = ["Weights", "check_heads", "copy_start", "fitted_backbone", "read_run_weights", "read_weights", "start_tensors"]
+
+_HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers",
+              "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim"}
+
+
+@dataclass
+class Weights:
+    """A backbone and the heads beside it, as read from one source."""
+
+    source: str
+    arch: dict  # DinoVisionTransformer keyword arguments
+    backbone: dict[str, Tensor]
+    heads: dict[str, dict[str, Tensor]]  # "dino_head" / "ibot_head" -> DINOHead state dict (our layout)
+
+
+def read_weights(path: str, *, key: str) -> Weights:
+    """The backbone and heads of ``path``: a dinoreg run or checkpoint (its teacher, read from the DCP shards by
+    this process alone), or a file. ``key``: the config key that named it, for the errors."""
+    if not os.path.exists(path):
+        raise ValueError(f"{key}: {path} does not exist; give a dinoreg run or checkpoint, a `dinoreg export "
+                         "--with-heads` file or an official teacher_checkpoint.pth")
+    with torch.device("cpu"):  # real tensors, also when the model around is being built on the meta device
+        if os.path.isdir(path) and (Path(path, CHECKPOINT_DIR).is_dir() or Path(path, META_FILE).is_file()):
+            return _read_run(Path(path), key=key)
+        backbone, metadata = read_checkpoint(path)
+        return Weights(source=path, arch={**infer_arch_kwargs(backbone), **metadata}, backbone=backbone,
+                       heads=read_heads(path))
+
+
+def _read_run(path: Path, *, key: str) -> Weights:
+    from dinoreg.train.checkpoint import newest_intact_checkpoint  # noqa: PLC0415
+
+    checkpoint = path if (path / META_FILE).is_file() else newest_intact_checkpoint(path, warn=lambda message: None)
+    if checkpoint is None:
+        raise ValueError(f"{key}: {path} holds no intact checkpoint")
+    return read_run_weights(checkpoint)
+
+
+def read_run_weights(checkpoint: Path, *, part: str = "teacher") -> Weights:
+    """The ``part`` (teacher or student) backbone and heads of a checkpoint directory, read by this process alone."""
+    from dinoreg.config import build_backbone_from_config, load_config  # noqa: PLC0415
+    from dinoreg.train.checkpoint import read_model_tensors, verify_checkpoint  # noqa: PLC0415
+
+    verify_checkpoint(checkpoint)
+    # the saved teacher's tensors and shapes, from the checkpoint's own metadata; its architecture from its config
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    prefix = f"model.{part}."
+    wanted = {name[len("model."):]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+              for name, entry in saved.items() if name.startswith(prefix)}
+    read_model_tensors(checkpoint, wanted)
+    teacher = {name[len(part) + 1:]: value for name, value in wanted.items()}
+    parts = {name: {k[len(name) + 1:]: v for k, v in teacher.items() if k.startswith(name + ".")}
+             for name in ("backbone", *HEAD_NAMES)}
+    with torch.device("meta"):
+        arch = build_backbone_from_config(load_config(str(checkpoint / CONFIG_FILE)), stochastic_depth=False).arch_kwargs
+    return Weights(source=str(checkpoint), arch=dict(arch), backbone=parts["backbone"],
+                   heads={name: parts[name] for name in HEAD_NAMES if parts[name]})
+
+
+def check_heads(weights: Weights, expected: Mapping[str, nn.Module], *, key: str) -> None:
+    """The heads of ``weights`` fit ``expected`` (name -> DINOHead, possibly on the meta device) exactly."""
+    if not weights.heads:
+        raise ValueError(f"{key}: {weights.source} holds a backbone but no DINO/iBOT heads. Start from the backbone "
+                         "alone with student.pretrained_weights (the heads start fresh; optim.head_warmup_iterations "
+                         "trains them first, backbones frozen), or export a run with `dinoreg export --with-heads`")
+    given = {f"{name}.{k}": v for name, head in weights.heads.items() for k, v in head.items()}
+    wanted = {f"{name}.{k}": v for name, head in expected.items() for k, v in head.state_dict().items()}
+    found = ", ".join(f"{name}: {head_spec_of(head)}" for name, head in weights.heads.items())
+    check_state_dict_fits(given, wanted, given_name=key, expected_name="configured heads",
+                          hint=f"{weights.source} has {found}; set "
+                               + "; ".join(_HEAD_KEYS[name] for name in sorted(set(weights.heads) | set(expected)))
+                               + " to match")
+
+
+def start_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
+    """What the student (and, as its copy, the teacher) start from instead of the initialisation, by student key
+    (``backbone.*``, ``dino_head.*``...), checked against ``template`` (an SSLMetaArch, possibly on the meta
+    device); empty when the config asks for neither ``student.pretrained_weights`` nor ``train.init_from``."""
+    backbone: DinoVisionTransformer = template.student["backbone"]
+    if cfg.student.pretrained_weights:
+        path = cfg.student.pretrained_weights
+        if not os.path.exists(path):
+            raise ValueError(f"student.pretrained_weights: {path} does not exist; give an official or exported "
+                             "backbone (.pth, .safetensors, or a `dinoreg export` output), or leave it empty")
+        return {f"backbone.{k}": v for k, v in fitted_backbone(backbone, path, key="student.pretrained_weights").items()}
+    if not cfg.train.init_from:
+        return {}
+    weights = read_weights(cfg.train.init_from, key="train.init_from")
+    heads = {name: module for name, module in template.student.items() if name != "backbone"}
+    check_heads(weights, heads, key="train.init_from")
+    tensors = {f"backbone.{k}": v for k, v in fitted_backbone(backbone, weights.backbone, key="train.init_from").items()}
+    return {**tensors, **{f"{name}.{k}": v for name, head in weights.heads.items() for k, v in head.items()}}
+
+
+def fitted_backbone(backbone: DinoVisionTransformer, source: str | Mapping[str, Tensor], *, key: str) -> dict[str, Tensor]:
+    try:
+        return fitted_state_dict(backbone, source)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(
+            f"{key} does not fit the configured student (student.arch, patch_size, num_register_tokens, "
+            f"ffn_layer...):\n{error}") from None
+
+
+@torch.no_grad()
+def copy_start(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy ``tensors`` (by student key) into the student and the teacher of ``model``; into this rank's shards
+    when they are sharded."""
+    for part in (model.student, model.teacher):
+        copy_state_into(part, tensors)
