@@ -41,32 +41,37 @@ _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Return ``(state_dict, metadata)`` with the backbone keys in the flat official layout."""
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        return _read_hf_directory(os.fspath(source))
-    raw, metadata = _read_raw(source)
-    if raw.get(LAYOUT_KEY) == "timm":
-        return from_timm(raw["state_dict"], metadata), metadata
-    return normalize_state_dict(_unwrap(raw)), metadata
+    state_dict, metadata, _ = read_checkpoint_and_heads(source)
+    return state_dict, metadata
 
 
 def read_heads(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
     """The DINO and iBOT heads a checkpoint holds, by name (``dino_head``, ``ibot_head``), in our layout; empty when
     it holds none (a backbone file, a Hugging Face or timm export). Reads ``dinoreg export --with-heads`` files and
     official teacher checkpoints (``{"teacher": {"dino_head.*", ...}}``, with ``last_layer.weight_g``/``weight_v``)."""
+    return read_checkpoint_and_heads(source)[2]
+
+
+def read_checkpoint_and_heads(source: str | os.PathLike | Mapping[str, Any]
+                              ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, dict[str, Tensor]]]:
+    """:func:`read_checkpoint` and :func:`read_heads` from one read of the file."""
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        return {}
-    raw, _ = _read_raw(source)
+        return (*_read_hf_directory(os.fspath(source)), {})
+    raw, metadata = _read_raw(source)
     if raw.get(LAYOUT_KEY) == "timm":
-        return {}
-    tensors = {k: v for k, v in _unwrap(raw).items() if isinstance(v, Tensor)}
+        return from_timm(raw["state_dict"], metadata), metadata, {}
+    unwrapped = _unwrap(raw)
     heads: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
+    for key, value in unwrapped.items():
+        if not isinstance(value, Tensor):
+            continue
         for prefix in ("", *_PREFIXES):
             name, _, rest = key[len(prefix):].partition(".") if key.startswith(prefix) else ("", "", "")
             if name in HEAD_NAMES and rest:
                 heads.setdefault(name, {})[rest] = value
                 break
-    return {name: head_from_official(state) for name, state in heads.items()}
+    return (normalize_state_dict(unwrapped), metadata,
+            {name: head_from_official(state) for name, state in heads.items()})
 
 
 def _read_raw(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from dinoreg.models.head import HEAD_NAMES, head_spec_of
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.models.weights import fitted_state_dict, infer_arch_kwargs, read_checkpoint, read_heads
+from dinoreg.models.weights import fitted_state_dict, infer_arch_kwargs, read_checkpoint_and_heads
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
 from dinoreg.train.parallel import copy_state_into
 
@@ -55,9 +55,8 @@ def read_weights(path: str, *, key: str) -> Weights:
     with torch.device("cpu"):  # real tensors, also when the model around is being built on the meta device
         if os.path.isdir(path) and (Path(path, CHECKPOINT_DIR).is_dir() or Path(path, META_FILE).is_file()):
             return _read_run(Path(path), key=key)
-        backbone, metadata = read_checkpoint(path)
-        return Weights(source=path, arch={**infer_arch_kwargs(backbone), **metadata}, backbone=backbone,
-                       heads=read_heads(path))
+        backbone, metadata, heads = read_checkpoint_and_heads(path)  # one read of a possibly large file
+        return Weights(source=path, arch={**infer_arch_kwargs(backbone), **metadata}, backbone=backbone, heads=heads)
 
 
 def _read_run(path: Path, *, key: str) -> Weights:
