@@ -226,7 +226,8 @@ def _validate(cfg: DictConfig) -> list[str]:
           "must be > 0 values per chunk (the default 16777216 is 64 MiB in fp32)")
     check(train.log_every > 0, "train.log_every", "must be > 0")
     for key in ("evaluation.knn_train_images", "evaluation.knn_eval_images", "evaluation.knn_k",
-                "evaluation.eval_period_iterations"):
+                "evaluation.eval_period_iterations", "evaluation.segmentation_train_images",
+                "evaluation.segmentation_eval_images", "evaluation.segmentation_iterations"):
         check(OmegaConf.select(cfg, key) > 0, key, "must be > 0")
     # Official dataset strings ("ImageNet:split=TRAIN") would otherwise fail late, in the data loader.
     dataset = train.dataset_path

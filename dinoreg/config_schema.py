@@ -164,6 +164,13 @@ class EvaluationConfig:
     # its held-out split, images resized to crops.global_crops_size.
     knn_train_images: int = 2000
     knn_eval_images: int = 1000
+    # The teacher's linear segmentation probe (DINOv2's "linear" head on the last block's patch tokens) on the
+    # synthetic label maps, at the same periods as kNN: fitted on segmentation_train_images images of the
+    # train split for segmentation_iterations AdamW steps of 16, mIoU on segmentation_eval_images held-out ones.
+    segmentation_enabled: bool = False
+    segmentation_train_images: int = 1000
+    segmentation_eval_images: int = 500
+    segmentation_iterations: int = 500
 
 
 @dataclass

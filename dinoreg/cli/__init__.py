@@ -10,6 +10,8 @@ Subcommands:
   bench checkpoint time saving and loading a full training checkpoint; its size
   eval knn         weighted kNN accuracy of a frozen backbone (DINO's protocol)
   eval linear      linear probes over a learning-rate grid (DINOv2's protocol)
+  eval segmentation linear semantic-segmentation probe on patch tokens: mIoU (DINOv2's protocol)
+  data export-synthetic  the synthetic dataset as image folders with PNG label maps
   model-info       build a backbone and print its parameters, FLOPs and output shapes
   analyze flops    FLOPs and parameters versus the number of register tokens
 
@@ -23,6 +25,7 @@ import sys
 from typing import Sequence
 
 from dinoreg import __version__
+from dinoreg.cli.data import add_data_parser
 from dinoreg.cli.evaluate import add_eval_parser
 from dinoreg.cli.export import add_export_parser
 from dinoreg.cli.model import add_analyze_parser, add_model_info_parser
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     # the job runs its command line through run(), in-process, after build_parser() checked it
     add_submit_parser(commands, job_entry=run, job_parser=build_parser)
-    for add_parser in (add_export_parser, add_eval_parser, add_model_info_parser, add_bench_parser,
+    for add_parser in (add_export_parser, add_eval_parser, add_data_parser, add_model_info_parser, add_bench_parser,
                        add_analyze_parser):
         add_parser(commands)
     return parser

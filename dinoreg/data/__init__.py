@@ -32,11 +32,22 @@ from dinoreg.data.loader import (
     build_eval_loader,
     build_loader,
     collate_multicrop,
+    normalise_uint8,
 )
-from dinoreg.data.synthetic import SyntheticShapes
+from dinoreg.data.segmentation import (
+    IGNORE_LABEL,
+    SegmentationFolder,
+    SyntheticSegmentation,
+    build_segmentation_loader,
+    decode_label_map,
+    encode_label_map,
+)
+from dinoreg.data.synthetic import SEGMENTATION_CLASSES, SyntheticShapes
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
+    "IGNORE_LABEL", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SEGMENTATION_CLASSES",
+    "SegmentationFolder", "SyntheticSegmentation", "build_segmentation_loader", "decode_label_map",
+    "encode_label_map", "normalise_uint8",
     "BadFileLog", "BadSample", "DatasetError", "EvalTransform", "FileList", "ImageFolder", "IndexedView", "InfiniteShardedSampler",
     "MultiCropDataset", "MultiCropGeometric", "Photometric", "RandomColorJitter", "SyntheticShapes",
     "build_dataset", "build_eval_loader", "build_loader", "collate_multicrop", "load_image",

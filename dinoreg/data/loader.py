@@ -192,18 +192,20 @@ class EvalTransform:
         if self.resize_size < self.image_size:
             raise ValueError(f"resize_size {self.resize_size} < image_size {self.image_size}")
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        w, h = image.size
+    def geometry(self, w: int, h: int) -> Tuple[Tuple[int, int], Tuple[int, int, int, int]]:
+        """``((resized w, h), crop box)`` for a ``w`` x ``h`` image."""
         # torchvision's Resize(int), which the official evaluation uses (and HF's and timm's processors):
         # the shorter side to resize_size, the longer one scaled and truncated
         short, long = min(w, h), max(w, h)
         scaled = int(self.resize_size * long / short)
         new_w, new_h = (self.resize_size, scaled) if w <= h else (scaled, self.resize_size)
-        image = image.convert("RGB").resize((new_w, new_h), Image.BICUBIC)
         # torchvision's CenterCrop: offsets rounded half to even (an odd margin of 7 px starts the crop at 4)
         left, top = int(round((new_w - self.image_size) / 2.0)), int(round((new_h - self.image_size) / 2.0))
-        image = image.crop((left, top, left + self.image_size, top + self.image_size))
-        return pil_to_uint8_tensor(image)
+        return (new_w, new_h), (left, top, left + self.image_size, top + self.image_size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size, box = self.geometry(*image.size)
+        return pil_to_uint8_tensor(image.convert("RGB").resize(size, Image.BICUBIC).crop(box))
 
 
 class _EvalDataset:
@@ -225,10 +227,14 @@ def _collate_eval(samples) -> Tuple[torch.Tensor, torch.Tensor]:
     good = [s for s in samples if s is not None]  # bad files are dropped (and counted by the dataset)
     if not good:
         return torch.zeros((0, 3, 1, 1)), torch.zeros((0,), dtype=torch.long)
+    return normalise_uint8(torch.stack([s[0] for s in good])), torch.tensor([s[1] for s in good], dtype=torch.long)
+
+
+def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> float, ImageNet-normalised (the evaluations' input)."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    images = torch.stack([s[0] for s in good]).float().div_(255.0)
-    return (images - mean) / std, torch.tensor([s[1] for s in good], dtype=torch.long)
+    return (images.float().div_(255.0) - mean) / std
 
 
 def build_eval_loader(dataset, *, image_size: int, batch_size: int, num_workers: int,

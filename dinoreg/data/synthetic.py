@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES: List[str] = ["disc", "square", "triangle", "star", "ring", "cross", "hexagon", "ellipse"]
+# Semantic segmentation: class 0 is the background, class 1 + label an object of that shape.
+SEGMENTATION_CLASSES: List[str] = ["background", *CLASSES]
 TEXTURES = ("flat", "stripes", "checker", "noise")
 BACKGROUNDS = ("flat", "gradient", "noise", "stripes")
 _SPLIT_STREAM = {"train": 0, "val": 1}
@@ -126,6 +128,12 @@ class SyntheticShapes:
         """The objects' bounding boxes ``(x0, y0, x1, y1)`` in pixels, x1/y1 exclusive (slice bounds): the tight
         box of the pixels each object covers (anti-aliased edges included)."""
         return self.sample(index)["boxes"]
+
+    def segmentation(self, index: int) -> np.ndarray:
+        """The label map ``int64 [S, S]`` of ``SEGMENTATION_CLASSES``: 0 where the background shows, 1 + the
+        image's label where an object covers at least half of the pixel (anti-aliased edges split at 0.5)."""
+        sample = self.sample(index)
+        return np.where(sample["mask"] >= 0.5, 1 + sample["label"], 0).astype(np.int64)
 
     def _label(self, index: int) -> int:
         if not 0 <= index < self.size:

@@ -63,9 +63,12 @@ def resolve_weights(*, weights: Optional[Path], run: Optional[Path]) -> Path:
 
 def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_size: Optional[int], batch_size: int,
               num_workers: int, max_train_images: Optional[int], max_val_images: Optional[int],
-              random_init: bool = False) -> EvalContext:
+              random_init: bool = False, splits: Optional[tuple[Any, Any, list[str]]] = None,
+              resize_ratio: float = 256 / 224) -> EvalContext:
     """Join the torchrun/SLURM process group when there is one (gloo on CPU), load the backbone (eval mode)
-    and the data. ``image_size`` defaults to the backbone's, ``resize_size`` to ``image_size * 256 / 224``.
+    and the data: ``splits`` ``(train, val, classes)`` when given, else :func:`eval_splits` of ``data`` (then only
+    a description). ``image_size`` defaults to the backbone's, ``resize_size`` to ``image_size * resize_ratio``
+    (the official 256 / 224; 1 keeps a square image whole).
     ``random_init``: the same architecture, freshly initialised with seed 0 (the baseline to beat).
 
     Raises :class:`EvalInputError` for a bad data layout, a weights file that is no loadable backbone, or an
@@ -73,7 +76,7 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
     """
     from dinoreg.models.weights import load_backbone  # noqa: PLC0415 (safetensors only when needed)
 
-    train_set, val_set, classes = eval_splits(data)  # before anything slow: a bad layout fails at once
+    train_set, val_set, classes = splits or eval_splits(data)  # before anything slow: a bad layout fails at once
     env = detect_environment()
     device = process_device(env)
     init_distributed(env, device)
@@ -94,7 +97,7 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
         lower = image_size // patch * patch
         raise EvalInputError(f"--img-size {image_size} is not a multiple of the backbone's patch size {patch}; "
                              f"use e.g. --img-size {lower or patch} or {lower + patch}")
-    resize_size = int(resize_size or round(image_size * 256 / 224))
+    resize_size = int(resize_size or round(image_size * resize_ratio))
     if resize_size < image_size:
         raise EvalInputError(f"--resize-size {resize_size} is smaller than the crop --img-size {image_size}; "
                              f"use --resize-size {image_size} (no crop) or more")

@@ -41,7 +41,8 @@ _OPTIM = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
 _DATA = ("images_per_sec", "data_wait", "bad_files")
 _LOSS_DIAGNOSTICS = ("teacher_entropy", "teacher_batch_entropy")  # the DINO loss's, beside its terms
 # the HParams tab shows these beside the config: their last values are the run's outcome
-HPARAM_METRICS = ("eval/knn_top1", "eval/knn_top5", "loss/total")
+HPARAM_METRICS = ("eval/knn_top1", "eval/knn_top5", "eval/segmentation_miou", "loss/total")
+EVALUATION_PREFIXES = ("knn_", "segmentation_")  # the periodic evaluations' keys, under eval/ in TensorBoard
 
 
 def tensorboard_tag(key: str) -> Optional[str]:
@@ -56,7 +57,7 @@ def tensorboard_tag(key: str) -> Optional[str]:
         return f"loss/{key}"
     if key.startswith("grad_norm_"):
         return f"grad_norm/{key[len('grad_norm_'):]}"
-    if key.startswith("knn_"):
+    if key.startswith(EVALUATION_PREFIXES):
         return f"eval/{key}"
     if key in _OPTIM:
         return f"optim/{key}"
@@ -144,7 +145,7 @@ class TrainingLogger:
             self.last_train = row
         if step_done:
             self._progress(iteration, row)
-        elif "knn_top1" in row:
+        elif any(key.startswith(EVALUATION_PREFIXES) for key in row):
             self.write(f"eval @ iteration {iteration}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k != "iteration"))
 

@@ -38,7 +38,7 @@ from dinoreg.train.build import (build_model_and_optimizer, build_photometric, p
                                  training_batches)
 from dinoreg.train.checkpoint import (CheckpointError, config_differences, load_checkpoint, newest_intact_checkpoint,
                                       read_meta, remove_incomplete, save_checkpoint)
-from dinoreg.train.evaluation import KnnEvaluator
+from dinoreg.train.evaluation import KnnEvaluator, SegmentationEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
 from dinoreg.train.optim import Schedules, apply_optim_schedule, clip_grad_norms_on_device
@@ -91,7 +91,7 @@ class Run:
     schedules: Schedules
     batches: Iterator[dict[str, Any]]
     photometric: Photometric
-    evaluate: Optional[KnnEvaluator]
+    evaluators: dict[str, Callable[..., dict[str, float]]]  # label -> the teacher's periodic evaluation
     monitor: Optional[ArtifactMonitor]
     logger: TrainingLogger
     signals: SignalWatcher
@@ -128,7 +128,9 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     barrier()
     batches = training_batches(cfg, dataset, env, start=position, pin_memory=device.type == "cuda")
     photometric = build_photometric(cfg, device)
-    evaluate = KnnEvaluator(cfg, device) if cfg.evaluation.knn_enabled else None
+    evaluators = {label: build(cfg, device) for label, build, enabled in (
+        ("kNN", KnnEvaluator, cfg.evaluation.knn_enabled),
+        ("segmentation", SegmentationEvaluator, cfg.evaluation.segmentation_enabled)) if enabled}
     monitor = ArtifactMonitor(cfg, device) if cfg.monitor.period else None  # reads its probe images: may fail
     # last, because train() closes them only once set_up has returned: the logger opens metrics.jsonl and
     # TensorBoard, the watcher takes over the signals
@@ -136,7 +138,7 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
                             enabled=env.is_main, print_every=cfg.train.log_every)
     logger.hparams(OmegaConf.to_container(cfg, resolve=True))
     return Run(cfg=cfg, env=env, device=device, autocast=autocast, output=output, model=model, optimizer=optimizer,
-               schedules=schedules, batches=batches, photometric=photometric, evaluate=evaluate, monitor=monitor,
+               schedules=schedules, batches=batches, photometric=photometric, evaluators=evaluators, monitor=monitor,
                logger=logger, signals=SignalWatcher(cfg.checkpoint.save_on_signals),
                report=logger.warn if env.is_main else warn, start=start, position=position)
 
@@ -357,10 +359,11 @@ def periodic_work(run: Run, iteration: int) -> None:
 
 
 def measure(run: Run, iteration: int, *, evaluate: bool, monitor: bool) -> None:
-    """Log the teacher's kNN accuracy and the artifact monitor's figures (each when asked and enabled)."""
-    if evaluate and run.evaluate:
-        with run.logger.activity(f"kNN evaluation of the teacher at iteration {iteration}", label="kNN"):
-            metrics = run.evaluate(run.model.teacher_backbone, run.autocast, progress=run.logger.progress)
+    """Log the teacher's evaluations (kNN, segmentation) and the artifact monitor's figures (each when asked and
+    enabled)."""
+    for label, evaluator in run.evaluators.items() if evaluate else ():
+        with run.logger.activity(f"{label} evaluation of the teacher at iteration {iteration}", label=label):
+            metrics = evaluator(run.model.teacher_backbone, run.autocast, progress=run.logger.progress)
         run.logger.log(iteration, metrics, step_done=False)
     if monitor and run.monitor:
         with run.logger.activity("artifact monitor", label="monitor", log=False):  # a fraction of a second
