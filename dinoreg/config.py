@@ -285,9 +285,52 @@ def _validate(cfg: DictConfig) -> list[str]:
     check(not distill.enabled or bool(distill.teacher), "distillation.teacher",
           "distillation.enabled needs the frozen teacher: a dinoreg run, a `dinoreg export --with-heads` file or "
           "an official teacher_checkpoint.pth")
+    problems += _gram_problems(cfg, total)
     check(0 < optim.layerwise_decay <= 1, "optim.layerwise_decay", "must be in (0, 1]")
     for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
         check(0 <= OmegaConf.select(cfg, key) < 1, key, "must be in [0, 1)")
+    return problems
+
+
+_GRAM_SCHEDULE_KEYS = {"start", "peak", "end", "warmup_epochs", "cosine_epochs"}
+
+
+def _gram_problems(cfg: DictConfig, total: int) -> list[str]:
+    """What does not fit together in ``gram.*`` (DINOv3's own checks, and ours for what it leaves implicit)."""
+    gram, crops = cfg.gram, cfg.crops
+    if not gram.use_loss:
+        return []
+    rules = [
+        (gram.ema_teacher and (gram.ckpt or gram.rep_update or crops.gram_teacher_crops_size or
+                               gram.it_load_ema_teacher >= 0), "gram.ema_teacher",
+         "the EMA teacher is then the Gram teacher: set gram.ckpt=null, gram.rep_update=false, "
+         "gram.it_load_ema_teacher=-1 and crops.gram_teacher_crops_size=null"),
+        (not gram.ema_teacher and not gram.ckpt and gram.it_load_ema_teacher < 0, "gram.it_load_ema_teacher",
+         "a Gram teacher needs a start: gram.ckpt=FILE, gram.it_load_ema_teacher=ITERATION (a copy of the EMA "
+         "teacher then) or gram.ema_teacher=true"),
+        (gram.it_load_ema_teacher >= total, "gram.it_load_ema_teacher", f"must be < the run's {total} iterations"),
+        (gram.update_frequency <= 0, "gram.update_frequency", "must be > 0"),
+        (gram.max_updates is not None and gram.max_updates < 0, "gram.max_updates", "must be >= 0 or null"),
+        (gram.remove_neg and gram.remove_only_teacher_neg, "gram.remove_only_teacher_neg",
+         "excludes gram.remove_neg: set one of them"),
+        (gram.tokens_used != "all" and gram.img_level, "gram.tokens_used",
+         "masked/unmasked tokens need the batch-level Gram matrix: set gram.img_level=false"),
+        (gram.tokens_used != "all" and cfg.distillation.enabled and not cfg.distillation.mask_student,
+         "gram.tokens_used", "an unmasked (distilled) student has no masked tokens: use gram.tokens_used=all"),
+        (cfg.distillation.enabled, "gram.use_loss", "Gram anchoring of a distillation run is not supported (as in "
+                                                    "DINOv3's multi-distillation): turn one of them off"),
+        (crops.gram_teacher_crops_size is not None and (crops.gram_teacher_crops_size < crops.global_crops_size or
+                                                        crops.gram_teacher_crops_size % cfg.student.patch_size),
+         "crops.gram_teacher_crops_size", f"must be a multiple of student.patch_size={cfg.student.patch_size}, "
+                                          f"at least crops.global_crops_size={crops.global_crops_size}"),
+    ]
+    problems = [f"{key}: {message}" for broken, key, message in rules if broken]
+    schedule = gram.loss_weight_schedule
+    if schedule is not None:
+        keys = set(schedule)
+        if not {"start", "peak", "end", "warmup_epochs"} <= keys <= _GRAM_SCHEDULE_KEYS:
+            problems.append(f"gram.loss_weight_schedule: has {sorted(keys)}; give start, peak, end, warmup_epochs "
+                            "and optionally cosine_epochs")
     return problems
 
 

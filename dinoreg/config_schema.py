@@ -5,7 +5,7 @@ Loading, merging and validation live in :mod:`dinoreg.config`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, CHECKPOINTING_MODES, FFN_LAYERS
 from dinoreg.ssl.meta_arch import CENTERINGS
@@ -145,6 +145,13 @@ class CropsConfig:
     local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
     global_crops_size: int = 224
     local_crops_size: int = 96
+    # Gram anchoring with its own Gram teacher (gram.use_loss, not gram.ema_teacher): the size of the global crops
+    # it sees (null: the global crop size; larger: its patch features are resized down to the student's grid).
+    # gram_teacher_no_distortions: its crops are the same boxes and flips as the global crops cut from the image
+    # at that size, without colour, blur or solarisation; false (DINOv3's default): the distorted global crops
+    # resized up (bicubic).
+    gram_teacher_crops_size: Optional[int] = None
+    gram_teacher_no_distortions: bool = False
     # The official augmentation hard-codes these; they are keys here so small runs can tune them.
     blur_prob_global1: float = 1.0
     blur_prob_global2: float = 0.1
@@ -209,6 +216,37 @@ class DistillationConfig:
 
 
 @dataclass
+class GramConfig:
+    """DINOv3's Gram anchoring (its ``gram.*`` keys and defaults, ``dinov3/configs/ssl_default_config.yaml``): the
+    MSE between the Gram matrices (patch-to-patch similarities) of the student's global-crop patch tokens and of a
+    frozen Gram teacher's, on the same views. Registers and the cls token never enter it."""
+    use_loss: bool = False
+    compute_stats: bool = False  # also log the loss on the masked and the unmasked tokens (no gradient)
+    loss_weight: float = 1.0  # constant weight, unless loss_weight_schedule is set
+    # the EMA teacher itself is the Gram teacher (no copy, no refresh, no crops of its own)
+    ema_teacher: bool = False
+    # a backbone file or run whose (teacher) backbone starts the Gram teacher: anything load_backbone reads
+    ckpt: Optional[str] = None
+    # at the start of this iteration the EMA teacher's backbone is copied into the Gram teacher (-1: never);
+    # until then (without ckpt) there is no Gram teacher and the loss is off
+    it_load_ema_teacher: int = -1
+    rep_update: bool = True  # refresh the Gram teacher from the EMA teacher ...
+    update_frequency: int = 50000  # ... after every iteration i with (i + 1) % update_frequency == 0 ...
+    it_first_update: int = 0  # ... and i + 1 >= it_first_update ...
+    max_updates: Optional[int] = None  # ... at most this many times (null: no limit)
+    normalized: bool = True  # cosine similarities (L2-normalised tokens)
+    img_level: bool = False  # one Gram matrix per image; false: one over all tokens of the local batch
+    remove_neg: bool = False  # zero the negative similarities of both matrices
+    remove_only_teacher_neg: bool = False  # ... of the teacher's only
+    tokens_used: str = "all"  # all, masked or unmasked (by the student's iBOT masks; batch-level only)
+    global_teacher_resize_method: str = "bicubic"
+    global_teacher_resize_antialias: bool = False
+    # {start, peak, end, warmup_epochs, cosine_epochs (optional)}: linear warm-up then cosine, epochs of
+    # train.epoch_length iterations (DINOv3's linear_warmup_cosine_decay); replaces loss_weight
+    loss_weight_schedule: Optional[Dict[str, Any]] = None
+
+
+@dataclass
 class DinoRegConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -221,6 +259,7 @@ class DinoRegConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
 
 
 CHOICES = {
@@ -234,6 +273,8 @@ CHOICES = {
     "train.sharding": ("full_shard", "shard_grad_op", "no_shard"),
     "train.compile": ("auto", "blocks", "none"),
     "train.activation_checkpointing": CHECKPOINTING_MODES,
+    "gram.tokens_used": ("all", "masked", "unmasked"),
+    "gram.global_teacher_resize_method": ("bicubic", "bilinear", "nearest", "area"),
 }
 
 # Official keys that we renamed, and official keys we deliberately dropped (with why).

@@ -79,7 +79,9 @@ class MultiCropGeometric:
 
     ``__call__(image, rng)`` -> ``{"global_crops": [2 x uint8 [3, G, G]], "local_crops": [n x uint8 [3, L, L]]}``.
     Each crop draws its box then its flip from ``rng``, in the order global 1, global 2, locals, so a
-    seeded ``rng`` makes the crops reproducible. Images smaller than a crop are upscaled.
+    seeded ``rng`` makes the crops reproducible. Images smaller than a crop are upscaled. With
+    ``gram_crops_size`` T, also ``"gram_crops": [2 x uint8 [3, T, T]]``: the global crops' boxes and flips cut at
+    T pixels (DINOv3's Gram-teacher crops without distortions), with no extra draw.
     """
 
     ratio = (3.0 / 4.0, 4.0 / 3.0)
@@ -91,39 +93,50 @@ class MultiCropGeometric:
         local_crops_number: int,
         global_crops_scale: Sequence[float] = (0.32, 1.0),
         local_crops_scale: Sequence[float] = (0.05, 0.32),
+        gram_crops_size: Optional[int] = None,
     ):
         self.global_crops_size = int(global_crops_size)
         self.local_crops_size = int(local_crops_size)
         self.local_crops_number = int(local_crops_number)
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
+        self.gram_crops_size = None if gram_crops_size is None else int(gram_crops_size)
 
     @property
     def min_source_side(self) -> int:
         """Smallest source side at which even the smallest, most elongated crop keeps >= 1 source pixel per
         output pixel; a JPEG may be decoded at a reduced scale (``Image.draft``) down to this side."""
-        needs = [self.global_crops_size / math.sqrt(self.global_crops_scale[0] * min(self.ratio))]
+        global_size = max(self.global_crops_size, self.gram_crops_size or 0)
+        needs = [global_size / math.sqrt(self.global_crops_scale[0] * min(self.ratio))]
         if self.local_crops_number > 0:
             needs.append(self.local_crops_size / math.sqrt(self.local_crops_scale[0] * min(self.ratio)))
         return int(math.ceil(max(needs)))
 
     def random_resized_crop(self, image: Image.Image, size: int, scale: Sequence[float],
                             rng: random.Random) -> torch.Tensor:
+        return self.random_resized_crops(image, (size,), scale, rng)[0]
+
+    def random_resized_crops(self, image: Image.Image, sizes: Sequence[int], scale: Sequence[float],
+                             rng: random.Random) -> List[torch.Tensor]:
+        """One box and flip drawn from ``rng``, cut at each of ``sizes`` (bicubic)."""
         width, height = image.size
         top, left, h, w = sample_resized_crop_params(width, height, scale, self.ratio, rng)
-        crop = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        crops = [image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h)) for size in sizes]
         if rng.random() < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        return pil_to_uint8_tensor(crop)
+            crops = [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
+        return [pil_to_uint8_tensor(crop) for crop in crops]
 
     def __call__(self, image: Image.Image, rng: random.Random) -> Dict[str, List[torch.Tensor]]:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        global_crops = [self.random_resized_crop(image, self.global_crops_size, self.global_crops_scale, rng)
-                        for _ in range(2)]
+        sizes = (self.global_crops_size,) + ((self.gram_crops_size,) if self.gram_crops_size else ())
+        views = [self.random_resized_crops(image, sizes, self.global_crops_scale, rng) for _ in range(2)]
         local_crops = [self.random_resized_crop(image, self.local_crops_size, self.local_crops_scale, rng)
                        for _ in range(self.local_crops_number)]
-        return {"global_crops": global_crops, "local_crops": local_crops}
+        crops = {"global_crops": [view[0] for view in views], "local_crops": local_crops}
+        if self.gram_crops_size:
+            crops["gram_crops"] = [view[1] for view in views]
+        return crops
 
     def __repr__(self) -> str:
         return (f"MultiCropGeometric(global={self.global_crops_size}px x2 scale={self.global_crops_scale}, "

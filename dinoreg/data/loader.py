@@ -135,6 +135,8 @@ def collate_multicrop(samples: List[Any], mask_fn: Optional[Callable[..., Dict[s
         return batch
     n_global, n_local = len(good[0]["global_crops"]), len(good[0]["local_crops"])
     batch["global_crops"] = torch.stack([s["global_crops"][v] for v in range(n_global) for s in good])
+    if "gram_crops" in good[0]:  # a Gram teacher's own crops, in the global crops' order
+        batch["gram_crops"] = torch.stack([s["gram_crops"][v] for v in range(n_global) for s in good])
     if n_local:
         batch["local_crops"] = torch.stack([s["local_crops"][c] for c in range(n_local) for s in good])
     else:
@@ -232,8 +234,8 @@ def _collate_eval(samples) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` -> float, ImageNet-normalised (the evaluations' input)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float().div_(255.0) - mean) / std
 
 

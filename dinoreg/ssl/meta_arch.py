@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dinoreg.models import DINOHead, DinoVisionTransformer
+from dinoreg.ssl.gram import GramSpec, gram_loss, resize_patch_features, select_gram_tokens
 from dinoreg.ssl.losses import DEFAULT_CHUNK_ELEMENTS, DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 
@@ -72,7 +73,8 @@ class SSLMetaArch(nn.Module):
     def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer, *,
                  dino_head: HeadSpec, ibot_head: Optional[HeadSpec], loss_weights: LossWeights,
                  centering: str, pack_crops: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 distillation_teacher: Optional[nn.ModuleDict] = None, mask_student: bool = True) -> None:
+                 distillation_teacher: Optional[nn.ModuleDict] = None, mask_student: bool = True,
+                 gram: Optional[GramSpec] = None, gram_teacher_backbone: Optional[DinoVisionTransformer] = None) -> None:
         """``teacher_backbone``: the same architecture as ``student_backbone`` (without stochastic depth); it
         starts as an exact copy. ``ibot_head``: a separate iBOT head; None shares the DINO head (official
         default). ``centering``: the teacher's ``"centering"`` (softmax, EMA centre) or ``"sinkhorn_knopp"``.
@@ -82,7 +84,10 @@ class SSLMetaArch(nn.Module):
         ``ibot_head``) whose outputs are the targets (DINOv2's distillation); ``teacher`` is then the EMA of the
         student, kept for evaluation and export. Its prototype counts must be the student's. ``mask_student``
         (distillation only): iBOT masking as in self-supervised training; False, as DINOv2's distillation, the
-        student sees every patch and the iBOT loss scores every patch of the global crops."""
+        student sees every patch and the iBOT loss scores every patch of the global crops. ``gram``: Gram anchoring
+        (DINOv3) of the student's global-crop patch tokens (registers and cls excluded) to those of a frozen Gram
+        teacher, ``gram_teacher_backbone`` (the teacher's architecture; it starts as the teacher's copy and is set
+        by :meth:`refresh_gram_teacher` or from a file), or of the EMA teacher itself with ``gram.ema_teacher``."""
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering {centering!r}: choose one of {', '.join(CENTERINGS)}")
@@ -106,6 +111,14 @@ class SSLMetaArch(nn.Module):
             _check_distillation_teacher(distillation_teacher, self.student, patch_size=student_backbone.patch_size)
             distillation_teacher.requires_grad_(False)
 
+        self.gram, self.gram_teacher = gram, None
+        if gram is not None and not gram.ema_teacher:
+            if gram_teacher_backbone is None:
+                raise ValueError("Gram anchoring with its own Gram teacher needs gram_teacher_backbone")
+            self.gram_teacher = nn.ModuleDict({"backbone": gram_teacher_backbone})
+            self.gram_teacher.load_state_dict(self.teacher.state_dict(), strict=False)  # the backbone's keys
+            self.gram_teacher.requires_grad_(False)
+
         self.dino_loss = DINOLoss(dino_head.n_prototypes, chunk_elements=chunk_elements)
         self.ibot_patch_loss = iBOTPatchLoss((ibot_head if self.separate_ibot_head else dino_head).n_prototypes,
                                              chunk_elements=chunk_elements)
@@ -114,8 +127,9 @@ class SSLMetaArch(nn.Module):
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
         self.teacher.eval()  # no stochastic depth in the teacher (it has none anyway), and it is never trained
-        if self.distillation_teacher is not None:
-            self.distillation_teacher.eval()
+        for frozen in (self.distillation_teacher, self.gram_teacher):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     @property
@@ -130,10 +144,12 @@ class SSLMetaArch(nn.Module):
         return self.teacher if self.distillation_teacher is None else self.distillation_teacher
 
     @torch.no_grad()
-    def _teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, n_masked: Tensor,
-                         teacher_temp: float) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    def _teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, n_masked: Tensor, teacher_temp: float,
+                         out: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """``(cls targets, masked-patch targets, stats)``; ``out``: the target teacher's backbone outputs on
+        ``global_crops`` when already computed."""
         teacher = self.target_teacher
-        out = teacher["backbone"](global_crops, is_training=True)
+        out = teacher["backbone"](global_crops, is_training=True) if out is None else out
         cls_view1, cls_view2 = out["x_norm_clstoken"].chunk(2)
         # Swapped so that view 1 of the student is matched with view 2 of the teacher and vice versa.
         cls_tokens = torch.cat((cls_view2, cls_view1))  # [2B, D]
@@ -165,10 +181,13 @@ class SSLMetaArch(nn.Module):
 
     # --- student and losses ------------------------------------------------------------------
 
-    def forward_loss(self, batch: dict[str, Tensor], *, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_loss(self, batch: dict[str, Tensor], *, teacher_temp: float,
+                     gram_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
         """``batch``: normalised ``global_crops`` [2B,3,G,G] (view 1 then view 2), ``local_crops`` [nB,3,L,L],
-        ``masks`` [2B, N] bool, ``mask_indices`` [M], ``masks_weight`` [M], ``n_masked_patches`` [1].
-        Returns the total loss and detached per-term metrics."""
+        ``masks`` [2B, N] bool, ``mask_indices`` [M], ``masks_weight`` [M], ``n_masked_patches`` [1]; with a Gram
+        teacher optionally ``gram_crops`` [2B,3,T,T] (the global crops at its size). ``gram_weight``: the Gram
+        loss's weight this iteration (0: not computed, logged as 0). Returns the total loss and detached
+        per-term metrics."""
         global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         masks, mask_indices, masks_weight = batch["masks"], batch["mask_indices"], batch["masks_weight"]
         n_masked = batch["n_masked_patches"]
@@ -182,7 +201,10 @@ class SSLMetaArch(nn.Module):
         n_local_crops = local_crops.shape[0] // (global_crops.shape[0] // n_global_crops)
         n_loss_terms = n_global_crops * (n_global_crops - 1) + n_global_crops * n_local_crops
 
-        teacher_cls, teacher_patch, metrics = self._teacher_targets(global_crops, mask_indices, n_masked, teacher_temp)
+        with torch.no_grad():
+            teacher_out = self.target_teacher["backbone"](global_crops, is_training=True)
+        teacher_cls, teacher_patch, metrics = self._teacher_targets(global_crops, mask_indices, n_masked, teacher_temp,
+                                                                    out=teacher_out)
 
         crops = [global_crops] + ([local_crops] if n_local_crops else [])
         crop_masks = [student_masks] + ([None] if n_local_crops else [])
@@ -222,9 +244,55 @@ class SSLMetaArch(nn.Module):
                 student_patch, teacher_patch, student_masks_flat=masks,
                 n_masked_patches=mask_indices.shape[0], masks_weight=masks_weight)
             total = total + self.loss_weights.ibot * losses["ibot_loss"]
+        if self.gram is not None:
+            gram_terms = self._gram_terms(global_out["x_norm_patchtokens"], batch, teacher_out["x_norm_patchtokens"],
+                                          student_masks, active=gram_weight > 0)
+            total = total + gram_weight * gram_terms["gram_loss"] if gram_weight > 0 else total
+            losses.update(gram_terms)
         metrics.update({name: value.detach() for name, value in losses.items()})
         metrics["total_loss"] = total.detach()
         return total, metrics
+
+    def _gram_terms(self, student_patches: Tensor, batch: dict[str, Tensor], ema_patches: Tensor,
+                    masks: Optional[Tensor], *, active: bool) -> dict[str, Tensor]:
+        """``gram_loss`` (and with ``compute_stats`` its value on the masked and the unmasked tokens, without
+        gradient) between the student's patch tokens ``[2B, N, D]`` and the Gram teacher's on the same views.
+        Not ``active``: zeros, so that every step logs the same terms."""
+        spec = self.gram
+        names = ["gram_loss"] + (["gram_masked_loss", "gram_unmasked_loss"] if spec.compute_stats else [])
+        if not active:
+            return {name: student_patches.new_zeros(()) for name in names}
+        with torch.no_grad():
+            target = ema_patches if spec.ema_teacher else self._gram_teacher_patches(batch)
+        options = dict(apply_norm=spec.normalized, img_level=spec.img_level, remove_neg=spec.remove_neg,
+                       remove_only_teacher_neg=spec.remove_only_teacher_neg)
+        if masks is None:  # an unmasked (distilled) student: every token is unmasked
+            masks = torch.zeros(student_patches.shape[:2], dtype=torch.bool, device=student_patches.device)
+        terms = {"gram_loss": gram_loss(*select_gram_tokens(student_patches, target, masks, spec.tokens_used),
+                                        **options)}
+        for which in ("masked", "unmasked") if spec.compute_stats else ():
+            with torch.no_grad():
+                chosen = select_gram_tokens(student_patches, target, masks, which)
+                terms[f"gram_{which}_loss"] = gram_loss(*chosen, **{**options, "img_level": False})
+        return terms
+
+    def _gram_teacher_patches(self, batch: dict[str, Tensor]) -> Tensor:
+        """The Gram teacher's patch tokens on ``gram_crops`` (else the global crops), resized to the student's
+        patch grid when its crops are larger ([2B, N, D])."""
+        crops = batch.get("gram_crops", batch["global_crops"])
+        backbone = self.gram_teacher["backbone"]
+        patches = backbone(crops, is_training=True)["x_norm_patchtokens"]  # [2B, T, D]
+        grid, student_grid = crops.shape[-1] // backbone.patch_size, batch["global_crops"].shape[-1] // backbone.patch_size
+        return resize_patch_features(patches, grid, student_grid, mode=self.gram.resize_method,
+                                     antialias=self.gram.resize_antialias)
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """Gram teacher <- the EMA teacher's backbone (DINOv3's ``update_gram``: a copy, no momentum)."""
+        source = self.teacher["backbone"]
+        target = self.gram_teacher["backbone"]
+        for ours, theirs in zip([*target.parameters(), *target.buffers()], [*source.parameters(), *source.buffers()]):
+            ours.copy_(theirs)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float, *, backbone: bool = True) -> None:

@@ -21,6 +21,7 @@ from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models import DinoVisionTransformer
 from dinoreg.models.head import head_spec_of
 from dinoreg.models.initialisation import InitStep
+from dinoreg.ssl.gram import GramSpec
 from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
 from dinoreg.train.optim import build_optimizer, build_param_groups
@@ -59,25 +60,47 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
     if not model.student["backbone"].cls_token.is_meta:
         if model.distillation_teacher is not None:  # on the meta device: its values come from its file, never a draw
             model.distillation_teacher.to_empty(device="cpu")
-            copy_state_into(model.distillation_teacher, frozen_tensors)
+        for name, tensors in frozen_tensors.items():
+            copy_state_into(getattr(model, name), tensors)
         if load_pretrained:
             copy_start(model, start_tensors(cfg, model))
     return model
 
 
-def _build(cfg: DictConfig) -> tuple[SSLMetaArch, dict[str, Tensor]]:
-    """The model, uninitialised where a device context says so, and the distillation teacher's tensors."""
+def _build(cfg: DictConfig) -> tuple[SSLMetaArch, dict[str, dict[str, Tensor]]]:
+    """The model, uninitialised where a device context says so, and the tensors its frozen models (the
+    distillation teacher, a Gram teacher from ``gram.ckpt``) read from files, by the model's attribute name."""
     student = build_backbone_from_config(cfg, stochastic_depth=True)
     teacher = build_backbone_from_config(cfg, stochastic_depth=False)
     frozen, frozen_tensors = distillation_teacher(cfg) if cfg.distillation.enabled else (None, {})
+    frozen_tensors = {"distillation_teacher": frozen_tensors} if frozen is not None else {}
+    gram, gram_backbone = gram_spec(cfg), None
+    if gram is not None and not gram.ema_teacher:
+        with torch.random.fork_rng(devices=[]):  # a copy of the teacher: its own draws must not shift the heads'
+            gram_backbone = build_backbone_from_config(cfg, stochastic_depth=False)
+        if cfg.gram.ckpt:
+            weights = read_weights(cfg.gram.ckpt, key="gram.ckpt")
+            frozen_tensors["gram_teacher"] = {f"backbone.{k}": v for k, v in fitted_backbone(
+                gram_backbone, weights.backbone, key="gram.ckpt").items()}
     model = SSLMetaArch(student, teacher, dino_head=_head_spec(cfg.dino),
                         ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
                         loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
                                                  ibot=cfg.ibot.loss_weight),
                         centering=cfg.train.centering, pack_crops=cfg.train.pack_crops,
                         chunk_elements=cfg.train.loss_chunk_elements, distillation_teacher=frozen,
-                        mask_student=cfg.distillation.mask_student)
+                        mask_student=cfg.distillation.mask_student, gram=gram, gram_teacher_backbone=gram_backbone)
     return model, frozen_tensors
+
+
+def gram_spec(cfg: DictConfig) -> GramSpec | None:
+    """``cfg.gram`` as the model's :class:`~dinoreg.ssl.gram.GramSpec` (None without Gram anchoring)."""
+    gram = cfg.gram
+    if not gram.use_loss:
+        return None
+    return GramSpec(normalized=gram.normalized, img_level=gram.img_level, remove_neg=gram.remove_neg,
+                    remove_only_teacher_neg=gram.remove_only_teacher_neg, tokens_used=gram.tokens_used,
+                    resize_method=gram.global_teacher_resize_method, resize_antialias=gram.global_teacher_resize_antialias,
+                    ema_teacher=gram.ema_teacher, compute_stats=gram.compute_stats)
 
 
 def distillation_teacher(cfg: DictConfig) -> tuple[nn.ModuleDict, dict[str, Tensor]]:
@@ -100,14 +123,18 @@ def initialisation_steps(model: SSLMetaArch) -> list[TargetedStep]:
     """What :func:`build_ssl_model` sets and draws, in its order, as steps for
     :func:`dinoreg.train.parallel.materialise`: the student backbone (its values also go to the teacher, which
     starts as its copy), the teacher backbone (drawn, then overwritten by that copy), the heads (student and
-    teacher), the losses' centres. ``model``: an unsharded template on the meta device."""
+    teacher), the losses' centres. A Gram teacher starts as the teacher's copy too (its own draws, forked off the
+    generator, leave no trace). ``model``: an unsharded template on the meta device."""
     names = {id(module): name for name, module in model.named_modules()}
+    copies_to = ("teacher", "gram_teacher") if model.gram_teacher is not None else ("teacher",)
 
     def targeted(steps: list[InitStep], *, copies: bool) -> list[TargetedStep]:
         out = []
         for module, initialise in steps:
             name = names[id(module)]
-            out.append((module, initialise, (name, "teacher" + name[len("student"):]) if copies else ()))
+            rest = name[len("student"):]
+            twins = [twin + rest for twin in copies_to if twin + rest in names.values()] if copies else []
+            out.append((module, initialise, (name, *twins) if copies else ()))
         return out
 
     heads = [head for name, head in model.student.items() if name != "backbone"]  # dino_head, then ibot_head
@@ -138,8 +165,8 @@ def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.d
     template = copy.deepcopy(model)  # stays unsharded
     start = start_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
     steps = initialisation_steps(template)
-    if template.distillation_teacher is not None:
-        steps += loading_steps(template.distillation_teacher, frozen_tensors, prefix="distillation_teacher")
+    for name, tensors in frozen_tensors.items():  # after the copies of the student: these values win
+        steps += loading_steps(getattr(template, name), tensors, prefix=name)
     _prepare_for_training(cfg, model, device)
     shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
     model.to_empty(device=device)
@@ -196,7 +223,9 @@ def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment,
     crops = cfg.crops
     geometric = MultiCropGeometric(crops.global_crops_size, crops.local_crops_size, crops.local_crops_number,
                                    global_crops_scale=tuple(crops.global_crops_scale),
-                                   local_crops_scale=tuple(crops.local_crops_scale))
+                                   local_crops_scale=tuple(crops.local_crops_scale),
+                                   gram_crops_size=crops.gram_teacher_crops_size if cfg.gram.use_loss and
+                                   crops.gram_teacher_no_distortions and not cfg.gram.ema_teacher else None)
     loader = build_loader(MultiCropDataset(dataset, geometric, seed=cfg.train.seed),
                           batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
                           seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=start,

@@ -32,12 +32,12 @@ BAR_FORMAT = "{desc} |{bar:10}| {n_fmt}/{total_fmt}{postfix}"
 # Shown after the ETA, in this order, when present: on a terminal's bar the first ones only (fits 80 columns),
 # in a log's plain lines all of them.
 _BAR_KEYS = ("total_loss", "images_per_sec", "knn_top1")
-_LINE_KEYS = (*_BAR_KEYS, "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+_LINE_KEYS = (*_BAR_KEYS, "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "gram_loss")
 _SHORT = {"total_loss": "loss", "dino_local_crops_loss": "dino_l", "dino_global_crops_loss": "dino_g",
-          "koleo_loss": "koleo", "ibot_loss": "ibot", "images_per_sec": "img/s", "knn_top1": "knn"}
+          "koleo_loss": "koleo", "ibot_loss": "ibot", "gram_loss": "gram", "images_per_sec": "img/s", "knn_top1": "knn"}
 
 
-_OPTIM = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
+_OPTIM = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr", "gram_loss_weight")
 _DATA = ("images_per_sec", "data_wait", "bad_files")
 _LOSS_DIAGNOSTICS = ("teacher_entropy", "teacher_batch_entropy")  # the DINO loss's, beside its terms
 # the HParams tab shows these beside the config: their last values are the run's outcome

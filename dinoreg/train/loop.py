@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from dinoreg.config import apply_scaling_rule, build_backbone_from_config, save_config
-from dinoreg.data import Photometric, build_dataset
+from dinoreg.data import Photometric, build_dataset, normalise_uint8
 from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag, detect_environment, init_distributed,
                                  mean_over_ranks, process_device, shutdown_distributed)
 from dinoreg.models.weights import save_backbone
@@ -215,10 +216,12 @@ def iterate(run: Run) -> None:
         batch = next_batch(run, it)
         data_wait = time.perf_counter() - step_end
         batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch["global_crops"], batch["local_crops"] = run.photometric(batch["global_crops"], batch["local_crops"])
+        batch = augment_on_device(run, batch)
+        gram_teacher_work(run, it, before=True)
         metrics, grad_norms = train_step(run.model, run.optimizer, batch, values, clip_grad=run.cfg.optim.clip_grad,
                                          autocast=run.autocast,
                                          freeze_backbones=it < run.cfg.optim.head_warmup_iterations)
+        gram_teacher_work(run, it, before=False)
         if batch.get("bad_files"):
             run.bad_files += len(batch["bad_files"])
             run.report(f"iteration {it}: skipped unreadable images: {', '.join(map(str, batch['bad_files']))}")
@@ -227,6 +230,19 @@ def iterate(run: Run) -> None:
         step_end = time.perf_counter()
     export_teacher(run)  # the last step's log_step flushed (and checked) every figure
     run.logger.finished()
+
+
+def augment_on_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
+    """Colour, blur, solarisation and normalisation of the crops on the device; a Gram teacher's crops are
+    normalised (cut by the workers, without distortions) or, from the distorted global crops, resized up."""
+    batch["global_crops"], batch["local_crops"] = run.photometric(batch["global_crops"], batch["local_crops"])
+    if "gram_crops" in batch:
+        batch["gram_crops"] = normalise_uint8(batch["gram_crops"])
+    elif run.cfg.gram.use_loss and run.cfg.crops.gram_teacher_crops_size:
+        size = run.cfg.crops.gram_teacher_crops_size
+        batch["gram_crops"] = F.interpolate(batch["global_crops"], size=(size, size), mode="bicubic",
+                                            align_corners=False, antialias=True)
+    return batch
 
 
 def next_batch(run: Run, iteration: int) -> dict[str, Any]:
@@ -252,7 +268,8 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict
     apply_optim_schedule(optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
                          last_layer_lr=values["last_layer_lr"])
     with autocast:
-        loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"])
+        loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"],
+                                           gram_weight=values.get("gram_loss_weight", 0.0))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if freeze_backbones:
@@ -264,6 +281,14 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict
     optimizer.step()
     model.update_teacher(values["momentum"], backbone=not freeze_backbones)
     return metrics, grad_norms
+
+
+def gram_teacher_work(run: Run, it: int, *, before: bool) -> None:
+    """The Gram teacher's copy of the EMA teacher at the start of ``gram.it_load_ema_teacher`` (``before`` the
+    step) and its refreshes after the steps :class:`~dinoreg.train.optim.GramSchedule` names."""
+    gram = run.schedules.gram
+    if (gram.load_before == it) if before else gram.refresh_after(it):
+        run.model.refresh_gram_teacher()
 
 
 @dataclass
@@ -310,7 +335,8 @@ def log_step(run: Run, iteration: int, values: dict[str, float], metrics: dict[s
     """Keep the iteration's figures (loss terms, schedule values, gradient norms, throughput, data wait, bad
     files) for :func:`flush`, due after the first step and every ``train.log_every`` iterations."""
     schedule = {"lr": values["lr"], "wd": values["weight_decay"], "momentum": values["momentum"],
-                "teacher_temp": values["teacher_temp"], "last_layer_lr": values["last_layer_lr"]}
+                "teacher_temp": values["teacher_temp"], "last_layer_lr": values["last_layer_lr"],
+                **{key: values[key] for key in ("gram_loss_weight",) if key in values}}
     run.pending.append(StepFigures(iteration, metrics, grad_norms, {
         **schedule, "images_per_sec": run.global_batch / seconds, "data_wait": data_wait,
         "bad_files": run.bad_files}))

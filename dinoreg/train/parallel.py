@@ -58,7 +58,8 @@ def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_
         mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    frozen = [(model.distillation_teacher, True)] if getattr(model, "distillation_teacher", None) is not None else []
+    frozen = [(getattr(model, name), True) for name in ("distillation_teacher", "gram_teacher")
+              if getattr(model, name, None) is not None]
     for models, reshard in ((model.student, mode == "full_shard"), (model.teacher, True), *frozen):
         # The teachers have no backward to reshard them: they always reshard after their forward, so the EMA
         # teacher's parameters are shards again (lined up with the student's) when the EMA update runs.
