@@ -281,6 +281,10 @@ def _validate(cfg: DictConfig) -> list[str]:
           f"must be in [0, {total}) (the run has optim.epochs x train.epoch_length = {total} iterations)")
     check(not (train.init_from and s.pretrained_weights), "train.init_from",
           "give train.init_from (backbone and heads) or student.pretrained_weights (backbone only), not both")
+    starts = [key for key in ("phase.start_from", "train.init_from", "student.pretrained_weights") if OmegaConf.select(cfg, key)]
+    check(len(starts) <= 1, starts[-1] if starts else "phase.start_from",
+          f"give one start, not {' and '.join(starts)}: phase.start_from continues a run (all of its state), "
+          "train.init_from starts from a backbone with heads, student.pretrained_weights from a backbone")
     distill = cfg.distillation
     check(not distill.enabled or bool(distill.teacher), "distillation.teacher",
           "distillation.enabled needs the frozen teacher: a dinoreg run, a `dinoreg export --with-heads` file or "
@@ -354,6 +358,9 @@ def load_config(config: str | os.PathLike | None = None, overrides: Sequence[str
     problems: list[str] = []
     for tree, source in sources:
         _assign(cfg, _flatten(tree, source, problems), source, problems)
+    if not problems:
+        # a recipe marks what the command line must give with ??? (the highres phases' phase.start_from)
+        problems += [f"{key}: the recipe requires a value; give it as {key}=..." for key in sorted(OmegaConf.missing_keys(cfg))]
     if not problems:
         try:
             OmegaConf.resolve(cfg)  # interpolations; downstream code and saved files see plain values

@@ -247,6 +247,18 @@ class GramConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """A training phase that continues another run, as DINOv2's high-resolution adaptation (its last iterations at
+    518 px): this config's own schedules (``optim.*``, counted from 0) and crop sizes, everything else carried over."""
+    # a dinoreg run (its newest intact checkpoint) or checkpoint directory: student, teacher, heads, centres and a
+    # Gram teacher start as they are there, checked strictly against this config's model; the position embeddings are
+    # resampled once to crops.global_crops_size with the student's interpolation (antialiased for *_reg4 recipes)
+    start_from: str = ""
+    # fresh: a new AdamW; carry: its moments too (a position embedding on a new grid starts fresh)
+    optimizer: str = "fresh"
+
+
+@dataclass
 class DinoRegConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -260,6 +272,7 @@ class DinoRegConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     gram: GramConfig = field(default_factory=GramConfig)
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
 
 
 CHOICES = {
@@ -274,6 +287,7 @@ CHOICES = {
     "train.compile": ("auto", "blocks", "none"),
     "train.activation_checkpointing": CHECKPOINTING_MODES,
     "gram.tokens_used": ("all", "masked", "unmasked"),
+    "phase.optimizer": ("fresh", "carry"),
     "gram.global_teacher_resize_method": ("bicubic", "bilinear", "nearest", "area"),
 }
 

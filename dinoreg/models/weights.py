@@ -195,7 +195,7 @@ def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: An
     state_dict, metadata = read_checkpoint(source)
     arch_kwargs = {**infer_arch_kwargs(state_dict), **metadata, **overrides}
     model = DinoVisionTransformer(**arch_kwargs)
-    load_state_dict_strict(model, _fit_pos_embed(state_dict, model))
+    load_state_dict_strict(model, fit_pos_embed(state_dict, model))
     return model.eval()
 
 
@@ -209,13 +209,15 @@ def fitted_state_dict(model: DinoVisionTransformer, source: str | os.PathLike | 
     """What :func:`load_weights_into` loads: the checkpoint's state dict, ``pos_embed`` resampled to ``model``'s
     grid, checked to fit ``model`` strictly (which may be on the meta device)."""
     state_dict, _ = read_checkpoint(source)
-    state_dict = _fit_pos_embed(state_dict, model)
+    state_dict = fit_pos_embed(state_dict, model)
     check_state_dict_fits(state_dict, model.state_dict(), given_name="checkpoint", expected_name="model",
                           hint=_ARCH_HINT)
     return state_dict
 
 
-def _fit_pos_embed(state_dict: dict[str, Tensor], model: DinoVisionTransformer) -> dict[str, Tensor]:
+def fit_pos_embed(state_dict: dict[str, Tensor], model: DinoVisionTransformer) -> dict[str, Tensor]:
+    """``state_dict`` (a backbone's) with ``pos_embed`` resampled to ``model``'s grid by ``model``'s own
+    interpolation (antialiased for the registers models), when the grids differ."""
     target = model.pos_embed.shape
     if "pos_embed" not in state_dict or state_dict["pos_embed"].shape[1] == target[1]:
         return state_dict

@@ -26,7 +26,8 @@ from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
 from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.parallel import TargetedStep, copy_state_into, materialise, shard_ssl_model
-from dinoreg.train.start import check_heads, copy_start, fitted_backbone, read_weights, start_tensors
+from dinoreg.train.start import (carry_optimizer_state, check_heads, copy_start, fitted_backbone, phase_tensors,
+                                 read_weights, start_tensors)
 
 __all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "initialisation_steps",
            "precision", "seed_everything", "training_batches"]
@@ -64,6 +65,8 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
             copy_state_into(getattr(model, name), tensors)
         if load_pretrained:
             copy_start(model, start_tensors(cfg, model))
+            if cfg.phase.start_from:
+                copy_state_into(model, phase_tensors(cfg, model))
     return model
 
 
@@ -164,6 +167,7 @@ def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.d
         model, frozen_tensors = _build(cfg)
     template = copy.deepcopy(model)  # stays unsharded
     start = start_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
+    phase = phase_tensors(cfg, template) if load_pretrained and cfg.phase.start_from else {}
     steps = initialisation_steps(template)
     for name, tensors in frozen_tensors.items():  # after the copies of the student: these values win
         steps += loading_steps(getattr(template, name), tensors, prefix=name)
@@ -172,6 +176,7 @@ def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.d
     model.to_empty(device=device)
     materialise(model, steps)
     copy_start(model, start)
+    copy_state_into(model, phase)
     return model.train()
 
 
@@ -196,6 +201,8 @@ def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, devi
                                                    patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
                                 betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
                                 implementation=cfg.optim.adamw_implementation, device=device)
+    if load_pretrained and cfg.phase.start_from and cfg.phase.optimizer == "carry":
+        carry_optimizer_state(cfg, model, optimizer)
     return model, optimizer
 
 

@@ -6,6 +6,10 @@
   checkpoint (its teacher), a ``dinoreg export --with-heads`` file, or an official ``teacher_checkpoint.pth``
   (whose deprecated ``weight_norm`` keys ``last_layer.weight_g`` / ``weight_v`` map to ours).
 - ``distillation.teacher``: the frozen teacher of a distillation run, read the same way as ``train.init_from``.
+- ``phase.start_from``: a new training phase (DINOv2's high-resolution adaptation) continues a run or checkpoint:
+  its whole model state (student, teacher, heads, centres, a Gram teacher) and, with ``phase.optimizer=carry``,
+  its AdamW moments; the position embeddings are resampled once to the new crop size by the model's own
+  interpolation (antialiased for the registers models).
 
 Everything is checked strictly against the configured model (which may sit on the meta device) before any work:
 a misfit is an error listing what does not fit and the config keys to change.
@@ -26,11 +30,13 @@ from torch import Tensor, nn
 from dinoreg.models.head import HEAD_NAMES, head_spec_of
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.models.weights import fitted_state_dict, infer_arch_kwargs, read_checkpoint_and_heads
+from dinoreg.models.weights import fit_pos_embed, fitted_state_dict, infer_arch_kwargs, read_checkpoint_and_heads
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
 from dinoreg.train.parallel import copy_state_into
 
-__all__ = ["Weights", "check_heads", "copy_start", "fitted_backbone", "read_run_weights", "read_weights", "start_tensors"]
+__all__ = ["Weights", "carry_optimizer_state", "check_heads", "copy_start", "fitted_backbone", "phase_tensors",
+           "read_run_weights", "read_weights", "start_tensors"]
+_BACKBONES = ("student.backbone", "teacher.backbone", "gram_teacher.backbone")  # the parts with position embeddings
 
 _HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers",
               "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim"}
@@ -60,27 +66,92 @@ def read_weights(path: str, *, key: str) -> Weights:
 
 
 def _read_run(path: Path, *, key: str) -> Weights:
+    return read_run_weights(_checkpoint_of(path, key=key))
+
+
+def _checkpoint_of(path: Path, *, key: str) -> Path:
+    """``path`` itself when it is a checkpoint directory, else the newest intact checkpoint of the run ``path``."""
     from dinoreg.train.checkpoint import newest_intact_checkpoint  # noqa: PLC0415
 
     checkpoint = path if (path / META_FILE).is_file() else newest_intact_checkpoint(path, warn=lambda message: None)
     if checkpoint is None:
-        raise ValueError(f"{key}: {path} holds no intact checkpoint")
-    return read_run_weights(checkpoint)
+        raise ValueError(f"{key}: {path} holds no intact checkpoint; give a dinoreg run or one of its "
+                         f"{CHECKPOINT_DIR}/<iteration> directories")
+    return checkpoint
+
+
+def _saved_tensors(checkpoint: Path, prefix: str) -> dict[str, Tensor]:
+    """Every tensor of ``checkpoint`` whose key starts with ``prefix`` (``model.teacher.``, ``optimizer.state.``),
+    keys without their first part (``model.`` / ``optimizer.state.``), read by this process alone; shapes and
+    dtypes come from the checkpoint's own metadata."""
+    from dinoreg.train.checkpoint import single_process_is_intended, verify_checkpoint  # noqa: PLC0415
+
+    verify_checkpoint(checkpoint)
+    group = "model." if prefix.startswith("model.") else "optimizer.state."
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    wanted = {name: torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device="cpu")
+              for name, entry in saved.items() if name.startswith(prefix) and hasattr(entry, "size")}
+    with single_process_is_intended():  # DCP reads just these byte ranges, whatever the world size that wrote them
+        dcp.load(wanted, checkpoint_id=str(checkpoint), no_dist=True)
+    return {name[len(group):]: value for name, value in wanted.items()}
+
+
+def phase_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
+    """The whole model state ``phase.start_from`` continues from, by model key, checked strictly against
+    ``template`` (an SSLMetaArch, possibly on the meta device): the position embeddings resampled to its crop size;
+    a Gram teacher the source lacks starts as its teacher's copy; a distillation teacher comes from its own file."""
+    source = _checkpoint_of(Path(cfg.phase.start_from), key="phase.start_from")
+    saved = {k: v for k, v in _saved_tensors(source, "model.").items() if not k.startswith("distillation_teacher.")}
+    for part in _BACKBONES:
+        backbone = template.get_submodule(part) if part.split(".")[0] in dict(template.named_children()) else None
+        own = {k[len(part) + 1:]: v for k, v in saved.items() if k.startswith(part + ".")}
+        if backbone is not None and own:
+            saved.update({f"{part}.{k}": v for k, v in fit_pos_embed(own, backbone).items()})
+    if template.gram_teacher is not None and not any(k.startswith("gram_teacher.") for k in saved):
+        saved.update({"gram_teacher." + k[len("teacher."):]: v for k, v in saved.items() if k.startswith("teacher.backbone.")})
+    expected = {k: v for k, v in template.state_dict().items() if not k.startswith("distillation_teacher.")}
+    check_state_dict_fits(saved, expected, given_name=f"phase.start_from ({source})", expected_name="configured model",
+                          hint="a phase continues the same model: keep student.*, dino.*, ibot.* and gram.use_loss as "
+                               f"the run had them ({source / CONFIG_FILE}); only the crop sizes may change")
+    return saved
+
+
+def carry_optimizer_state(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Load the AdamW moments of ``phase.start_from`` into ``optimizer`` (``model`` sharded or not); a parameter
+    whose shape changed (the position embeddings on a new grid) starts fresh. Returns those parameters' names."""
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    source = _checkpoint_of(Path(cfg.phase.start_from), key="phase.start_from")
+    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+    state: dict[str, dict[str, Tensor]] = {}
+    for key, value in _saved_tensors(source, "optimizer.state.").items():
+        name, field = key.rsplit(".", 1)
+        state.setdefault(name, {})[field] = value
+    fresh = sorted(name for name, moments in state.items()
+                   if name in shapes and tuple(moments["exp_avg"].shape) != shapes[name])
+    state = {name: moments for name, moments in state.items() if name not in fresh}
+    options = StateDictOptions(full_state_dict=True)
+    groups = get_optimizer_state_dict(model, optimizer, options=options)["param_groups"]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    # the call above gives every parameter a state (step 1, zero moments), which is not a fresh one: those the
+    # source had none for (a new grid, a parameter that never had a gradient) get none
+    for name, parameter in model.named_parameters():
+        if name not in state:
+            optimizer.state.pop(parameter, None)
+    return fresh
 
 
 def read_run_weights(checkpoint: Path, *, part: str = "teacher") -> Weights:
     """The ``part`` (teacher or student) backbone and heads of a checkpoint directory, read by this process alone."""
     from dinoreg.config import build_backbone_from_config, load_config  # noqa: PLC0415
-    from dinoreg.train.checkpoint import read_model_tensors, verify_checkpoint  # noqa: PLC0415
 
-    verify_checkpoint(checkpoint)
-    # the saved teacher's tensors and shapes, from the checkpoint's own metadata; its architecture from its config
-    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    prefix = f"model.{part}."
-    wanted = {name[len("model."):]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-              for name, entry in saved.items() if name.startswith(prefix)}
-    read_model_tensors(checkpoint, wanted)
-    teacher = {name[len(part) + 1:]: value for name, value in wanted.items()}
+    # the saved part's tensors, then its architecture from the run's config
+    teacher = {name[len(part) + 1:]: value for name, value in _saved_tensors(checkpoint, f"model.{part}.").items()}
     parts = {name: {k[len(name) + 1:]: v for k, v in teacher.items() if k.startswith(name + ".")}
              for name in ("backbone", *HEAD_NAMES)}
     with torch.device("meta"):
