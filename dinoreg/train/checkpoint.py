@@ -304,17 +304,21 @@ def newest_intact_checkpoint(run_dir: str | Path, warn: Any = print) -> Optional
     return None
 
 
-def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    absent_ok: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load model, optimizer and (same world size) RNG states in place, strictly; returns ``meta.json``.
 
-    Missing or unexpected model keys are a :class:`CheckpointMismatchError` listing them.
+    Missing or unexpected model keys are a :class:`CheckpointMismatchError` listing them; only model keys starting
+    with one of ``absent_ok`` may be absent from the checkpoint (they keep their values: the caller sets them later).
     """
     checkpoint = Path(checkpoint)
     meta = verify_checkpoint(checkpoint)
     state = _model_and_optimizer_state(model, optimizer)
     for name in meta.get("parameters_without_optimizer_state", []):  # as saved: without state (see above)
         state["optimizer"]["state"].pop(name, None)
+    absent = [k for k in state["model"] if k.startswith(absent_ok) and k not in meta["model_keys"]] if absent_ok else []
+    for name in absent:
+        del state["model"][name]
     saved, wanted = set(meta["model_keys"]), set(state["model"])
     if saved != wanted:
         raise CheckpointMismatchError(
@@ -330,7 +334,7 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module,
             f"{checkpoint} does not fit this run's optimizer or model: {missing[0].strip() if missing else error}. "
             "The parameter groups follow optim.layerwise_decay and the model's structure: resume with the "
             f"config the run was saved with ({checkpoint / CONFIG_FILE}).") from None
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not absent))
     # strict=False only lets the recorded stateless parameters through: DCP has checked every other key above
     stateless = bool(meta.get("parameters_without_optimizer_state"))
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=not stateless))

@@ -121,7 +121,7 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     bf16, autocast = precision(cfg, device, distributed=env.distributed)
     # a resumed run takes every weight from its checkpoint: student.pretrained_weights need not exist any more
     model, optimizer = build_model_and_optimizer(cfg, env, device, bf16=bf16, load_pretrained=checkpoint is None)
-    start, position = _restore(checkpoint, model, optimizer, env, warn) if checkpoint else (0, 0)
+    start, position = _restore(checkpoint, model, optimizer, env, warn, schedules) if checkpoint else (0, 0)
     if env.is_main:
         output.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output.config)
@@ -178,9 +178,16 @@ def _resume_point(cfg: DictConfig, output: RunDir, world_size: int, allow_config
 
 
 def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimizer, env: DistributedEnvironment,
-             warn: Callable[[str], None]) -> tuple[int, int]:
-    """Load ``checkpoint`` into model and optimizer; returns ``(iteration, stream position)`` to continue from."""
-    meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+             warn: Callable[[str], None], schedules: Schedules) -> tuple[int, int]:
+    """Load ``checkpoint`` into model and optimizer; returns ``(iteration, stream position)`` to continue from.
+
+    Gram anchoring may be turned on in a run saved without it (DINOv3 anchors a running pretraining, with
+    ``--allow-config-change``): a checkpoint without a Gram teacher is then complete if the Gram teacher is read
+    from ``gram.ckpt`` or copied from the EMA teacher at or after the resumed iteration."""
+    gram = schedules.gram
+    fills_later = gram.enabled and (gram.ready_from == 0 or read_meta(checkpoint)["iteration"] <= gram.ready_from)
+    meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
+                           absent_ok=("gram_teacher.",) if fills_later and model.gram_teacher is not None else ())
     if not meta["rng_restored"]:
         warn(f"{checkpoint.name} was saved by {meta['world_size']} processes and this run has {env.world_size}: "
              "the augmentation RNG streams restart (the data order still continues exactly)")
