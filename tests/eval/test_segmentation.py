@@ -3,10 +3,12 @@ against random init, the command line and the training loop's periodic mIoU."""
 
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
 import torch
+from launch_helpers import TORCHRUN, free_port, subprocess_env
 from PIL import Image
 
 from dinoreg.cli import main
@@ -205,3 +207,17 @@ def test_training_logs_the_teachers_segmentation_miou_and_is_not_perturbed_by_it
     events = EventAccumulator(str(tmp_path / "segmentation" / "tensorboard" / "segmentation"))
     events.Reload()
     assert len(events.Scalars("eval/segmentation_miou")) == 3
+
+
+def test_two_processes_score_what_one_process_scores(tmp_path):
+    weights = tmp_path / "planted.safetensors"
+    save_backbone(_planted_backbone(), weights)
+    common = ["eval", "segmentation", "--weights", str(weights), "--images", "synthetic:size=40,image_size=32",
+              "--iterations", "20", "--num-workers", "0", "--batch-size", "8", "--overlays", "0"]
+    assert main([*common, "--output-dir", str(tmp_path / "one")]) == 0
+    command = [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "dinoreg", *common,
+               "--output-dir", str(tmp_path / "two")]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert one["confusion"] == two["confusion"] and one["miou"] == two["miou"] and two["world_size"] == 2
