@@ -116,7 +116,7 @@ class SSLMetaArch(nn.Module):
             if gram_teacher_backbone is None:
                 raise ValueError("Gram anchoring with its own Gram teacher needs gram_teacher_backbone")
             self.gram_teacher = nn.ModuleDict({"backbone": gram_teacher_backbone})
-            self.gram_teacher.load_state_dict(self.teacher.state_dict(), strict=False)  # the backbone's keys
+            self.gram_teacher["backbone"].load_state_dict(self.teacher["backbone"].state_dict(), strict=True)
             self.gram_teacher.requires_grad_(False)
 
         self.dino_loss = DINOLoss(dino_head.n_prototypes, chunk_elements=chunk_elements)
