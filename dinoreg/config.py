@@ -323,6 +323,10 @@ def _gram_problems(cfg: DictConfig, total: int) -> list[str]:
          "gram.tokens_used", "an unmasked (distilled) student has no masked tokens: use gram.tokens_used=all"),
         (cfg.distillation.enabled, "gram.use_loss", "Gram anchoring of a distillation run is not supported (as in "
                                                     "DINOv3's multi-distillation): turn one of them off"),
+        (gram.global_teacher_resize_antialias and gram.global_teacher_resize_method in ("nearest", "area"),
+         "gram.global_teacher_resize_antialias", "antialiasing works with bicubic or bilinear resizing only"),
+        (bool(gram.ckpt) and bool(cfg.phase.start_from), "gram.ckpt",
+         "a phase carries its source's Gram teacher (or its teacher's copy): drop gram.ckpt or phase.start_from"),
         (crops.gram_teacher_crops_size is not None and (crops.gram_teacher_crops_size < crops.global_crops_size or
                                                         crops.gram_teacher_crops_size % cfg.student.patch_size),
          "crops.gram_teacher_crops_size", f"must be a multiple of student.patch_size={cfg.student.patch_size}, "
@@ -332,9 +336,13 @@ def _gram_problems(cfg: DictConfig, total: int) -> list[str]:
     schedule = gram.loss_weight_schedule
     if schedule is not None:
         keys = set(schedule)
+        epochs = schedule.get("warmup_epochs", 0) + (schedule.get("cosine_epochs") or 0)
         if not {"start", "peak", "end", "warmup_epochs"} <= keys <= _GRAM_SCHEDULE_KEYS:
             problems.append(f"gram.loss_weight_schedule: has {sorted(keys)}; give start, peak, end, warmup_epochs "
                             "and optionally cosine_epochs")
+        elif epochs * cfg.train.epoch_length > total:
+            problems.append(f"gram.loss_weight_schedule: warmup_epochs + cosine_epochs = {epochs} epochs, longer than "
+                            f"the run's optim.epochs={cfg.optim.epochs}")
     return problems
 
 

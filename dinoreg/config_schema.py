@@ -147,9 +147,9 @@ class CropsConfig:
     local_crops_size: int = 96
     # Gram anchoring with its own Gram teacher (gram.use_loss, not gram.ema_teacher): the size of the global crops
     # it sees (null: the global crop size; larger: its patch features are resized down to the student's grid).
-    # gram_teacher_no_distortions: its crops are the same boxes and flips as the global crops cut from the image
-    # at that size, without colour, blur or solarisation; false (DINOv3's default): the distorted global crops
-    # resized up (bicubic).
+    # Its crops are the global crops' boxes and flips cut from the image at that size; with
+    # gram_teacher_no_distortions without colour, blur or solarisation, else (DINOv3's default) with the global
+    # crops' own distortions, applied at that size before the student's crops are resized down (bicubic), as DINOv3.
     gram_teacher_crops_size: Optional[int] = None
     gram_teacher_no_distortions: bool = False
     # The official augmentation hard-codes these; they are keys here so small runs can tune them.

@@ -34,7 +34,8 @@ def add_data_parser(commands: Any) -> None:
                     "<index>.png, single-channel label maps with ADE20k's conventions (0 ignored, never used here; 1 "
                     "the background; 2 + k an object of shape k), with DIR/classes.txt naming the classes in index "
                     "order: `dinoreg eval segmentation --images DIR/images/train --masks DIR/masks/train ...`. The "
-                    "same pixels as the in-memory dataset: a tool gives the same results from the folders.",
+                    "pixels and label maps are the in-memory dataset's; the folders list the images by class, so "
+                    "order-dependent protocols (batch order, held-out split) may differ slightly from --images synthetic.",
         epilog="examples:\n  dinoreg data export-synthetic data/shapes\n"
                "  dinoreg data export-synthetic data/shapes64 --size 2000 --image-size 64 --objects 1")
     export.add_argument("output", type=Path, metavar="DIR",

@@ -155,8 +155,9 @@ def _add_segmentation_parser(protocols: Any) -> None:
                     "makes it minutes instead of hours). Reports mIoU, pixel accuracy and per-class IoU on the val "
                     "split.",
         epilog="Label maps: single-channel PNGs (8- or 16-bit, or palette) of the image's size, whose values are "
-               "classes, --ignore-value meaning ignore (ADE20k: 0 is ignored and 1..150 are the classes; values "
-               "above the ignore value count from 0). images/a/x.jpg pairs with masks/a/x.png.\n\n"
+               "classes, --ignore-value meaning ignore (ADE20k: 0 is ignored and 1..150 are the classes 0..149; values "
+               "above the ignore value move down by one, so the classes are contiguous). images/a/x.jpg pairs with "
+               "masks/a/x.png.\n\n"
                "Writes DIR/results.json (mIoU, pixel accuracy, per-class IoU, accuracy and pixels, the confusion "
                f"matrix), TensorBoard scalars segmentation/* and DIR/segmentation_overlays.png. {_DISTRIBUTED} The "
                f"head trains on rank 0.\n\n{_EXIT_CODES}\n\nexamples:\n"

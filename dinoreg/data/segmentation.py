@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dinoreg.data.augment import pil_to_uint8_tensor
 from dinoreg.data.datasets import BadFileLog, DatasetError, is_image_file, load_image
 from dinoreg.data.loader import EvalTransform, normalise_uint8
 from dinoreg.data.synthetic import SEGMENTATION_CLASSES, SyntheticShapes
@@ -52,7 +51,7 @@ def encode_label_map(classes: np.ndarray, ignore_value: int) -> np.ndarray:
 def read_label_map(path: str, ignore_value: int) -> np.ndarray:
     """A PNG label map -> class indices ``int64 [H, W]``; a colour (RGB) PNG is refused, naming the fix."""
     with Image.open(path) as image:
-        if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        if image.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
             raise DatasetError(f"label map {path} is a {image.mode} image; a label map is a single-channel PNG whose "
                                "pixel values are class indices (mode L, P or 16-bit), not a colour rendering")
         values = np.asarray(image)
@@ -173,9 +172,8 @@ class _SegmentationEvalDataset:
         # Through PIL as a 32-bit integer image, so that nearest resampling keeps every class index intact.
         label_image = Image.fromarray(labels.astype(np.int32))  # mode "I"
         size, box = self.transform.geometry(*image.size)
-        image = image.convert("RGB").resize(size, Image.BICUBIC).crop(box)
         label_image = label_image.resize(size, Image.NEAREST).crop(box)
-        return pil_to_uint8_tensor(image), torch.from_numpy(np.asarray(label_image, dtype=np.int64)), index
+        return self.transform(image), torch.from_numpy(np.asarray(label_image, dtype=np.int64)), index
 
 
 def _collate(samples) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -181,7 +181,10 @@ def _legend_patch(colour: np.ndarray, name: str) -> Any:
     return Patch(facecolor=colour / 255.0, label=name)
 
 
-def _overlay_inputs(context: EvalContext, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _overlay_inputs(context: EvalContext, count: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The first ``count`` decodable val images and their labels (None without any val image)."""
+    if not context.val_indices:
+        return None, None
     loader = build_segmentation_loader(context.val_set, image_size=context.image_size, resize_size=context.resize_size,
                                        batch_size=count, num_workers=0, indices=context.val_indices[:count])
     images, labels, _ = next(iter(loader))
@@ -204,6 +207,10 @@ def evaluate_segmentation(context: EvalContext, *, n_last_blocks: int = 1, batch
     if not context.is_main:
         return None
     device, num_classes = context.device, len(context.classes)
+    largest = max(int(labels.max()) if labels.numel() else -1 for labels in (train[1], val[1]))
+    if largest >= num_classes:
+        raise EvalInputError(f"the label maps hold class {largest} but {num_classes} classes are named (--classes); "
+                             f"name at least {largest + 1}, or check --ignore-value")
     bar = tqdm(total=iterations, desc="segmentation head", unit="it", dynamic_ncols=True, mininterval=PROGRESS_INTERVAL_S)
 
     def on_step(step: int, loss: float) -> None:
@@ -227,8 +234,8 @@ def evaluate_segmentation(context: EvalContext, *, n_last_blocks: int = 1, batch
     if writer is not None:
         for key in ("miou", "pixel_accuracy", "mean_accuracy"):
             writer.scalar(f"segmentation/{key}", scores[key])
-    if overlays and output_dir is not None and context.val_indices:
-        images, labels = _overlay_inputs(context, overlays)
+    images, labels = _overlay_inputs(context, overlays) if overlays and output_dir is not None else (None, None)
+    if images is not None and images.shape[0]:
         features = patch_feature_maps(context.backbone, images.to(device), n_last_blocks=n_last_blocks)
         predictions = predict_labels(head, features, labels.shape[-2:])
         results["overlays"] = str(write_overlays(output_dir / OVERLAYS_FILE, images, labels, predictions,
@@ -252,6 +259,6 @@ def format_segmentation_table(results: dict[str, Any]) -> str:
     percent = lambda value: "    n/a" if value is None or math.isnan(value) else f"{100 * value:7.2f}"  # noqa: E731
     for name, iou, accuracy, pixels in zip(results["classes"], results["iou"], results["accuracy"], results["pixels"]):
         lines.append(f"  {name:<24} {percent(iou)} {percent(accuracy)} {pixels:>10}")
-    lines.append(f"mIoU {100 * (results['miou'] or 0.0):.2f} %, pixel accuracy {100 * results['pixel_accuracy']:.2f} %, "
-                 f"mean class accuracy {100 * results['mean_accuracy']:.2f} %")
+    lines.append(f"mIoU {percent(results['miou']).strip()} %, pixel accuracy {percent(results['pixel_accuracy']).strip()} %, "
+                 f"mean class accuracy {percent(results['mean_accuracy']).strip()} %")
     return "\n".join(lines)

@@ -266,14 +266,17 @@ class SSLMetaArch(nn.Module):
             target = ema_patches if spec.ema_teacher else self._gram_teacher_patches(batch)
         options = dict(apply_norm=spec.normalized, img_level=spec.img_level, remove_neg=spec.remove_neg,
                        remove_only_teacher_neg=spec.remove_only_teacher_neg)
-        if masks is None:  # an unmasked (distilled) student: every token is unmasked
+        if masks is None:  # an unmasked student: every token is unmasked
             masks = torch.zeros(student_patches.shape[:2], dtype=torch.bool, device=student_patches.device)
-        terms = {"gram_loss": gram_loss(*select_gram_tokens(student_patches, target, masks, spec.tokens_used),
-                                        **options)}
+
+        def term(which: str, **overrides: bool) -> Tensor:  # a batch without masked tokens scores 0, not NaN
+            student, teacher = select_gram_tokens(student_patches, target, masks, which)
+            return gram_loss(student, teacher, **{**options, **overrides}) if student.numel() else student.sum()
+
+        terms = {"gram_loss": term(spec.tokens_used)}
         for which in ("masked", "unmasked") if spec.compute_stats else ():
             with torch.no_grad():
-                chosen = select_gram_tokens(student_patches, target, masks, which)
-                terms[f"gram_{which}_loss"] = gram_loss(*chosen, **{**options, "img_level": False})
+                terms[f"gram_{which}_loss"] = term(which, img_level=False)
         return terms
 
     def _gram_teacher_patches(self, batch: dict[str, Tensor]) -> Tensor:

@@ -26,8 +26,8 @@ from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
 from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.parallel import TargetedStep, copy_state_into, materialise, shard_ssl_model
-from dinoreg.train.start import (carry_optimizer_state, check_heads, copy_start, fitted_backbone, phase_tensors,
-                                 read_weights, start_tensors)
+from dinoreg.train.start import (carry_optimizer_state, check_heads, copy_start, fitted_backbone, phase_checkpoint,
+                                 phase_tensors, read_weights, start_tensors)
 
 __all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "initialisation_steps",
            "precision", "seed_everything", "training_batches"]
@@ -57,7 +57,7 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
     """Student and teacher of ``cfg``. ``load_pretrained``: start from ``student.pretrained_weights`` or
     ``train.init_from`` (:mod:`dinoreg.train.start`; off when a checkpoint will be loaded: it holds every weight).
     Under ``torch.device("meta")`` nothing is initialised or loaded: see :func:`initialisation_steps`."""
-    model, frozen_tensors = _build(cfg)
+    model, frozen_tensors = _build(cfg, read_gram_ckpt=load_pretrained)
     if not model.student["backbone"].cls_token.is_meta:
         if model.distillation_teacher is not None:  # on the meta device: its values come from its file, never a draw
             model.distillation_teacher.to_empty(device="cpu")
@@ -70,9 +70,10 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
     return model
 
 
-def _build(cfg: DictConfig) -> tuple[SSLMetaArch, dict[str, dict[str, Tensor]]]:
+def _build(cfg: DictConfig, *, read_gram_ckpt: bool = True) -> tuple[SSLMetaArch, dict[str, dict[str, Tensor]]]:
     """The model, uninitialised where a device context says so, and the tensors its frozen models (the
-    distillation teacher, a Gram teacher from ``gram.ckpt``) read from files, by the model's attribute name."""
+    distillation teacher, a Gram teacher from ``gram.ckpt`` unless ``read_gram_ckpt`` is off: a resume takes it
+    from its checkpoint) read from files, by the model's attribute name."""
     student = build_backbone_from_config(cfg, stochastic_depth=True)
     teacher = build_backbone_from_config(cfg, stochastic_depth=False)
     frozen, frozen_tensors = distillation_teacher(cfg) if cfg.distillation.enabled else (None, {})
@@ -81,7 +82,7 @@ def _build(cfg: DictConfig) -> tuple[SSLMetaArch, dict[str, dict[str, Tensor]]]:
     if gram is not None and not gram.ema_teacher:
         with torch.random.fork_rng(devices=[]):  # a copy of the teacher: its own draws must not shift the heads'
             gram_backbone = build_backbone_from_config(cfg, stochastic_depth=False)
-        if cfg.gram.ckpt:
+        if cfg.gram.ckpt and read_gram_ckpt:
             weights = read_weights(cfg.gram.ckpt, key="gram.ckpt")
             frozen_tensors["gram_teacher"] = {f"backbone.{k}": v for k, v in fitted_backbone(
                 gram_backbone, weights.backbone, key="gram.ckpt").items()}
@@ -164,7 +165,7 @@ def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.d
     """Built on the meta device, sharded there, then materialised shard by shard with the values a one-process
     build has (:func:`initialisation_steps`), so no rank ever holds the whole unsharded model."""
     with torch.device("meta"):
-        model, frozen_tensors = _build(cfg)
+        model, frozen_tensors = _build(cfg, read_gram_ckpt=load_pretrained)
     template = copy.deepcopy(model)  # stays unsharded
     start = start_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
     phase = phase_tensors(cfg, template) if load_pretrained and cfg.phase.start_from else {}
@@ -185,13 +186,18 @@ def _prepare_for_training(cfg: DictConfig, model: SSLMetaArch, device: torch.dev
     if cfg.train.compile == "blocks" or (cfg.train.compile == "auto" and device.type == "cuda"):
         model.student["backbone"].compile_blocks()
         model.teacher["backbone"].compile_blocks()
+        if model.gram_teacher is not None:  # it runs every step, at its own (often larger) crop size
+            model.gram_teacher["backbone"].compile_blocks()
 
 
 def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *,
                               bf16: bool = False, load_pretrained: bool = True
                               ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
     """The model on ``device`` in training mode (FSDP2-sharded when ``env`` has several processes, then started
-    on the meta device: see :func:`_build_sharded`) and its AdamW over the student's parameter groups."""
+    on the meta device: see :func:`_build_sharded`) and its AdamW over the student's parameter groups. A phase's
+    ``phase.start_from`` run is resolved here, once, to the checkpoint it starts from (then saved in config.yaml)."""
+    if load_pretrained and cfg.phase.start_from:
+        cfg.phase.start_from = str(phase_checkpoint(cfg))
     if env.distributed:  # shard before building the optimizer: it must hold the sharded parameters
         model = _build_sharded(cfg, env, device, bf16=bf16, load_pretrained=load_pretrained)
     else:
@@ -228,17 +234,33 @@ def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment,
     """This rank's multi-crop batches (uint8, with iBOT masks) from global stream position ``start``
     (``iterations * global batch``); ``pin_memory`` (for a CUDA device) lets the copies to it overlap."""
     crops = cfg.crops
-    geometric = MultiCropGeometric(crops.global_crops_size, crops.local_crops_size, crops.local_crops_number,
+    gram_size, undistorted = gram_crops(cfg)
+    # a Gram teacher's distorted crops at a larger size: the workers cut the global crops at that size, the device
+    # distorts them there and resizes them down for the student (augment_on_device)
+    global_size = gram_size if gram_size and not undistorted else crops.global_crops_size
+    geometric = MultiCropGeometric(global_size, crops.local_crops_size, crops.local_crops_number,
                                    global_crops_scale=tuple(crops.global_crops_scale),
                                    local_crops_scale=tuple(crops.local_crops_scale),
-                                   gram_crops_size=crops.gram_teacher_crops_size if cfg.gram.use_loss and
-                                   crops.gram_teacher_no_distortions and not cfg.gram.ema_teacher else None)
+                                   gram_crops_size=gram_size if undistorted else None)
     loader = build_loader(MultiCropDataset(dataset, geometric, seed=cfg.train.seed),
                           batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
                           seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=start,
                           collate_fn=functools.partial(collate_multicrop, mask_fn=BatchMasks(cfg)),
                           pin_memory=pin_memory)
     return iter(loader)
+
+
+def gram_crops(cfg: DictConfig) -> tuple[int | None, bool]:
+    """``(size, undistorted)`` of a Gram teacher's own crops, as DINOv3 makes them: the same boxes and flips as the
+    global crops, at ``crops.gram_teacher_crops_size``, without distortions (``crops.gram_teacher_no_distortions``)
+    or with the global crops' own, applied at that size before the student's crops are resized down. Size None:
+    the Gram teacher sees the student's global crops (no Gram teacher of its own, or no size and distortions)."""
+    gram, crops = cfg.gram, cfg.crops
+    if not gram.use_loss or gram.ema_teacher:
+        return None, False
+    if crops.gram_teacher_no_distortions:
+        return crops.gram_teacher_crops_size or crops.global_crops_size, True
+    return crops.gram_teacher_crops_size, False
 
 
 def build_photometric(cfg: DictConfig, device: torch.device) -> Photometric:

@@ -50,7 +50,8 @@ __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoi
 # Config keys whose change between save and resume alters neither the model nor the data order.
 BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.",
                "optim.adamw_implementation", "train.compile", "train.activation_checkpointing",
-               "train.pack_crops", "train.loss_chunk_elements")  # how, not what
+               "train.pack_crops", "train.loss_chunk_elements",  # how, not what
+               "phase.")  # read only when a run starts fresh: a resume takes everything from its checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -321,10 +322,13 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer
         del state["model"][name]
     saved, wanted = set(meta["model_keys"]), set(state["model"])
     if saved != wanted:
+        missing = sorted(wanted - saved)
+        gram = (" A Gram teacher added to a run saved without one must be read from gram.ckpt=FILE or copied at or "
+                f"after the resumed iteration (gram.it_load_ema_teacher >= {meta['iteration']}); or")
         raise CheckpointMismatchError(
-            f"{checkpoint} does not fit this model: missing {sorted(wanted - saved)[:20]}, unexpected "
-            f"{sorted(saved - wanted)[:20]}. Resume with the config the run was started with "
-            f"({checkpoint / CONFIG_FILE}).")
+            f"{checkpoint} does not fit this model: missing {missing[:20]}, unexpected "
+            f"{sorted(saved - wanted)[:20]}.{gram if any(k.startswith('gram_teacher.') for k in missing) else ''} "
+            f"Resume with the config the run was started with ({checkpoint / CONFIG_FILE}).")
     try:
         with single_process_is_intended():
             dcp.load(state, checkpoint_id=checkpoint, no_dist=not distributed.is_distributed())

@@ -35,7 +35,7 @@ from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag
 from dinoreg.models.weights import save_backbone
 from dinoreg.run_dir import RunDir
 from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.build import (build_model_and_optimizer, build_photometric, precision, seed_everything,
+from dinoreg.train.build import (build_model_and_optimizer, build_photometric, gram_crops, precision, seed_everything,
                                  training_batches)
 from dinoreg.train.checkpoint import (CheckpointError, config_differences, load_checkpoint, newest_intact_checkpoint,
                                       read_meta, remove_incomplete, save_checkpoint)
@@ -185,7 +185,8 @@ def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimi
     ``--allow-config-change``): a checkpoint without a Gram teacher is then complete if the Gram teacher is read
     from ``gram.ckpt`` or copied from the EMA teacher at or after the resumed iteration."""
     gram = schedules.gram
-    fills_later = gram.enabled and (gram.ready_from == 0 or read_meta(checkpoint)["iteration"] <= gram.ready_from)
+    fills_later = gram.enabled and (gram.from_file or (gram.load_before is not None and
+                                                       read_meta(checkpoint)["iteration"] <= gram.load_before))
     meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
                            absent_ok=("gram_teacher.",) if fills_later and model.gram_teacher is not None else ())
     if not meta["rng_restored"]:
@@ -240,15 +241,19 @@ def iterate(run: Run) -> None:
 
 
 def augment_on_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
-    """Colour, blur, solarisation and normalisation of the crops on the device; a Gram teacher's crops are
-    normalised (cut by the workers, without distortions) or, from the distorted global crops, resized up."""
+    """Colour, blur, solarisation and normalisation of the crops on the device. A Gram teacher's own crops
+    (:func:`~dinoreg.train.build.gram_crops`) are normalised when undistorted; distorted, they are the global crops
+    as the workers cut them (at the Gram teacher's size), and the student's are those resized down (bicubic,
+    antialiased), as DINOv3 does."""
     batch["global_crops"], batch["local_crops"] = run.photometric(batch["global_crops"], batch["local_crops"])
-    if "gram_crops" in batch:
+    size, undistorted = gram_crops(run.cfg)
+    if undistorted:
         batch["gram_crops"] = normalise_uint8(batch["gram_crops"])
-    elif run.cfg.gram.use_loss and run.cfg.crops.gram_teacher_crops_size:
-        size = run.cfg.crops.gram_teacher_crops_size
-        batch["gram_crops"] = F.interpolate(batch["global_crops"], size=(size, size), mode="bicubic",
-                                            align_corners=False, antialias=True)
+    elif size:
+        student = run.cfg.crops.global_crops_size
+        batch["gram_crops"] = batch["global_crops"]
+        batch["global_crops"] = F.interpolate(batch["gram_crops"], size=(student, student), mode="bicubic",
+                                              align_corners=False, antialias=True)
     return batch
 
 

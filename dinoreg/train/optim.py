@@ -302,9 +302,10 @@ class GramSchedule:
         gram, epoch_length = cfg.get("gram"), int(cfg.train.epoch_length)  # an official config has no gram section
         self.enabled = gram is not None and bool(gram.use_loss)
         if not self.enabled:
-            self.load_before, self.ready_from, self._refreshes = None, 0, set()
+            self.load_before, self.ready_from, self.from_file, self._refreshes = None, 0, False, set()
             return
-        own_teacher = self.enabled and not gram.ema_teacher
+        own_teacher = not gram.ema_teacher
+        self.from_file = own_teacher and bool(gram.ckpt)  # the Gram teacher is read from gram.ckpt at start-up
         self.load_before = int(gram.it_load_ema_teacher) if own_teacher and gram.it_load_ema_teacher >= 0 else None
         self.ready_from = 0 if not own_teacher or gram.ckpt else self.load_before
         refreshes = [m for m in range(gram.update_frequency, total_iterations + 1, gram.update_frequency)

@@ -48,7 +48,8 @@ TargetedStep = tuple[nn.Module, Callable[[nn.Module], None], tuple[str, ...]]
 
 def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_size: int,
                     bf16: bool) -> None:
-    """Wrap ``model.student`` and ``model.teacher`` (``SSLMetaArch``) in place. Build the optimizer after."""
+    """Wrap ``model.student``, ``model.teacher`` and the frozen models (a distillation teacher, a Gram teacher) of an
+    ``SSLMetaArch`` in place. Build the optimizer after."""
     if mode not in SHARDING_MODES:
         raise ValueError(f"unknown sharding mode {mode!r}; choose one of {', '.join(SHARDING_MODES)}")
     warnings.filterwarnings("ignore", message=_VIEW_WARNING, category=UserWarning)
@@ -73,8 +74,9 @@ def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_
                     register_fsdp_forward_method(block, "forward_packed")
                     register_fsdp_forward_method(block, "attention_probs")
             fully_shard(module, **options)
-            if name == "backbone":
+            if name == "backbone":  # the monitor's and the segmentation probe's entry points
                 register_fsdp_forward_method(module, "block_outputs")
+                register_fsdp_forward_method(module, "get_intermediate_layers")
                 _prefetch_neighbours(list(module.blocks))
 
 

@@ -96,11 +96,16 @@ def _saved_tensors(checkpoint: Path, prefix: str) -> dict[str, Tensor]:
     return {name[len(group):]: value for name, value in wanted.items()}
 
 
+def phase_checkpoint(cfg: DictConfig) -> Path:
+    """The checkpoint directory ``phase.start_from`` names: itself, or a run's newest intact checkpoint."""
+    return _checkpoint_of(Path(cfg.phase.start_from), key="phase.start_from")
+
+
 def phase_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
     """The whole model state ``phase.start_from`` continues from, by model key, checked strictly against
     ``template`` (an SSLMetaArch, possibly on the meta device): the position embeddings resampled to its crop size;
     a Gram teacher the source lacks starts as its teacher's copy; a distillation teacher comes from its own file."""
-    source = _checkpoint_of(Path(cfg.phase.start_from), key="phase.start_from")
+    source = phase_checkpoint(cfg)
     saved = {k: v for k, v in _saved_tensors(source, "model.").items() if not k.startswith("distillation_teacher.")}
     for part in _BACKBONES:
         backbone = template.get_submodule(part) if part.split(".")[0] in dict(template.named_children()) else None
@@ -125,7 +130,7 @@ def carry_optimizer_state(cfg: DictConfig, model: nn.Module, optimizer: torch.op
         set_optimizer_state_dict,
     )
 
-    source = _checkpoint_of(Path(cfg.phase.start_from), key="phase.start_from")
+    source = phase_checkpoint(cfg)
     shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
     state: dict[str, dict[str, Tensor]] = {}
     for key, value in _saved_tensors(source, "optimizer.state.").items():

@@ -173,3 +173,22 @@ def test_a_job_submitted_beside_a_dinoreg_folder_still_imports_the_package(slurm
         env=slurm_env, cwd=tmp_path, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert result.returncode == 0, result.stdout + result.stderr
     assert [row["registers"] for row in json.loads(report.read_text())] == [0]
+
+
+def test_a_distillation_run_is_submitted_like_any_run(uninterrupted, slurm_env, tmp_path):
+    # the teacher: the reference job's teacher with its heads; the student: 1 block, its EMA evaluated by kNN and
+    # watched by the live monitor, on 2 tasks (the frozen teacher sharded)
+    _, reference_info, _ = uninterrupted
+    teacher = tmp_path / "teacher.safetensors"
+    subprocess.run([sys.executable, "-m", "dinoreg", "export", reference_info["output_dir"], "--format", "safetensors",
+                    "--with-heads", "--output", str(teacher)], check=True, capture_output=True, timeout=120)
+    recipe = [*TINY, "optim.epochs=1", "train.epoch_length=6", "train.batch_size_per_gpu=8", "train.num_workers=0",
+              "evaluation.knn_train_images=64", "evaluation.knn_eval_images=32", "evaluation.eval_period_iterations=3",
+              "monitor.period=3", "student.depth=1", "distillation.enabled=true", f"distillation.teacher={teacher}"]
+    result, info = dinoreg_submit(slurm_env, tmp_path, "--wait", *recipe)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = metric_rows(info["output_dir"])
+    assert sorted(rows) == list(range(6))
+    assert all("knn_top1" in rows[it] and any(k.startswith("monitor/") for k in rows[it]) for it in (0, 2, 5))
+    meta = json.loads((Path(info["output_dir"]) / "checkpoints" / "6" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and any(k.startswith("distillation_teacher.") for k in meta["model_keys"])

@@ -171,3 +171,19 @@ def test_the_distillation_recipe_is_dinov2s_setting_and_fits_a_vitg14_reg4_teach
     _check_distillation_teacher(teacher, student, patch_size=14)
     with pytest.raises(Exception, match="distillation.teacher"):
         load_config("vits14_reg4_distill_from_vitg14")  # the teacher must be named
+
+
+def test_a_bf16_distillation_step_keeps_the_frozen_teacher_in_fp32_and_unchanged(teacher_file, tmp_path):
+    # bf16 autocast on this CPU is slow: two tiny iterations
+    run = tmp_path / "bf16"
+    dinoreg("train", "--output-dir", run, *distill(teacher_file, "train.precision=bf16", "optim.epochs=1",
+                                                     "train.epoch_length=2"))
+    rows = losses_by_iteration(run)
+    assert sorted(rows) == [0, 1] and all(0 < row["total_loss"] < 100 for row in rows.values())
+    frozen = read_run_weights(run / CHECKPOINT_DIR / "2", part="distillation_teacher")
+    file_backbone = load_backbone(teacher_file).state_dict()
+    assert all(frozen.backbone[k].dtype == torch.float32 and torch.equal(frozen.backbone[k], v)
+               for k, v in file_backbone.items())
+    # the student's master weights stay fp32 too, and moved
+    student = read_run_weights(run / CHECKPOINT_DIR / "2", part="student")
+    assert student.backbone["cls_token"].dtype == torch.float32

@@ -4,19 +4,24 @@ it, exact resume, the meta-device start, strict export."""
 
 import copy
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
-from launch_helpers import TINY
+import torch.nn.functional as F
+from launch_helpers import TINY, torchrun
 from test_checkpoint import losses_by_iteration
 from test_continue import dinoreg
 
 from dinoreg import load_backbone
 from dinoreg.config import ConfigError, load_config
+from dinoreg.data import build_dataset, normalise_uint8
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.ssl.gram import gram_loss, resize_patch_features
-from dinoreg.train.build import build_model_and_optimizer, build_ssl_model, initialisation_steps
+from dinoreg.train.build import (build_model_and_optimizer, build_photometric, build_ssl_model, initialisation_steps,
+                                 training_batches)
+from dinoreg.train.loop import augment_on_device
 from dinoreg.train.optim import GramSchedule, Schedules
 from dinoreg.train.parallel import materialise
 from dinoreg.train.start import read_run_weights
@@ -176,3 +181,42 @@ def test_gram_anchoring_can_be_turned_on_in_a_run_saved_without_it(gram_run, tmp
     (too_late / CHECKPOINT_DIR / "latest").write_text("4\n")
     failed = dinoreg("train", "--output-dir", too_late, *RUN, *GRAM, "--allow-config-change", check=False)
     assert failed.returncode != 0 and "missing ['gram_teacher.backbone" in failed.stderr
+
+
+def test_two_processes_anchor_on_shards_with_distorted_high_resolution_gram_crops(tmp_path):
+    # FSDP2: the Gram teacher sharded as a frozen model, its copy and refresh on shards, its 48 px crops distorted
+    # at 48 px before the student's 32 px crops are resized down; the teacher's segmentation probe on the shards
+    run = tmp_path / "two"
+    overrides = [*RUN, "train.batch_size_per_gpu=4", *GRAM, "gram.it_load_ema_teacher=1", "gram.it_first_update=3",
+                 "crops.gram_teacher_crops_size=48", "evaluation.segmentation_enabled=true",
+                 "evaluation.segmentation_train_images=32", "evaluation.segmentation_eval_images=16",
+                 "evaluation.segmentation_iterations=5", "evaluation.eval_period_iterations=4"]
+    result = torchrun(2, "-m", "dinoreg", "train", "--output-dir", str(run), *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = losses_by_iteration(run)
+    assert sorted(losses) == list(range(8)) and losses[0]["gram_loss"] == 0.0
+    assert all(losses[it]["gram_loss"] > 0 for it in range(1, 8))
+    teacher = {it: read_run_weights(run / CHECKPOINT_DIR / str(it)).backbone for it in (1, 3, 4, 5)}
+    gram = {it: read_run_weights(run / CHECKPOINT_DIR / str(it), part="gram_teacher").backbone for it in (2, 3, 4, 5)}
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(gram[2], teacher[1]) and same(gram[3], teacher[1])  # copied before iteration 1, gathered from shards
+    assert same(gram[4], teacher[4]) and same(gram[5], teacher[4])  # refreshed after iteration 3 only
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if "segmentation_miou" in line]
+    assert len(rows) == 3
+
+
+@pytest.mark.parametrize("undistorted", [True, False])
+def test_a_gram_teachers_own_crops_are_dinov3s(undistorted):
+    cfg = load_config("tiny_cpu", [*RUN, *GRAM, "crops.gram_teacher_crops_size=48",
+                                   f"crops.gram_teacher_no_distortions={undistorted}"])
+    raw = next(training_batches(cfg, build_dataset("synthetic:size=16"), DistributedEnvironment(), start=0))
+    run = SimpleNamespace(cfg=cfg, photometric=build_photometric(cfg, torch.device("cpu")))
+    torch.manual_seed(0)
+    batch = augment_on_device(run, dict(raw))
+    assert batch["global_crops"].shape[-1] == 32 and batch["gram_crops"].shape[-1] == 48
+    if undistorted:  # cut by the workers from the same boxes, only normalised
+        assert torch.equal(batch["gram_crops"], normalise_uint8(raw["gram_crops"]))
+    else:  # the workers cut the global crops at 48 px, distorted there; the student's are those resized down
+        assert raw["global_crops"].shape[-1] == 48 and "gram_crops" not in raw
+        expected = F.interpolate(batch["gram_crops"], size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
+        assert torch.equal(batch["global_crops"], expected)
