@@ -280,8 +280,8 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict
     apply_optim_schedule(optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
                          last_layer_lr=values["last_layer_lr"])
     with autocast:
-        loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"],
-                                           gram_weight=values.get("gram_loss_weight", 0.0))
+        gram = {"gram_weight": values["gram_loss_weight"]} if "gram_loss_weight" in values else {}
+        loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"], **gram)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if freeze_backbones:
