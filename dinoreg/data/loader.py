@@ -13,7 +13,10 @@ W-th position from r), and the crops of a sample are seeded by (seed, position).
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -151,8 +154,40 @@ def collate_multicrop(samples: List[Any], mask_fn: Optional[Callable[..., Dict[s
     return batch
 
 
+# Signals a job sends to every process it runs (SLURM signals every process of a step, loader workers included) and
+# that are meant for the main process: it saves, then exits 75 (see dinoreg.train.signals). A worker inherits the
+# main process's Python handlers when it forks (submitit's requeue handler for SIGUSR2: each worker would requeue
+# the job itself, then die), so it ignores them; the main process shuts its workers down when it exits.
+WORKER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_job_signals(worker_id: int = 0) -> None:
+    """In a DataLoader worker: ignore the job's signals, which only the main process acts on.
+
+    SIGINT, SIGUSR1 and SIGUSR2 are ignored. SIGTERM from anyone but the main process (SLURM's cancel, requeue or
+    time limit, a ``kill`` of the process group) is ignored too, so that the main process can still save on it
+    instead of dying on a dead worker; SIGTERM from the main process itself (how torch and multiprocessing stop a
+    worker that did not exit by itself) still ends the worker at once with status 0, as torch's own handler does.
+    A SIGKILL (SLURM's, after its kill grace) still ends everything."""
+    for number in WORKER_IGNORED_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    # Blocked here (and so in every thread the worker starts later), SIGTERM waits for the thread below, which
+    # reads who sent it: a handler cannot.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True,
+                     name="dinoreg-worker-sigterm").start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)  # what torch's worker handler does on its parent's SIGTERM
+
+
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in a DataLoader worker from torch's per-worker seed (crops do not depend on it)."""
+    """Seed numpy and random in a DataLoader worker from torch's per-worker seed (crops do not depend on it), and
+    leave the job's signals to the main process (:func:`ignore_job_signals`)."""
+    ignore_job_signals(worker_id)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
@@ -256,5 +291,6 @@ def build_eval_loader(dataset, *, image_size: int, batch_size: int, num_workers:
         num_workers=num_workers,
         collate_fn=_collate_eval,
         drop_last=False,
+        worker_init_fn=ignore_job_signals,
         generator=torch.Generator().manual_seed(0),
     )

@@ -1,4 +1,9 @@
 import itertools
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +205,63 @@ def test_eval_loader(tmp_path):
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     images, labels = next(iter(build_eval_loader(ImageFolder(tmp_path), image_size=16, batch_size=8, num_workers=0)))
     assert images.shape == (3, 3, 16, 16) and labels.tolist() == [0, 0, 1]
+
+
+# ---------------------------------------------------------------- signals in the workers
+
+
+class _WorkerPids:
+    """Each item is the pid of the worker that made it."""
+
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, key):
+        return os.getpid()
+
+
+def _process_state(pid):
+    """'Z' (exited, not reaped yet), 'gone', or the running process's state letter."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_loader_workers_leave_the_job_signals_to_the_main_process(tmp_path):
+    """SLURM signals every process of a job step. A worker forked while the main process held a handler (submitit's
+    requeue handler for SIGUSR2, the save-on-signal watcher) ran it too: each worker requeued the job and died, and
+    SLURM's SIGTERM killed the workers under a main process that was saving. Now the workers ignore SIGINT, SIGUSR1,
+    SIGUSR2 and a SIGTERM from anyone but their parent, and keep serving batches; their parent's SIGTERM (how torch
+    stops a stuck worker) still ends them at once with status 0."""
+    marker = tmp_path / "handler-ran"
+    job_signals = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+    def inherited(number, frame):  # what a worker must never run
+        with open(marker, "a") as file:
+            file.write(f"{os.getpid()} {signal.Signals(number).name}\n")
+
+    previous = {number: signal.signal(number, inherited) for number in job_signals}
+    try:
+        batches = iter(build_loader(_WorkerPids(), batch_size=2, num_workers=2, seed=0, collate_fn=list))
+        workers = {pid for _ in range(4) for pid in next(batches)}
+        assert len(workers) == 2 and os.getpid() not in workers
+        for pid in workers:
+            for number in job_signals:  # sent by `kill`, not by the parent: as SLURM's slurmstepd does
+                subprocess.run(["kill", f"-{signal.Signals(number).name[3:]}", str(pid)], check=True, timeout=30)
+        time.sleep(1.0)
+        assert {pid for _ in range(4) for pid in next(batches)} == workers  # alive, and still serving batches
+        assert not marker.exists(), marker.read_text()
+        assert all(_process_state(pid) not in ("Z", "gone") for pid in workers)
+        stopped = workers.pop()
+        os.kill(stopped, signal.SIGTERM)  # from the parent
+        deadline = time.monotonic() + 10
+        while _process_state(stopped) not in ("Z", "gone") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _process_state(stopped) in ("Z", "gone")
+        assert _process_state(workers.pop()) not in ("Z", "gone")
+        del batches
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    assert not marker.exists()
