@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import shutil
 import time
 import zlib
@@ -29,7 +28,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +39,7 @@ from dinoreg.config import save_config
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, fsync_directory, is_temporary,
                              replace_directory, rng_state_file, write_json, write_text)
+from dinoreg.train.safe_load import load_rng_state, safe_dcp_load, save_rng_state
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
            "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
@@ -118,21 +117,6 @@ def remove_incomplete(run_dir: str | Path) -> list[Path]:
 # state
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
@@ -150,7 +134,7 @@ def read_model_tensors(checkpoint: str | Path, wanted: dict[str, torch.Tensor]) 
     place from ``checkpoint``, in this process alone: DCP reads just those byte ranges of the shard files, whatever
     the world size that wrote them. No FSDP, no process group, no optimizer state."""
     with single_process_is_intended():
-        dcp.load({"model": wanted}, checkpoint_id=str(checkpoint), no_dist=True)
+        safe_dcp_load({"model": wanted}, checkpoint, no_dist=True)
 
 
 def _without_optimizer_state(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> list[str]:
@@ -184,7 +168,7 @@ def save_checkpoint(run_dir: str | Path, *, iteration: int, model: torch.nn.Modu
     def write_shards() -> None:
         with single_process_is_intended():
             dcp.save(state, checkpoint_id=tmp, no_dist=not distributed.is_distributed())
-        torch.save(_rng_state(), rng_state_file(tmp, rank))
+        save_rng_state(rng_state_file(tmp, rank))
 
     def publish() -> None:
         save_config(cfg, tmp / CONFIG_FILE)
@@ -250,12 +234,24 @@ def _apply_retention(root: Path, *, keep_last: int, keep_every: int, protect: Pa
             shutil.rmtree(path, ignore_errors=True)
 
 
+# What meta.json must hold, by key: anything else (a list, {}, a string where a number belongs) is a damaged file.
+_META_TYPES = {"iteration": int, "stream_position": int, "world_size": int, "model_keys": list, "files": dict}
+
+
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / META_FILE
     try:
-        return json.loads((Path(checkpoint) / META_FILE).read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{checkpoint} is not a dinoreg checkpoint ({error}); point to a directory "
                               f"RUN/{CHECKPOINT_DIR}/<iteration>") from None
+    wrong = ([f"{key} (a {type(meta.get(key)).__name__}, not a {kind.__name__})" for key, kind in _META_TYPES.items()
+              if type(meta.get(key)) is not kind]  # noqa: E721 -- bool is no iteration count
+             if isinstance(meta, dict) else [f"a JSON {type(meta).__name__} instead of an object"])
+    if wrong:
+        raise CheckpointError(f"{path} is damaged: {', '.join(wrong)}. Resume from an older checkpoint (delete this "
+                              "directory), or restore the file")
+    return meta
 
 
 def file_crc32(path: Path, chunk_bytes: int = 16 * 2**20) -> str:
@@ -274,10 +270,13 @@ def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     problems = []
-    for name, saved in meta.get("files", {}).items():
-        size, crc = (saved, None) if isinstance(saved, int) else (saved["bytes"], saved.get("crc32"))
+    for name, saved in meta["files"].items():
+        size, crc = (saved, None) if isinstance(saved, int) else (saved.get("bytes"), saved.get("crc32")) \
+            if isinstance(saved, dict) else (None, None)
         path = checkpoint / name
-        if not path.is_file():
+        if not isinstance(size, int) or Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"meta.json's entry for {name[:80]!r} is damaged")
+        elif not path.is_file():
             problems.append(f"{name} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{name} has {path.stat().st_size} bytes, {size} were saved (truncated or overwritten)")
@@ -331,7 +330,7 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer
             f"Resume with the config the run was started with ({checkpoint / CONFIG_FILE}).")
     try:
         with single_process_is_intended():
-            dcp.load(state, checkpoint_id=checkpoint, no_dist=not distributed.is_distributed())
+            safe_dcp_load(state, checkpoint, no_dist=not distributed.is_distributed())
     except dcp.CheckpointException as error:
         missing = [line for line in str(error).splitlines() if "Missing key" in line]
         raise CheckpointError(
@@ -345,7 +344,7 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer
     rng_file = rng_state_file(checkpoint, distributed.rank())
     meta["rng_restored"] = meta["world_size"] == distributed.world_size() and rng_file.is_file()
     if meta["rng_restored"]:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        meta["rng_restored"] = load_rng_state(rng_file)
     return meta
 
 

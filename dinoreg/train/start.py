@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
@@ -32,6 +31,7 @@ from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.models.weights import fit_pos_embed, fitted_state_dict, infer_arch_kwargs, read_checkpoint_and_heads
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
+from dinoreg.train.safe_load import read_dcp_metadata, safe_dcp_load
 from dinoreg.train.parallel import copy_state_into
 
 __all__ = ["Weights", "carry_optimizer_state", "check_heads", "copy_start", "fitted_backbone", "phase_tensors",
@@ -88,11 +88,11 @@ def _saved_tensors(checkpoint: Path, prefix: str) -> dict[str, Tensor]:
 
     verify_checkpoint(checkpoint)
     group = "model." if prefix.startswith("model.") else "optimizer.state."
-    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    saved = read_dcp_metadata(checkpoint).state_dict_metadata
     wanted = {name: torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device="cpu")
               for name, entry in saved.items() if name.startswith(prefix) and hasattr(entry, "size")}
     with single_process_is_intended():  # DCP reads just these byte ranges, whatever the world size that wrote them
-        dcp.load(wanted, checkpoint_id=str(checkpoint), no_dist=True)
+        safe_dcp_load(wanted, checkpoint, no_dist=True)
     return {name[len(group):]: value for name, value in wanted.items()}
 
 
