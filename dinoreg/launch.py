@@ -23,11 +23,14 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import signal
+import string
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -35,8 +38,9 @@ from typing import Any, Callable, Optional, Sequence
 from dinoreg.distributed import detect_environment
 from dinoreg.run_dir import RunDir
 
-__all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "final_metrics",
-           "format_sbatch", "job_state", "sbatch_parameters", "submit", "wait_for_job"]
+__all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "check_job_strings",
+           "check_path", "check_text", "final_metrics", "format_sbatch", "job_state", "python_command", "sbatch_parameters",
+           "submit", "wait_for_job"]
 
 # The signal submitit asks SLURM for and handles (submitit reads the same variable).
 REQUEUE_SIGNAL_NAME = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
@@ -47,6 +51,88 @@ FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NO
 
 class SubmitError(Exception):
     """The job cannot be submitted as asked; the message says what to change."""
+
+
+# What the batch script's strings may hold. Every value is one line of the script: submitit writes `#SBATCH
+# --<option>=<value, shell-quoted>` lines, a setup line and one srun command line whose words it quotes. A newline
+# in a value ends its line and the rest runs as a command (and sbatch stops reading #SBATCH lines at the first
+# line that is not one), so no value may hold a line break or any other control character. Inside an #SBATCH
+# line sbatch's own parser undoes the shell quoting but drops backslashes, so those are refused there. Where
+# SLURM names things (partitions, accounts, QOS, features, host lists) only the characters of such names are
+# allowed. The command after `--` and the --output-dir never reach a shell: they travel pickled.
+_NAME_CHARACTERS = string.ascii_letters + string.digits + "_.-"
+_SBATCH_VALUES = {  # SlurmRequest field -> (its option, the characters allowed or None for free text, in words)
+    "partition": ("--partition", _NAME_CHARACTERS + ",", "partition names (letters, digits, _ . -), comma-separated"),
+    "account": ("--account", _NAME_CHARACTERS, "an account name: letters, digits, _ . -"),
+    "qos": ("--qos", _NAME_CHARACTERS, "a QOS name: letters, digits, _ . -"),
+    "constraint": ("--constraint", _NAME_CHARACTERS + "+&|,*[]():!",
+                   "node features (letters, digits, _ . - +) joined by SLURM's operators & | , * [ ] ( ) ! :"),
+    "exclude": ("--exclude", _NAME_CHARACTERS + ",[]", "host names and ranges such as node[01-03],gpu7"),
+    "job_name": ("--job-name", _NAME_CHARACTERS + "+=:@,", "letters, digits and _ . - + = : @ ,"),
+    "comment": ("--comment", None, "printable text without backslashes"),
+}
+_CHARACTER_NAMES = {"\n": "a newline", "\r": "a carriage return", "\0": "a NUL", "\t": "a tab"}
+
+
+def _describe(character: str) -> str:
+    name = _CHARACTER_NAMES.get(character)
+    return f"{name} ({character!r})" if name else (
+        repr(character) if character.isprintable() else f"the character U+{ord(character):04X}")
+
+
+def check_text(option: str, value: str, *, allowed: Optional[str] = None, what: str = "one line of printable text",
+               backslash: bool = True) -> None:
+    """Raise :class:`SubmitError` (one line: the option, the character, what is allowed) unless ``value`` is one
+    non-empty line of printable text, only of ``allowed`` characters when given, without backslashes unless
+    ``backslash``."""
+    if not value:
+        raise SubmitError(f"{option} is empty; use {what}")
+    for position, character in enumerate(value, 1):
+        if unicodedata.category(character) in ("Cc", "Zl", "Zp"):  # control characters, line/paragraph separators
+            why = " (each value must be one line of printable text)"
+        elif allowed is not None and character not in allowed:
+            why = ""
+        elif character == "\\" and not backslash:
+            why = " (sbatch drops backslashes from #SBATCH lines)"
+        else:
+            continue
+        raise SubmitError(f"{option} {value!r}: {_describe(character)} at character {position} is not allowed{why}; "
+                          f"use {what}")
+
+
+def check_job_strings(argv: Sequence[str], log_dir: Optional[str], python: Optional[str] = None) -> None:
+    """Check the strings of a job besides its :class:`SlurmRequest`: the dinoreg command line (pickled, but one line
+    each), the submitit folder (in #SBATCH --output/--error and on the srun line) and the ``--python`` command."""
+    for word in filter(None, argv):
+        check_text("the job command", word, what="arguments without line breaks or control characters")
+    if log_dir is not None:
+        check_path("--log-dir", log_dir)
+    if python is not None:
+        python_command(python)
+
+
+def check_path(option: str, path: str) -> None:
+    """A job's folder (--log-dir, or --output-dir, under which it is by default): one line without backslashes
+    (see :func:`check_text`), and no ``%`` but ``%j``, since SLURM expands its filename patterns in the log paths."""
+    check_text(option, path, what="a path without line breaks, control characters or backslashes", backslash=False)
+    pattern = re.search(r"%[^j]|%$", path)
+    if pattern:
+        raise SubmitError(f"{option} {path!r}: {pattern.group()!r} is not allowed: SLURM would expand it in the log "
+                          "file names, where submitit could not find them; only %j (the job id) is")
+
+
+def python_command(python: str) -> str:
+    """``--python`` as the job's shell line gets it: split into words as a shell would (quotes group words), each
+    word quoted, so that nothing in it is expanded or run (no $VARIABLES, $(...), `...`, ; or |)."""
+    check_text("--python", python, what="a command such as python3 or 'singularity exec image.sif python'")
+    try:
+        words = shlex.split(python)
+    except ValueError as error:
+        raise SubmitError(f"--python {python!r}: {error}; quote words with spaces, e.g. --python \"'/opt/my "
+                          "env/bin/python'\"") from None
+    if not words:
+        raise SubmitError("--python is empty; use a command such as python3")
+    return shlex.join(words)
 
 
 class JobCommandError(RuntimeError):
@@ -103,6 +189,15 @@ def sbatch_parameters(request: SlurmRequest) -> dict[str, Any]:
         raise SubmitError(f"--mem-gb must be a positive number of GB, got {request.mem_gb}")
     if request.max_requeues < 0:
         raise SubmitError(f"--max-requeues must be >= 0, got {request.max_requeues}")
+    for name, (option, allowed, what) in _SBATCH_VALUES.items():
+        value = getattr(request, name)
+        if value is not None:
+            check_text(option, value, allowed=allowed, what=what, backslash=False)
+    for argument in request.srun_args:
+        check_text("--srun-arg", argument, what="one srun option such as --container-image=/images/x.sqsh")
+        if not argument.startswith("-"):
+            raise SubmitError(f"--srun-arg {argument!r} is not an srun option: srun would run it as the job's "
+                              "command; give each option with its value, e.g. --srun-arg=--export=ALL")
     params: dict[str, Any] = {"job_name": request.job_name, "nodes": request.nodes, "ntasks_per_node": tasks,
                               "time": request.timeout_min, "signal_delay_s": request.signal_delay_s,
                               "wckey": None,  # no --wckey: clusters that enforce wckeys reject unknown ones
@@ -243,8 +338,11 @@ def submit(argv: Sequence[str], request: SlurmRequest, *, entry: Callable[[list[
         raise SubmitError("sbatch/srun not found: this machine is not a SLURM submission host. On one machine "
                           "with several GPUs, launch with torchrun instead: launch/torchrun.sh train --config "
                           "... --output-dir ... (or torchrun --nproc_per_node=G -m dinoreg train ...)")
-    executor = submitit.SlurmExecutor(folder=log_dir, max_num_timeout=request.max_requeues, python=python)
-    executor.update_parameters(**sbatch_parameters(request))
+    parameters = sbatch_parameters(request)  # checks every string before anything is written
+    check_job_strings(argv, log_dir, python)
+    executor = submitit.SlurmExecutor(folder=log_dir, max_num_timeout=request.max_requeues,
+                                      python=None if python is None else python_command(python))
+    executor.update_parameters(**parameters)
     from submitit.core.utils import FailedJobError  # noqa: PLC0415
 
     try:

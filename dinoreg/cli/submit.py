@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -88,7 +89,8 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
             job_parser: Callable[[], argparse.ArgumentParser]) -> int:
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
     from dinoreg.launch import (REQUEUE_SIGNAL_NAME, JobWaitError, SlurmRequest, SubmitError,  # noqa: PLC0415
-                                format_sbatch, sbatch_parameters, submit, wait_for_job)
+                                check_job_strings, check_path, format_sbatch, python_command, sbatch_parameters,
+                                submit, wait_for_job)
 
     def fail(message: str, code: int) -> int:
         print(f"dinoreg submit: {message}", file=sys.stderr)
@@ -102,8 +104,10 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
         timeout_min=args.timeout_min, partition=args.partition, account=args.account, qos=args.qos,
         constraint=args.constraint, exclude=args.exclude, comment=args.comment, job_name=args.job_name,
         signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues, srun_args=args.srun_arg)
-    try:
+    try:  # every string the job carries, before anything is read or written
         params = sbatch_parameters(request)
+        check_path("--output-dir", args.output_dir)
+        check_job_strings([args.config, *args.overrides, *args.job_command], args.log_dir, args.python)
     except SubmitError as error:
         return fail(str(error), 2)
     output_dir: str | None = None
@@ -115,7 +119,7 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
         try:  # catch a typo now rather than after the job waited in the queue
             job_parser().parse_args(argv)
         except SystemExit:
-            return fail(f"the job command `dinoreg {' '.join(argv)}` is invalid (see above)", 2)
+            return fail(f"the job command `dinoreg {shlex.join(argv)}` is invalid (see above)", 2)
         log_dir = os.path.abspath(args.log_dir or "slurm_logs/%j")
     else:
         output_dir = os.path.abspath(args.output_dir)
@@ -131,11 +135,17 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
         config = os.path.abspath(args.config) if Path(args.config).is_file() else args.config
         argv = ["train", "--config", config, "--output-dir", output_dir, *args.overrides]
         log_dir = os.path.abspath(args.log_dir or os.path.join(output_dir, "slurm"))
+    try:
+        check_job_strings(argv, log_dir, args.python)
+    except SubmitError as error:
+        return fail(str(error), 2)
     tasks = args.nodes * params["ntasks_per_node"]
-    command = "dinoreg " + " ".join(argv)
+    command = "dinoreg " + shlex.join(argv)
     if args.dry_run:
         print("sbatch request (dry run: nothing submitted)")
         print("\n".join(format_sbatch(params, log_dir)))
+        if args.python:
+            print(f"python in the job: {python_command(args.python)}")
         print(f"each of the {tasks} task(s) runs: {command}")
         print(f"submitit folder (script, logs): {log_dir}")
         return 0
