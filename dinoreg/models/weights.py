@@ -10,14 +10,21 @@ Accepted inputs (files: ``.pth``/``.pt`` via ``torch.load(weights_only=True)``, 
   metadata ``{"dinoreg_arch": {...}}`` (safetensors: the ``dinoreg_arch`` metadata entry, JSON);
 * projection heads beside the backbone (``dino_head.*``, ``ibot_head.*``: official teacher checkpoints, our
   exports ``--with-heads``) are left out of the backbone and read by :func:`read_heads`.
+
+A file from elsewhere is data, never code: ``.pth`` files are unpickled with ``weights_only=True`` (tensors and plain
+values only), and any file that cannot be read (empty, text, truncated, a pickle of other objects, metadata that
+names no architecture argument) is a :class:`WeightsFileError`: one line naming the file, what is wrong and the fix.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import pickle
 import re
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -37,6 +44,18 @@ _WRAPPERS = ("model", "teacher", "student", "state_dict")
 # Longest first: "teacher.backbone." must win over "backbone.".
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "module.", "backbone.", "_orig_mod.")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+_ARCH_ARGUMENTS = set(inspect.signature(DinoVisionTransformer).parameters)  # what dinoreg_arch may hold
+_FIX = ("give a backbone .safetensors written by dinoreg (e.g. RUN/teacher_backbone.safetensors), a `dinoreg export` "
+        "output or an official DINOv2 .pth")
+
+
+class WeightsFileError(ValueError):
+    """A weights file (or Hugging Face export folder) that cannot be read as a checkpoint: the message is one line
+    naming the file, what is wrong with it and what to give instead; nothing the file holds was run."""
+
+    def __init__(self, path: str, problem: str, fix: str = _FIX) -> None:
+        super().__init__(f"{path} {problem}; {fix}")
+        self.path = path
 
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -54,10 +73,53 @@ def read_heads(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, dict[
 
 def read_checkpoint_and_heads(source: str | os.PathLike | Mapping[str, Any]
                               ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, dict[str, Tensor]]]:
-    """:func:`read_checkpoint` and :func:`read_heads` from one read of the file."""
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        return (*_read_hf_directory(os.fspath(source)), {})
-    raw, metadata = _read_raw(source)
+    """:func:`read_checkpoint` and :func:`read_heads` from one read of the file. Raises :class:`WeightsFileError`
+    for a file (or folder) that is no checkpoint, whatever its reader's own error."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _split(dict(source), _checked_metadata("the given state dict", dict(source).get(METADATA_KEY)))
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise WeightsFileError(path, "does not exist")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol: the refusal or the result says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            read = (*_read_hf_directory(path), {}) if os.path.isdir(path) else _split(*_read_file(path))
+        infer_arch_kwargs(read[0])  # a backbone's tensors, of a ViT's shapes
+        return read
+    except CheckpointMismatchError as error:
+        raise WeightsFileError(path, f"holds no ViT backbone ({error})") from None
+    except WeightsFileError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- every reader's failure (pickle, zip, safetensors, JSON) means one thing
+        raise WeightsFileError(path, _what_is_wrong(path, error)) from None
+
+
+def _what_is_wrong(path: str, error: Exception) -> str:
+    """Why ``path`` could not be read, in words, from the reader's ``error``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    detail = f"{type(error).__name__}: {re.split(r'(?<=[.])[ ]', lines[0])[0][:120]}"
+    if os.path.isdir(path):
+        return f"is not a readable Hugging Face export folder ({detail})"
+    with open(path, "rb") as file:
+        start = file.read(16)
+    if not start:
+        return "is empty (0 bytes)"
+    if path.endswith(".safetensors"):
+        return f"is not a complete safetensors file: truncated or damaged ({detail})"
+    # torch.load(weights_only=True) refused a pickle (in a torch file, or bare) for what it would construct or run
+    refused = isinstance(error, pickle.UnpicklingError) and "weights only load failed" in lines[0].lower()
+    if refused and ("GLOBAL" in str(error) or start[:1] == b"\x80" or start.startswith(b"PK\x03\x04")):
+        reason = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), "")
+        return (f"holds pickled objects other than tensors and plain values ({reason[:100]}): refused unread, nothing "
+                "in it was run (load files only from people you trust)")
+    if start.startswith(b"PK\x03\x04"):  # torch.save's zip archive
+        return f"is a truncated or damaged torch file ({detail})"
+    return f"is neither a torch nor a safetensors file: it starts with {start!r} ({detail})"
+
+
+def _split(raw: dict[str, Any], metadata: dict[str, Any]
+           ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, dict[str, Tensor]]]:
+    """A checkpoint's backbone (official layout), architecture metadata and heads, from its top-level dict."""
     if raw.get(LAYOUT_KEY) == "timm":
         return from_timm(raw["state_dict"], metadata), metadata, {}
     unwrapped = _unwrap(raw)
@@ -74,27 +136,36 @@ def read_checkpoint_and_heads(source: str | os.PathLike | Mapping[str, Any]
             {name: head_from_official(state) for name, state in heads.items()})
 
 
-def _read_raw(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A file's (or mapping's) top-level dict and our architecture metadata, if any."""
-    metadata: dict[str, Any] = {}
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open  # noqa: PLC0415
+def _read_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A file's top-level dict and our architecture metadata, if any; tensors and plain values only."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open  # noqa: PLC0415
 
-            with safe_open(path, framework="pt") as f:
-                raw: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
-                if (f.metadata() or {}).get(METADATA_KEY):
-                    metadata = json.loads(f.metadata()[METADATA_KEY])
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raw = dict(source)
-    if isinstance(raw.get(METADATA_KEY), Mapping):
-        metadata = dict(raw[METADATA_KEY])
-    return raw, metadata
+        with safe_open(path, framework="pt") as f:
+            raw: Any = {k: f.get_tensor(k) for k in f.keys()}
+            text = (f.metadata() or {}).get(METADATA_KEY)
+        try:
+            metadata = json.loads(text) if text else None
+        except ValueError:
+            raise WeightsFileError(path, f"has a {METADATA_KEY} metadata entry that is not JSON: {text[:40]!r}") from None
+        return raw, _checked_metadata(path, metadata)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(raw, Mapping):
+        raise WeightsFileError(path, f"holds a {type(raw).__name__}, not a mapping of names to tensors")
+    return dict(raw), _checked_metadata(path, raw.get(METADATA_KEY))
+
+
+def _checked_metadata(source: str, metadata: Any) -> dict[str, Any]:
+    """Our ``dinoreg_arch`` entry: keyword arguments of :class:`DinoVisionTransformer` (empty when absent)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise WeightsFileError(source, f"has a {METADATA_KEY} entry that is a {type(metadata).__name__}, not a mapping "
+                                       "of architecture arguments")
+    unknown = sorted(str(key) for key in metadata if key not in _ARCH_ARGUMENTS)
+    if unknown:
+        raise WeightsFileError(source, f"has {METADATA_KEY} entries no backbone takes: {', '.join(unknown[:8])}")
+    return dict(metadata)
 
 
 def _unwrap(raw: dict[str, Any]) -> dict[str, Any]:
@@ -109,8 +180,8 @@ def _read_hf_directory(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
     config, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
     if not (os.path.isfile(config) and os.path.isfile(weights)):
-        raise FileNotFoundError(f"{path} is a directory without config.json and model.safetensors: not a Hugging "
-                                "Face export; give a backbone file or a `dinoreg export --format hf` directory")
+        raise WeightsFileError(path, "is a folder without config.json and model.safetensors, not a Hugging Face export",
+                               "give a backbone file or a `dinoreg export --format hf` folder")
     with open(config, encoding="utf-8") as f:
         return from_hf(json.load(f), load_file(weights))
 
@@ -134,6 +205,15 @@ def infer_arch_kwargs(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         raise CheckpointMismatchError(
             f"not a ViT backbone checkpoint: missing {missing}; found keys like {sorted(state_dict)[:8]}"
         )
+    try:
+        return _arch_kwargs_of(state_dict)
+    except (KeyError, IndexError, ValueError) as error:  # a key the others imply, a tensor of too few dimensions
+        shapes = {k: tuple(state_dict[k].shape) for k in required}
+        raise CheckpointMismatchError(f"not a ViT backbone checkpoint: {type(error).__name__} {error} reading its "
+                                      f"shapes {shapes}") from None
+
+
+def _arch_kwargs_of(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     embed_dim = state_dict["cls_token"].shape[-1]
     patch_weight = state_dict["patch_embed.proj.weight"]
     patch_size = patch_weight.shape[-1]

@@ -1,4 +1,6 @@
 import json
+import os
+import pickle
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ from safetensors.torch import save_file
 
 from dinoreg import load_backbone
 from dinoreg.models import CheckpointMismatchError, build_backbone
-from dinoreg.models.weights import METADATA_KEY, infer_arch_kwargs
+from dinoreg.models.weights import METADATA_KEY, WeightsFileError, infer_arch_kwargs, read_checkpoint_and_heads
 
 
 def official_like(registers=4, ffn="mlp", depth=4, init_values=1.0):
@@ -95,5 +97,74 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
 def test_not_a_backbone_and_missing_file_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="not a ViT backbone"):
         load_backbone({"fc.weight": torch.zeros(2, 2)})
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(WeightsFileError, match="nope.pth does not exist; give a backbone"):
         load_backbone(tmp_path / "nope.pth")
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``: what a crafted file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _write(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda tmp, sd: _write(tmp, "text.pth", b"hello\n"), "is neither a torch nor a safetensors file: it starts with b'hello"),
+    (lambda tmp, sd: _write(tmp, "text.safetensors", b"hello\n"), "is not a complete safetensors file"),
+    (lambda tmp, sd: _write(tmp, "empty.pth", b""), "is empty (0 bytes)"),
+    (lambda tmp, sd: _cut(_saved(torch.save, sd, tmp / "cut.pth")), "is a truncated or damaged torch file"),
+    (lambda tmp, sd: _cut(_saved(save_file, sd, tmp / "cut.safetensors")), "is not a complete safetensors file"),
+    (lambda tmp, sd: _saved(torch.save, [sd], tmp / "list.pth"), "holds a list, not a mapping of names to tensors"),
+    (lambda tmp, sd: _saved(torch.save, {"a": torch.zeros(2)}, tmp / "other.pth"), "holds no ViT backbone"),
+    (lambda tmp, sd: _saved(torch.save, {**sd, METADATA_KEY: {"depth": 2, "evil": 1}}, tmp / "meta.pth"),
+     "has dinoreg_arch entries no backbone takes: evil"),
+    (lambda tmp, sd: _saved(save_file, sd, tmp / "meta.safetensors", metadata={METADATA_KEY: "{not json"}),
+     "has a dinoreg_arch metadata entry that is not JSON"),
+    (lambda tmp, sd: _saved(torch.save, {"cls_token": torch.zeros(3), "pos_embed": torch.zeros(3),
+                                         "patch_embed.proj.weight": torch.zeros(3)}, tmp / "flat.pth"),
+     "holds no ViT backbone (not a ViT backbone checkpoint: IndexError"),
+    (lambda tmp, sd: tmp, "is a folder without config.json and model.safetensors"),
+], ids=["text", "text-safetensors", "empty", "truncated-pth", "truncated-safetensors", "list", "no-backbone",
+        "unknown-metadata", "metadata-not-json", "flat-tensors", "folder"])
+def test_a_file_that_is_no_checkpoint_is_one_line_naming_it_and_the_fix(make, problem, tmp_path):
+    path = make(tmp_path, official_like(depth=1).state_dict())
+    with pytest.raises(WeightsFileError) as info:
+        load_backbone(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} {problem}") and "; give a " in message and "\n" not in message, message
+    assert info.value.path == str(path) and isinstance(info.value, ValueError)
+
+
+def _saved(save, payload, path, **kwargs):
+    save(payload, str(path), **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("crafted", [
+    lambda sd, marker: {"model": sd, "extra": RunsCode(marker)},
+    lambda sd, marker: {METADATA_KEY: RunsCode(marker), **sd},
+], ids=["value", "metadata"])
+@pytest.mark.parametrize("bare", [False, True], ids=["torch.save", "pickle.dumps"])
+def test_a_crafted_pickle_runs_nothing_and_says_so(crafted, bare, tmp_path):
+    marker, path = tmp_path / "code_ran", tmp_path / "shared.pth"
+    payload = crafted(official_like(depth=1).state_dict(), marker)
+    path.write_bytes(pickle.dumps(payload)) if bare else torch.save(payload, path)
+    for read in (load_backbone, read_checkpoint_and_heads):
+        with pytest.raises(WeightsFileError, match="holds pickled objects other than tensors and plain values .*: "
+                                                   "refused unread, nothing in it was run"):
+            read(path)
+    assert not marker.exists(), "the crafted pickle ran"
