@@ -39,7 +39,12 @@ __all__ = [
 DEFAULT_CONFIG = "tiny_cpu"
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the key, the value given and the fix."""
+    """A configuration problem; the message names the key, the value given and the fix. ``problems``: each
+    problem as one line (the message is the only one, or lists them all under a heading)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
 
 
 def _schema_leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -91,14 +96,24 @@ def _read_config_source(config: str | os.PathLike) -> tuple[str, str]:
     looks_like_path = (
         isinstance(config, os.PathLike) or as_path.suffix in (".yaml", ".yml") or len(as_path.parts) > 1
     )
+    names = available_configs()
+    if as_path.is_dir() and (looks_like_path or config not in names):
+        inside = as_path / "config.yaml"
+        example = f"such as {inside} (the run's resolved config)" if inside.is_file() else "such as configs/tiny_cpu.yaml"
+        raise ConfigError(f"config {str(config)!r} is a folder, not a YAML file; give a YAML file {example} or one of "
+                          f"the bundled names: {', '.join(names)}")
     if looks_like_path:
         if not as_path.is_file():
             raise ConfigError(
                 f"config file {str(config)!r} does not exist; give an existing YAML file or one of "
-                f"the bundled names: {', '.join(available_configs())}"
+                f"the bundled names: {', '.join(names)}"
             )
-        return as_path.read_text(), str(as_path)
-    names = available_configs()
+        try:
+            return as_path.read_text(encoding="utf-8"), str(as_path)
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"config file {str(config)!r} cannot be read ({reason}); give a readable YAML "
+                              "file") from None
     if config not in names:
         close = difflib.get_close_matches(str(config), names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -380,7 +395,7 @@ def load_config(config: str | os.PathLike | None = None, overrides: Sequence[str
     else:
         problems = _validate(cfg)
     if problems:
-        raise ConfigError("problems in the configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError("problems in the configuration:\n  " + "\n  ".join(problems), problems)
 
     if cfg.optim.lr == 0.0:
         apply_scaling_rule(cfg, world_size=1)

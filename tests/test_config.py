@@ -191,6 +191,35 @@ def test_missing_config_file(tmp_path):
     assert "does not exist" in config_error(config=tmp_path / "nope.yaml")
 
 
+def test_a_config_folder_is_named_as_a_folder_with_what_to_give(tmp_path, monkeypatch):
+    message = config_error(config=str(tmp_path))
+    assert f"config '{tmp_path}' is a folder, not a YAML file; give a YAML file such as configs/tiny_cpu.yaml" in message
+    assert "does not exist" not in message and len(message.splitlines()) == 1
+    (tmp_path / "config.yaml").write_text("optim:\n  epochs: 2\n")  # a run folder: its resolved config
+    assert f"such as {tmp_path / 'config.yaml'}" in config_error(config=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert "'runs' is a folder" in config_error(config="runs")  # a bare name that is no recipe but a folder
+    (tmp_path / "tiny_cpu").mkdir()
+    assert load_config("tiny_cpu").student.arch == "vit_tiny"  # a recipe's name still means the recipe
+
+
+def test_a_config_file_that_is_not_text_is_a_config_error(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(bytes(range(128, 256)))
+    assert f"config file '{path}' cannot be read (not UTF-8 text)" in config_error(config=path)
+
+
+def test_each_problem_is_one_line_of_the_error():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["student.arch=vit_huge", "train.batch_size_per_gpu=1"])
+    assert [problem.split(":")[0] for problem in info.value.problems] == ["student.arch", "train.batch_size_per_gpu"]
+    assert all("\n" not in problem and problem in str(info.value) for problem in info.value.problems)
+    with pytest.raises(ConfigError) as info:
+        load_config("no_such_recipe")
+    assert info.value.problems == [str(info.value)]
+
+
 def test_all_problems_reported_together():
     message = config_error("student.num_registers=4", "optim.base_lr=fast", "train.OFFICIAL_EPOCH_LENGTH=1")
     assert all(k in message for k in ("student.num_registers", "optim.base_lr", "train.epoch_length"))
