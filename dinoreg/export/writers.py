@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,42 +72,68 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
     head_tensors = {f"{name}.{key}": value.detach().to("cpu", DTYPES[dtype]).contiguous()
                     for name, head in (heads or {}).items() for key, value in head_to_official(head).items()}
     if fmt == "timm":
-        from dinoreg.models.formats import resolve_timm_name, to_timm  # noqa: PLC0415
+        from dinoreg.models.formats import resolve_timm_name  # noqa: PLC0415
 
         timm_name = resolve_timm_name(model.arch_kwargs, timm_name)  # refused before anything is written
     tensors = {name: value.detach().to("cpu", DTYPES[dtype]).contiguous() for name, value in model.state_dict().items()}
     arch = {**model.arch_kwargs}
     provenance = {**(source.as_metadata() if source else {}), "dtype": dtype}
-    with publish(output, directory=fmt == "hf") as tmp:
-        if fmt == "dinov2" and head_tensors:
-            torch.save({"teacher": {**{f"backbone.{k}": v for k, v in tensors.items()}, **head_tensors}}, tmp)
-        elif fmt == "dinov2":
-            torch.save(tensors, tmp)
-        elif fmt == "safetensors":
-            metadata = {METADATA_KEY: json.dumps(arch), SOURCE_METADATA_KEY: json.dumps(provenance)}
-            if head_tensors:
-                metadata[HEADS_METADATA_KEY] = json.dumps({name: head_spec_of(head) for name, head in heads.items()})
-            _save_safetensors({**tensors, **head_tensors}, tmp, metadata)
-        elif fmt == "hf":
-            from dinoreg.models.formats import to_hf  # noqa: PLC0415
-
-            config, hf_tensors = to_hf(tensors, arch, allow_interpolation_mismatch=allow_interpolation_mismatch)
-            config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            _save_safetensors(hf_tensors, tmp / "model.safetensors", {"format": "pt"})
-            # a complete model folder: AutoImageProcessor / pipeline(...) need the processor's settings
-            (tmp / "preprocessor_config.json").write_text(
-                json.dumps(hf_preprocessor_config(arch["img_size"]), indent=2) + "\n", encoding="utf-8")
-            (tmp / "README.md").write_text(model_card(arch, source, architecture=config["architectures"][0],
-                                                      dtype=dtype), encoding="utf-8")
-        else:
-            timm_tensors, name, kwargs = to_timm(tensors, arch, timm_name=timm_name)
-            # "state_dict" is the key timm's own load_checkpoint reads (and create_model's pretrained_cfg_overlay
-            # file=); the rest is for people, timm's data config and load_backbone
-            torch.save({"state_dict": timm_tensors, "model_name": name, "model_kwargs": kwargs,
-                        "pretrained_cfg": timm_pretrained_cfg(arch["img_size"]),
-                        LAYOUT_KEY: "timm", METADATA_KEY: arch, SOURCE_METADATA_KEY: provenance}, tmp)
+    existed = output.exists()
+    try:
+        with publish(output, directory=fmt == "hf") as tmp:
+            _write(fmt, tmp, tensors, head_tensors, arch, source, provenance, dtype=dtype, heads=heads,
+                   timm_name=timm_name, allow_interpolation_mismatch=allow_interpolation_mismatch)
+    except Exception as error:  # noqa: BLE001 - only failures of the disk are turned into one line, the rest re-raised
+        needed = sum(t.numel() * t.element_size() for t in [*tensors.values(), *head_tensors.values()])
+        failure = _write_failure(output, error, needed=needed, existed=existed)
+        if failure is None:
+            raise
+        raise failure from None
     return output
+
+
+def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[str, Tensor], arch: dict[str, Any],
+           source: Optional[BackboneSource], provenance: dict[str, Any], *, dtype: str,
+           heads: Optional[dict[str, dict[str, Tensor]]], timm_name: Optional[str],
+           allow_interpolation_mismatch: bool) -> None:
+    """Write the export into ``tmp`` (a file; a directory for ``hf``), which :func:`publish` then renames."""
+    if fmt == "dinov2" and head_tensors:
+        _torch_save({"teacher": {**{f"backbone.{k}": v for k, v in tensors.items()}, **head_tensors}}, tmp)
+    elif fmt == "dinov2":
+        _torch_save(tensors, tmp)
+    elif fmt == "safetensors":
+        metadata = {METADATA_KEY: json.dumps(arch), SOURCE_METADATA_KEY: json.dumps(provenance)}
+        if head_tensors:
+            metadata[HEADS_METADATA_KEY] = json.dumps({name: head_spec_of(head) for name, head in heads.items()})
+        _save_safetensors({**tensors, **head_tensors}, tmp, metadata)
+    elif fmt == "hf":
+        from dinoreg.models.formats import to_hf  # noqa: PLC0415
+
+        config, hf_tensors = to_hf(tensors, arch, allow_interpolation_mismatch=allow_interpolation_mismatch)
+        config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _save_safetensors(hf_tensors, tmp / "model.safetensors", {"format": "pt"})
+        # a complete model folder: AutoImageProcessor / pipeline(...) need the processor's settings
+        (tmp / "preprocessor_config.json").write_text(
+            json.dumps(hf_preprocessor_config(arch["img_size"]), indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(arch, source, architecture=config["architectures"][0],
+                                                  dtype=dtype), encoding="utf-8")
+    else:
+        from dinoreg.models.formats import to_timm  # noqa: PLC0415
+
+        timm_tensors, name, kwargs = to_timm(tensors, arch, timm_name=timm_name)
+        # "state_dict" is the key timm's own load_checkpoint reads (and create_model's pretrained_cfg_overlay
+        # file=); the rest is for people, timm's data config and load_backbone
+        _torch_save({"state_dict": timm_tensors, "model_name": name, "model_kwargs": kwargs,
+                     "pretrained_cfg": timm_pretrained_cfg(arch["img_size"]),
+                     LAYOUT_KEY: "timm", METADATA_KEY: arch, SOURCE_METADATA_KEY: provenance}, tmp)
+
+
+def _torch_save(payload: Any, path: Path) -> None:
+    # through a Python file: a failed write then raises OSError (errno kept as the context of torch's RuntimeError)
+    # where torch's own file writer only reports "unexpected pos"
+    with open(path, "wb") as file:
+        torch.save(payload, file)
 
 
 def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -114,15 +143,85 @@ def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str
 
 
 def check_output(fmt: str, output: str | Path, *, force: bool) -> Path:
-    """Refuse an output name that does not fit ``fmt``, or an existing output without ``force``; called before
-    anything slow is read."""
+    """Refuse an output name that does not fit ``fmt``, an existing output without ``force``, or a destination
+    that cannot be written; called before anything slow is read."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     output = Path(output)
+    if fmt in SUFFIXES and output.is_dir():
+        raise ExportError(f"{output} is a directory and --format {fmt} writes one file; name a file, e.g. "
+                          f"--output {output / ('backbone' + SUFFIXES[fmt][0])}")
+    if fmt not in SUFFIXES and output.exists() and not output.is_dir():
+        raise ExportError(f"{output} is a file and --format {fmt} writes a directory; name a new folder for --output")
     if fmt in SUFFIXES and output.suffix not in SUFFIXES[fmt]:
         raise ExportError(f"--format {fmt} writes {'/'.join(SUFFIXES[fmt])} files; name the output e.g. "
                           f"{output.with_suffix(SUFFIXES[fmt][0])}")
     if output.exists() and not force:
         raise ExportError(f"{output} already exists; pass --force to replace it (it is kept until the new export "
                           "is complete)")
+    _check_writable(output)
     return output
+
+
+def _existing_ancestor(output: Path) -> Path:
+    folder = output.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def _check_writable(output: Path) -> None:
+    """The folder that will hold ``output`` (its nearest existing ancestor: the rest is created) takes new files."""
+    folder = _existing_ancestor(output)
+    if not folder.is_dir():
+        raise ExportError(f"cannot write {output}: {folder} is a file, not a folder; choose another --output")
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise ExportError(f"cannot write {output}: {folder} is on a read-only file system; choose an --output on a "
+                          "writable disk")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {output}: permission denied in {folder}; choose a folder you can write to")
+
+
+# errno of a failed write -> (the cause, the fix), as the one line of a failed export says them
+WRITE_FAILURES = {
+    errno.ENOSPC: ("no space left on device", "free space there or choose an --output on another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or choose an --output on another disk"),
+    errno.EROFS: ("read-only file system", "choose an --output on a writable disk"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to"),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to"),
+    errno.EISDIR: ("a directory is in the way", "choose another --output"),
+}
+
+
+def _errno_of(error: BaseException) -> Optional[int]:
+    """The operating system's error number behind ``error``: an ``OSError`` in its chain (torch.save keeps it as
+    the context of its own RuntimeError), or "os error N" in the message (safetensors' writer is Rust)."""
+    seen: list[BaseException] = []
+    while error is not None and not any(error is other for other in seen):
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        found = re.search(r"os error (\d+)", str(error))
+        if found:
+            return int(found.group(1))
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.0f} KiB"
+
+
+def _write_failure(output: Path, error: BaseException, *, needed: int, existed: bool) -> Optional[ExportError]:
+    """One line for a write that the disk refused (``None`` when ``error`` is something else): the file, the cause
+    and the fix. :func:`publish` has removed the partial output and left an existing one as it was."""
+    code = _errno_of(error)
+    if code is None:
+        return None
+    cause, fix = WRITE_FAILURES.get(code, (os.strerror(code).lower(), "choose another --output"))
+    if code == errno.ENOSPC:
+        folder = _existing_ancestor(output)
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        cause += f" ({_size(free)} free in {folder}; the export needs about {_size(needed)})"
+    kept = f"the existing {output} is unchanged" if existed else "no partial file was left"
+    return ExportError(f"could not write {output}: {cause}; {fix} ({kept})")

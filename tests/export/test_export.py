@@ -1,7 +1,10 @@
 """`dinoreg export`: a short training run -> every format -> each loads and gives the teacher's features."""
 
+import contextlib
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -330,3 +333,69 @@ def test_dinov2_export_names_what_a_plain_pth_cannot_hold(tmp_path, capsys):
     standard = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=1, num_register_tokens=4,
                               interpolate_antialias=True, interpolate_offset=0.0)
     assert dinov2_load_overrides(standard) == {}
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point, *options):
+    """A real small (or read-only) file system at ``mount_point``; the test is skipped where none can be mounted."""
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def one_line_error(args, capsys):
+    assert main(["export", *map(str, args)]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    return captured.err.strip()
+
+
+@pytest.mark.parametrize("fmt, name", [("dinov2", "b.pth"), ("safetensors", "b.safetensors"), ("hf", "hf"),
+                                       ("timm", "b.pth")])
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(run_dir, tmp_path, capsys, fmt, name):
+    """Issue 24: a 29-line traceback. 64 KiB cannot hold the run's backbone (446 KiB) in any format."""
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        flags = ["--timm-name", "vit_small_patch14_reg4_dinov2"] if fmt == "timm" else []
+        error = one_line_error([run_dir, "--format", fmt, "--output", small / name, *flags], capsys)
+        assert error.startswith(f"dinoreg export: could not write {small / name}: no space left on device (")
+        assert re.search(rf"\(\d+ KiB free in {re.escape(str(small))}; the export needs about 446 KiB\)", error)
+        assert "free space there or choose an --output on another disk (no partial file was left)" in error
+        assert list(small.iterdir()) == []
+
+
+def test_a_full_disk_keeps_the_output_it_would_have_replaced(run_dir, tmp_path, capsys):
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        (small / "b.safetensors").write_bytes(b"the previous export")
+        error = one_line_error([run_dir, "--format", "safetensors", "--output", small / "b.safetensors", "--force"],
+                               capsys)
+        assert "no space left on device" in error and f"(the existing {small / 'b.safetensors'} is unchanged)" in error
+        assert [p.name for p in small.iterdir()] == ["b.safetensors"]
+        assert (small / "b.safetensors").read_bytes() == b"the previous export"
+
+
+def test_read_only_and_directory_destinations_are_one_line_before_anything_is_read(tmp_path, capsys):
+    nowhere = tmp_path / "no_run"  # never read: each destination is refused first
+    with tmpfs(tmp_path / "ro", "size=64k", "ro") as read_only:
+        for fmt, output in (("dinov2", read_only / "b.pth"), ("hf", read_only / "new" / "hf")):
+            assert one_line_error([nowhere, "--format", fmt, "--output", output], capsys) == (
+                f"dinoreg export: cannot write {output}: {read_only} is on a read-only file system; choose an "
+                "--output on a writable disk")
+    (tmp_path / "folder.pth").mkdir()
+    assert one_line_error([nowhere, "--format", "dinov2", "--output", tmp_path / "folder.pth", "--force"], capsys) == (
+        f"dinoreg export: {tmp_path / 'folder.pth'} is a directory and --format dinov2 writes one file; name a file, "
+        f"e.g. --output {tmp_path / 'folder.pth' / 'backbone.pth'}")
+    assert "is a directory" in one_line_error([nowhere, "--format", "safetensors", "--output", tmp_path], capsys)
+    (tmp_path / "file").write_text("x")
+    assert one_line_error([nowhere, "--format", "hf", "--output", tmp_path / "file", "--force"], capsys) == (
+        f"dinoreg export: {tmp_path / 'file'} is a file and --format hf writes a directory; name a new folder for "
+        "--output")
+    assert one_line_error([nowhere, "--format", "dinov2", "--output", tmp_path / "file" / "b.pth"], capsys) == (
+        f"dinoreg export: cannot write {tmp_path / 'file' / 'b.pth'}: {tmp_path / 'file'} is a file, not a folder; "
+        "choose another --output")
+    assert (tmp_path / "file").read_text() == "x" and (tmp_path / "folder.pth").is_dir()
