@@ -6,8 +6,9 @@ Shared by the subcommands (:mod:`dinoreg.cli`) and the analysis tools, which dec
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-__all__ = ["int_at_least", "positive_int", "register_count", "register_list"]
+__all__ = ["int_at_least", "output_file", "output_folder", "positive_int", "register_count", "register_list"]
 
 
 def int_at_least(minimum: int, what: str):
@@ -39,3 +40,31 @@ def register_list(text: str) -> list[int]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"register counts must not repeat; got {text!r}")
     return values
+
+
+def _blocked_by_a_file(path: Path) -> None:
+    """Refuse ``path`` when a file stands where one of its folders would have to be."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{parent} is a file, so {path} cannot be created in it; give a path "
+                                                 "in a folder")
+            return
+
+
+def output_file(text: str) -> Path:
+    """A file to write (created with its folders): neither an existing folder nor inside a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path, e.g. {path / 'results.json'}")
+    _blocked_by_a_file(path)
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into (created if missing): neither an existing file nor inside a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder; give a folder (it is created if missing)")
+    _blocked_by_a_file(path)
+    return path

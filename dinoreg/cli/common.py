@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from dinoreg.argtypes import positive_int
+from dinoreg.argtypes import output_file, positive_int
 from dinoreg.models import ARCHS, FFN_LAYERS
 
 FLOP_UNIT = "1 FLOP = 1 multiply-add (fvcore's convention)"
@@ -23,7 +22,7 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
                         help="square input size in pixels, a multiple of --patch-size (default: %(default)s)")
     parser.add_argument("--ffn-layer", default="mlp", choices=FFN_LAYERS,
                         help="feed-forward block; the official ViT-g uses swiglufused (default: %(default)s)")
-    parser.add_argument("--json", type=Path, metavar="PATH",
+    parser.add_argument("--json", type=output_file, metavar="PATH",
                         help="also write the results as JSON to PATH")
 
 
@@ -41,6 +40,15 @@ def check_divisible(parser: argparse.ArgumentParser, option: str, size: int, pat
         suggestions = f"{lower} or {upper}" if lower else str(upper)
         parser.error(f"{option} {size} is not a multiple of --patch-size {patch_size}; "
                      f"use e.g. {option} {suggestions}")
+
+
+def config_error_message(command: str, error: Exception) -> str:
+    """What a command prints for a :class:`~dinoreg.config.ConfigError`: one line for one problem, else a heading
+    and a line per problem."""
+    problems = getattr(error, "problems", None) or str(error).splitlines()
+    if len(problems) == 1:
+        return f"dinoreg {command}: invalid configuration: {problems[0]}"
+    return f"dinoreg {command}: invalid configuration:\n  " + "\n  ".join(problems)
 
 
 def format_summary(final: dict[str, Any]) -> str:

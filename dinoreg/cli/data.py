@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from dinoreg.argtypes import positive_int
+from dinoreg.argtypes import output_folder, positive_int
 
 
 def _objects(text: str) -> tuple[int, int]:
@@ -38,7 +37,7 @@ def add_data_parser(commands: Any) -> None:
                     "order-dependent protocols (batch order, held-out split) may differ slightly from --images synthetic.",
         epilog="examples:\n  dinoreg data export-synthetic data/shapes\n"
                "  dinoreg data export-synthetic data/shapes64 --size 2000 --image-size 64 --objects 1")
-    export.add_argument("output", type=Path, metavar="DIR",
+    export.add_argument("output", type=output_folder, metavar="DIR",
                         help="folder to create; an existing one is replaced only once the new one is complete")
     export.add_argument("--size", type=positive_int, default=1000, help="train images (default: %(default)s)")
     export.add_argument("--val-size", type=positive_int, default=200, help="val images (default: %(default)s)")
@@ -57,7 +56,6 @@ def _export_synthetic(args: argparse.Namespace) -> int:
         counts = export_synthetic(args.output, sizes={"train": args.size, "val": args.val_size},
                                   image_size=args.image_size, seed=args.seed, objects=args.objects)
     except (DatasetError, ValueError) as error:
-        args.parser.print_usage(sys.stderr)
         print(f"dinoreg data export-synthetic: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: " + ", ".join(f"{n} {split} images" for split, n in counts.items())

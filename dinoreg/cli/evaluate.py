@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dinoreg.argtypes import int_at_least, positive_int
+from dinoreg.argtypes import int_at_least, output_folder, positive_int
 from dinoreg.run_dir import FEATURES_FILES, RunDir
 
 _OFFICIAL_LRS = "1e-5 2e-5 5e-5 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 5e-2 0.1"
@@ -58,7 +58,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser, protocol: str, *, dat
         parser.add_argument("--data", default="synthetic", metavar="SPEC|DIR",
                             help=f"{_SYNTHETIC}, or a folder with train/<class>/ and val/<class>/ image sub-folders "
                                  "(the ImageNet layout) (default: %(default)s)")
-    parser.add_argument("--output-dir", type=Path, metavar="DIR",
+    parser.add_argument("--output-dir", type=output_folder, metavar="DIR",
                         help=f"where results.json and TensorBoard events (DIR/tensorboard) go; default "
                              f"RUN/eval_{protocol} (RUN/eval_{protocol}_random_init) with --run, required with "
                              "--weights")
@@ -217,7 +217,6 @@ def _run_protocol(args: argparse.Namespace, evaluate: Callable[..., Any], report
             raise EvalInputError("--output-dir DIR is required with --weights (with --run it defaults to "
                                  f"RUN/eval_{args.protocol})")
     except EvalInputError as error:
-        args.parser.print_usage(sys.stderr)
         print(f"{command}: error: {error}", file=sys.stderr)
         return 2
     try:

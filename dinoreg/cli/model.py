@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dinoreg.argtypes import positive_int, register_count, register_list
+from dinoreg.argtypes import output_file, positive_int, register_count, register_list
 from dinoreg.cli.analyze import add_artifact_tools
 from dinoreg.cli.common import FLOP_UNIT, INTERPOLATIONS, add_backbone_arguments, check_divisible
 from dinoreg.models import build_backbone
@@ -45,7 +44,7 @@ def add_analyze_parser(commands: Any) -> None:
                     f"(Darcet et al. 2023, Fig. 12). FLOPs: {FLOP_UNIT}.")
     add_backbone_arguments(flops)
     flops.set_defaults(arch="vit_large")
-    flops.add_argument("--png", type=Path, metavar="PATH",
+    flops.add_argument("--png", type=output_file, metavar="PATH",
                        help="also draw the FLOPs increase versus the number of registers to PATH (Fig. 12)")
     flops.add_argument("--registers", type=register_list, default=[0, 1, 2, 4, 8, 16],
                        help="comma-separated register counts (default: 0,1,2,4,8,16)")

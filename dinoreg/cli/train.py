@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from dinoreg.argtypes import int_at_least, positive_int
-from dinoreg.cli.common import add_recipe_arguments, format_summary
+from dinoreg.argtypes import int_at_least, output_file, output_folder, positive_int
+from dinoreg.cli.common import add_recipe_arguments, config_error_message, format_summary
 from dinoreg.run_dir import write_json
 
 
@@ -29,7 +28,7 @@ def add_train_parser(commands: Any) -> None:
                "  torchrun --nproc_per_node=8 -m dinoreg train --config vitl14_reg4 --output-dir runs/l \\\n"
                "      train.dataset_path=/data/imagenet/train train.batch_size_per_gpu=32")
     add_recipe_arguments(train)
-    train.add_argument("--output-dir", type=Path, metavar="DIR",
+    train.add_argument("--output-dir", type=output_folder, metavar="DIR",
                        help="where the config, metrics, TensorBoard logs and weights go (sets train.output_dir); "
                             "required except with --print-config")
     train.add_argument("--print-config", action="store_true",
@@ -65,7 +64,7 @@ def add_bench_parser(commands: Any) -> None:
     bench_train.add_argument("--compare", action="store_true",
                              help="also run the same steps the naive way (eager, math attention, no activation "
                                   "checkpointing, single-tensor AdamW) and report the speed-up")
-    bench_train.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    bench_train.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON to PATH")
     bench_train.set_defaults(handler=_bench_train, parser=bench_train)
     bench_heads = benches.add_parser(
         "heads", help="peak memory of the prototype heads and losses alone",
@@ -76,7 +75,7 @@ def add_bench_parser(commands: Any) -> None:
                     "fp32 logits of all rows.",
         epilog="example: dinoreg bench heads --config vitl14_reg4 train.batch_size_per_gpu=4")
     add_recipe_arguments(bench_heads)
-    bench_heads.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    bench_heads.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON to PATH")
     bench_heads.set_defaults(handler=_bench_heads, parser=bench_heads)
     bench_memory = benches.add_parser(
         "memory", help="plan the memory per GPU of a run and the largest per-GPU batch that fits, before submitting",
@@ -106,7 +105,7 @@ def add_bench_parser(commands: Any) -> None:
                                    "(default: %(default)s)")
     bench_memory.add_argument("--fp32", action="store_true",
                               help="plan an fp32 run (a CPU's) instead of bf16 (a GPU's)")
-    bench_memory.add_argument("--json", type=Path, metavar="PATH", help="also write the plan as JSON to PATH")
+    bench_memory.add_argument("--json", type=output_file, metavar="PATH", help="also write the plan as JSON to PATH")
     bench_memory.set_defaults(handler=_bench_memory, parser=bench_memory)
     bench_checkpoint = benches.add_parser(
         "checkpoint", help="time saving and loading a full training checkpoint; its size",
@@ -116,21 +115,60 @@ def add_bench_parser(commands: Any) -> None:
     add_recipe_arguments(bench_checkpoint)
     bench_checkpoint.add_argument("--repeats", type=positive_int, default=3,
                                   help="saves and loads to take the median of (default: %(default)s)")
-    bench_checkpoint.add_argument("--dir", type=Path, metavar="DIR",
+    bench_checkpoint.add_argument("--dir", type=output_folder, metavar="DIR",
                                   help="write the checkpoints under DIR (default: the system temporary directory)")
-    bench_checkpoint.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    bench_checkpoint.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON to PATH")
     bench_checkpoint.set_defaults(handler=_bench_checkpoint, parser=bench_checkpoint)
+
+
+# the config keys that name a weights file to read at start-up
+_WEIGHTS_KEYS = ("train.init_from", "student.pretrained_weights", "distillation.teacher", "gram.ckpt", "phase.start_from")
+
+
+def _failures() -> tuple[type[Exception], ...]:
+    """What a run or a benchmark can fail with that is the input's fault or the machine's, not a bug: each is told
+    in one line by :func:`_report_failure`."""
+    from dinoreg.config import ConfigError  # noqa: PLC0415
+    from dinoreg.data import DatasetError  # noqa: PLC0415
+    from dinoreg.distributed import DistributedSetupError  # noqa: PLC0415
+    from dinoreg.models.weights import CheckpointMismatchError  # noqa: PLC0415
+    from dinoreg.train.checkpoint import CheckpointError  # noqa: PLC0415 (heavy imports)
+    from dinoreg.train.loop import NonFiniteLossError  # noqa: PLC0415
+
+    return (ConfigError, DatasetError, NonFiniteLossError, CheckpointError, CheckpointMismatchError,
+            DistributedSetupError, ValueError, OSError)
+
+
+def _report_failure(command: str, error: Exception, cfg: Any) -> int:
+    """Print ``error`` (one of :func:`_failures`) for ``dinoreg COMMAND`` and return the exit code: 2 for a bad
+    configuration value (a recipe, a dataset or a weights file that cannot be used), 1 otherwise. ``cfg``: the
+    configuration when it was loaded, to name the key of a weights file."""
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from dinoreg.config import ConfigError  # noqa: PLC0415
+    from dinoreg.data import DatasetError  # noqa: PLC0415
+    from dinoreg.models.weights import WeightsFileError  # noqa: PLC0415
+
+    if isinstance(error, ConfigError):
+        print(config_error_message(command, error), file=sys.stderr)
+        return 2
+    if isinstance(error, DatasetError):  # a bad value, as every other bad config value: exit 2
+        print(f"dinoreg {command}: invalid configuration: train.dataset_path: {error}", file=sys.stderr)
+        return 2
+    if isinstance(error, WeightsFileError):  # a file a config key names: say which key
+        keys = [key for key in _WEIGHTS_KEYS if cfg is not None and str(OmegaConf.select(cfg, key) or "") == error.path]
+        named = f"{keys[0]}: " if keys and not str(error).startswith(keys[0]) else ""
+        print(f"dinoreg {command}: {named}{error}", file=sys.stderr)
+        return 2
+    print(f"dinoreg {command}: {error}", file=sys.stderr)
+    return 1
 
 
 def _train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf  # noqa: PLC0415
 
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
-    from dinoreg.data import DatasetError  # noqa: PLC0415
-    from dinoreg.distributed import DistributedSetupError  # noqa: PLC0415
-    from dinoreg.models.weights import CheckpointMismatchError  # noqa: PLC0415
-    from dinoreg.train.checkpoint import CheckpointError  # noqa: PLC0415 (heavy imports)
-    from dinoreg.train.loop import NonFiniteLossError, prepare_output_dir, train  # noqa: PLC0415
+    from dinoreg.train.loop import prepare_output_dir, train  # noqa: PLC0415 (heavy imports)
 
     if args.output_dir is None and not args.print_config:
         args.parser.error("the following arguments are required: --output-dir (except with --print-config)")
@@ -138,34 +176,31 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, [*args.overrides, *output])
     except ConfigError as error:
-        print(f"dinoreg train: invalid configuration:\n{error}", file=sys.stderr)
-        return 2
+        return _report_failure("train", error, None)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
     try:
         prepare_output_dir(args.output_dir, resume=not args.no_resume, force=args.force)
         final = train(cfg, resume=not args.no_resume, allow_config_change=args.allow_config_change)
-    except DatasetError as error:  # a bad value, as every other bad config value: exit 2
-        print(f"dinoreg train: invalid configuration:\ntrain.dataset_path: {error}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, CheckpointError, CheckpointMismatchError, DistributedSetupError,
-            ValueError) as error:
-        print(f"dinoreg train: {error}", file=sys.stderr)
-        return 1
+    except _failures() as error:
+        return _report_failure("train", error, cfg)
     if final:  # the main process's; the others log nothing
         print(f"done: {format_summary(final)}; outputs in {args.output_dir}")
     return 0
 
 
 def _run_benchmark(args: argparse.Namespace, run: Any, report: Any) -> int:
-    from dinoreg.config import ConfigError  # noqa: PLC0415
+    from dinoreg.config import load_config  # noqa: PLC0415
 
     try:
         result = run()
-    except ConfigError as error:
-        print(f"dinoreg bench {args.benchmark}: invalid configuration:\n{error}", file=sys.stderr)
-        return 2
+    except _failures() as error:
+        try:  # the keys of the weights files it names
+            cfg = load_config(args.config, args.overrides)
+        except ValueError:
+            cfg = None
+        return _report_failure(f"bench {args.benchmark}", error, cfg)
     print(report(result))
     if args.json:
         print(f"wrote {write_json(args.json, result)}")
