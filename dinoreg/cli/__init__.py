@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from dinoreg import __version__
 from dinoreg.cli.data import add_data_parser
@@ -32,11 +32,32 @@ from dinoreg.cli.model import add_analyze_parser, add_model_info_parser
 from dinoreg.cli.submit import add_submit_parser
 from dinoreg.cli.train import add_bench_parser, add_train_parser
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["build_parser", "line_buffered_output", "main", "run"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Takes ``key=value`` overrides before, between and after options (``train --config C a=1 --output-dir D
+    b=2``): argparse gives a ``nargs="*"`` positional only its first run of words; the later runs, which it would
+    refuse as unrecognized, are the same command's overrides, in the order written."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                   ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if isinstance(getattr(parsed, "overrides", None), list):
+            parsed.overrides += [word for word in extras if not word.startswith("-")]  # load_config checks each
+            extras = [word for word in extras if word.startswith("-")]
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        """One line, as every other refusal: the problem and where to read the usage (argparse would print the usage
+        first, several lines of it)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dinoreg", description="DINOv2-style self-supervised ViTs with register tokens.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the version and exit")
@@ -70,11 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dinoreg`` console script; returns the exit status."""
     from dinoreg.train.signals import StoppedOnSignal  # noqa: PLC0415
 
+    line_buffered_output()
     try:
         return run(argv)
     except StoppedOnSignal as stop:
         print(f"dinoreg: {stop}", file=sys.stderr)
         return stop.exit_code
+
+
+def line_buffered_output() -> None:
+    """Write every line of stdout and stderr through at once, also to a file or a pipe (block-buffered by default):
+    the log of a killed run then holds everything it printed."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and not stream.isatty():
+            stream.reconfigure(line_buffering=True)
 
 
 if __name__ == "__main__":

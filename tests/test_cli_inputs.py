@@ -1,0 +1,237 @@
+"""What the command line does with what users type and the files they give it.
+
+- key=value overrides are taken before, between and after options, by every command that takes them (argparse
+  alone refused `dinoreg train --config tiny_cpu a=1 --output-dir D b=2` with "unrecognized arguments: b=2");
+- stdout and stderr are line-buffered into files and pipes: the log of a run killed with SIGKILL holds what it printed;
+- a bad input is one line on stderr, exit code 1 or 2, no traceback: a weights file that is text, empty, truncated
+  or a pickle that would run code (and nothing in it runs: no marker file appears), `--config` naming a folder,
+  an output path that cannot be one, an argument argparse refuses.
+"""
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from launch_helpers import TINY, subprocess_env, wait_for_training_rows
+from safetensors.torch import save_file
+
+from dinoreg.cli import build_parser, line_buffered_output, main
+from dinoreg.models import build_backbone
+
+# A tiny run that fails or starts within a second or two.
+RUN = [*TINY, "train.batch_size_per_gpu=4", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=4",
+       "optim.warmup_epochs=0", "evaluation.knn_enabled=false", "train.log_every=1", "monitor.period=0",
+       "train.dataset_path=synthetic:size=32"]
+
+
+def one_line(capsys, code, *named):
+    """The command's refusal: exit code 1 or 2, one non-empty line on stderr naming each of ``named``; the line."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code in (1, 2), (code, err)
+    assert "Traceback" not in err and len(lines) == 1, err
+    for name in named:
+        assert str(name) in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ overrides anywhere
+
+
+@pytest.mark.parametrize("command, options", [
+    (["train"], ["--output-dir", "D"]), (["bench", "train"], ["--iterations", "1"]),
+    (["bench", "memory"], ["--gpus", "2"]), (["bench", "heads"], []), (["bench", "checkpoint"], ["--repeats", "1"]),
+    (["submit"], ["--output-dir", "D", "--gpus-per-node", "0"]),
+])
+def test_overrides_are_taken_before_between_and_after_options(command, options):
+    args = build_parser().parse_args([*command, "a=1", "--config", "tiny_cpu", "b=2", *options, "c=3", "d=4"])
+    assert args.overrides == ["a=1", "b=2", "c=3", "d=4"]  # in the order written: a later one wins
+    assert args.config == "tiny_cpu"
+
+
+def test_the_issues_command_line_and_the_order_of_overrides(tmp_path, capsys):
+    code = main(["train", "--config", "tiny_cpu", "optim.epochs=3", "--output-dir", str(tmp_path / "run"),
+                 "train.seed=7", "--print-config", "optim.epochs=4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "  epochs: 4\n" in out and "  seed: 7\n" in out and f"output_dir: {tmp_path / 'run'}" in out
+
+
+def test_an_unknown_option_among_overrides_is_still_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "a=1", "--output-dir", "D", "--bogus", "b=2"])
+    line = one_line(capsys, exit_info.value.code, "dinoreg", "unrecognized arguments: --bogus", "--help")
+    assert "b=2" not in line
+
+
+def test_a_stray_word_after_an_option_is_a_malformed_override(capsys):
+    code = main(["train", "--output-dir", "D", "optim.epochs=2", "--print-config", "epochs"])
+    one_line(capsys, code, "malformed override 'epochs'", "key=value")
+
+
+def test_submit_takes_overrides_anywhere_and_keeps_its_job_command_after_dashes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cpu_job = ["--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout-min", "30"]
+    assert main(["submit", "--dry-run", "optim.epochs=2", *cpu_job, "train.seed=3", "--output-dir", "runs/x"]) == 0
+    assert "optim.epochs=2 train.seed=3" in capsys.readouterr().out
+    job = ["train", "--output-dir", "runs/y", "optim.epochs=2", "--no-resume", "train.seed=3"]
+    assert main(["submit", "--dry-run", *cpu_job, "--", *job]) == 0  # the job command is parsed the same way
+    assert "runs: dinoreg train --output-dir runs/y optim.epochs=2 --no-resume train.seed=3" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ line-buffered output
+
+
+def test_the_entry_point_line_buffers_output_that_is_no_terminal(monkeypatch):
+    streams = {name: io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for name in ("stdout", "stderr")}
+    for name, stream in streams.items():
+        assert not stream.line_buffering
+        monkeypatch.setattr(sys, name, stream)
+    line_buffered_output()
+    assert all(stream.line_buffering for stream in streams.values())
+    print("a line")
+    assert streams["stdout"].buffer.getvalue() == b"a line\n"  # in the buffer below, not held back
+
+
+def test_the_log_of_a_killed_run_holds_its_first_lines(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "out.log"
+    with open(log, "w") as stdout:
+        process = subprocess.Popen([sys.executable, "-m", "dinoreg", "train", "--output-dir", str(run), *RUN,
+                                    "optim.epochs=50"], stdout=stdout, stderr=subprocess.STDOUT, env=subprocess_env())
+    try:
+        wait_for_training_rows(run, 2, process=process)  # logged: so printed too
+        time.sleep(0.2)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert "[1/200] " in log.read_text(), log.read_text()  # the first step's line
+
+
+# ------------------------------------------------------------------------------------------ weights files
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``: what a crafted file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _backbone_state():
+    model = build_backbone("vit_small", embed_dim=32, depth=2, num_heads=2, patch_size=16, img_size=32)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def text_pth(path, marker):
+    path.write_text("not weights\n")
+
+
+def empty_safetensors(path, marker):
+    path.write_bytes(b"")
+
+
+def truncated_pth(path, marker):
+    torch.save(_backbone_state(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def truncated_safetensors(path, marker):
+    save_file(_backbone_state(), str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def crafted_torch_file(path, marker):
+    torch.save({"model": _backbone_state(), "extra": RunsCode(marker)}, path)
+
+
+def crafted_pickle(path, marker):
+    path.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
+
+
+# input kind -> (how the file is made, its suffix, what the line says is wrong, and more it must say)
+REFUSED = ("holds pickled objects other than tensors and plain values (", "refused unread, nothing in it was run")
+WEIGHTS_FILES = {
+    "text": (text_pth, ".pth", ("is neither a torch nor a safetensors file: it starts with b'not weights",)),
+    "empty": (empty_safetensors, ".safetensors", ("is empty (0 bytes)",)),
+    "truncated .pth": (truncated_pth, ".pth", ("is a truncated or damaged torch file",)),
+    "truncated .safetensors": (truncated_safetensors, ".safetensors", ("is not a complete safetensors file",)),
+    "crafted torch file": (crafted_torch_file, ".pth", (*REFUSED, "GLOBAL posix.system")),
+    "crafted pickle": (crafted_pickle, ".pth", REFUSED),
+}
+WEIGHTS_KEYS = {"train.init_from": [], "student.pretrained_weights": [],
+                "distillation.teacher": ["distillation.enabled=true"]}
+TABLE = [(kind, key) for kind in WEIGHTS_FILES for key in WEIGHTS_KEYS]
+
+
+@pytest.mark.parametrize("kind, key", TABLE, ids=[f"{kind}->{key}" for kind, key in TABLE])
+def test_a_bad_weights_file_is_one_line_naming_the_key_and_the_file(kind, key, tmp_path, capsys):
+    make, suffix, (problem, *more) = WEIGHTS_FILES[kind]
+    path, marker = tmp_path / f"weights{suffix}", tmp_path / "code_ran"
+    make(path, marker)
+    code = main(["train", "--output-dir", str(tmp_path / "run"), *RUN, f"{key}={path}", *WEIGHTS_KEYS[key]])
+    assert not marker.exists(), "the crafted pickle ran"
+    line = one_line(capsys, code, f"dinoreg train: {key}: {path} {problem}", *more, "; give ")
+    assert code == 2, line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_crafted_weights_file_runs_nothing_through_python_dash_m(tmp_path):
+    path, marker = tmp_path / "shared.pth", tmp_path / "code_ran"
+    crafted_torch_file(path, marker)
+    result = subprocess.run([sys.executable, "-m", "dinoreg", "train", "--output-dir", str(tmp_path / "run"), *RUN,
+                             f"train.init_from={path}"], env=subprocess_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert not marker.exists(), "the crafted pickle ran"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"dinoreg train: train.init_from: {path} holds pickled objects"), lines[0]
+
+
+# ------------------------------------------------------------------------------------------ paths and arguments
+
+
+def test_config_naming_a_folder_says_so_and_what_to_give(tmp_path, capsys):
+    code = main(["train", "--config", str(tmp_path), "--output-dir", str(tmp_path / "run")])
+    line = one_line(capsys, code, f"'{tmp_path}' is a folder", "give a YAML file", "tiny_cpu")
+    assert code == 2 and "does not exist" not in line
+
+
+def test_config_naming_a_run_folder_points_to_its_config(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("optim:\n  epochs: 2\n")
+    code = main(["bench", "memory", "--config", str(tmp_path)])
+    one_line(capsys, code, "dinoreg bench memory: invalid configuration:", "is a folder",
+             f"such as {tmp_path / 'config.yaml'}")
+
+
+def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(bytes(range(128, 256)))
+    one_line(capsys, main(["train", "--config", str(path), "--print-config"]), str(path), "cannot be read")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["train", "--output-dir", "{file}"], "argument --output-dir: {file} is a file, not a folder"),
+    (["train", "--output-dir", "{file}/run"], "{file} is a file, so {file}/run cannot be created"),
+    (["bench", "heads", "--json", "{folder}"], "argument --json: {folder} is a folder; give a file path"),
+    (["model-info", "--json", "{file}/info.json"], "argument --json: {file} is a file"),
+    (["eval", "knn", "--weights", "w.pth", "--data", "synthetic", "--output-dir", "{file}"],
+     "argument --output-dir: {file} is a file"),
+    (["data", "export-synthetic", "{file}"], "{file} is a file, not a folder"),
+    (["train", "--print-config", "--config"], "argument --config: expected one argument"),
+])
+def test_a_path_that_cannot_be_written_is_refused_in_one_line_before_any_work(args, named, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    paths = {"file": tmp_path / "file", "folder": tmp_path}
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(**paths) for arg in args])
+    one_line(capsys, exit_info.value.code, named.format(**paths), "--help")
