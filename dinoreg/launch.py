@@ -374,25 +374,33 @@ def wait_for_job(job: Any, *, timeout_s: Optional[float] = None, poll_s: float =
                  on_state: Callable[[str], None] = lambda state: None) -> list[Any]:
     """Wait until every task of ``job`` wrote its result, and return the results (raising the job's error).
 
-    Bounded: a job that ends without results (killed, cancelled, not requeued) raises :class:`JobWaitError`
-    ``grace_s`` after SLURM says it ended (results can lag on a network filesystem), and so does
-    ``timeout_s``. Works without SLURM accounting: states come from ``squeue``."""
+    Follows the job through its requeues: an error a task wrote counts only once SLURM says the job ended (and
+    stayed ended for a few seconds), since a job can be requeued after its tasks failed (a node failure, an
+    ``scontrol requeue``, a requeue on preemption) and its next allocation replaces those results. Bounded: a job that
+    ends without results (killed, cancelled, not requeued) raises :class:`JobWaitError` ``grace_s`` after SLURM says
+    it ended (results can lag on a network filesystem), and so does ``timeout_s``. Works without SLURM accounting:
+    states come from ``squeue``."""
     tasks = [job.task(index) for index in range(job.num_tasks)]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     ended_at, last_state = None, None
     while True:
-        results = [task.paths.result_pickle for task in tasks]
-        if all(path.exists() for path in results):
+        written = [task.paths.result_pickle.exists() for task in tasks]
+        failed = all(written) and any(task.exception() is not None for task in tasks)
+        if all(written) and not failed:
             return job.results()
         state = job_state(job.job_id)
         if state != last_state:
             on_state(state)
             last_state = state
+        if failed and state.startswith("UNKNOWN"):  # without squeue a requeue cannot be seen: take the error
+            return job.results()
         if state in FINAL_STATES or state == "GONE":
             ended_at = ended_at or time.monotonic()
+            if failed and time.monotonic() - ended_at >= min(grace_s, 5 * poll_s):
+                return job.results()  # raises the first task's error
             if time.monotonic() - ended_at > grace_s:
-                if any(path.exists() for path in results):
-                    job.task(next(i for i, path in enumerate(results) if path.exists())).result()
+                if any(written):
+                    job.task(written.index(True)).result()
                 raise JobWaitError(f"job {job.job_id} ended ({state}) without a result: it was killed, cancelled "
                                    f"or not requeued; see {job.paths.stderr}")
         else:

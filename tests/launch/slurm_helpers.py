@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import submitit
@@ -14,14 +15,32 @@ from dinoreg.launch import wait_for_job
 TIMING_KEYS = {"images_per_sec", "data_wait", "monitor/seconds"}  # the only figures allowed to differ
 
 
+def _submit_command(tmp_path, *args):
+    return [sys.executable, "-m", "dinoreg", "submit", "--output-dir", str(tmp_path / "run" / "%j"),
+            "--json", str(tmp_path / "job.json"), *args]
+
+
 def submit_job(env, tmp_path, *args, timeout):
     """``dinoreg submit ARGS`` from ``tmp_path``, runs under ``tmp_path/run/%j``: (completed process, the
     job's --json record or None when nothing was submitted)."""
-    command = [sys.executable, "-m", "dinoreg", "submit", "--output-dir", str(tmp_path / "run" / "%j"),
-               "--json", str(tmp_path / "job.json"), *args]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(_submit_command(tmp_path, *args), env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=timeout)
     info = json.loads((tmp_path / "job.json").read_text()) if (tmp_path / "job.json").exists() else None
     return result, info
+
+
+def submit_job_and_wait_aside(env, tmp_path, *args, timeout):
+    """``dinoreg submit --wait ARGS`` as :func:`submit_job`, left waiting for the job: (the running process, the
+    job's --json record, once submitted)."""
+    process = subprocess.Popen(_submit_command(tmp_path, "--wait", *args), env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not (tmp_path / "job.json").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("nothing submitted: " + "".join(process.communicate()))
+        time.sleep(0.1)
+    return process, json.loads((tmp_path / "job.json").read_text())
 
 
 def job_handle(info, tasks=2):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import submitit
 from launch_helpers import TINY, wait_for_training_rows
-from slurm_helpers import job_handle, log, metric_rows, preempt, submit_job
+from PIL import Image
+from slurm_helpers import job_handle, log, metric_rows, preempt, submit_job, submit_job_and_wait_aside
 from submitit.core.utils import FailedJobError
 
 from dinoreg.launch import wait_for_job
@@ -24,6 +25,9 @@ RECIPE = [*TINY, "optim.epochs=4", "train.epoch_length=30", "train.batch_size_pe
           "evaluation.knn_enabled=false"]
 ITERATIONS = 120
 JOB_TIMEOUT_S = 300
+# The recipes' loader: worker processes, which SLURM signals with the rest of the job (the figures do not depend on
+# the worker count, so these jobs still match the reference bitwise).
+WORKERS = ["train.num_workers=2"]
 
 
 def dinoreg_submit(env, tmp_path, *args, timeout=JOB_TIMEOUT_S):
@@ -71,18 +75,55 @@ def test_submit_two_task_job_and_get_its_result(uninterrupted, slurm_env, tmp_pa
 
 
 def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm_env, tmp_path):
+    """With loader workers, which SLURM signals too: only the main processes save, then the job requeues itself and
+    resumes bitwise; `dinoreg submit --wait` follows it through the requeue to its end."""
     _, _, reference = uninterrupted
-    result, info = dinoreg_submit(slurm_env, tmp_path, *RECIPE)
-    assert result.returncode == 0, result.stderr
-    results, states, run_dir, saved_at = preempt(slurm_env, info, after_rows=6, timeout=JOB_TIMEOUT_S)
+    waiting, info = submit_job_and_wait_aside(slurm_env, tmp_path, *RESOURCES, *RECIPE, *WORKERS,
+                                              timeout=JOB_TIMEOUT_S)
+    try:
+        results, states, run_dir, saved_at = preempt(slurm_env, info, after_rows=6, timeout=JOB_TIMEOUT_S)
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        waiting.kill()
     assert 6 <= saved_at < ITERATIONS
+    assert f"SIGUSR2: saved {run_dir}/checkpoints/{saved_at}; exiting with code 75" in log(info, kind="out")
     assert "requeueing: requeue 1 of at most 10" in log(info)
     assert "requeued 1 times so far" in log(info)
     assert f"resumed from {run_dir}/checkpoints/{saved_at} (iteration {saved_at})" in log(info, kind="out")
     assert "PENDING" in states[1:] or "REQUEUED" in states  # it went back to the queue
-    # The same figures, bitwise, as the run that was never interrupted.
+    for task in (0, 1):  # no worker ran a handler (submitit's requeue) or died
+        assert "DataLoader worker" not in log(info, task=task) and "temporary saved file" not in log(info, task=task)
+    # The same figures, bitwise, as the run that was never interrupted (which had no workers).
     assert metric_rows(info["output_dir"]) == reference
     assert results[0]["final"]["total_loss"] == reference[ITERATIONS - 1]["total_loss"]
+    # --wait saw the requeue and reported the end, not a failure
+    assert waiting.returncode == 0, out + err
+    printed = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(f"job {info['job_id']}: ")]
+    assert "RUNNING" in printed and ("PENDING" in printed[printed.index("RUNNING"):] or "REQUEUED" in printed)
+    assert f"job {info['job_id']} done: total_loss" in out and "failed" not in err
+
+
+def test_wait_follows_a_requeued_job_past_its_earlier_errors(slurm_env, tmp_path):
+    """--wait took the errors its tasks wrote in an earlier run for the job's end, and reported `job ... failed` while
+    the job had been requeued and went on to end COMPLETED. An error counts once SLURM says the job is over; a requeue
+    makes it stale. Here the first run fails (no images yet), the job is requeued once the images exist, and waiting
+    then returns the second run's results."""
+    images = tmp_path / "images"
+    result, info = dinoreg_submit(slurm_env, tmp_path, "--tasks-per-node", "1", *RECIPE, "optim.epochs=1",
+                                  "train.epoch_length=2", f"train.dataset_path={images}")
+    assert result.returncode == 0, result.stderr
+    job = job_handle(info, tasks=1)
+    with pytest.raises(FailedJobError, match=re.escape(str(images))):  # a job that ended failing is reported
+        wait_for_job(job, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
+    assert job.task(0).paths.result_pickle.exists()  # the error of the first run
+    for index in range(8):
+        (images / "shapes").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), (30 * index, 255 - 30 * index, 90)).save(images / "shapes" / f"{index}.png")
+    subprocess.run(["scontrol", "requeue", info["job_id"]], env=slurm_env, check=True, timeout=60)
+    states = []
+    results = wait_for_job(job, timeout_s=JOB_TIMEOUT_S, poll_s=0.5, on_state=states.append)
+    assert [r["exit_code"] for r in results] == [0] and results[0]["final"]["iteration"] == 1
+    assert states[0] in ("PENDING", "REQUEUED") and "requeued 1 times so far" in log(info)
 
 
 def test_external_requeue_resumes_from_the_periodic_checkpoint(uninterrupted, slurm_env, tmp_path):
