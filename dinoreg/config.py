@@ -128,7 +128,9 @@ def _parse_yaml(text: str, label: str) -> dict:
     try:
         data = OmegaConf.to_container(OmegaConf.create(text), resolve=False) if text.strip() else {}
     except Exception as e:  # yaml.YAMLError or an OmegaConf error, e.g. a bad interpolation
-        raise ConfigError(f"{label}: could not parse YAML: {e}") from e
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{label}: could not parse YAML{where}: {' '.join(str(problem or e).split())}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: expected a mapping of sections (student:, train:, ...) at top level")
     return data
@@ -383,23 +385,29 @@ def load_config(config: str | os.PathLike | None = None, overrides: Sequence[str
         _assign(cfg, _flatten(tree, source, problems), source, problems)
     if not problems:
         # a recipe marks what the command line must give with ??? (the highres phases' phase.start_from)
-        problems += [f"{key}: the recipe requires a value; give it as {key}=..." for key in sorted(OmegaConf.missing_keys(cfg))]
+        problems += [f"{key}: the recipe requires a value; give it as {key}=..." for key in _missing_keys(cfg)]
     if not problems:
         try:
             OmegaConf.resolve(cfg)  # interpolations; downstream code and saved files see plain values
         except OmegaConfBaseException as e:
             problems.append(f"{getattr(e, 'full_key', '') or 'interpolation'}: {e}".splitlines()[0])
+    # Checking values now would report defaults standing in for the rejected entries.
+    note = ["(values are checked once the keys and types above are fixed)"] if problems else []
+    problems = problems or _validate(cfg)
     if problems:
-        # Checking values now would report defaults standing in for the rejected entries.
-        problems.append("(values are checked once the keys and types above are fixed)")
-    else:
-        problems = _validate(cfg)
-    if problems:
-        raise ConfigError("problems in the configuration:\n  " + "\n  ".join(problems), problems)
+        raise ConfigError("problems in the configuration:\n  " + "\n  ".join(problems + note), problems)
 
     if cfg.optim.lr == 0.0:
         apply_scaling_rule(cfg, world_size=1)
     return cfg
+
+
+def _missing_keys(cfg: DictConfig) -> list[str]:
+    """The keys a recipe marks ``???``; none while an interpolation is broken (resolving then names it)."""
+    try:
+        return sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException:
+        return []
 
 
 def apply_scaling_rule(cfg: DictConfig, world_size: int) -> float:

@@ -213,6 +213,21 @@ def test_config_naming_a_run_folder_points_to_its_config(tmp_path, capsys):
              f"such as {tmp_path / 'config.yaml'}")
 
 
+@pytest.mark.parametrize("recipe, override, named", [
+    ("optim: [1, 2\n", [], "recipe.yaml: could not parse YAML at line 2, column 1"),
+    ("optim:\n  lr: ${nope}\n", [], "optim.lr: Interpolation key 'nope' not found"),
+    ("{}\n", ["optim.epochs=x"], "optim.epochs (override 'optim.epochs=x'): expected an integer, got 'x'"),
+    ("{}\n", ["train.batch_size_per_gpu=1"], "train.batch_size_per_gpu: got 1; must be >= 2"),
+])
+def test_one_problem_in_a_config_is_one_line(recipe, override, named, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    code = main(["train", "--config", str(path), "--output-dir", str(tmp_path / "run"), *override])
+    line = one_line(capsys, code, named)
+    assert line.startswith("dinoreg train: invalid configuration: "), line
+    assert code == 2
+
+
 def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
     path = tmp_path / "binary.yaml"
     path.write_bytes(bytes(range(128, 256)))

@@ -210,11 +210,33 @@ def test_a_config_file_that_is_not_text_is_a_config_error(tmp_path):
     assert f"config file '{path}' cannot be read (not UTF-8 text)" in config_error(config=path)
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("optim: [1, 2\n", "could not parse YAML at line 2, column 1: did not find expected ',' or ']'"),
+    ("optim:\n\tepochs: 2\n", "could not parse YAML at line 2, column 1: found character that cannot start any token"),
+])
+def test_a_yaml_error_is_one_line_with_its_place(text, problem, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    assert config_error(config=path) == f"{path}: {problem}"
+
+
+@pytest.mark.parametrize("source", ["recipe", "override"])
+def test_an_interpolation_of_a_missing_key_is_a_config_error(source, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("optim:\n  lr: ${nope}\n" if source == "recipe" else "{}\n")
+    message = config_error(*(["optim.lr=${nope}"] if source == "override" else []), config=path)
+    assert "optim.lr: Interpolation key 'nope' not found" in message
+
+
 def test_each_problem_is_one_line_of_the_error():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["student.arch=vit_huge", "train.batch_size_per_gpu=1"])
     assert [problem.split(":")[0] for problem in info.value.problems] == ["student.arch", "train.batch_size_per_gpu"]
     assert all("\n" not in problem and problem in str(info.value) for problem in info.value.problems)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["optim.epochs=x"])
+    assert info.value.problems == ["optim.epochs (override 'optim.epochs=x'): expected an integer, got 'x'"]
+    assert "values are checked once" in str(info.value)  # the note is no problem of its own
     with pytest.raises(ConfigError) as info:
         load_config("no_such_recipe")
     assert info.value.problems == [str(info.value)]

@@ -45,10 +45,10 @@ def check_divisible(parser: argparse.ArgumentParser, option: str, size: int, pat
 def config_error_message(command: str, error: Exception) -> str:
     """What a command prints for a :class:`~dinoreg.config.ConfigError`: one line for one problem, else a heading
     and a line per problem."""
-    problems = getattr(error, "problems", None) or str(error).splitlines()
+    problems = getattr(error, "problems", None) or [str(error)]
     if len(problems) == 1:
         return f"dinoreg {command}: invalid configuration: {problems[0]}"
-    return f"dinoreg {command}: invalid configuration:\n  " + "\n  ".join(problems)
+    return "\n".join([f"dinoreg {command}: invalid configuration:", *str(error).splitlines()[1:]])  # under its heading
 
 
 def format_summary(final: dict[str, Any]) -> str:
