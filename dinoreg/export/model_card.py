@@ -10,7 +10,7 @@ from dinoreg import __version__
 from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD
 from dinoreg.export.source import BackboneSource
 
-__all__ = ["hf_preprocessor_config", "model_card", "timm_pretrained_cfg"]
+__all__ = ["hf_preprocessor_config", "hf_resize", "model_card", "timm_pretrained_cfg"]
 
 BICUBIC = 3  # PIL's code for bicubic resampling, as the image processor stores it
 # DINOv2's evaluation preprocessing, which is ``dinoreg eval``'s: bicubic resize of the shorter side to
@@ -18,13 +18,27 @@ BICUBIC = 3  # PIL's code for bicubic resampling, as the image processor stores 
 CROP_FRACTION = 224 / 256
 
 
+def hf_resize(img_size: int) -> int:
+    """The shorter side Hugging Face's image processor resizes to before its centre crop of ``img_size``.
+
+    ``dinoreg eval`` resizes to ``round(img_size / CROP_FRACTION)`` and crops as torchvision's ``CenterCrop``, at
+    ``round(margin / 2)`` rounded half to even; transformers' processors (PIL and torchvision backends alike) crop at
+    ``margin // 2``, and no setting of theirs moves the crop. The two agree unless ``margin % 4 == 3`` (the tiny
+    recipe's 48 px: 55 - 48 = 7, crop at 4 against 3). There no configuration reproduces our pixels, and the
+    nearest is one pixel more: an even margin centres the crop 0.5 px from ours with a 1.8 % scale error, where
+    resizing as we do puts every pixel 1 px off. Measured (docs/EXPORT.md): tokens about 30 % closer to ours."""
+    resize = round(img_size / CROP_FRACTION)
+    return resize + 1 if (resize - img_size) % 4 == 3 else resize
+
+
 def hf_preprocessor_config(img_size: int) -> dict[str, Any]:
     """``preprocessor_config.json`` for ``AutoImageProcessor`` and ``pipeline("image-feature-extraction")``: the
-    evaluation preprocessing (see ``CROP_FRACTION``) at the resolution the model was trained at."""
+    evaluation preprocessing (see ``CROP_FRACTION``) at the resolution the model was trained at, as near to
+    ``dinoreg eval``'s pixels as transformers' processors can compute (see :func:`hf_resize`)."""
     return {
         "image_processor_type": "BitImageProcessor",  # what the official facebook/dinov2-* folders use
-        "do_convert_rgb": True,
-        "do_resize": True, "size": {"shortest_edge": round(img_size / CROP_FRACTION)}, "resample": BICUBIC,
+        "do_convert_rgb": True,  # transparency composited on white, as dinoreg's image loading does
+        "do_resize": True, "size": {"shortest_edge": hf_resize(img_size)}, "resample": BICUBIC,
         "do_center_crop": True, "crop_size": {"height": img_size, "width": img_size},
         "do_rescale": True, "rescale_factor": 1 / 255,
         "do_normalize": True, "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
@@ -83,7 +97,27 @@ model = AutoModel.from_pretrained("path/to/this/folder")
 tokens = model(**processor(images, return_tensors="pt")).last_hidden_state     # [cls, registers, patches]
 ```
 
-The image processor resizes the shorter side to {round(arch["img_size"] / CROP_FRACTION)} px (bicubic), crops \
-{arch["img_size"]} px and normalises with the ImageNet mean and std, as DINOv2's evaluations and \
-`dinoreg eval` do. `dinoreg.load_backbone("path/to/this/folder")` reads the folder back into dinoreg.
+{_preprocessing_note(arch["img_size"])} `dinoreg.load_backbone("path/to/this/folder")` reads the folder back \
+into dinoreg.
 """
+
+
+def _preprocessing_note(img_size: int) -> str:
+    """What the image processor computes, against ``dinoreg eval``'s pixels (see :func:`hf_resize`)."""
+    ours, theirs = round(img_size / CROP_FRACTION), hf_resize(img_size)
+    what = (f"The image processor resizes the shorter side to {theirs} px (bicubic), crops {img_size} px and "
+            "normalises with the ImageNet mean and std, as DINOv2's evaluations do.")
+    if ours == theirs:
+        exact = ("With transformers' PIL backend (`use_fast=False`) the pixels are `dinoreg eval`'s exactly, except "
+                 "where the longer side's crop margin is 3 more than a multiple of 4 (transformers then crops 1 px "
+                 "before torchvision's CenterCrop, which dinoreg follows).")
+    else:
+        exact = (f"`dinoreg eval` resizes to {ours} px and crops where torchvision's CenterCrop does; transformers' "
+                 f"processors round that crop's offset down (its margin, {ours - img_size} px, is odd) and no setting "
+                 f"moves it, so this processor resizes to {theirs} px, the nearest to `dinoreg eval`'s pixels that "
+                 "transformers computes but not the same: measured on a tiny-recipe model, pixels differ by up to "
+                 "0.16 (smooth images) and 3.5 (noise) in normalised units and tokens by 0.03-0.05 (smooth) and "
+                 "0.1-0.6 (noise) on average. For exact features give the model the pixels of "
+                 "`dinoreg.data.EvalTransform` and `dinoreg.data.normalise_uint8`.")
+    return (f"{what} {exact} The torchvision backend, transformers' default where torchvision is installed, also "
+            "rounds its resize differently from PIL, by at most one grey level (0.018 after normalisation).")
