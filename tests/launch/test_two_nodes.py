@@ -21,7 +21,8 @@ JOB_TIMEOUT_S = 300
 
 
 def submit(env, tmp_path, *args):
-    return submit_job(env, tmp_path, *RESOURCES, *args, *RECIPE, timeout=JOB_TIMEOUT_S)
+    """``args``: submit options, then overrides after the recipe's."""
+    return submit_job(env, tmp_path, *RESOURCES, *RECIPE, *args, timeout=JOB_TIMEOUT_S)
 
 
 def node_addresses(env):
@@ -66,14 +67,16 @@ def test_a_job_spans_both_nodes_and_meets_at_the_first(uninterrupted):
 
 
 def test_preempted_two_node_job_requeues_and_resumes_bitwise(uninterrupted, two_node_slurm_env, tmp_path):
+    """With 2 loader workers per task, which SLURM signals too: only the main processes save, on both nodes."""
     _, _, reference = uninterrupted
-    result, info = submit(two_node_slurm_env, tmp_path)
+    result, info = submit(two_node_slurm_env, tmp_path, "train.num_workers=2")
     assert result.returncode == 0, result.stderr
     results, states, run_dir, saved_at = preempt(two_node_slurm_env, info, after_rows=6, timeout=JOB_TIMEOUT_S)
     assert 6 <= saved_at < ITERATIONS
     assert "requeueing: requeue 1 of at most 10" in log(info)
-    for task in (0, 1):  # both nodes came back
+    for task in (0, 1):  # both nodes came back, and no worker ran a handler or died
         assert "requeued 1 times so far" in log(info, task=task)
+        assert "DataLoader worker" not in log(info, task=task) and "temporary saved file" not in log(info, task=task)
     assert f"resumed from {run_dir}/checkpoints/{saved_at}" in log(info, kind="out")
     assert "PENDING" in states[1:] or "REQUEUED" in states
     assert metric_rows(info["output_dir"]) == reference
