@@ -5,8 +5,8 @@
 Resize + CenterCrop, pixel for pixel) and normalises with `normalise_uint8`. transformers' processors crop at
 `margin // 2` where torchvision rounds `margin / 2` half to even, and no setting moves their crop, so:
 
-- at 56 px (resize 64, even margins for every image here) the slow (PIL) processor gives our pixels exactly and
-  the fast (torchvision) one within one grey level, torchvision's uint8 resize rounding differently from PIL's;
+- at 56 px (resize 64: for every image here margins where both crops agree) the slow (PIL) processor gives our
+  pixels exactly and the fast (torchvision) one within one grey level, its uint8 resize rounding unlike PIL's;
 - at 48 px, the tiny recipe (resize 55, a 7 px margin: crop at 4 against 3) nothing can give our pixels: the
   export resizes to 56 (`hf_resize`), which the processor computes exactly as our transform would, and the
   difference to `dinoreg eval`'s 55 is the one documented in docs/EXPORT.md, asserted here per case.
@@ -99,7 +99,7 @@ def test_the_processor_gives_dinoreg_eval_pixels_and_tokens(exported, fast):
                 hf_tokens = hf_model(pixel_values=theirs).last_hidden_state  # [1, 1 + 4 + patches, 192]
             token_gap = (hf_tokens - tokens(model, ours)).abs().max().item()
             case = f"{size} px, {shape} {content}: pixels {pixel_gap:.4f}, tokens {token_gap:.4f}"
-            if size == 56:  # even margins: our pixels and our tokens
+            if size == 56:  # crops where ours are: our pixels and our tokens
                 assert pixel_gap <= rounding, case
                 assert token_gap <= (0.05 if fast else 1e-4), case  # fast: measured 0.021
             else:  # the export resizes to 56, exactly as our transform would; documented gap to eval's 55
