@@ -104,6 +104,8 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
         timeout_min=args.timeout_min, partition=args.partition, account=args.account, qos=args.qos,
         constraint=args.constraint, exclude=args.exclude, comment=args.comment, job_name=args.job_name,
         signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues, srun_args=args.srun_arg)
+    if args.wait_timeout_min is not None and not 0 < args.wait_timeout_min < float("inf"):
+        return fail(f"--wait-timeout-min must be a positive number of minutes, got {args.wait_timeout_min}", 2)
     try:  # every string the job carries, before anything is read or written
         params = sbatch_parameters(request)
         check_path("--output-dir", args.output_dir)

@@ -66,6 +66,8 @@ def test_dry_run_of_another_command(tmp_path, capsys):
     (["optim.epochs=zero"], "optim.epochs"),
     (["--gpus-per-node", "0"], "zero tasks"),
     (["--mem-gb", "nan"], "--mem-gb"),
+    (["--wait-timeout-min", "nan"], "--wait-timeout-min must be a positive number of minutes"),
+    (["--wait-timeout-min", "-1"], "--wait-timeout-min must be a positive number of minutes"),
     (["checkpoint.save_on_signals=[SIGUSR1]"], "lacks SIGUSR2"),
     (["--", "analyze", "flops", "--arch", "vit_huge"], "is invalid"),
     (["optim.epochs=1", "--", "analyze", "flops"], "apply to training"),
