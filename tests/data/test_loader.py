@@ -265,3 +265,22 @@ def test_loader_workers_leave_the_job_signals_to_the_main_process(tmp_path):
         for number, handler in previous.items():
             signal.signal(number, handler)
     assert not marker.exists()
+
+
+class _SignalDispositions:
+    """Labels each image 1 when the process that loads it ignores SIGINT, SIGUSR1 and SIGUSR2, else 0."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        ignored = all(signal.getsignal(n) == signal.SIG_IGN for n in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2))
+        return Image.new("RGB", (8, 8)), int(ignored)
+
+
+def test_evaluation_loader_workers_ignore_the_job_signals_too():
+    """kNN evaluation runs inside training, where a signal can come at any time: its workers leave it to the main
+    process as the training loader's do (and the main process keeps its own handlers)."""
+    _, labels = next(iter(build_eval_loader(_SignalDispositions(), image_size=8, batch_size=4, num_workers=1)))
+    assert labels.tolist() == [1, 1, 1, 1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
