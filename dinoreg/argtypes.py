@@ -6,9 +6,11 @@ Shared by the subcommands (:mod:`dinoreg.cli`) and the analysis tools, which dec
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-__all__ = ["int_at_least", "output_file", "output_folder", "positive_int", "register_count", "register_list"]
+__all__ = ["float_at_least", "int_at_least", "non_negative_float", "output_file", "output_folder", "positive_float",
+           "positive_int", "register_count", "register_list"]
 
 
 def int_at_least(minimum: int, what: str):
@@ -24,7 +26,23 @@ def int_at_least(minimum: int, what: str):
     return convert
 
 
+def float_at_least(minimum: float, what: str, *, inclusive: bool = True):
+    """A finite number ``>= minimum`` (``> minimum`` unless ``inclusive``)."""
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return convert
+
+
 positive_int = int_at_least(1, "a positive integer")
+positive_float = float_at_least(0.0, "a positive number", inclusive=False)
+non_negative_float = float_at_least(0.0, "a number >= 0")
 register_count = int_at_least(0, "a number of register tokens >= 0")
 
 

@@ -243,8 +243,13 @@ def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
      "argument --output-dir: {file} is a file"),
     (["data", "export-synthetic", "{file}"], "{file} is a file, not a folder"),
     (["train", "--print-config", "--config"], "argument --config: expected one argument"),
+    (["bench", "memory", "--gpu-memory-gib", "-1"], "argument --gpu-memory-gib: expected a positive number, got -1.0"),
+    (["bench", "memory", "--gpu-memory-gib", "nan"], "argument --gpu-memory-gib: expected a positive number, got nan"),
+    (["bench", "memory", "--reserve-gib", "-0.5"], "argument --reserve-gib: expected a number >= 0, got -0.5"),
+    (["eval", "segmentation", "--weights", "w.pth", "--output-dir", "o", "--weight-decay", "x"],
+     "argument --weight-decay: expected a number >= 0, got 'x'"),
 ])
-def test_a_path_that_cannot_be_written_is_refused_in_one_line_before_any_work(args, named, tmp_path, capsys):
+def test_a_bad_argument_or_path_is_refused_in_one_line_before_any_work(args, named, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     paths = {"file": tmp_path / "file", "folder": tmp_path}
     with pytest.raises(SystemExit) as exit_info:

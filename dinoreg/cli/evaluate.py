@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dinoreg.argtypes import int_at_least, output_folder, positive_int
+from dinoreg.argtypes import int_at_least, non_negative_float, output_folder, positive_float, positive_int
 from dinoreg.run_dir import FEATURES_FILES, RunDir
 
 _OFFICIAL_LRS = "1e-5 2e-5 5e-5 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 5e-2 0.1"
@@ -30,16 +30,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
 
 
@@ -101,7 +91,7 @@ def add_eval_parser(commands: Any) -> None:
     _add_common_arguments(knn, "knn")
     knn.add_argument("--ks", type=positive_int, nargs="+", default=[10, 20, 100, 200], metavar="K",
                      help="numbers of neighbours (default: 10 20 100 200)")
-    knn.add_argument("--temperature", type=_positive_float, default=0.07,
+    knn.add_argument("--temperature", type=positive_float, default=0.07,
                      help="T of the vote weights exp(cosine / T) (default: %(default)s)")
     knn.add_argument("--avgpool", action="store_true",
                      help="features = cls token concatenated with the mean patch token (registers excluded), "
@@ -129,7 +119,7 @@ def add_eval_parser(commands: Any) -> None:
     linear.add_argument("--classifier-batch-size", type=positive_int, default=128,
                         help="features per SGD step; the learning rates are scaled by it / 256 as in the "
                              "official code (default: %(default)s)")
-    linear.add_argument("--learning-rates", type=_positive_float, nargs="+", metavar="LR",
+    linear.add_argument("--learning-rates", type=positive_float, nargs="+", metavar="LR",
                         help=f"base learning rates of the grid (default: the official {_OFFICIAL_LRS})")
     linear.add_argument("--val-fraction", type=_fraction, default=0.1,
                         help="fraction of every train class held out (fixed seed) to choose the configuration "
@@ -193,8 +183,8 @@ def _add_segmentation_parser(protocols: Any) -> None:
                        help="AdamW steps of the head (official: 40000 with augmentation) (default: %(default)s)")
     probe.add_argument("--head-batch-size", type=positive_int, default=16,
                        help="label maps per step (official: 16) (default: %(default)s)")
-    probe.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: %(default)s)")
-    probe.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
+    probe.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    probe.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
     probe.add_argument("--seed", type=int, default=0, help="seed of the head's init and batch order (default: %(default)s)")
     probe.add_argument("--overlays", type=int_at_least(0, "a number of images >= 0"), default=8,
                        help="val images drawn in DIR/segmentation_overlays.png, 0 for none (default: %(default)s)")

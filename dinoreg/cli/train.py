@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from dinoreg.argtypes import int_at_least, output_file, output_folder, positive_int
+from dinoreg.argtypes import int_at_least, non_negative_float, output_file, output_folder, positive_float, positive_int
 from dinoreg.cli.common import add_recipe_arguments, config_error_message, format_summary
 from dinoreg.run_dir import write_json
 
@@ -96,11 +96,11 @@ def add_bench_parser(commands: Any) -> None:
                               help="GPUs the run shards over (default: %(default)s)")
     bench_memory.add_argument("--batch", type=positive_int, metavar="B",
                               help="images per GPU (default: the recipe's train.batch_size_per_gpu)")
-    bench_memory.add_argument("--gpu-memory-gib", type=float, default=80.0, metavar="GIB",
+    bench_memory.add_argument("--gpu-memory-gib", type=positive_float, default=80.0, metavar="GIB",
                               help="memory of one GPU, for the largest batch that fits (default: %(default)s)")
     bench_memory.add_argument("--activation-checkpointing", choices=("none", "selective", "full"),
                               help="plan with this train.activation_checkpointing (default: the recipe's)")
-    bench_memory.add_argument("--reserve-gib", type=float, default=2.0, metavar="GIB",
+    bench_memory.add_argument("--reserve-gib", type=non_negative_float, default=2.0, metavar="GIB",
                               help="memory assumed taken by the CUDA context, NCCL buffers and fragmentation "
                                    "(default: %(default)s)")
     bench_memory.add_argument("--fp32", action="store_true",
