@@ -31,7 +31,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a recipe from configs/ (tiny_cpu, vits14_reg4, vitb14_reg4, vitl14_reg4, "
                              "vitg14_reg4) or a YAML file (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted keys, e.g. optim.epochs=2 train.num_workers=4")
+                        help="config overrides with dotted keys, before or after the options (a later one wins), "
+                             "e.g. optim.epochs=2 train.num_workers=4")
 
 
 def check_divisible(parser: argparse.ArgumentParser, option: str, size: int, patch_size: int) -> None:
