@@ -12,6 +12,7 @@ Resize + CenterCrop, pixel for pixel) and normalises with `normalise_uint8`. tra
   difference to `dinoreg eval`'s 55 is the one documented in docs/EXPORT.md, asserted here per case.
 """
 
+import json
 import warnings
 
 import numpy as np
@@ -118,3 +119,17 @@ def test_transparency_is_composited_on_white_as_dinoreg_loads_images(exported, t
     theirs = processor(path, fast=False)(Image.open(tmp_path / "transparent.png"), return_tensors="pt")
     ours = dinoreg_pixels(load_image(tmp_path / "transparent.png"), size, hf_resize(size))
     assert torch.equal(theirs["pixel_values"], ours)
+
+
+def test_the_model_card_says_what_the_processor_computes(exported):
+    path, model, _ = exported
+    settings = json.loads((path / "preprocessor_config.json").read_text())
+    card = " ".join((path / "README.md").read_text().split())
+    assert settings["crop_size"] == {"height": model.arch_kwargs["img_size"], "width": model.arch_kwargs["img_size"]}
+    if model.arch_kwargs["img_size"] == 48:
+        assert settings["size"] == {"shortest_edge": 56}
+        assert "`dinoreg eval` resizes to 55 px" in card and "resizes to 56 px" in card and "3.5 (noise)" in card
+    else:
+        assert settings["size"] == {"shortest_edge": 64}
+        assert "the pixels are `dinoreg eval`'s exactly" in card
+    assert "at most one grey level" in card
