@@ -36,7 +36,7 @@ from dinoreg.models.layers import swiglu_hidden_features
 from dinoreg.models.pos_embed import resample_pos_embed
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.run_dir import write_atomically
+from dinoreg.run_dir import BACKBONE_FILE, write_atomically
 
 METADATA_KEY = "dinoreg_arch"
 LAYOUT_KEY = "dinoreg_layout"  # "timm" in our timm exports
@@ -180,8 +180,10 @@ def _read_hf_directory(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
     config, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
     if not (os.path.isfile(config) and os.path.isfile(weights)):
+        run_backbone = os.path.join(path, BACKBONE_FILE)  # a training run's folder: its teacher is what was meant
+        fix = f"give {run_backbone} (the run's teacher backbone)" if os.path.isfile(run_backbone) else "give a backbone file"
         raise WeightsFileError(path, "is a folder without config.json and model.safetensors, not a Hugging Face export",
-                               "give a backbone file or a `dinoreg export --format hf` folder")
+                               f"{fix} or a `dinoreg export --format hf` folder")
     with open(config, encoding="utf-8") as f:
         return from_hf(json.load(f), load_file(weights))
 

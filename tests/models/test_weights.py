@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from dinoreg import load_backbone
-from dinoreg.models import CheckpointMismatchError, build_backbone
+from dinoreg.models import CheckpointMismatchError, build_backbone, save_backbone
 from dinoreg.models.weights import METADATA_KEY, WeightsFileError, infer_arch_kwargs, read_checkpoint_and_heads
 
 
@@ -147,6 +147,13 @@ def test_a_file_that_is_no_checkpoint_is_one_line_naming_it_and_the_fix(make, pr
     message = str(info.value)
     assert message.startswith(f"{path} {problem}") and "; give a " in message and "\n" not in message, message
     assert info.value.path == str(path) and isinstance(info.value, ValueError)
+
+
+def test_a_run_folder_given_as_weights_points_to_its_teacher_backbone(tmp_path):
+    save_backbone(official_like(depth=1), tmp_path / "teacher_backbone.safetensors")
+    with pytest.raises(WeightsFileError, match=f"give {tmp_path / 'teacher_backbone.safetensors'} "
+                                               r"\(the run's teacher backbone\) or a `dinoreg export --format hf` folder"):
+        load_backbone(tmp_path)
 
 
 def _saved(save, payload, path, **kwargs):
