@@ -10,6 +10,7 @@ Layout of a ``dinoreg train`` output directory (``--output-dir``)::
     checkpoints/.tmp-<iteration>/   a checkpoint being written by every rank
     teacher_backbone.safetensors    the final teacher backbone, written when training ends
     eval_<protocol>[_random_init]/  ``dinoreg eval --run``'s default output directory
+    .lock                           held (``flock``) by the process training into the folder; names its host and PID
 
 ``dinoreg eval`` writes ``results.json``, ``tensorboard/<name>/`` and its feature files (``knn_features.pt``,
 ``linear_features.pt``) in its output directory.
@@ -23,9 +24,12 @@ the old content or the new, never half of either.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
+import socket
+import time
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 __all__ = ["BACKBONE_FILE", "CHECKPOINT_DIR", "CONFIG_FILE", "FEATURES_FILES", "IN_PROGRESS_PREFIX", "LATEST_FILE",
-           "META_FILE", "METRICS_FILE", "RESULTS_FILE", "TENSORBOARD_DIR", "RunDir", "fsync_directory", "is_temporary",
+           "LOCK_FILE", "META_FILE", "METRICS_FILE", "RESULTS_FILE", "TENSORBOARD_DIR", "RunDir", "RunInUseError",
+           "RunLock", "OutputDirError", "check_not_in_use", "fsync_directory", "is_temporary",
            "publish", "replace_directory", "rng_state_file", "write_atomically", "write_json", "write_text"]
 
 CONFIG_FILE = "config.yaml"
@@ -46,6 +51,7 @@ BACKBONE_FILE = "teacher_backbone.safetensors"
 RESULTS_FILE = "results.json"  # of an evaluation
 FEATURES_FILES = {"knn": "knn_features.pt", "linear": "linear_features.pt"}  # of an evaluation
 IN_PROGRESS_PREFIX = ".tmp-"  # checkpoints/.tmp-<iteration>: written by every rank, then renamed
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,51 @@ class RunDir:
     def training_outputs(self) -> list[Path]:
         """What an earlier run left here (checkpoints, logs, the exported backbone); ``config.yaml`` aside."""
         return [path for path in (self.checkpoints, self.metrics, self.tensorboard, self.backbone) if path.exists()]
+
+
+class OutputDirError(ValueError):
+    """An output folder cannot be created or written (read-only, a file in the way, permissions)."""
+
+
+class RunInUseError(OutputDirError):
+    """Another process trains into the same output folder."""
+
+
+class RunLock:
+    """One run per output folder: an advisory ``flock`` on ``RUN/.lock``, held until :meth:`release` or the
+    process's end (the kernel drops it then, so a ``kill -9`` leaves nothing stale to clean up). The file names
+    the holder; the lock itself, not the file's existence, is what counts. Works on local filesystems and on NFS
+    (where Linux maps ``flock`` to byte-range locks)."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, what: str = "dinoreg train") -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        try:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise OutputDirError(f"cannot write to the output folder {output_dir} ({error.strerror}): choose a "
+                                 "folder you can write to (it is created if missing)") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            raise RunInUseError(f"{output_dir} is in use by {holder}: wait for that run to end (or stop it), or "
+                                "choose another --output-dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{what} on host {socket.gethostname()}, pid {os.getpid()}, since "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the lock; the file stays (removing it would race a new holder)
+            self._fd = -1
+
+
+def check_not_in_use(output_dir: str | os.PathLike) -> None:
+    """Raise :class:`RunInUseError` if a run holds ``output_dir``'s lock now (nothing is created otherwise)."""
+    if (Path(output_dir) / LOCK_FILE).is_file():
+        RunLock(output_dir).release()
 
 
 def rng_state_file(checkpoint: Path, rank: int) -> Path:

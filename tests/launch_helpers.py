@@ -1,5 +1,6 @@
 """Shared by the tests that start training processes: a tiny recipe, free ports, a clean environment."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -44,3 +45,20 @@ def wait_for_training_rows(run_dir, count: int, *, timeout: float = 120, process
         time.sleep(0.02)
     raise AssertionError(f"{count} training rows never appeared in {metrics}"
                          + (f" (exit code {process.poll()})" if process is not None else ""))
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, options: str):
+    """A real tmpfs mounted at ``mount_point`` with ``options`` (e.g. ``size=2m`` for a tiny disk that fills up,
+    ``size=1m,ro`` for a read-only one) for the duration; skips the test where mounting is not allowed."""
+    import pytest  # noqa: PLC0415 -- this module is also imported by worker scripts without pytest
+
+    mount_point.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)

@@ -4,6 +4,7 @@ Layout of ``RUN/checkpoints/``::
 
     <iteration>/            a published checkpoint (DCP files + meta.json + config.yaml + rng/rank<r>.pt)
     .tmp-<iteration>/       being written; never read; removed on the next start
+    damaged-<iteration>/    found damaged when the run resumed from an older one; never read, kept for inspection
     latest                  the iteration of the newest published checkpoint (updated after publishing)
 
 A checkpoint directory exists under its final name only once every rank has finished writing it: it is
@@ -25,6 +26,7 @@ import shutil
 import time
 import zlib
 import warnings
+from errno import EACCES, EDQUOT, EISDIR, ENOSPC, ENOTDIR, EPERM, EROFS
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,6 +53,9 @@ BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "eval
                "optim.adamw_implementation", "train.compile", "train.activation_checkpointing",
                "train.pack_crops", "train.loss_chunk_elements",  # how, not what
                "phase.")  # read only when a run starts fresh: a resume takes everything from its checkpoint
+
+
+DAMAGED_PREFIX = "damaged-"  # checkpoints/damaged-<iteration>/: skipped as damaged on resume, kept for inspection
 
 
 class CheckpointError(RuntimeError):
@@ -93,6 +98,16 @@ def _check_latest(root: Path, warn: Any) -> None:
              "by hand); it is ignored: resuming uses the newest intact checkpoint")
 
 
+def check_no_foreign_entries(run_dir: str | Path) -> None:
+    """Refuse a ``checkpoints/<iteration>`` that is not a directory (a file someone put there): the save of that
+    iteration could not publish over it, and the run could not finish."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    foreign = sorted(p for p in root.iterdir() if p.name.isdigit() and not p.is_dir()) if root.is_dir() else []
+    if foreign:
+        raise CheckpointError(f"{foreign[0]} is not a checkpoint directory but a file, where this run would save "
+                              f"checkpoint {foreign[0].name}: move or delete it, then start again")
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     """The newest published checkpoint: the one ``latest`` names when it exists, else the highest iteration."""
     _, named = _read_latest(Path(run_dir) / CHECKPOINT_DIR)
@@ -100,6 +115,21 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
         return named
     published = checkpoint_dirs(run_dir)
     return published[-1] if published else None
+
+
+def set_aside_checkpoints_after(run_dir: str | Path, iteration: int) -> list[Path]:
+    """Rename the published checkpoints newer than ``iteration`` to ``checkpoints/damaged-<iteration>`` (call on
+    one rank, when resuming from ``iteration``: the newer ones were skipped as damaged). Retention keeps the newest
+    published checkpoints, so a damaged one left in place would outlive the good ones written after it."""
+    moved = []
+    for path in checkpoint_dirs(run_dir):
+        if int(path.name) > iteration:
+            aside, suffix = path.with_name(f"{DAMAGED_PREFIX}{path.name}"), 1
+            while aside.exists():
+                aside, suffix = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{suffix}"), suffix + 1
+            path.rename(aside)
+            moved.append(aside)
+    return moved
 
 
 def remove_incomplete(run_dir: str | Path) -> list[Path]:
@@ -216,13 +246,20 @@ def _save_failure_message(final: Path, tmp: Path, failure: Optional[BaseExceptio
         if isinstance(failure, dcp.CheckpointException) and failure.failures:  # the first rank's own error
             failure = next(iter(failure.failures.values()))[0]
         cause = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0] if str(failure).strip() else ''}"
-    with contextlib.suppress(OSError):
-        cause += f" ({shutil.disk_usage(final.parent).free / 2**20:.1f} MiB free on that filesystem)"
+    errno = getattr(failure, "errno", None)
+    if errno in (None, ENOSPC, EDQUOT):
+        with contextlib.suppress(OSError):
+            cause += f" ({shutil.disk_usage(final.parent).free / 2**20:.1f} MiB free on that filesystem)"
     earlier = [path for path in checkpoint_dirs(final.parent.parent) if path != final]
     previous = (f"the previous checkpoint {earlier[-1]} is intact and the run resumes from it when started again"
                 if earlier else "no earlier checkpoint exists: the run starts from the beginning when started again")
-    return (f"could not save checkpoint {final}: {cause}. The partial {tmp.name} was removed; {previous}. Free "
-            "space (or fix the quota or permissions) first.")
+    fix = {ENOSPC: "Free space first.", EDQUOT: "Raise the quota or free space first.",
+           EACCES: "Fix the folder's permissions first.", EPERM: "Fix the folder's permissions first.",
+           EROFS: "The filesystem is read-only: choose a writable --output-dir.",
+           ENOTDIR: "Something that is not a folder stands in the way: move it.",
+           EISDIR: "Something stands in the way: move it."}.get(
+        errno, "See the cause above (disk space, quota, permissions, or a rank that stopped) and fix it first.")
+    return f"could not save checkpoint {final}: {cause}. The partial {tmp.name} was removed; {previous}. {fix}"
 
 
 def _apply_retention(root: Path, *, keep_last: int, keep_every: int, protect: Path) -> None:

@@ -119,11 +119,11 @@ class TrainingLogger:
         if not enabled:
             return
         files = RunDir(output_dir)
-        if start_iteration > 0:
-            _drop_rows_from(files.metrics, start_iteration)
+        # From a checkpoint or from the start (a run stopped before its first checkpoint): its iterations are done
+        # again, so their earlier rows go, and TensorBoard drops their events (purge_step)
+        _drop_rows_from(files.metrics, start_iteration)
         self.jsonl = open(files.metrics, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        # purge_step: TensorBoard drops the events of a crashed run's iterations that are being done again
-        self.writer = SummaryWriter(log_dir=str(files.tensorboard_run), purge_step=start_iteration or None)
+        self.writer = SummaryWriter(log_dir=str(files.tensorboard_run), purge_step=start_iteration)
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_iterations, initial=start_iteration, dynamic_ncols=True,
                         disable=not self.interactive, desc="train",

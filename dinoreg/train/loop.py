@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +28,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from dinoreg.config import apply_scaling_rule, build_backbone_from_config, save_config
-from dinoreg.data import Photometric, build_dataset, normalise_uint8
+from dinoreg.data import DatasetError, Photometric, build_dataset, normalise_uint8
 from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag, detect_environment, init_distributed,
                                  mean_over_ranks, process_device, shutdown_distributed)
 from dinoreg.models.weights import save_backbone
-from dinoreg.run_dir import RunDir
+from dinoreg.run_dir import OutputDirError, RunDir, RunLock, check_not_in_use
 from dinoreg.ssl.meta_arch import SSLMetaArch
 from dinoreg.train.build import (build_model_and_optimizer, build_photometric, gram_crops, precision, seed_everything,
                                  training_batches)
-from dinoreg.train.checkpoint import (CheckpointError, config_differences, load_checkpoint, newest_intact_checkpoint,
-                                      read_meta, remove_incomplete, save_checkpoint)
+from dinoreg.train.checkpoint import (CheckpointError, check_no_foreign_entries, checkpoint_dirs, config_differences, load_checkpoint,
+                                      newest_intact_checkpoint, read_meta, remove_incomplete, save_checkpoint,
+                                      set_aside_checkpoints_after)
 from dinoreg.train.evaluation import KnnEvaluator, SegmentationEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
@@ -47,6 +47,10 @@ from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, Stop
 
 __all__ = ["NonFiniteLossError", "Run", "StepFigures", "flush", "iterate", "prepare_output_dir", "read_figures", "set_up",
            "train", "train_step"]
+
+
+UNFILLED_BATCHES_LIMIT = 16  # batches in a row without two readable images: the dataset is unreadable
+PREVIOUS_PREFIX = "previous-"  # RUN/previous-<time>/: what --no-resume --force moved aside
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,7 +66,9 @@ def train(cfg: DictConfig, *, resume: bool = True, allow_config_change: bool = F
     env = detect_environment()
     device = process_device(env)
     init_distributed(env, device)
+    lock = None
     try:
+        lock = _lock_output_dir(cfg, env)
         run = set_up(cfg, env, device, resume=resume, allow_config_change=allow_config_change)
         try:
             iterate(run)
@@ -71,7 +77,23 @@ def train(cfg: DictConfig, *, resume: bool = True, allow_config_change: bool = F
             run.logger.close()
         return run.logger.latest
     finally:
+        if lock is not None:
+            lock.release()
         shutdown_distributed()
+
+
+def _lock_output_dir(cfg: DictConfig, env: DistributedEnvironment) -> Optional[RunLock]:
+    """One run per output folder: the main process holds its lock for the run's life; every rank stops with it
+    when another run holds it (or the folder cannot be written)."""
+    lock, failure = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(cfg.train.output_dir)
+        except OutputDirError as error:
+            failure = error
+    if broadcast_flag(failure is not None):
+        raise failure or OutputDirError(f"the main process could not lock {cfg.train.output_dir} (see its message)")
+    return lock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,6 +148,8 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
         output.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output.config)
         remove_incomplete(output.root)
+        for damaged in set_aside_checkpoints_after(output.root, start):
+            warn(f"moved the damaged checkpoint aside to {damaged}, so that checkpoint retention never counts it")
     barrier()
     batches = training_batches(cfg, dataset, env, start=position, pin_memory=device.type == "cuda")
     photometric = build_photometric(cfg, device)
@@ -157,7 +181,17 @@ def _rank_printer(env: DistributedEnvironment, all_ranks: bool) -> Callable[[str
 def _resume_point(cfg: DictConfig, output: RunDir, world_size: int, allow_config_change: bool,
                   warn: Callable[[str], None]) -> Optional[Path]:
     """The checkpoint to resume from (None: start fresh), after checking that the config still fits it."""
-    checkpoint = newest_intact_checkpoint(output.root, warn=warn)
+    check_no_foreign_entries(output.root)
+    skipped: list[str] = []
+    checkpoint = newest_intact_checkpoint(output.root, warn=skipped.append)
+    published = checkpoint_dirs(output.root)
+    if checkpoint is None and published:
+        raise CheckpointError(
+            f"every checkpoint of {output.root} is damaged, so there is nothing to resume from: {'; '.join(skipped)}. "
+            "Restore the files, or start over with --no-resume --force (which moves the run's checkpoints and logs "
+            f"aside to {output.root}/{PREVIOUS_PREFIX}<time>/)")
+    for message in skipped:
+        warn(f"skipping {message}")
     if checkpoint is None:
         return None
     saved = OmegaConf.load(RunDir(checkpoint).config)
@@ -189,7 +223,10 @@ def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimi
                                                        read_meta(checkpoint)["iteration"] <= gram.load_before))
     meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
                            absent_ok=("gram_teacher.",) if fills_later and model.gram_teacher is not None else ())
-    if not meta["rng_restored"]:
+    if not meta["rng_restored"] and meta["world_size"] == env.world_size:
+        warn(f"{checkpoint.name} holds its RNG states in the older pickled layout, which is not read (unpickling a "
+             "file can run code): the augmentation RNG streams restart (the data order still continues exactly)")
+    elif not meta["rng_restored"]:
         warn(f"{checkpoint.name} was saved by {meta['world_size']} processes and this run has {env.world_size}: "
              "the augmentation RNG streams restart (the data order still continues exactly)")
     warn(f"resumed from {checkpoint} (iteration {meta['iteration']})")
@@ -197,17 +234,23 @@ def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimi
 
 
 def prepare_output_dir(output_dir: str | Path, *, resume: bool, force: bool) -> None:
-    """Refuse to start fresh over an existing run unless ``force`` (which deletes its checkpoints and logs,
-    on the main process only: the others wait for it in the process-group rendezvous)."""
+    """Refuse to start fresh over an existing run unless ``force``, which moves its checkpoints and logs aside to
+    ``RUN/previous-<time>/`` (on the main process only: the others wait for it in the process-group rendezvous).
+    Refuses while another run trains into the folder."""
+    check_not_in_use(output_dir)
     previous = RunDir(output_dir).training_outputs()
     if resume or not previous:
         return
     if not force:
         raise ValueError(f"--no-resume: {output_dir} already holds a run ({', '.join(p.name for p in previous)}); "
-                         "pass --force to delete it and start fresh, or choose another --output-dir")
+                         f"pass --force to move it aside to {PREVIOUS_PREFIX}<time>/ and start fresh, or choose "
+                         "another --output-dir")
     if detect_environment().is_main:
+        aside = Path(output_dir) / f"{PREVIOUS_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
         for path in previous:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            path.rename(aside / path.name)
+        print(f"moved the earlier run's {', '.join(p.name for p in previous)} aside to {aside}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +275,9 @@ def iterate(run: Run) -> None:
         gram_teacher_work(run, it, before=False)
         if batch.get("bad_files"):
             run.bad_files += len(batch["bad_files"])
-            run.report(f"iteration {it}: skipped unreadable images: {', '.join(map(str, batch['bad_files']))}")
+            names = list(map(str, batch["bad_files"]))
+            run.report(f"iteration {it}: skipped {len(names)} unreadable images: {', '.join(names[:3])}"
+                       + (", ..." if len(names) > 3 else ""))
         log_step(run, it, values, metrics, grad_norms, data_wait=data_wait, seconds=time.perf_counter() - step_end)
         periodic_work(run, it)
         step_end = time.perf_counter()
@@ -259,14 +304,29 @@ def augment_on_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
 
 def next_batch(run: Run, iteration: int) -> dict[str, Any]:
     """This rank's next batch (CPU, uint8). A batch with every (or all but one) image unreadable on some rank is
-    skipped by all ranks together, so the ranks stay in step."""
+    skipped by all ranks together, so the ranks stay in step; after ``UNFILLED_BATCHES_LIMIT`` such batches in a row
+    the dataset holds (almost) nothing readable and the run stops, naming some of the files. A signal that comes
+    meanwhile is honoured: save, then stop."""
     batch = next(run.batches)
     run.position += run.global_batch
+    unreadable: list[str] = []
+    in_a_row = 0  # this rank's batches in a row that could not be filled
     while broadcast_flag(batch["batch_size"] < 2):
+        in_a_row = in_a_row + 1 if batch["batch_size"] < 2 else 0
+        unreadable += map(str, batch["bad_files"])
         run.bad_files += len(batch["bad_files"])
-        run.report(f"iteration {iteration}: skipped a batch with unreadable images: {batch['bad_files']}")
+        if run.signals.should_stop():
+            _stop_on_signal(run, iteration)
+        if broadcast_flag(in_a_row >= UNFILLED_BATCHES_LIMIT):
+            raise DatasetError(
+                f"{len(unreadable)} images in a row could not be decoded (e.g. {', '.join(unreadable[:3])}): the "
+                "dataset holds (almost) no readable images; check its files" if in_a_row >= UNFILLED_BATCHES_LIMIT
+                else "another rank's share of the dataset holds (almost) no readable images (see its message)")
         batch = next(run.batches)
         run.position += run.global_batch
+    if unreadable:
+        run.report(f"iteration {iteration}: skipped batches with {len(unreadable)} unreadable images "
+                   f"(e.g. {', '.join(unreadable[:3])})")
     return batch
 
 
@@ -388,12 +448,17 @@ def periodic_work(run: Run, iteration: int) -> None:
         flush(run)  # never evaluate or save a state whose losses were not checked
     measure(run, iteration, evaluate=evaluate, monitor=monitor)
     if stop:
-        path = save(run, iteration + 1)
-        run.logger.write(f"{run.signals.received}: saved {path}; exiting with "
-                         f"code {EXIT_CODE_SAVED_ON_SIGNAL} so the job can be requeued")
-        raise StoppedOnSignal(run.signals.received, path)
+        _stop_on_signal(run, iteration + 1)
     if checkpoint:
         save(run, iteration + 1)
+
+
+def _stop_on_signal(run: Run, iterations_done: int) -> None:
+    flush(run)
+    path = save(run, iterations_done)
+    run.logger.write(f"{run.signals.received}: saved {path}; exiting with code {EXIT_CODE_SAVED_ON_SIGNAL} so the "
+                     "job can be requeued")
+    raise StoppedOnSignal(run.signals.received, path)
 
 
 def measure(run: Run, iteration: int, *, evaluate: bool, monitor: bool) -> None:

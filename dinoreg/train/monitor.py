@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD, IndexedView, build_dataset, build_eval_loader
+from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, IndexedView, build_dataset, build_eval_loader
 from dinoreg.metrics.tokens import patch_norms
 
 __all__ = ["ArtifactMonitor", "MonitorReading", "artifact_metrics", "maps_picture"]
@@ -104,6 +104,10 @@ class ArtifactMonitor:
         probe = IndexedView(dataset, range(min(count, len(dataset))))
         loader = build_eval_loader(probe, image_size=size, resize_size=size, batch_size=count, num_workers=0)
         self.images = next(iter(loader))[0].to(device)  # [n, 3, S, S]; fewer if some files do not decode
+        if not len(self.images):
+            raise DatasetError(f"none of the first {len(probe)} images of {cfg.train.dataset_path} (the artifact "
+                               "monitor's probe batch) could be decoded; check the dataset's files (or turn the "
+                               "monitor off with monitor.period=0)")
         self.cfg = cfg.monitor
 
     @torch.no_grad()

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import TINY, subprocess_env, wait_for_training_rows
+from launch_helpers import TINY, subprocess_env, tmpfs, wait_for_training_rows
 
 from dinoreg.config import load_config
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.train.build import build_model_and_optimizer
-from dinoreg.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, checkpoint_dirs, config_differences,
+from dinoreg.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, checkpoint_dirs, config_differences, file_crc32,
                                       latest_checkpoint, load_checkpoint, read_meta, save_checkpoint, verify_checkpoint)
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher
 
@@ -272,14 +272,8 @@ def test_signal_watcher_records_the_first_signal_and_restores_handlers():
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 2 MiB tmpfs: room for one checkpoint of RUN's model (about 1.2 MiB) and the logs, not for two."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    with tmpfs(tmp_path / "small", "size=2m") as mount_point:
+        yield mount_point
 
 
 def test_a_full_disk_during_a_save_stops_with_one_message_and_keeps_the_previous_checkpoint(small_filesystem):
@@ -312,3 +306,19 @@ def test_a_resumed_run_logs_every_iteration_once_and_a_bad_latest_is_reported(tm
     events = EventAccumulator(str(tmp_path / "tensorboard" / tmp_path.name))
     events.Reload()
     assert [event.step for event in events.Scalars("loss/total")] == list(range(10))
+
+
+def test_rng_states_are_saved_as_data_and_the_older_pickled_layout_is_not_unpickled(tmp_path):
+    import numpy as np  # noqa: PLC0415
+
+    cfg, model, optimizer = model_and_optimizer()
+    path = save_checkpoint(tmp_path, iteration=1, model=model, optimizer=optimizer, stream_position=8, cfg=cfg)
+    rng_file = path / "rng" / "rank0.pt"
+    torch.load(rng_file, weights_only=True)  # tensors and numbers only: loads without unpickling any object
+    # dinoreg's earlier layout pickled numpy's state with its array: loading it would need numpy's globals
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(old, rng_file)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["rng/rank0.pt"] = {"bytes": rng_file.stat().st_size, "crc32": file_crc32(rng_file)}
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert load_checkpoint(path, model=model, optimizer=optimizer)["rng_restored"] is False
