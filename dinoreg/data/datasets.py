@@ -14,6 +14,7 @@ black).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -136,6 +137,31 @@ class _FileDataset:
         return self.get(index, self.draft_size)
 
 
+def _identity(path: PathLike) -> Tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def _without_cycles(directory: str, subdirs: List[str], above: dict, loops: List[str]) -> List[str]:
+    """The sub-folders of ``directory`` to descend into: all but those that are ``directory`` itself or one of its
+    parents through a link (which would repeat the tree until the path is too long: every image listed dozens of
+    times, and two such links make the scan endless). ``above`` maps each folder walked to the identities of the
+    folders from the root down to it; the links left out are added to ``loops``."""
+    kept = []
+    for name in subdirs:
+        path = os.path.join(directory, name)
+        try:
+            identity = _identity(path)
+        except OSError:  # a dangling link
+            continue
+        if identity in above[directory]:
+            loops.append(f"{path} -> {os.path.realpath(path)}")
+        else:
+            above[path] = above[directory] | {identity}
+            kept.append(name)
+    return kept
+
+
 class ImageFolder(_FileDataset):
     """All images under ``root`` (recursive, sorted). Labels come from the first-level sub-folder names,
     sorted (``classes``); images directly in ``root``, or every image when there are no sub-folders, get -1.
@@ -149,13 +175,18 @@ class ImageFolder(_FileDataset):
         if not self.root.is_dir():
             raise DatasetError(f"{str(self.root)!r} is not a folder; {_FIX}")
         per_folder = {}
+        above = {str(self.root): frozenset({_identity(self.root)})}
+        loops: list[str] = []
         for directory, subdirs, files in os.walk(self.root, followlinks=True):
-            subdirs.sort()
+            subdirs[:] = _without_cycles(directory, sorted(subdirs), above, loops)
             relative = Path(directory).relative_to(self.root)
             top = relative.parts[0] if relative.parts else None
             for name in sorted(files):
                 if is_image_file(name):
                     per_folder.setdefault(top, []).append(os.path.join(directory, name))
+        if loops:  # one line: the scan is not an error, but the user's links are not what they think
+            print(f"warning: {self.root}: {len(loops)} links lead back into their own parent folders (e.g. "
+                  f"{loops[0]}); they are not followed, so each image is listed once", file=sys.stderr)
         if not per_folder:
             raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}; {_FIX}")
         self.classes = sorted(k for k in per_folder if k is not None)
