@@ -32,17 +32,17 @@ from dinoreg.data import DatasetError, Photometric, build_dataset, normalise_uin
 from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag, detect_environment, init_distributed,
                                  mean_over_ranks, process_device, shutdown_distributed)
 from dinoreg.models.weights import save_backbone
-from dinoreg.run_dir import OutputDirError, RunDir, RunLock, check_not_in_use
+from dinoreg.run_dir import RunDir
 from dinoreg.ssl.meta_arch import SSLMetaArch
 from dinoreg.train.build import (build_model_and_optimizer, build_photometric, gram_crops, precision, seed_everything,
                                  training_batches)
-from dinoreg.train.checkpoint import (CheckpointError, check_no_foreign_entries, checkpoint_dirs, config_differences, load_checkpoint,
-                                      newest_intact_checkpoint, read_meta, remove_incomplete, save_checkpoint,
+from dinoreg.train.checkpoint import (load_checkpoint, read_meta, remove_incomplete, save_checkpoint,
                                       set_aside_checkpoints_after)
 from dinoreg.train.evaluation import KnnEvaluator, SegmentationEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
 from dinoreg.train.optim import Schedules, apply_optim_schedule, clip_grad_norms_on_device
+from dinoreg.train.run_folder import lock_output_dir, prepare_output_dir, resume_point
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, StoppedOnSignal
 
 __all__ = ["NonFiniteLossError", "Run", "StepFigures", "flush", "iterate", "prepare_output_dir", "read_figures", "set_up",
@@ -50,7 +50,6 @@ __all__ = ["NonFiniteLossError", "Run", "StepFigures", "flush", "iterate", "prep
 
 
 UNFILLED_BATCHES_LIMIT = 16  # batches in a row without two readable images: the dataset is unreadable
-PREVIOUS_PREFIX = "previous-"  # RUN/previous-<time>/: what --no-resume --force moved aside
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,7 +67,7 @@ def train(cfg: DictConfig, *, resume: bool = True, allow_config_change: bool = F
     init_distributed(env, device)
     lock = None
     try:
-        lock = _lock_output_dir(cfg, env)
+        lock = lock_output_dir(cfg, env)
         run = set_up(cfg, env, device, resume=resume, allow_config_change=allow_config_change)
         try:
             iterate(run)
@@ -80,20 +79,6 @@ def train(cfg: DictConfig, *, resume: bool = True, allow_config_change: bool = F
         if lock is not None:
             lock.release()
         shutdown_distributed()
-
-
-def _lock_output_dir(cfg: DictConfig, env: DistributedEnvironment) -> Optional[RunLock]:
-    """One run per output folder: the main process holds its lock for the run's life; every rank stops with it
-    when another run holds it (or the folder cannot be written)."""
-    lock, failure = None, None
-    if env.is_main:
-        try:
-            lock = RunLock(cfg.train.output_dir)
-        except OutputDirError as error:
-            failure = error
-    if broadcast_flag(failure is not None):
-        raise failure or OutputDirError(f"the main process could not lock {cfg.train.output_dir} (see its message)")
-    return lock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +124,7 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     schedules = Schedules(cfg)
     dataset = build_dataset(cfg.train.dataset_path, split="train")  # a bad path fails here, before any model
     warn = _rank_printer(env, cfg.train.log_all_ranks)
-    checkpoint = _resume_point(cfg, output, env.world_size, allow_config_change, warn) if resume else None
+    checkpoint = resume_point(cfg, output, env.world_size, allow_config_change, warn) if resume else None
     bf16, autocast = precision(cfg, device, distributed=env.distributed)
     # a resumed run takes every weight from its checkpoint: student.pretrained_weights need not exist any more
     model, optimizer = build_model_and_optimizer(cfg, env, device, bf16=bf16, load_pretrained=checkpoint is None)
@@ -178,39 +163,6 @@ def _rank_printer(env: DistributedEnvironment, all_ranks: bool) -> Callable[[str
     return warn
 
 
-def _resume_point(cfg: DictConfig, output: RunDir, world_size: int, allow_config_change: bool,
-                  warn: Callable[[str], None]) -> Optional[Path]:
-    """The checkpoint to resume from (None: start fresh), after checking that the config still fits it."""
-    check_no_foreign_entries(output.root)
-    skipped: list[str] = []
-    checkpoint = newest_intact_checkpoint(output.root, warn=skipped.append)
-    published = checkpoint_dirs(output.root)
-    if checkpoint is None and published:
-        raise CheckpointError(
-            f"every checkpoint of {output.root} is damaged, so there is nothing to resume from: {'; '.join(skipped)}. "
-            "Restore the files, or start over with --no-resume --force (which moves the run's checkpoints and logs "
-            f"aside to {output.root}/{PREVIOUS_PREFIX}<time>/)")
-    for message in skipped:
-        warn(f"skipping {message}")
-    if checkpoint is None:
-        return None
-    saved = OmegaConf.load(RunDir(checkpoint).config)
-    breaking, benign = config_differences(saved, cfg)
-    # Another number of processes with the same global batch (per-device batch scaled) is a benign change.
-    saved_global = saved.train.batch_size_per_gpu * read_meta(checkpoint)["world_size"]
-    if saved_global == cfg.train.batch_size_per_gpu * world_size:
-        moved = [line for line in breaking if line.startswith("train.batch_size_per_gpu:")]
-        breaking, benign = [line for line in breaking if line not in moved], benign + moved
-    if breaking and not allow_config_change:
-        raise CheckpointError(
-            f"the config differs from the one {checkpoint} was saved with, in keys that change the model or the "
-            "data order:\n  " + "\n  ".join(breaking) +
-            "\nResume with the saved values, or pass --allow-config-change to resume anyway.")
-    for line in breaking + benign:
-        warn(f"config changed since {checkpoint.name}: {line}")
-    return checkpoint
-
-
 def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimizer, env: DistributedEnvironment,
              warn: Callable[[str], None], schedules: Schedules) -> tuple[int, int]:
     """Load ``checkpoint`` into model and optimizer; returns ``(iteration, stream position)`` to continue from.
@@ -231,26 +183,6 @@ def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimi
              "the augmentation RNG streams restart (the data order still continues exactly)")
     warn(f"resumed from {checkpoint} (iteration {meta['iteration']})")
     return meta["iteration"], meta["stream_position"]
-
-
-def prepare_output_dir(output_dir: str | Path, *, resume: bool, force: bool) -> None:
-    """Refuse to start fresh over an existing run unless ``force``, which moves its checkpoints and logs aside to
-    ``RUN/previous-<time>/`` (on the main process only: the others wait for it in the process-group rendezvous).
-    Refuses while another run trains into the folder."""
-    check_not_in_use(output_dir)
-    previous = RunDir(output_dir).training_outputs()
-    if resume or not previous:
-        return
-    if not force:
-        raise ValueError(f"--no-resume: {output_dir} already holds a run ({', '.join(p.name for p in previous)}); "
-                         f"pass --force to move it aside to {PREVIOUS_PREFIX}<time>/ and start fresh, or choose "
-                         "another --output-dir")
-    if detect_environment().is_main:
-        aside = Path(output_dir) / f"{PREVIOUS_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir()
-        for path in previous:
-            path.rename(aside / path.name)
-        print(f"moved the earlier run's {', '.join(p.name for p in previous)} aside to {aside}")
 
 
 # --------------------------------------------------------------------------------------------------
