@@ -1,15 +1,13 @@
 """`dinoreg export`: a short training run -> every format -> each loads and gives the teacher's features."""
 
-import contextlib
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import TINY
+from launch_helpers import TINY, tmpfs
 
 from dinoreg import load_backbone
 from dinoreg.cli import main
@@ -335,20 +333,6 @@ def test_dinov2_export_names_what_a_plain_pth_cannot_hold(tmp_path, capsys):
     assert dinov2_load_overrides(standard) == {}
 
 
-@contextlib.contextmanager
-def tmpfs(mount_point, *options):
-    """A real small (or read-only) file system at ``mount_point``; the test is skipped where none can be mounted."""
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
-
-
 def one_line_error(args, capsys):
     assert main(["export", *map(str, args)]) == 1
     captured = capsys.readouterr()
@@ -381,7 +365,7 @@ def test_a_full_disk_keeps_the_output_it_would_have_replaced(run_dir, tmp_path, 
 
 def test_read_only_and_directory_destinations_are_one_line_before_anything_is_read(tmp_path, capsys):
     nowhere = tmp_path / "no_run"  # never read: each destination is refused first
-    with tmpfs(tmp_path / "ro", "size=64k", "ro") as read_only:
+    with tmpfs(tmp_path / "ro", "size=64k,ro") as read_only:
         for fmt, output in (("dinov2", read_only / "b.pth"), ("hf", read_only / "new" / "hf")):
             assert one_line_error([nowhere, "--format", fmt, "--output", output], capsys) == (
                 f"dinoreg export: cannot write {output}: {read_only} is on a read-only file system; choose an "
