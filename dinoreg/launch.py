@@ -39,8 +39,8 @@ from dinoreg.distributed import detect_environment
 from dinoreg.run_dir import RunDir
 
 __all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "check_job_strings",
-           "check_path", "check_text", "final_metrics", "format_sbatch", "job_state", "python_command", "sbatch_parameters",
-           "submit", "wait_for_job"]
+           "check_path", "check_text", "final_metrics", "format_sbatch", "job_state", "python_command",
+           "sbatch_parameters", "submit", "wait_for_job"]
 
 # The signal submitit asks SLURM for and handles (submitit reads the same variable).
 REQUEUE_SIGNAL_NAME = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")

@@ -97,9 +97,9 @@ def test_allowed_quotes_and_substitutions_are_inert_in_a_real_job(slurm_env, tmp
     report = tmp_path / f"report {hostile}.json"
     python = f"env {shlex.quote('DINOREG_PROBE=' + hostile)} {shlex.quote(sys.executable)}"
     result = subprocess.run(
-        [sys.executable, "-m", "dinoreg", "submit", *CPU_JOB, "--comment", hostile,
-         f"--srun-arg=--comment={hostile}", "--python", python, "--log-dir", str(log_dir), "--json", str(tmp_path / "job.json"),
-         "--wait", "--", *FLOPS, "--json", str(report)],
+        [sys.executable, "-m", "dinoreg", "submit", *CPU_JOB, "--comment", hostile, f"--srun-arg=--comment={hostile}",
+         "--python", python, "--log-dir", str(log_dir), "--json", str(tmp_path / "job.json"), "--wait", "--", *FLOPS,
+         "--json", str(report)],
         env=slurm_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     info = json.loads((tmp_path / "job.json").read_text())
