@@ -88,6 +88,20 @@ def test_dry_run_shows_the_job_command_and_python_quoted(tmp_path, monkeypatch, 
     assert f"runs: dinoreg {shlex.join([*FLOPS, '--json', f'{SUBSTITUTION}.json'])}" in out
 
 
+def test_an_output_dir_with_quotes_and_substitutions_is_quoted_where_it_reaches_the_script(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The default log folder is under --output-dir, so the output dir reaches the #SBATCH lines and the srun line
+    (quoted as the --log-dir of the real job below); the training command carries it pickled."""
+    monkeypatch.chdir(tmp_path)
+    output_dir = f"runs {QUOTE} {SUBSTITUTION} {BACKTICKS} # x/%j"
+    assert main(["submit", "--dry-run", *CPU_JOB, "--output-dir", output_dir, "optim.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    log_file = f"{tmp_path}/{output_dir}/slurm/%j_0_log.out"
+    assert f"#SBATCH --output={shlex.quote(log_file)}\n" in out
+    assert f"--output-dir {shlex.quote(f'{tmp_path}/{output_dir}')} optim.epochs=1\n" in out
+    assert not any(tmp_path.iterdir())
+
+
 def test_allowed_quotes_and_substitutions_are_inert_in_a_real_job(slurm_env, tmp_path):
     """Where quotes, `$(...)` and backticks are legitimate (a comment, a path, an srun option's value, the --python
     command, the job's own arguments), a real job carries them literally: the script has one line per option and one
