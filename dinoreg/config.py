@@ -366,16 +366,23 @@ def _gram_problems(cfg: DictConfig, total: int) -> list[str]:
 # --- public API -----------------------------------------------------------------------------
 
 
-def load_config(config: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(config: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+                saved: bool = False) -> DictConfig:
     """Schema defaults <- the recipe ``config`` (a name from configs/ or a YAML path) <- overrides.
 
     Returns a validated, structured (unknown keys rejected), resolved config. If ``optim.lr`` is
     unset (0), it is derived for a single process; the trainer re-derives it for its world size
-    with :func:`apply_scaling_rule`.
+    with :func:`apply_scaling_rule`. ``saved``: ``config`` is a config dinoreg saved (in a checkpoint, perhaps
+    someone else's), which holds resolved values only: an interpolation in it is refused, since resolving one
+    from a crafted file could read this machine's environment variables into what is exported.
     """
     if isinstance(overrides, str):  # a lone "a=b" would otherwise be iterated character by character
         overrides = [overrides]
     text, label = _read_config_source(DEFAULT_CONFIG if config is None else config)
+    if saved and "${" in text:
+        line = next(number for number, content in enumerate(text.splitlines(), 1) if "${" in content)
+        raise ConfigError(f"{label}: line {line} holds an interpolation ${{...}}, which a config dinoreg saved never "
+                          "holds (it saves resolved values): the file was edited or crafted; it is not resolved")
     sources = [(_parse_yaml(text, label), label)]
     sources += [(_parse_override(o), f"override {o!r}") for o in overrides]
 

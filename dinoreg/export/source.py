@@ -68,15 +68,12 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
                           f"checkpoint (no {META_FILE}); backbone files (.pth/.safetensors) need no export: "
                           "dinoreg.load_backbone reads them directly")
     skipped: list[str] = []
-
-    def skip(message: str) -> None:
-        skipped.append(message)
-        warn(message)
-
-    newest = newest_intact_checkpoint(path, warn=skip)
+    newest = newest_intact_checkpoint(path, warn=skipped.append)
     if newest is None:
         found = "damaged: " + "; ".join(skipped) if checkpoint_dirs(path) else "none was ever published"
         raise ExportError(f"{path / CHECKPOINT_DIR} holds no intact checkpoint ({found})")
+    for message in skipped:  # the newer ones skipped for the one exported
+        warn(message)
     return newest
 
 
@@ -94,7 +91,7 @@ def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisio
         parts = sorted({".".join(key.split(".")[:2]) for key in meta["model_keys"]})
         raise ExportError(f"{checkpoint} holds no {part} backbone (it has: {', '.join(parts)})")
     config_file = checkpoint / CONFIG_FILE
-    cfg = load_config(str(config_file))
+    cfg = load_config(str(config_file), saved=True)
     img_size = cfg.crops.global_crops_size
     backbone = build_backbone_from_config(cfg, stochastic_depth=False)
     own = backbone.state_dict()

@@ -73,9 +73,11 @@ def _checkpoint_of(path: Path, *, key: str) -> Path:
     """``path`` itself when it is a checkpoint directory, else the newest intact checkpoint of the run ``path``."""
     from dinoreg.train.checkpoint import newest_intact_checkpoint  # noqa: PLC0415
 
-    checkpoint = path if (path / META_FILE).is_file() else newest_intact_checkpoint(path, warn=lambda message: None)
+    skipped: list[str] = []
+    checkpoint = path if (path / META_FILE).is_file() else newest_intact_checkpoint(path, warn=skipped.append)
     if checkpoint is None:
-        raise ValueError(f"{key}: {path} holds no intact checkpoint; give a dinoreg run or one of its "
+        found = f" (damaged: {'; '.join(skipped)})" if skipped else ""
+        raise ValueError(f"{key}: {path} holds no intact checkpoint{found}; give a dinoreg run or one of its "
                          f"{CHECKPOINT_DIR}/<iteration> directories")
     return checkpoint
 
@@ -159,8 +161,9 @@ def read_run_weights(checkpoint: Path, *, part: str = "teacher") -> Weights:
     teacher = {name[len(part) + 1:]: value for name, value in _saved_tensors(checkpoint, f"model.{part}.").items()}
     parts = {name: {k[len(name) + 1:]: v for k, v in teacher.items() if k.startswith(name + ".")}
              for name in ("backbone", *HEAD_NAMES)}
+    cfg = load_config(str(checkpoint / CONFIG_FILE), saved=True)
     with torch.device("meta"):
-        arch = build_backbone_from_config(load_config(str(checkpoint / CONFIG_FILE)), stochastic_depth=False).arch_kwargs
+        arch = build_backbone_from_config(cfg, stochastic_depth=False).arch_kwargs
     return Weights(source=str(checkpoint), arch=dict(arch), backbone=parts["backbone"],
                    heads={name: parts[name] for name in HEAD_NAMES if parts[name]})
 
