@@ -74,7 +74,7 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
     Raises :class:`EvalInputError` for a bad data layout, a weights file that is no loadable backbone, or an
     image size the patches do not tile.
     """
-    from dinoreg.models.weights import load_backbone  # noqa: PLC0415 (safetensors only when needed)
+    from dinoreg.models.weights import CheckpointMismatchError, WeightsFileError, load_backbone  # noqa: PLC0415
 
     train_set, val_set, classes = splits or eval_splits(data)  # before anything slow: a bad layout fails at once
     env = detect_environment()
@@ -82,10 +82,8 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
     init_distributed(env, device)
     try:
         backbone = load_backbone(weights).to(device)
-    except Exception as error:  # noqa: BLE001 -- any reader's failure (pickle, safetensors, strict load) means the same
-        raise EvalInputError(f"--weights {weights} is not a backbone this code can load ({type(error).__name__}: "
-                             f"{error}); pass a backbone .safetensors written by dinoreg (e.g. "
-                             "RUN/teacher_backbone.safetensors) or an official DINOv2 .pth") from None
+    except (WeightsFileError, CheckpointMismatchError) as error:  # each names the file, what is wrong and the fix
+        raise EvalInputError(f"--weights {error}") from None
     if random_init:
         with torch.random.fork_rng():
             torch.manual_seed(0)

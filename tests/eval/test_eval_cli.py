@@ -118,7 +118,7 @@ def test_bad_inputs_exit_2_with_the_fix(weights, tmp_path, capsys):
     cases = [
         (["--weights", str(weights), "--data", str(tmp_path / "flat"), *out], "has no train/ sub-folder"),
         (["--weights", str(tmp_path / "nope.safetensors"), *out], "does not exist"),
-        (["--weights", str(flat / "a.png"), *out], "is not a backbone this code can load"),
+        (["--weights", str(flat / "a.png"), *out], "is neither a torch nor a safetensors file"),
         (["--run", str(tmp_path / "flat")], "holds no teacher_backbone.safetensors"),
         (["--weights", str(weights)], "--output-dir DIR is required"),
         (["--weights", str(weights), "--img-size", "36", *out], "not a multiple of the backbone's patch size 8"),
