@@ -3,26 +3,22 @@
 - key=value overrides are taken before, between and after options, by every command that takes them (argparse
   alone refused `dinoreg train --config tiny_cpu a=1 --output-dir D b=2` with "unrecognized arguments: b=2");
 - stdout and stderr are line-buffered into files and pipes: the log of a run killed with SIGKILL holds what it printed;
-- a bad input is one line on stderr, exit code 1 or 2, no traceback: a weights file that is text, empty, truncated
-  or a pickle that would run code (and nothing in it runs: no marker file appears), `--config` naming a folder,
-  an output path that cannot be one, an argument argparse refuses.
+- a bad input is one line on stderr, exit code 1 or 2, no traceback: `--config` naming a folder, an output path
+  that cannot be one, an argument argparse refuses (bad weights files and checkpoint folders at every entry point
+  are the table of tests/test_hostile_inputs.py).
 """
 
 import io
 import os
-import pickle
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 from launch_helpers import TINY, subprocess_env, wait_for_training_rows
-from safetensors.torch import save_file
 
 from dinoreg.cli import build_parser, line_buffered_output, main
-from dinoreg.models import build_backbone
 
 # A tiny run that fails or starts within a second or two.
 RUN = [*TINY, "train.batch_size_per_gpu=4", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=4",
@@ -114,87 +110,17 @@ def test_the_log_of_a_killed_run_holds_its_first_lines(tmp_path):
     assert "[1/200] " in log.read_text(), log.read_text()  # the first step's line
 
 
-# ------------------------------------------------------------------------------------------ weights files
-
-
-class RunsCode:
-    """Unpickling this runs a shell command that creates ``marker``: what a crafted file would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def _backbone_state():
-    model = build_backbone("vit_small", embed_dim=32, depth=2, num_heads=2, patch_size=16, img_size=32)
-    return {k: v.contiguous() for k, v in model.state_dict().items()}
-
-
-def text_pth(path, marker):
-    path.write_text("not weights\n")
-
-
-def empty_safetensors(path, marker):
-    path.write_bytes(b"")
-
-
-def truncated_pth(path, marker):
-    torch.save(_backbone_state(), path)
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def truncated_safetensors(path, marker):
-    save_file(_backbone_state(), str(path))
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def crafted_torch_file(path, marker):
-    torch.save({"model": _backbone_state(), "extra": RunsCode(marker)}, path)
-
-
-def crafted_pickle(path, marker):
-    path.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
-
-
-# input kind -> (how the file is made, its suffix, what the line says is wrong, and more it must say)
-REFUSED = ("holds pickled objects other than tensors and plain values (", "refused unread, nothing in it was run")
-WEIGHTS_FILES = {
-    "text": (text_pth, ".pth", ("is neither a torch nor a safetensors file: it starts with b'not weights",)),
-    "empty": (empty_safetensors, ".safetensors", ("is empty (0 bytes)",)),
-    "truncated .pth": (truncated_pth, ".pth", ("is a truncated or damaged torch file",)),
-    "truncated .safetensors": (truncated_safetensors, ".safetensors", ("is not a complete safetensors file",)),
-    "crafted torch file": (crafted_torch_file, ".pth", (*REFUSED, "GLOBAL posix.system")),
-    "crafted pickle": (crafted_pickle, ".pth", REFUSED),
-}
-WEIGHTS_KEYS = {"train.init_from": [], "student.pretrained_weights": [],
-                "distillation.teacher": ["distillation.enabled=true"]}
-TABLE = [(kind, key) for kind in WEIGHTS_FILES for key in WEIGHTS_KEYS]
-
-
-@pytest.mark.parametrize("kind, key", TABLE, ids=[f"{kind}->{key}" for kind, key in TABLE])
-def test_a_bad_weights_file_is_one_line_naming_the_key_and_the_file(kind, key, tmp_path, capsys):
-    make, suffix, (problem, *more) = WEIGHTS_FILES[kind]
-    path, marker = tmp_path / f"weights{suffix}", tmp_path / "code_ran"
-    make(path, marker)
-    code = main(["train", "--output-dir", str(tmp_path / "run"), *RUN, f"{key}={path}", *WEIGHTS_KEYS[key]])
-    assert not marker.exists(), "the crafted pickle ran"
-    line = one_line(capsys, code, f"dinoreg train: {key}: {path} {problem}", *more, "; give ")
-    assert code == 2, line
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_a_crafted_weights_file_runs_nothing_through_python_dash_m(tmp_path):
-    path, marker = tmp_path / "shared.pth", tmp_path / "code_ran"
-    crafted_torch_file(path, marker)
-    result = subprocess.run([sys.executable, "-m", "dinoreg", "train", "--output-dir", str(tmp_path / "run"), *RUN,
-                             f"train.init_from={path}"], env=subprocess_env(), capture_output=True, text=True,
-                            timeout=300)
-    assert not marker.exists(), "the crafted pickle ran"
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith(f"dinoreg train: train.init_from: {path} holds pickled objects"), lines[0]
+def test_ctrl_c_stops_a_run_in_one_line_with_the_shells_code(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "dinoreg", "train", "--output-dir", str(run), *RUN,
+                                "optim.epochs=50"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=subprocess_env())
+    wait_for_training_rows(run, 1, process=process)
+    process.send_signal(signal.SIGINT)  # not among checkpoint.save_on_signals: KeyboardInterrupt
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "dinoreg: interrupted (Ctrl-C); a training run resumes from its last checkpoint when started again"]
 
 
 # ------------------------------------------------------------------------------------------ paths and arguments

@@ -97,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoppedOnSignal as stop:
         print(f"dinoreg: {stop}", file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C without checkpoint.save_on_signals=[SIGINT]: the shell's convention
+        print("dinoreg: interrupted (Ctrl-C); a training run resumes from its last checkpoint when started again",
+              file=sys.stderr)
+        return 130
 
 
 def line_buffered_output() -> None:

@@ -37,8 +37,8 @@ def add_train_parser(commands: Any) -> None:
                        help="start fresh instead of resuming from DIR/checkpoints; refused when DIR already "
                             "holds a run, unless --force")
     train.add_argument("--force", action="store_true",
-                       help="with --no-resume: delete the run already in DIR (checkpoints, metrics, TensorBoard "
-                            "logs, weights) and start fresh")
+                       help="with --no-resume: move the run already in DIR (checkpoints, metrics, TensorBoard "
+                            "logs, weights) aside to DIR/previous-<time>/ and start fresh")
     train.add_argument("--allow-config-change", action="store_true",
                        help="resume even when the config differs from the checkpoint's in keys that change the "
                             "model or the data order (the differences are logged)")
@@ -168,7 +168,8 @@ def _train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf  # noqa: PLC0415
 
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
-    from dinoreg.train.loop import prepare_output_dir, train  # noqa: PLC0415 (heavy imports)
+    from dinoreg.train.loop import train  # noqa: PLC0415 (heavy imports)
+    from dinoreg.train.run_folder import prepare_output_dir  # noqa: PLC0415
 
     if args.output_dir is None and not args.print_config:
         args.parser.error("the following arguments are required: --output-dir (except with --print-config)")

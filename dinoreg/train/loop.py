@@ -42,11 +42,11 @@ from dinoreg.train.evaluation import KnnEvaluator, SegmentationEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
 from dinoreg.train.optim import Schedules, apply_optim_schedule, clip_grad_norms_on_device
-from dinoreg.train.run_folder import lock_output_dir, prepare_output_dir, resume_point
+from dinoreg.train.run_folder import lock_output_dir, resume_point
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, StoppedOnSignal
 
-__all__ = ["NonFiniteLossError", "Run", "StepFigures", "flush", "iterate", "prepare_output_dir", "read_figures", "set_up",
-           "train", "train_step"]
+__all__ = ["NonFiniteLossError", "Run", "StepFigures", "flush", "iterate", "read_figures", "set_up", "train",
+           "train_step"]
 
 
 UNFILLED_BATCHES_LIMIT = 16  # batches in a row without two readable images: the dataset is unreadable
