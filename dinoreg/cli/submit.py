@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import os
 import shlex
 import sys
@@ -11,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dinoreg.argtypes import int_at_least, positive_int
-from dinoreg.cli.common import add_recipe_arguments, format_summary
-from dinoreg.run_dir import write_json
+from dinoreg.cli.common import add_recipe_arguments, config_error_message, format_summary
+from dinoreg.run_dir import OutputDirError, check_not_in_use, write_json
 
 
 def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
@@ -118,17 +120,25 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
             return fail(f"key=value overrides {args.overrides} apply to training; with a command after --, "
                         "put its own options there", 2)
         argv = args.job_command
+        refusal = io.StringIO()
         try:  # catch a typo now rather than after the job waited in the queue
-            job_parser().parse_args(argv)
+            with contextlib.redirect_stderr(refusal):
+                job_parser().parse_args(argv)
         except SystemExit:
-            return fail(f"the job command `dinoreg {shlex.join(argv)}` is invalid (see above)", 2)
+            why = (refusal.getvalue().strip().splitlines() or ["refused"])[-1]
+            return fail(f"the job command `dinoreg {shlex.join(argv)}` is invalid: {why}", 2)
         log_dir = os.path.abspath(args.log_dir or "slurm_logs/%j")
     else:
         output_dir = os.path.abspath(args.output_dir)
         try:
             cfg = load_config(args.config, [*args.overrides, f"train.output_dir={output_dir}"])
         except ConfigError as error:
-            return fail(f"invalid configuration:\n{error}", 2)
+            print(config_error_message("submit", error), file=sys.stderr)
+            return 2
+        try:  # a run training into that folder now (a job still queued holds no lock yet)
+            check_not_in_use(output_dir)
+        except OutputDirError as error:
+            return fail(str(error), 1)
         if REQUEUE_SIGNAL_NAME not in cfg.checkpoint.save_on_signals:
             return fail(f"checkpoint.save_on_signals={list(cfg.checkpoint.save_on_signals)} lacks {REQUEUE_SIGNAL_NAME}, "
                         "the signal SLURM sends before the time limit and on preemption: without it the job would "

@@ -74,7 +74,24 @@ def test_dry_run_of_another_command(tmp_path, capsys):
 ])
 def test_bad_input_is_refused_before_submitting(args, message, capsys):
     assert main(["submit", "--dry-run", *args]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err  # one line, the parser's refusal folded in
+
+
+def test_a_folder_a_run_is_training_into_is_refused_naming_the_holder(tmp_path, capsys):
+    from dinoreg.run_dir import RunLock  # noqa: PLC0415
+
+    holder = RunLock(tmp_path / "run")  # as a training process holds it
+    try:
+        assert main(["submit", "--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "1", "--output-dir",
+                     str(tmp_path / "run")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"dinoreg submit: {tmp_path / 'run'} is in use by dinoreg train on host ")
+        assert f"pid {os.getpid()}" in err and len(err.splitlines()) == 1
+    finally:
+        holder.release()
+    assert main(["submit", "--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "1", "--output-dir",
+                     str(tmp_path / "run")]) == 0
 
 
 def test_no_sbatch_suggests_torchrun(tmp_path):
