@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dinoreg.data.datasets import BadFileLog, DatasetError, is_image_file, load_image
-from dinoreg.data.loader import EvalTransform, normalise_uint8
+from dinoreg.data.loader import EvalTransform, ignore_job_signals, normalise_uint8
 from dinoreg.data.synthetic import SEGMENTATION_CLASSES, SyntheticShapes
 
 IGNORE_LABEL = -1  # the class index of ignored pixels in label tensors (cross-entropy's ignore_index)
@@ -195,5 +195,5 @@ def build_segmentation_loader(dataset, *, image_size: int, batch_size: int, num_
     wanted = range(len(dataset)) if indices is None else indices
     transform = EvalTransform(image_size, image_size if resize_size is None else resize_size)
     return DataLoader(_SegmentationEvalDataset(dataset, wanted, transform), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, collate_fn=_collate, drop_last=False,
+                      num_workers=num_workers, collate_fn=_collate, drop_last=False, worker_init_fn=ignore_job_signals,
                       generator=torch.Generator().manual_seed(0))
