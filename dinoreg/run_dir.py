@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -38,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 __all__ = ["BACKBONE_FILE", "CHECKPOINT_DIR", "CONFIG_FILE", "FEATURES_FILES", "IN_PROGRESS_PREFIX", "LATEST_FILE",
            "LOCK_FILE", "META_FILE", "METRICS_FILE", "RESULTS_FILE", "TENSORBOARD_DIR", "RunDir", "RunInUseError",
-           "RunLock", "OutputDirError", "check_not_in_use", "fsync_directory", "is_temporary",
+           "RunLock", "OutputDirError", "check_not_in_use", "errno_of", "fsync_directory", "is_temporary",
            "publish", "replace_directory", "rng_state_file", "write_atomically", "write_json", "write_text"]
 
 CONFIG_FILE = "config.yaml"
@@ -144,6 +145,21 @@ def check_not_in_use(output_dir: str | os.PathLike) -> None:
     """Raise :class:`RunInUseError` if a run holds ``output_dir``'s lock now (nothing is created otherwise)."""
     if (Path(output_dir) / LOCK_FILE).is_file():
         RunLock(output_dir).release()
+
+
+def errno_of(error: BaseException) -> int | None:
+    """The operating system's error number behind ``error``: an ``OSError`` in its chain (torch.save keeps it as
+    the context of its own RuntimeError), or "os error N" in the message (safetensors' writer is Rust)."""
+    seen: list[BaseException] = []
+    while error is not None and not any(error is other for other in seen):
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        found = re.search(r"os error (\d+)", str(error))
+        if found:
+            return int(found.group(1))
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def rng_state_file(checkpoint: Path, rank: int) -> Path:

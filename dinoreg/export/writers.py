@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +16,7 @@ from dinoreg.export.source import BackboneSource, ExportError
 from dinoreg.models.head import head_spec_of, head_to_official
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY
-from dinoreg.run_dir import publish
+from dinoreg.run_dir import errno_of, publish
 
 __all__ = ["DTYPES", "FORMATS", "HEADS_METADATA_KEY", "HEAD_FORMATS", "SOURCE_METADATA_KEY", "check_output", "dinov2_load_overrides", "export_backbone",
            "resize_backbone"]
@@ -193,21 +192,6 @@ WRITE_FAILURES = {
 }
 
 
-def _errno_of(error: BaseException) -> Optional[int]:
-    """The operating system's error number behind ``error``: an ``OSError`` in its chain (torch.save keeps it as
-    the context of its own RuntimeError), or "os error N" in the message (safetensors' writer is Rust)."""
-    seen: list[BaseException] = []
-    while error is not None and not any(error is other for other in seen):
-        if isinstance(error, OSError) and error.errno:
-            return error.errno
-        found = re.search(r"os error (\d+)", str(error))
-        if found:
-            return int(found.group(1))
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def _size(count: int) -> str:
     return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.0f} KiB"
 
@@ -215,7 +199,7 @@ def _size(count: int) -> str:
 def _write_failure(output: Path, error: BaseException, *, needed: int, existed: bool) -> Optional[ExportError]:
     """One line for a write that the disk refused (``None`` when ``error`` is something else): the file, the cause
     and the fix. :func:`publish` has removed the partial output and left an existing one as it was."""
-    code = _errno_of(error)
+    code = errno_of(error)
     if code is None:
         return None
     cause, fix = WRITE_FAILURES.get(code, (os.strerror(code).lower(), "choose another --output"))

@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from dinoreg import distributed
 from dinoreg.config import save_config
 from dinoreg.models.weights import CheckpointMismatchError
-from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, fsync_directory, is_temporary,
-                             replace_directory, rng_state_file, write_json, write_text)
+from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, errno_of, fsync_directory,
+                             is_temporary, replace_directory, rng_state_file, write_json, write_text)
 from dinoreg.train.safe_load import load_rng_state, safe_dcp_load, save_rng_state
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
@@ -230,8 +230,8 @@ def _on_every_rank(step: Optional[Any], final: Path, tmp: Path) -> None:
     try:
         if step is not None:
             step()
-    except (Exception, dcp.CheckpointException) as error:  # noqa: BLE001 -- disk full, quota, permission: each
-        failure = error  # surfaces differently (DCP's CheckpointException is a BaseException)
+    except (Exception, dcp.CheckpointException, KeyboardInterrupt) as error:  # noqa: BLE001 -- disk full, quota,
+        failure = error  # permission, a Ctrl-C: each surfaces differently (DCP's CheckpointException is a BaseException)
     if not distributed.broadcast_flag(failure is not None):
         return
     if distributed.rank() == 0:
@@ -246,8 +246,12 @@ def _save_failure_message(final: Path, tmp: Path, failure: Optional[BaseExceptio
         if isinstance(failure, dcp.CheckpointException) and failure.failures:  # the first rank's own error
             failure = next(iter(failure.failures.values()))[0]
         cause = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0] if str(failure).strip() else ''}"
-    errno = getattr(failure, "errno", None)
-    if errno in (None, ENOSPC, EDQUOT):
+    errno = errno_of(failure) if failure is not None else None
+    if isinstance(failure, KeyboardInterrupt):
+        cause = "interrupted by Ctrl-C (SIGINT, which is not among checkpoint.save_on_signals) during the save"
+    elif str(failure).startswith("DataLoader worker"):  # torch's message when a loader worker dies meanwhile
+        cause = f"a data loader worker process died during the save ({cause}); the save was interrupted"
+    if errno in (ENOSPC, EDQUOT):
         with contextlib.suppress(OSError):
             cause += f" ({shutil.disk_usage(final.parent).free / 2**20:.1f} MiB free on that filesystem)"
     earlier = [path for path in checkpoint_dirs(final.parent.parent) if path != final]
@@ -258,7 +262,8 @@ def _save_failure_message(final: Path, tmp: Path, failure: Optional[BaseExceptio
            EROFS: "The filesystem is read-only: choose a writable --output-dir.",
            ENOTDIR: "Something that is not a folder stands in the way: move it.",
            EISDIR: "Something stands in the way: move it."}.get(
-        errno, "See the cause above (disk space, quota, permissions, or a rank that stopped) and fix it first.")
+        errno, "Run the same command again to resume." if isinstance(failure, KeyboardInterrupt) else
+        "See the cause above (a process that died or was killed, a rank that stopped) and fix it first.")
     return f"could not save checkpoint {final}: {cause}. The partial {tmp.name} was removed; {previous}. {fix}"
 
 

@@ -149,7 +149,8 @@ def save_rng_state(path: Path) -> None:
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, path)
+    with open(path, "wb") as file:  # through Python's file: a full disk is an OSError with its errno (torch's own
+        torch.save(state, file)     # writer reports only "unexpected pos")
 
 
 # Checkpoints saved before RNG states were plain data pickled the numpy state as an array: only these globals.

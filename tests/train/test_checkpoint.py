@@ -322,3 +322,23 @@ def test_rng_states_are_saved_as_data_and_the_older_pickled_layout_is_not_unpick
     meta["files"]["rng/rank0.pt"] = {"bytes": rng_file.stat().st_size, "crc32": file_crc32(rng_file)}
     (path / "meta.json").write_text(json.dumps(meta))
     assert load_checkpoint(path, model=model, optimizer=optimizer)["rng_restored"] is False
+
+
+@pytest.mark.parametrize("failure, says, advice", [
+    (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "),
+     "a data loader worker process died during the save (RuntimeError: DataLoader worker (pid 4242)",
+     "a process that died or was killed, a rank that stopped) and fix it first."),
+    (KeyboardInterrupt(), "interrupted by Ctrl-C (SIGINT, which is not among checkpoint.save_on_signals)",
+     "Run the same command again to resume."),
+    (OSError(28, "No space left on device"), "OSError: [Errno 28] No space left on device (", "Free space first."),
+])
+def test_a_failed_save_names_its_real_cause_and_blames_the_disk_only_when_it_is_full(tmp_path, failure, says, advice):
+    """A second signal or a dead worker interrupting a save was reported with the free space and 'free space first'."""
+    from dinoreg.train.checkpoint import _save_failure_message  # noqa: PLC0415 -- what every rank raises on failure
+
+    (tmp_path / CHECKPOINT_DIR / "5").mkdir(parents=True)
+    (tmp_path / CHECKPOINT_DIR / "5" / "meta.json").write_text("{}")
+    message = _save_failure_message(tmp_path / CHECKPOINT_DIR / "10", tmp_path / CHECKPOINT_DIR / ".tmp-10", failure)
+    assert says in message and message.endswith(advice), message
+    assert ("MiB free" in message) == isinstance(failure, OSError), message
+    assert f"the previous checkpoint {tmp_path / CHECKPOINT_DIR / '5'} is intact" in message
