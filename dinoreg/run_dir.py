@@ -24,15 +24,17 @@ the old content or the new, never half of either.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import secrets
-import socket
-import time
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -114,26 +116,38 @@ class RunLock:
     """One run per output folder: an advisory ``flock`` on ``RUN/.lock``, held until :meth:`release` or the
     process's end (the kernel drops it then, so a ``kill -9`` leaves nothing stale to clean up). The file names
     the holder; the lock itself, not the file's existence, is what counts. Works on local filesystems and on NFS
-    (where Linux maps ``flock`` to byte-range locks)."""
+    (where Linux maps ``flock`` to byte-range locks). Processes forked later (data loader workers) close their
+    copy, so the lock never outlives the process that took it. On a filesystem without locks (Lustre mounted
+    without ``-o flock``) the run goes on unlocked, with one warning."""
 
     def __init__(self, output_dir: str | os.PathLike, *, what: str = "dinoreg train") -> None:
-        self.path = Path(output_dir) / LOCK_FILE
+        self.path, self._fd = Path(output_dir) / LOCK_FILE, -1
         try:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if not _take(self._fd, fcntl.LOCK_EX):
+                raise RunInUseError(f"{output_dir} is in use by {_holder(self._fd)}: wait for that run to end (or "
+                                    "stop it), or choose another --output-dir")
+            os.register_at_fork(after_in_child=self._close_in_child)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{what} on host {socket.gethostname()}, pid {os.getpid()}, since "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         except OSError as error:
+            self.release()
+            if error.errno in _NO_LOCKS:
+                print(f"warning: {output_dir}'s filesystem has no file locks ({error.strerror}): nothing stops a "
+                      "second run from using the folder at the same time", file=sys.stderr)
+                return
             raise OutputDirError(f"cannot write to the output folder {output_dir} ({error.strerror}): choose a "
                                  "folder you can write to (it is created if missing)") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+        except RunInUseError:
+            self.release()
+            raise
+
+    def _close_in_child(self) -> None:
+        if self._fd >= 0:  # the child's copy only: the parent's descriptor keeps the lock
             os.close(self._fd)
-            raise RunInUseError(f"{output_dir} is in use by {holder}: wait for that run to end (or stop it), or "
-                                "choose another --output-dir") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{what} on host {socket.gethostname()}, pid {os.getpid()}, since "
-                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            self._fd = -1
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -141,10 +155,41 @@ class RunLock:
             self._fd = -1
 
 
+_NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
+
+
+def _take(fd: int, kind: int, attempts: int = 20) -> bool:
+    """``flock`` without blocking, retried for a second: another process may be probing with a shared lock."""
+    for _ in range(attempts):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.05)
+    return False
+
+
+def _holder(fd: int) -> str:
+    """What the holder wrote into the lock file, as one printable line."""
+    text = os.pread(fd, 200, 0).decode(errors="replace").splitlines()
+    return (text[0].encode("unicode_escape").decode() if text and text[0].strip() else "") or "another process"
+
+
 def check_not_in_use(output_dir: str | os.PathLike) -> None:
-    """Raise :class:`RunInUseError` if a run holds ``output_dir``'s lock now (nothing is created otherwise)."""
-    if (Path(output_dir) / LOCK_FILE).is_file():
-        RunLock(output_dir).release()
+    """Raise :class:`RunInUseError` if a run holds ``output_dir``'s lock now. Takes a shared lock for a moment
+    and writes nothing; creates nothing."""
+    try:
+        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # no lock file, or not readable: no run could hold it
+    try:
+        if not _take(fd, fcntl.LOCK_SH, attempts=1):
+            raise RunInUseError(f"{output_dir} is in use by {_holder(fd)}: wait for that run to end (or stop it), or "
+                                "choose another --output-dir")
+    except OSError:
+        pass  # a filesystem without locks: nothing to check
+    finally:
+        os.close(fd)
 
 
 def errno_of(error: BaseException) -> int | None:

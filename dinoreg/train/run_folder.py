@@ -27,7 +27,7 @@ def lock_output_dir(cfg: DictConfig, env: DistributedEnvironment) -> Optional[Ru
     if env.is_main:
         try:
             lock = RunLock(cfg.train.output_dir)
-        except OutputDirError as error:
+        except Exception as error:  # noqa: BLE001 -- whatever it is, every rank must stop with it, not wait
             failure = error
     if broadcast_flag(failure is not None):
         raise failure or OutputDirError(f"the main process could not lock {cfg.train.output_dir} (see its message)")
@@ -47,7 +47,7 @@ def resume_point(cfg: DictConfig, output: RunDir, world_size: int, allow_config_
             "Restore the files, or start over with --no-resume --force (which moves the run's checkpoints and logs "
             f"aside to {output.root}/{PREVIOUS_PREFIX}<time>/)")
     for message in skipped:
-        warn(f"skipping {message}")
+        warn(message)
     if checkpoint is None:
         return None
     saved = OmegaConf.load(RunDir(checkpoint).config)

@@ -52,7 +52,8 @@ def tensorboard_steps(run_dir: Path) -> list[int]:
 
 
 def test_a_second_run_into_the_same_folder_is_refused_naming_the_holder_and_kill_9_leaves_no_stale_lock(tmp_path):
-    first = start(tmp_path, "optim.epochs=20")  # 200 iterations: still running while the second one starts
+    # 200 iterations: still running while the second one starts; its loader workers must not keep the lock
+    first = start(tmp_path, "optim.epochs=20", "train.num_workers=2")
     wait_for_training_rows(tmp_path, 1, process=first)
     code, _, err = train(tmp_path)
     line = one_line(code, err)
@@ -157,15 +158,20 @@ def test_symlink_loops_in_a_dataset_folder_are_followed_once(tmp_path, capsys):
 
     from dinoreg.data import ImageFolder  # noqa: PLC0415
 
-    for name in ("c0", "c1"):
-        (tmp_path / name).mkdir()
+    data, outside = tmp_path / "data", tmp_path / "elsewhere"
+    for folder in (data / "c0", data / "c1", outside):
+        folder.mkdir(parents=True)
         for i in range(2):
-            Image.new("RGB", (8, 8)).save(tmp_path / name / f"{i}.png")
-    os.symlink("..", tmp_path / "c0" / "loop")  # two loops: the scan used to grow exponentially
-    (tmp_path / "c1" / "sub").mkdir()
-    os.symlink("../..", tmp_path / "c1" / "sub" / "deeper")
-    dataset = ImageFolder(tmp_path)
-    assert sorted(Path(path).relative_to(tmp_path).as_posix() for path, _ in dataset.samples) == [
-        "c0/0.png", "c0/1.png", "c1/0.png", "c1/1.png"]
+            Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    os.symlink("..", data / "c0" / "loop")  # two loops: the scan used to grow exponentially
+    (data / "c1" / "sub").mkdir()
+    os.symlink("../..", data / "c1" / "sub" / "deeper")
+    os.symlink("../c0", data / "c1" / "sibling")  # c0's images are c0's, not c1's too
+    os.symlink(str(outside), data / "c1" / "extra")  # a folder outside the dataset: followed once
+    os.symlink(str(outside), data / "c0" / "extra_again")
+    dataset = ImageFolder(data)
+    listed = sorted((Path(path).relative_to(data).as_posix(), label) for path, label in dataset.samples)
+    assert listed == [("c0/0.png", 0), ("c0/1.png", 0), ("c0/extra_again/0.png", 0), ("c0/extra_again/1.png", 0),
+                      ("c1/0.png", 1), ("c1/1.png", 1)]
     warning = capsys.readouterr().err.strip()
-    assert warning.startswith(f"warning: {tmp_path}: ") and "links lead back into their own parent folders" in warning
+    assert warning.startswith(f"warning: {data}: 4 links lead to folders the scan lists anyway")
