@@ -142,22 +142,25 @@ def _identity(path: PathLike) -> Tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def _without_cycles(directory: str, subdirs: List[str], above: dict, loops: List[str]) -> List[str]:
-    """The sub-folders of ``directory`` to descend into: all but those that are ``directory`` itself or one of its
-    parents through a link (which would repeat the tree until the path is too long: every image listed dozens of
-    times, and two such links make the scan endless). ``above`` maps each folder walked to the identities of the
-    folders from the root down to it; the links left out are added to ``loops``."""
+def _first_visits(directory: str, subdirs: List[str], root: str, visited: set, skipped: List[str]) -> List[str]:
+    """The sub-folders of ``directory`` to descend into: each real folder once. A link to a folder inside the
+    dataset (``root``, resolved) is never followed: that folder is listed under its own name (a link back to a
+    parent repeated the tree until the path was too long, every image dozens of times, and two such links made
+    the scan endless; a link to a sibling class listed its images again under another label). A link that leads
+    out of the dataset is followed once. The links left out are added to ``skipped``."""
     kept = []
     for name in subdirs:
         path = os.path.join(directory, name)
+        real = os.path.realpath(path)
         try:
             identity = _identity(path)
         except OSError:  # a dangling link
             continue
-        if identity in above[directory]:
-            loops.append(f"{path} -> {os.path.realpath(path)}")
+        inside = os.path.islink(path) and (real == root or real.startswith(root + os.sep))
+        if inside or identity in visited:
+            skipped.append(f"{path} -> {real}")
         else:
-            above[path] = above[directory] | {identity}
+            visited.add(identity)
             kept.append(name)
     return kept
 
@@ -175,18 +178,18 @@ class ImageFolder(_FileDataset):
         if not self.root.is_dir():
             raise DatasetError(f"{str(self.root)!r} is not a folder; {_FIX}")
         per_folder = {}
-        above = {str(self.root): frozenset({_identity(self.root)})}
-        loops: list[str] = []
+        root, visited, loops = os.path.realpath(self.root), {_identity(self.root)}, []
         for directory, subdirs, files in os.walk(self.root, followlinks=True):
-            subdirs[:] = _without_cycles(directory, sorted(subdirs), above, loops)
+            subdirs[:] = _first_visits(directory, sorted(subdirs), root, visited, loops)
             relative = Path(directory).relative_to(self.root)
             top = relative.parts[0] if relative.parts else None
             for name in sorted(files):
                 if is_image_file(name):
                     per_folder.setdefault(top, []).append(os.path.join(directory, name))
         if loops:  # one line: the scan is not an error, but the user's links are not what they think
-            print(f"warning: {self.root}: {len(loops)} links lead back into their own parent folders (e.g. "
-                  f"{loops[0]}); they are not followed, so each image is listed once", file=sys.stderr)
+            print(f"warning: {self.root}: {len(loops)} links lead to folders the scan lists anyway (e.g. "
+                  f"{loops[0]}); they are not followed, so each image is listed once, under its own folder",
+                  file=sys.stderr)
         if not per_folder:
             raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}; {_FIX}")
         self.classes = sorted(k for k in per_folder if k is not None)
