@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from launch_helpers import TINY, subprocess_env
 from safetensors.torch import save_file
 
@@ -28,7 +29,6 @@ from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models import build_backbone
 from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.checkpoint import CHECKPOINT_DIR, file_crc32, save_checkpoint
-from dinoreg.train.checkpoint import _model_and_optimizer_state  # the state a save writes, to craft one value of it
 
 # A tiny run that fails or starts within a second or two.
 RUN = [*TINY, "train.batch_size_per_gpu=4", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=2",
@@ -96,7 +96,7 @@ def crafted_rng(checkpoint: Path, marker: Path, model, optimizer) -> str:
 
 def crafted_value(checkpoint: Path, marker: Path, model, optimizer) -> str:
     """A shard whose optimizer hyper-parameter unpickles to a command (DCP reads such values with pickle)."""
-    state = _model_and_optimizer_state(model, optimizer)
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}  # as saved
     state["optimizer"]["param_groups"][0]["lr"] = RunsCode(marker)
     with pytest.warns(UserWarning):  # DCP: no process group, and an existing checkpoint overwritten
         dcp.save(state, checkpoint_id=checkpoint, no_dist=True)

@@ -41,7 +41,7 @@ from dinoreg.config import save_config
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, errno_of, fsync_directory,
                              is_temporary, replace_directory, rng_state_file, write_json, write_text)
-from dinoreg.train.safe_load import load_rng_state, safe_dcp_load, save_rng_state
+from dinoreg.train.safe_load import UnreadableCheckpointError, load_rng_state, safe_dcp_load, save_rng_state
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
            "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
@@ -129,6 +129,8 @@ def set_aside_checkpoints_after(run_dir: str | Path, iteration: int) -> list[Pat
                 aside, suffix = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{suffix}"), suffix + 1
             path.rename(aside)
             moved.append(aside)
+    if moved:  # `latest` named one of them: it names the checkpoint resumed from until the next save
+        write_text(Path(run_dir) / CHECKPOINT_DIR / LATEST_FILE, f"{iteration}\n")
     return moved
 
 
@@ -230,8 +232,12 @@ def _on_every_rank(step: Optional[Any], final: Path, tmp: Path) -> None:
     try:
         if step is not None:
             step()
-    except (Exception, dcp.CheckpointException, KeyboardInterrupt) as error:  # noqa: BLE001 -- disk full, quota,
-        failure = error  # permission, a Ctrl-C: each surfaces differently (DCP's CheckpointException is a BaseException)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT not in checkpoint.save_on_signals): the CLI's one line, exit 130
+        if not distributed.is_distributed():  # under several processes the others are inside DCP's collectives
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (Exception, dcp.CheckpointException) as error:  # noqa: BLE001 -- disk full, quota, permission: each
+        failure = error  # surfaces differently (DCP's CheckpointException is a BaseException)
     if not distributed.broadcast_flag(failure is not None):
         return
     if distributed.rank() == 0:
@@ -247,9 +253,7 @@ def _save_failure_message(final: Path, tmp: Path, failure: Optional[BaseExceptio
             failure = next(iter(failure.failures.values()))[0]
         cause = f"{type(failure).__name__}: {str(failure).strip().splitlines()[0] if str(failure).strip() else ''}"
     errno = errno_of(failure) if failure is not None else None
-    if isinstance(failure, KeyboardInterrupt):
-        cause = "interrupted by Ctrl-C (SIGINT, which is not among checkpoint.save_on_signals) during the save"
-    elif str(failure).startswith("DataLoader worker"):  # torch's message when a loader worker dies meanwhile
+    if str(failure).startswith("DataLoader worker"):  # torch's message when a loader worker dies meanwhile
         cause = f"a data loader worker process died during the save ({cause}); the save was interrupted"
     if errno in (ENOSPC, EDQUOT):
         with contextlib.suppress(OSError):
@@ -262,8 +266,7 @@ def _save_failure_message(final: Path, tmp: Path, failure: Optional[BaseExceptio
            EROFS: "The filesystem is read-only: choose a writable --output-dir.",
            ENOTDIR: "Something that is not a folder stands in the way: move it.",
            EISDIR: "Something stands in the way: move it."}.get(
-        errno, "Run the same command again to resume." if isinstance(failure, KeyboardInterrupt) else
-        "See the cause above (a process that died or was killed, a rank that stopped) and fix it first.")
+        errno, "See the cause above (a process that died or was killed, a rank that stopped) and fix it first.")
     return f"could not save checkpoint {final}: {cause}. The partial {tmp.name} was removed; {previous}. {fix}"
 
 
@@ -277,7 +280,8 @@ def _apply_retention(root: Path, *, keep_last: int, keep_every: int, protect: Pa
 
 
 # What meta.json must hold, by key: anything else (a list, {}, a string where a number belongs) is a damaged file.
-_META_TYPES = {"iteration": int, "stream_position": int, "world_size": int, "model_keys": list, "files": dict}
+_META_TYPES = {"iteration": int, "stream_position": int, "world_size": int, "model_keys": list,
+               "files": dict}  # "files": absent from the first checkpoints dinoreg saved (sizes came later)
 
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
@@ -288,7 +292,7 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{checkpoint} is not a dinoreg checkpoint ({error}); point to a directory "
                               f"RUN/{CHECKPOINT_DIR}/<iteration>") from None
     wrong = ([f"{key} (a {type(meta.get(key)).__name__}, not a {kind.__name__})" for key, kind in _META_TYPES.items()
-              if type(meta.get(key)) is not kind]  # noqa: E721 -- bool is no iteration count
+              if type(meta.get(key)) is not kind and not (key == "files" and key not in meta)]  # noqa: E721
              if isinstance(meta, dict) else [f"a JSON {type(meta).__name__} instead of an object"])
     if wrong:
         raise CheckpointError(f"{path} is damaged: {', '.join(wrong)}. Resume from an older checkpoint (delete this "
@@ -312,7 +316,7 @@ def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     problems = []
-    for name, saved in meta["files"].items():
+    for name, saved in meta.get("files", {}).items():
         size, crc = (saved, None) if isinstance(saved, int) else (saved.get("bytes"), saved.get("crc32")) \
             if isinstance(saved, dict) else (None, None)
         path = checkpoint / name
@@ -373,20 +377,29 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer
     try:
         with single_process_is_intended():
             safe_dcp_load(state, checkpoint, no_dist=not distributed.is_distributed())
-    except dcp.CheckpointException as error:
-        missing = [line for line in str(error).splitlines() if "Missing key" in line]
+    except UnreadableCheckpointError as error:
+        if "Missing key" not in error.detail:
+            raise
         raise CheckpointError(
-            f"{checkpoint} does not fit this run's optimizer or model: {missing[0].strip() if missing else error}. "
-            "The parameter groups follow optim.layerwise_decay and the model's structure: resume with the "
-            f"config the run was saved with ({checkpoint / CONFIG_FILE}).") from None
+            f"{checkpoint} does not fit this run's optimizer or model: {error.detail}. The parameter groups follow "
+            "optim.layerwise_decay and the model's structure: resume with the config the run was saved with "
+            f"({checkpoint / CONFIG_FILE}).") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not absent))
     # strict=False only lets the recorded stateless parameters through: DCP has checked every other key above
     stateless = bool(meta.get("parameters_without_optimizer_state"))
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=not stateless))
     rng_file = rng_state_file(checkpoint, distributed.rank())
-    meta["rng_restored"] = meta["world_size"] == distributed.world_size() and rng_file.is_file()
-    if meta["rng_restored"]:
-        meta["rng_restored"] = load_rng_state(rng_file)
+    meta["rng_restored"] = False
+    if meta["world_size"] != distributed.world_size():
+        meta["rng_unrestored_because"] = (f"it was saved by {meta['world_size']} processes and this run has "
+                                          f"{distributed.world_size()}")
+    elif not rng_file.is_file():
+        meta["rng_unrestored_because"] = f"it holds no {rng_file.relative_to(checkpoint)}"
+    elif not load_rng_state(rng_file):
+        meta["rng_unrestored_because"] = ("it holds its RNG states in the older pickled layout, which is not read "
+                                          "(unpickling a file can run code)")
+    else:
+        meta["rng_restored"] = True
     return meta
 
 

@@ -175,12 +175,9 @@ def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimi
                                                        read_meta(checkpoint)["iteration"] <= gram.load_before))
     meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
                            absent_ok=("gram_teacher.",) if fills_later and model.gram_teacher is not None else ())
-    if not meta["rng_restored"] and meta["world_size"] == env.world_size:
-        warn(f"{checkpoint.name} holds its RNG states in the older pickled layout, which is not read (unpickling a "
-             "file can run code): the augmentation RNG streams restart (the data order still continues exactly)")
-    elif not meta["rng_restored"]:
-        warn(f"{checkpoint.name} was saved by {meta['world_size']} processes and this run has {env.world_size}: "
-             "the augmentation RNG streams restart (the data order still continues exactly)")
+    if not meta["rng_restored"]:
+        warn(f"{checkpoint.name}: {meta['rng_unrestored_because']}: the augmentation RNG streams restart (the data "
+             "order still continues exactly)")
     warn(f"resumed from {checkpoint} (iteration {meta['iteration']})")
     return meta["iteration"], meta["stream_position"]
 

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-__all__ = ["UntrustedCheckpointError", "load_rng_state", "read_dcp_metadata", "safe_dcp_load", "save_rng_state"]
+__all__ = ["UnreadableCheckpointError", "UntrustedCheckpointError", "load_rng_state", "read_dcp_metadata", "safe_dcp_load", "save_rng_state"]
 
 _DCP_METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
@@ -35,6 +35,7 @@ _DCP_METADATA_CLASSES = {
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch": {"Size"},
     "pathlib": {"PosixPath", "PurePosixPath", "Path"},  # StorageMeta.checkpoint_id
+    "pathlib._local": {"PosixPath", "PurePosixPath", "Path"},  # the same, pickled by Python 3.13
     "collections": {"OrderedDict"},
 }
 _LAYOUTS = {str(value): value for value in vars(torch).values() if isinstance(value, torch.layout)}
@@ -42,6 +43,19 @@ _LAYOUTS = {str(value): value for value in vars(torch).values() if isinstance(va
 
 class UntrustedCheckpointError(ValueError):
     """A checkpoint file holds something other than data (a crafted or corrupted file); nothing in it was run."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """DCP could not read what was asked of a checkpoint; ``detail``: DCP's own first line (e.g. a missing key)."""
+
+    def __init__(self, message: str, *, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def _printable(text: str) -> str:
+    """A name read from a crafted file, as one printable line of bounded length."""
+    return str(text).encode("unicode_escape").decode()[:120]
 
 
 def _refusal(path: Path, what: str) -> UntrustedCheckpointError:
@@ -65,7 +79,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module, name) == ("torch.serialization", "_get_layout"):  # how torch pickles a layout: by its name
             return _LAYOUTS.__getitem__
-        raise _refusal(self.path, f"a reference to {module}.{name}")
+        raise _refusal(self.path, f"a reference to {_printable(f'{module}.{name}')}")
 
 
 def read_dcp_metadata(checkpoint: str | Path) -> Metadata:
@@ -84,6 +98,11 @@ def read_dcp_metadata(checkpoint: str | Path) -> Metadata:
                                        "resume from another checkpoint or restore the file") from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise _refusal(path, f"a {type(metadata).__name__} instead of DCP metadata")
+    for key, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata) and not (
+                isinstance(entry.properties.dtype, torch.dtype) and all(
+                    type(size) is int and size >= 0 for size in entry.size)):  # noqa: E721 -- no bool
+            raise _refusal(path, f"an impossible tensor for {_printable(key)} (size {_printable(entry.size)})")
     return metadata
 
 
@@ -114,7 +133,8 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
         try:
             data = torch.load(value, weights_only=True)
         except Exception:  # noqa: BLE001 -- weights_only refuses anything but tensors and plain values
-            raise _refusal(self.checkpoint, f"a value for {read_item.dest_index.fqn} that is not plain data") from None
+            raise _refusal(self.checkpoint, f"a value for {_printable(read_item.dest_index.fqn)} that is not plain "
+                                            "data") from None
         safe = io.BytesIO()
         torch.save(data, safe)  # DCP's own reader then unpickles our serialisation of plain data
         safe.seek(0)
@@ -129,11 +149,15 @@ def safe_dcp_load(state: dict[str, Any], checkpoint: str | Path, *, no_dist: boo
     try:
         dcp.load(state, storage_reader=reader, planner=_SafePlanner(checkpoint), no_dist=no_dist)
     except dcp.CheckpointException as error:
-        for failure in error.failures.values():
-            failure = failure[0] if isinstance(failure, tuple) else failure
+        failures = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+        for failure in failures:
             if isinstance(failure, UntrustedCheckpointError):
                 raise failure from None
-        raise
+        first = next((line.strip() for line in str(failures[0] if failures else error).splitlines() if line.strip()),
+                     "")
+        raise UnreadableCheckpointError(f"{checkpoint} could not be read ({_printable(first)}): its files do not hold "
+                                        "what its metadata lists (damaged or crafted); use another checkpoint",
+                                        detail=first) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,13 +184,20 @@ _OLD_FORMAT_GLOBALS = {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._r
 
 def load_rng_state(path: Path) -> bool:
     """Restore the RNG states :func:`save_rng_state` wrote, read as data only. A file in the older pickled layout
-    is not read (False: the caller goes on without restoring them); anything else but RNG states is refused."""
+    is not read (False: the caller goes on without restoring them); anything else but RNG states is refused, and
+    then nothing is restored."""
     try:
         state = torch.load(path, weights_only=True)
         python, numpy_state = state["python"], state["numpy"]
         python = (python["version"], tuple(python["state"].tolist()), python["gauss"])
         numpy_state = (numpy_state["name"], numpy_state["key"].numpy().astype(np.uint32), numpy_state["position"],
                        numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+        devices = [state["torch"], *state.get("cuda", [])]
+        if len(python[1]) != 625 or len(numpy_state[1]) != 624 or any(  # Mersenne Twister's state sizes
+                not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 for t in devices):
+            raise ValueError("not the RNG states' shapes")
+        random.Random().setstate(python)  # checked on a throw-away generator before the real ones change
+        np.random.RandomState().set_state(numpy_state)
     except Exception:  # noqa: BLE001 -- refused by weights_only, or not the layout above
         if _old_format(path):
             return False

@@ -328,8 +328,6 @@ def test_rng_states_are_saved_as_data_and_the_older_pickled_layout_is_not_unpick
     (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "),
      "a data loader worker process died during the save (RuntimeError: DataLoader worker (pid 4242)",
      "a process that died or was killed, a rank that stopped) and fix it first."),
-    (KeyboardInterrupt(), "interrupted by Ctrl-C (SIGINT, which is not among checkpoint.save_on_signals)",
-     "Run the same command again to resume."),
     (OSError(28, "No space left on device"), "OSError: [Errno 28] No space left on device (", "Free space first."),
 ])
 def test_a_failed_save_names_its_real_cause_and_blames_the_disk_only_when_it_is_full(tmp_path, failure, says, advice):
