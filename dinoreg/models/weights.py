@@ -44,7 +44,8 @@ _WRAPPERS = ("model", "teacher", "student", "state_dict")
 # Longest first: "teacher.backbone." must win over "backbone.".
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "module.", "backbone.", "_orig_mod.")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
-_ARCH_ARGUMENTS = set(inspect.signature(DinoVisionTransformer).parameters)  # what dinoreg_arch may hold
+_ARCH_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(DinoVisionTransformer).parameters.items()}
+_ARCH_ARGUMENTS = set(_ARCH_DEFAULTS)  # what dinoreg_arch may hold
 _FIX = ("give a backbone .safetensors written by dinoreg (e.g. RUN/teacher_backbone.safetensors), a `dinoreg export` "
         "output or an official DINOv2 .pth")
 
@@ -100,8 +101,11 @@ def _what_is_wrong(path: str, error: Exception) -> str:
     detail = f"{type(error).__name__}: {re.split(r'(?<=[.])[ ]', lines[0])[0][:120]}"
     if os.path.isdir(path):
         return f"is not a readable Hugging Face export folder ({detail})"
-    with open(path, "rb") as file:
-        start = file.read(16)
+    try:
+        with open(path, "rb") as file:
+            start = file.read(16)
+    except OSError as unreadable:
+        return f"cannot be read ({unreadable.strerror})"
     if not start:
         return "is empty (0 bytes)"
     if path.endswith(".safetensors"):
@@ -165,7 +169,19 @@ def _checked_metadata(source: str, metadata: Any) -> dict[str, Any]:
     unknown = sorted(str(key) for key in metadata if key not in _ARCH_ARGUMENTS)
     if unknown:
         raise WeightsFileError(source, f"has {METADATA_KEY} entries no backbone takes: {', '.join(unknown[:8])}")
+    mistyped = [f"{key}={value!r}"[:60] for key, value in metadata.items() if not _fits(_ARCH_DEFAULTS[key], value)]
+    if mistyped:
+        raise WeightsFileError(source, f"has {METADATA_KEY} entries of the wrong type: {', '.join(mistyped[:8])}")
     return dict(metadata)
+
+
+def _fits(default: Any, value: Any) -> bool:
+    """Whether ``value`` has the type of the backbone argument whose default is ``default``."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if default is None or isinstance(default, float):  # init_values: None or a number
+        return value is None and default is None or isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def _unwrap(raw: dict[str, Any]) -> dict[str, Any]:
