@@ -179,6 +179,10 @@ def truncated_safetensors(path, marker):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def mistyped_architecture(path, marker):
+    save_file(_backbone_state(), str(path), metadata={"dinoreg_arch": json.dumps({"depth": "2"})})
+
+
 def crafted_torch_file(path, marker):
     torch.save({"model": _backbone_state(), "extra": RunsCode(marker)}, path)
 
@@ -194,6 +198,8 @@ WEIGHTS_FILES = {
     "empty": (empty_safetensors, ".safetensors", ("is empty (0 bytes)",)),
     "truncated .pth": (truncated_pth, ".pth", ("is a truncated or damaged torch file",)),
     "truncated .safetensors": (truncated_safetensors, ".safetensors", ("is not a complete safetensors file",)),
+    "mistyped architecture": (mistyped_architecture, ".safetensors",
+                              ("has dinoreg_arch entries of the wrong type: depth='2'",)),
     "crafted torch file": (crafted_torch_file, ".pth", (*REFUSED, "GLOBAL posix.system")),
     "crafted pickle": (crafted_pickle, ".pth", REFUSED),
 }
