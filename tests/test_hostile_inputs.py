@@ -115,6 +115,11 @@ def interpolation_in_config(checkpoint: Path, marker: Path, model, optimizer) ->
     return r"config\.yaml: line \d+ holds an interpolation \$\{\.\.\.\}.*edited or crafted"
 
 
+def config_that_is_no_config(checkpoint: Path, marker: Path, model, optimizer) -> str:
+    (checkpoint / "config.yaml").write_text(f"- !!python/object/apply:os.system ['touch {marker}']\n- 2\n")
+    return r"config\.yaml(: could not parse YAML| is not the config a dinoreg checkpoint holds)"
+
+
 # entry point -> the command line, given the hostile run folder and a scratch folder
 FOLDER_ENTRY_POINTS = {
     "resume": lambda run, tmp: ["train", "--output-dir", str(run), *RUN],
@@ -133,6 +138,8 @@ FOLDER_INPUTS = {
     "crafted optimizer value": (crafted_value, ["resume"]),  # only a resume reads the optimizer
     "meta.json of the wrong shape": (meta_of_the_wrong_shape, EVERY_FOLDER_ENTRY),
     "interpolation in config.yaml": (interpolation_in_config, ["export", "train.init_from", "distillation.teacher"]),
+    "config.yaml that is no config": (config_that_is_no_config,
+                                      ["resume", "export", "train.init_from", "distillation.teacher"]),
 }
 FOLDER_TABLE = [(kind, entry) for kind, (_, entries) in FOLDER_INPUTS.items() for entry in entries]
 

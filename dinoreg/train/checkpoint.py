@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import shutil
 import time
 import zlib
@@ -276,7 +277,10 @@ def _apply_retention(root: Path, *, keep_last: int, keep_every: int, protect: Pa
     keep.add(protect)
     for path in published:
         if path not in keep and not (keep_every > 0 and int(path.name) % keep_every == 0):
-            shutil.rmtree(path, ignore_errors=True)
+            # renamed first: a kill during the deletion leaves a hidden leftover the next start removes
+            doomed = path.with_name(f".old-{path.name}-{secrets.token_hex(4)}")
+            path.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 # What meta.json must hold, by key: anything else (a list, {}, a string where a number belongs) is a damaged file.

@@ -50,7 +50,7 @@ def resume_point(cfg: DictConfig, output: RunDir, world_size: int, allow_config_
         warn(message)
     if checkpoint is None:
         return None
-    saved = OmegaConf.load(RunDir(checkpoint).config)
+    saved = _saved_config(checkpoint)
     breaking, benign = config_differences(saved, cfg)
     # Another number of processes with the same global batch (per-device batch scaled) is a benign change.
     saved_global = saved.train.batch_size_per_gpu * read_meta(checkpoint)["world_size"]
@@ -65,6 +65,21 @@ def resume_point(cfg: DictConfig, output: RunDir, world_size: int, allow_config_
     for line in breaking + benign:
         warn(f"config changed since {checkpoint.name}: {line}")
     return checkpoint
+
+
+def _saved_config(checkpoint: Path) -> DictConfig:
+    """The config ``checkpoint`` was saved with (YAML, read as data), or one line saying why it is not one."""
+    path = RunDir(checkpoint).config
+    try:
+        saved = OmegaConf.load(path)
+        if not isinstance(saved, DictConfig) or not isinstance(saved.train.batch_size_per_gpu, int):
+            raise ValueError(f"a {type(saved).__name__} without train.batch_size_per_gpu")
+    except Exception as error:  # noqa: BLE001 -- YAML, OmegaConf or shape: the file is not what a save writes
+        first = (str(error).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"{path} is not the config a dinoreg checkpoint holds ({type(error).__name__}: {first}): "
+                              "the file was edited or damaged; restore it, or delete that checkpoint to resume from "
+                              "an older one") from None
+    return saved
 
 
 def prepare_output_dir(output_dir: str | Path, *, resume: bool, force: bool) -> None:
