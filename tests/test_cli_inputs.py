@@ -112,9 +112,10 @@ def test_the_log_of_a_killed_run_holds_its_first_lines(tmp_path):
 
 def test_ctrl_c_stops_a_run_in_one_line_with_the_shells_code(tmp_path):
     run = tmp_path / "run"
+    # SIGINT at its default, as in a terminal: a suite started in the background inherits it ignored
     process = subprocess.Popen([sys.executable, "-m", "dinoreg", "train", "--output-dir", str(run), *RUN,
                                 "optim.epochs=50"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=subprocess_env())
+                               env=subprocess_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_training_rows(run, 1, process=process)
     process.send_signal(signal.SIGINT)  # not among checkpoint.save_on_signals: KeyboardInterrupt
     _, err = process.communicate(timeout=60)
