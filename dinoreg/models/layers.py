@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,28 @@ def xformers_ops():
     except Exception as error:  # a broken xformers build raises more than ImportError
         return ImportError(f"xformers is not importable ({type(error).__name__}: {error})")
     return ops
+
+
+class XformersKernels(NamedTuple):
+    """The xformers functions the layers call. A layer that may use xformers looks them up once, when it is built
+    (``xformers_kernels``), and keeps them as a plain attribute: its forward pass then branches on that attribute
+    and on the input's device only, which ``torch.compile`` traces without a graph break (the import attempt
+    inside a compiled branch broke the graph, issue 25). Functions, not the module: a layer stays deep-copyable."""
+
+    memory_efficient_attention: Callable[..., Tensor]
+    block_diagonal_mask: Callable[..., object]  # fmha.BlockDiagonalMask.from_seqlens
+    swiglu: Callable[..., Tensor]
+
+
+def xformers_kernels() -> XformersKernels | str:
+    """The kernels of an importable xformers, else the reason it cannot be used (for the fallback's warning)."""
+    ops = xformers_ops()
+    if isinstance(ops, ImportError):
+        return str(ops)
+    try:
+        return XformersKernels(ops.memory_efficient_attention, ops.fmha.BlockDiagonalMask.from_seqlens, ops.swiglu)
+    except AttributeError as error:  # an xformers too old for these layers
+        return f"xformers is not usable ({error})"
 
 
 _warned_backend_fallback = False
@@ -89,32 +111,49 @@ class Attention(nn.Module):
         backend_required: bool = False,
     ) -> None:
         super().__init__()
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+        self.backend = backend  # see the setter: xformers' availability is decided there
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.backend = backend
         self.backend_required = backend_required
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self._block_diagonal_masks: dict[tuple, object] = {}
 
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        """Setting the backend (at construction, or later) decides once whether xformers is importable, so that no
+        forward pass, compiled or not, tries the import: ``xformers`` holds its kernels, or None."""
+        if value not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {value!r}; choose one of {ATTENTION_BACKENDS}")
+        self._backend = value
+        kernels = xformers_kernels() if value == "xformers" else None
+        self.xformers = kernels if isinstance(kernels, XformersKernels) else None
+        self._xformers_missing = kernels if isinstance(kernels, str) else ""
+
     def _backend_for(self, x: Tensor) -> str:
+        """The kernel for ``x``, from attributes and the device alone (what Dynamo traces without a break)."""
         if self.backend != "xformers":
             return self.backend
-        ops = xformers_ops()
-        reason = str(ops) if isinstance(ops, ImportError) else None
-        if reason is None and not x.is_cuda:
-            reason = "xformers has no kernels for device " + x.device.type
-        if reason is None:
-            return "xformers"
+        return "xformers" if self.xformers is not None and x.is_cuda else "sdpa"
+
+    def check_backend(self, x: Tensor) -> None:
+        """When ``attention_backend='xformers'`` cannot run on ``x``: the error if it is required, else the one
+        warning of the fallback to SDPA. Run eagerly: ``Block.forward_packed`` calls it before its (perhaps compiled)
+        branches, and ``forward`` when it is not being compiled (a warning is not traced into a graph)."""
+        if self.backend != "xformers" or self._backend_for(x) == "xformers":
+            return
+        reason = self._xformers_missing or "xformers has no kernels for device " + x.device.type
         if self.backend_required:
             raise RuntimeError(f"attention_backend='xformers' is required but {reason}")
-        _warn_fallback_once(reason)
-        return "sdpa"
+        if not torch.compiler.is_compiling():
+            _warn_fallback_once(reason)
 
     def _split_heads(self, qkv: Tensor, batch: int, tokens: int) -> tuple[Tensor, Tensor, Tensor]:
         # [B*N, 3*C] -> 3 x [B, heads, N, head_dim]
@@ -132,6 +171,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, shapes: Shapes) -> Tensor:
         """``x``: packed tokens ``[T, C]``; returns ``[T, C]``."""
+        self.check_backend(x)
         backend = self._backend_for(x)
         qkv = self.qkv(x)  # [T, 3C]
         if backend == "xformers":
@@ -149,18 +189,19 @@ class Attention(nn.Module):
         return self.proj(out)
 
     def _xformers(self, qkv: Tensor, shapes: Shapes) -> Tensor:
-        ops = xformers_ops()
+        kernels = self.xformers
+        assert kernels is not None  # _backend_for chose xformers
         total = qkv.shape[0]
         if len(shapes) == 1:
             batch, tokens = shapes[0]
             q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
-            return ops.memory_efficient_attention(q, k, v).reshape(total, -1)
+            return kernels.memory_efficient_attention(q, k, v).reshape(total, -1)
         key = tuple(shapes)
         if key not in self._block_diagonal_masks:
             seqlens = [n for b, n in shapes for _ in range(b)]
-            self._block_diagonal_masks[key] = ops.fmha.BlockDiagonalMask.from_seqlens(seqlens)
+            self._block_diagonal_masks[key] = kernels.block_diagonal_mask(seqlens)
         q, k, v = qkv.view(1, total, 3, self.num_heads, self.head_dim).unbind(2)
-        out = ops.memory_efficient_attention(q, k, v, attn_bias=self._block_diagonal_masks[key])
+        out = kernels.memory_efficient_attention(q, k, v, attn_bias=self._block_diagonal_masks[key])
         return out.reshape(total, -1)
 
 
@@ -192,13 +233,25 @@ class SwiGLUFFN(nn.Module):
         hidden = swiglu_hidden_features(hidden_features)
         self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
         self.w3 = nn.Linear(hidden, in_features, bias=bias)
-        self.fused = fused
+        self.fused = fused  # see the setter: xformers' availability is decided there
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        """Decides once whether xformers is importable (``xformers``: its kernels, or None), so that no forward
+        pass, compiled or not, tries the import."""
+        self._fused = value
+        kernels = xformers_kernels() if value else None
+        self.xformers = kernels if isinstance(kernels, XformersKernels) else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and x.is_cuda and not isinstance(xformers_ops(), ImportError):
+        if self.xformers is not None and x.is_cuda:
             w1, w2 = self.w12.weight.chunk(2, dim=0)
             b1, b2 = self.w12.bias.chunk(2) if self.w12.bias is not None else (None, None)
-            return xformers_ops().swiglu(x, w1, b1, w2, b2, self.w3.weight, self.w3.bias)
+            return self.xformers.swiglu(x, w1, b1, w2, b2, self.w3.weight, self.w3.bias)
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(x1) * x2)
 
@@ -297,11 +350,13 @@ class Block(nn.Module):
             raise ValueError(f"unknown activation checkpointing {mode!r}; choose one of {', '.join(CHECKPOINTING_MODES)}")
         self.checkpointing = mode
 
-    def compile_residuals(self) -> None:
+    def compile_residuals(self, **options: Any) -> None:
         """``torch.compile`` the attention and FFN branches (static shapes: one graph per set of crop sizes).
-        Stochastic depth's random draws stay eager, so a compiled step draws what an eager one does."""
-        self._attn_residual = torch.compile(self._attn_residual, dynamic=False)  # type: ignore[method-assign]
-        self._ffn_residual = torch.compile(self._ffn_residual, dynamic=False)  # type: ignore[method-assign]
+        Stochastic depth's random draws stay eager, so a compiled step draws what an eager one does. ``options``:
+        more ``torch.compile`` arguments (the tests' ``fullgraph=True``: each branch is one graph)."""
+        options = {"dynamic": False, **options}
+        self._attn_residual = torch.compile(self._attn_residual, **options)  # type: ignore[method-assign]
+        self._ffn_residual = torch.compile(self._ffn_residual, **options)  # type: ignore[method-assign]
 
     def _attn_residual(self, tokens: Tensor, shapes: Shapes) -> Tensor:
         return self.ls1(self.attn(self.norm1(tokens), shapes))
@@ -313,6 +368,7 @@ class Block(nn.Module):
         """``batch_subset`` selects DINOv2's batch-subset stochastic depth over per-sample drop
         path. The official code uses it for lists of crops always and for single tensors when the
         rate exceeds 0.1 (below that its overhead does not pay off)."""
+        self.attn.check_backend(tokens)  # eagerly, outside the compiled branches
         if self.checkpointing == "none" or not torch.is_grad_enabled():
             return self._forward_packed(tokens, shapes, batch_subset)
         contexts = _selective_contexts if self.checkpointing == "selective" else None
