@@ -265,7 +265,7 @@ def _validate(cfg: DictConfig) -> list[str]:
         check(0 <= OmegaConf.select(cfg, key) <= 1, key, "probabilities must be in [0, 1]")
 
     ck = cfg.checkpoint
-    check(ck.period >= 0, "checkpoint.period", "iterations between checkpoints, >= 0 (0: only at the end)")
+    check(ck.period >= 0, "checkpoint.period", "iterations between checkpoints, >= 0 (0: only at the end, see checkpoint.save_final)")
     check(ck.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     check(ck.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: keep no extra checkpoints)")
     check(all(isinstance(getattr(signal, str(n), None), signal.Signals) for n in ck.save_on_signals)

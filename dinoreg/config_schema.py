@@ -94,6 +94,15 @@ class TrainConfig:
     # FSDP2 sharding of student and teacher when several processes train: full_shard | shard_grad_op |
     # no_shard (official: SHARD_GRAD_OP); see dinoreg/train/parallel.py.
     sharding: str = "shard_grad_op"
+    # FSDP2 itself: "auto" shards when several processes train; "always" also in one process (a process group of
+    # one: DTensor parameters, the optimizer on them and, on GPU, the bf16 MixedPrecisionPolicy instead of autocast),
+    # to check or measure the sharded path on one GPU before a cluster run.
+    fsdp: str = "auto"
+    # where the first weights are drawn: "cpu" (the official initialisation by the CPU generator: the same start
+    # on any device and any number of processes) or "device" (built and drawn on the training device by its own
+    # generator: seconds instead of a minute for ViT-g, but the start depends on the device; what
+    # `dinoreg bench train` uses). Weights loaded from files are the same either way.
+    initialisation: str = "cpu"
     log_all_ranks: bool = False  # when several processes train, print warnings of every rank, not just rank 0's
     # torch.compile of each block's attention and FFN branches (static shapes, a graph per crop size), student
     # and teacher: "auto" compiles on CUDA and runs eager elsewhere; "blocks" always; "none" never.
@@ -182,8 +191,13 @@ class EvaluationConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Iterations between checkpoints (official: every 3 epochs of 1250); 0 saves only at the end and on signals.
+    # Iterations between checkpoints (official: every 3 epochs of 1250); 0: none on the way, only at the end
+    # (see save_final) and on signals.
     period: int = 3750
+    # the checkpoint after the last iteration (with period 0 and this false, only a signal saves one)
+    save_final: bool = True
+    # the teacher's backbone file (teacher_backbone.safetensors) after the last iteration
+    export_teacher: bool = True
     keep_last: int = 3  # newest checkpoints kept (official max_to_keep 3)
     keep_every: int = 0  # also keep every checkpoint whose iteration is a multiple of this (0: none)
     # Signals that make every rank finish its step, save a checkpoint and exit with code 75.
@@ -285,6 +299,8 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.sharding": ("full_shard", "shard_grad_op", "no_shard"),
     "train.compile": ("auto", "blocks", "none"),
+    "train.fsdp": ("auto", "always"),
+    "train.initialisation": ("cpu", "device"),
     "train.activation_checkpointing": CHECKPOINTING_MODES,
     "gram.tokens_used": ("all", "masked", "unmasked"),
     "phase.optimizer": ("fresh", "carry"),

@@ -41,6 +41,7 @@ class DistributedEnvironment:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     source: str = "single"  # "single" | "torchrun" | "slurm"
+    group_of_one: bool = False  # one process that still runs under a process group (train.fsdp=always)
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +49,8 @@ class DistributedEnvironment:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Runs under a process group: several processes, or one process asked to shard (``group_of_one``)."""
+        return self.world_size > 1 or self.group_of_one
 
 
 def first_host(nodelist: str) -> str:
@@ -113,10 +115,15 @@ def process_device(env: DistributedEnvironment) -> torch.device:
 
 
 def init_distributed(env: DistributedEnvironment, device: torch.device, *, timeout_min: float = 30) -> None:
-    """Create the default process group (nccl on GPU, gloo on CPU) when the job has several processes."""
+    """Create the default process group (nccl on GPU, gloo on CPU) when the job has several processes, or a group
+    of one process (``env.group_of_one``: an in-memory store, no port) when one process is asked to shard."""
     if not env.distributed or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if env.world_size == 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
+        return
     dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
                             world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_min),
                             device_id=device if device.type == "cuda" else None)

@@ -175,7 +175,7 @@ def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.d
     _prepare_for_training(cfg, model, device)
     shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
     model.to_empty(device=device)
-    materialise(model, steps)
+    materialise(model, steps, device=device if cfg.train.initialisation == "device" else "cpu")
     copy_start(model, start)
     copy_state_into(model, phase)
     return model.train()
@@ -193,15 +193,18 @@ def _prepare_for_training(cfg: DictConfig, model: SSLMetaArch, device: torch.dev
 def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *,
                               bf16: bool = False, load_pretrained: bool = True
                               ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
-    """The model on ``device`` in training mode (FSDP2-sharded when ``env`` has several processes, then started
-    on the meta device: see :func:`_build_sharded`) and its AdamW over the student's parameter groups. A phase's
+    """The model on ``device`` in training mode (FSDP2-sharded when ``env`` runs under a process group, then started
+    on the meta device: see :func:`_build_sharded`; first drawn on the CPU, or on ``device`` with
+    ``train.initialisation=device``) and its AdamW over the student's parameter groups. A phase's
     ``phase.start_from`` run is resolved here, once, to the checkpoint it starts from (then saved in config.yaml)."""
     if load_pretrained and cfg.phase.start_from:
         cfg.phase.start_from = str(phase_checkpoint(cfg))
     if env.distributed:  # shard before building the optimizer: it must hold the sharded parameters
         model = _build_sharded(cfg, env, device, bf16=bf16, load_pretrained=load_pretrained)
     else:
-        model = build_ssl_model(cfg, load_pretrained=load_pretrained).to(device).train()
+        with torch.device(device) if cfg.train.initialisation == "device" else contextlib.nullcontext():
+            model = build_ssl_model(cfg, load_pretrained=load_pretrained)
+        model = model.to(device).train()
         _prepare_for_training(cfg, model, device)
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
                                                    patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),

@@ -14,6 +14,7 @@ row per iteration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -56,19 +57,25 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; training stops before that state is saved anywhere."""
 
 
-def train(cfg: DictConfig, *, resume: bool = True, allow_config_change: bool = False) -> dict[str, float]:
+def train(cfg: DictConfig, *, resume: bool = True, allow_config_change: bool = False,
+          after_step: Optional[Callable[[int], None]] = None) -> dict[str, float]:
     """Train ``cfg`` to the end, resuming from the newest checkpoint in ``train.output_dir`` when ``resume``.
 
     Works as one process, under torchrun and under srun (see :mod:`dinoreg.distributed`). Returns the last
     logged metrics (``knn_top1`` included); raises :class:`StoppedOnSignal` after a save on signal.
+    ``after_step(iteration)``: called after each iteration's periodic work, outside the step's own timing (the
+    benchmark's device-synchronised clock and profiler).
     """
     env = detect_environment()
+    if cfg.train.fsdp == "always":
+        env = dataclasses.replace(env, group_of_one=True)
     device = process_device(env)
     init_distributed(env, device)
     lock = None
     try:
         lock = lock_output_dir(cfg, env)
         run = set_up(cfg, env, device, resume=resume, allow_config_change=allow_config_change)
+        run.after_step = after_step
         try:
             iterate(run)
         finally:
@@ -108,6 +115,7 @@ class Run:
     position: int  # global data stream position: images drawn so far by all ranks
     bad_files: int = 0
     pending: list[StepFigures] = field(default_factory=list)  # steps whose figures are not read yet
+    after_step: Optional[Callable[[int], None]] = None  # see train()
 
     @property
     def global_batch(self) -> int:
@@ -209,8 +217,11 @@ def iterate(run: Run) -> None:
                        + (", ..." if len(names) > 3 else ""))
         log_step(run, it, values, metrics, grad_norms, data_wait=data_wait, seconds=time.perf_counter() - step_end)
         periodic_work(run, it)
+        if run.after_step is not None:
+            run.after_step(it)
         step_end = time.perf_counter()
-    export_teacher(run)  # the last step's log_step flushed (and checked) every figure
+    if run.cfg.checkpoint.export_teacher:
+        export_teacher(run)  # the last step's log_step flushed (and checked) every figure
     run.logger.finished()
 
 
@@ -372,7 +383,9 @@ def periodic_work(run: Run, iteration: int) -> None:
     cfg, total = run.cfg, run.schedules.total_iterations
     evaluate = _due(iteration, cfg.evaluation.eval_period_iterations, total)
     monitor = _due(iteration, cfg.monitor.period, total)
-    stop, checkpoint = run.signals.should_stop(), _due(iteration, cfg.checkpoint.period, total)
+    period = cfg.checkpoint.period
+    stop = run.signals.should_stop()
+    checkpoint = bool(period and (iteration + 1) % period == 0) or (iteration + 1 == total and cfg.checkpoint.save_final)
     if evaluate or monitor or stop or checkpoint:
         flush(run)  # never evaluate or save a state whose losses were not checked
     measure(run, iteration, evaluate=evaluate, monitor=monitor)

@@ -107,14 +107,15 @@ def copy_state_into(module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
 
 
 @torch.no_grad()
-def materialise(model: nn.Module, steps: Iterable[TargetedStep]) -> None:
+def materialise(model: nn.Module, steps: Iterable[TargetedStep], *, device: torch.device | str = "cpu") -> None:
     """Give ``model`` (built on the meta device, sharded or not, then ``to_empty``) its values: each step's module
-    is materialised alone on the CPU (its own tensors only), initialised, and copied to its targets. Every
+    is materialised alone on ``device`` (the CPU, whose generator gives the same values everywhere, unless
+    ``train.initialisation=device``; its own tensors only), initialised, and copied to its targets. Every
     parameter and buffer of ``model`` must be set by some step."""
     tensors: Mapping[str, Tensor] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     written: set[str] = set()
     for module, initialise, targets in steps:
-        alone = copy.deepcopy(module).to_empty(device="cpu", recurse=False)
+        alone = copy.deepcopy(module).to_empty(device=device, recurse=False)
         own = [*alone.named_parameters(recurse=False), *alone.named_buffers(recurse=False)]
         for _, value in own:
             value.fill_(float("nan"))  # a tensor the step leaves unset shows
