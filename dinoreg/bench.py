@@ -1,22 +1,29 @@
 """Benchmarks of what users run: the training loop (iteration time, images/s, FLOP/s and MFU, peak memory,
-data wait), its prototype heads and losses alone (peak memory) and its checkpoints (save and load time, size).
+data wait, losses), its prototype heads and losses alone (peak memory) and its checkpoints (save and load time,
+size).
 
-The loop is run as ``dinoreg train`` would run it (kNN evaluation off) into a temporary directory,
-and the figures are read back from its ``metrics.jsonl``; checkpoints are written and read with the
-same functions the loop uses.
+The loop is run as ``dinoreg train`` would run it into a temporary directory, with nothing kept: no evaluation, no
+artifact monitor (unless asked for), no checkpoint and no teacher file, the model drawn on the device
+(``train.initialisation=device``). Steps are timed on a clock synchronised with the device after each step; the
+other figures are read back from the run's ``metrics.jsonl``. Checkpoints are written and read with the same
+functions the loop uses.
 
-FLOPs are real ones (2 per multiply-add; fvcore counts multiply-adds): the backbone's counted by fvcore once
-per crop size, the heads' once per head. A step is the student's forward and backward (twice the forward) on
-every crop and the teacher's forward on the global crops, heads included; element-wise work (norms,
-softmaxes, the losses) is not counted, nor are the savings of stochastic depth (the FLOPs are the full model's,
-so MFU is a lower bound by up to the drop rate). MFU is given against a matmul peak measured in the same run
-on the same device, and against the device's nominal dense peak where it is known (``NOMINAL_PEAKS``).
+FLOPs are real ones (2 per multiply-add), counted by torch's ``FlopCounterMode`` on the model built on the meta
+device (nothing allocated), once per crop size and once per head, with layer norms counted as fvcore counts them
+(5 multiply-adds per element): the same total as fvcore's trace (``dinoreg.analysis.flops``), which
+``tests/test_bench.py`` checks. A step is the student's forward and backward (twice the forward) on every crop and
+the target teacher's forward on the global crops, heads included; element-wise work (softmaxes, the losses) is not
+counted, nor are the savings of stochastic depth (the FLOPs are the full model's, so MFU is a lower bound by up to
+the drop rate). MFU is given against a matmul peak measured in the same run on the same device, and against the
+device's nominal dense peak where it is known (``NOMINAL_PEAKS``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
+import math
 import resource
 import statistics
 import tempfile
@@ -25,10 +32,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from fvcore.nn import FlopCountAnalysis
+from torch.utils.flop_counter import FlopCounterMode
 from omegaconf import DictConfig
 
-from dinoreg.analysis.flops import count_flops
 from dinoreg.config import load_config
 from dinoreg.distributed import DistributedEnvironment, detect_environment, process_device
 from dinoreg.run_dir import RunDir
@@ -42,34 +48,75 @@ NOMINAL_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 # the slow way, for --compare: eager, the plain attention, no activation checkpointing, the single-tensor AdamW
 NAIVE = ("train.compile=none", "student.attention_backend=math", "train.activation_checkpointing=none",
          "optim.adamw_implementation=for_loop", "train.pack_crops=false")
+# what training_step_flops returns, and what `bench train --flops` reads
+FLOP_KEYS = ("student_forward_flops", "teacher_forward_flops", "step_flops", "masked_patches_expected")
 
 
-def _head_macs(head: torch.nn.Module, in_dim: int) -> int:
-    parameter = next(head.parameters())
-    analysis = FlopCountAnalysis(head, (torch.zeros(1, in_dim, dtype=parameter.dtype),))
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return int(analysis.total())
+def _layer_norm_flops(input_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """fvcore's count of a layer norm (5 multiply-adds per element), in FLOPs: 10 per element."""
+    return 10 * math.prod(input_shape)
+
+
+def forward_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of ``module(*inputs)`` under torch's ``FlopCounterMode``: matmuls, convolutions and
+    attention (on the meta device, attention is counted through its matmuls), plus layer norms as fvcore counts
+    them; element-wise work is free. Runs on the meta device when module and inputs are there: nothing is
+    allocated or computed."""
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.native_layer_norm: _layer_norm_flops}) \
+            as counter, torch.no_grad():
+        module(*inputs)
+    return counter.get_total_flops()
 
 
 def training_step_flops(cfg: DictConfig) -> dict[str, float]:
     """FLOPs of one training step of one device at ``cfg``'s per-device batch (see the module docstring): the
-    student's forward, the teacher's forward and the step (student forward x 3 + teacher forward). The masked
-    patches that go through the iBOT head are their expected number."""
-    with torch.device("cpu"):
+    student's forward, the target teacher's forward (the EMA teacher, or the frozen teacher when distilling) and
+    the step (student forward x 3 + teacher forward). The masked patches that go through the iBOT head are their
+    expected number (every patch of the global crops when a distilled student is not masked). Counted on the
+    model built on the meta device, in a second or two for ViT-g: fixed by the config, whatever the device."""
+    with torch.device("meta"):
         model = build_ssl_model(cfg, load_pretrained=False)
-    backbone, batch = model.student["backbone"], cfg.train.batch_size_per_gpu
+    batch = cfg.train.batch_size_per_gpu
     global_images, local_images = 2 * batch, cfg.crops.local_crops_number * batch
-    patches = (cfg.crops.global_crops_size // cfg.student.patch_size) ** 2
-    masked = global_images * cfg.ibot.mask_sample_probability * statistics.fmean(cfg.ibot.mask_ratio_min_max) * patches
-    dino = _head_macs(model.student["dino_head"], backbone.embed_dim)
-    ibot = _head_macs(model.student["ibot_head"], backbone.embed_dim) if model.separate_ibot_head else dino
+    g, s = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    patches = (g // cfg.student.patch_size) ** 2
+    masked = (global_images * patches if model.ibot_all_patches else
+              global_images * cfg.ibot.mask_sample_probability * statistics.fmean(cfg.ibot.mask_ratio_min_max) * patches)
     masked = masked if model.do_ibot else 0.0
-    global_macs = count_flops(backbone, cfg.crops.global_crops_size) * global_images
-    local_macs = count_flops(backbone, cfg.crops.local_crops_size) * local_images if local_images else 0
-    student = global_macs + local_macs + dino * (global_images + local_images) + ibot * masked
-    teacher = global_macs + dino * global_images + ibot * masked
-    return {"student_forward_flops": 2.0 * student, "teacher_forward_flops": 2.0 * teacher,
-            "step_flops": 2.0 * (3 * student + teacher), "masked_patches_expected": masked}
+
+    def per_image(backbone: torch.nn.Module, size: int) -> int:
+        return forward_flops(backbone.eval(), torch.zeros(1, 3, size, size, device="meta"))
+
+    def heads(models: torch.nn.ModuleDict) -> tuple[int, int]:
+        tokens = torch.zeros(1, models["backbone"].embed_dim, device="meta")
+        dino = forward_flops(models["dino_head"], tokens)
+        return dino, forward_flops(models["ibot_head"], tokens) if "ibot_head" in models else dino
+
+    student, target = model.student, model.target_teacher
+    dino, ibot = heads(student)
+    student_flops = (per_image(student["backbone"], g) * global_images + dino * (global_images + local_images)
+                     + ibot * masked + (per_image(student["backbone"], s) * local_images if local_images else 0))
+    teacher_dino, teacher_ibot = heads(target)
+    teacher_flops = per_image(target["backbone"], g) * global_images + teacher_dino * global_images + teacher_ibot * masked
+    return {"student_forward_flops": float(student_flops), "teacher_forward_flops": float(teacher_flops),
+            "step_flops": float(3 * student_flops + teacher_flops), "masked_patches_expected": masked}
+
+
+def count_step_flops(config: str = "tiny_cpu", *, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``dinoreg bench flops``: :func:`training_step_flops` of a recipe, with the batch it is for."""
+    cfg = load_config(config, list(overrides))
+    return {"config": config, "overrides": list(overrides), "batch_size": cfg.train.batch_size_per_gpu,
+            **training_step_flops(cfg)}
+
+
+def format_flops_report(result: dict[str, Any]) -> str:
+    return "\n".join([
+        f"{result['config']}: one training step at batch {result['batch_size']} per device",
+        f"  student forward  {result['student_forward_flops'] / 1e12:.3f} TFLOP",
+        f"  teacher forward  {result['teacher_forward_flops'] / 1e12:.3f} TFLOP",
+        f"  step             {result['step_flops'] / 1e12:.3f} TFLOP (student forward x 3 + teacher forward; "
+        f"{result['masked_patches_expected']:.0f} masked patches expected)",
+    ])
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, *, size: Optional[int] = None, repeats: int = 10) -> float:
@@ -110,42 +157,119 @@ def _peak_memory(device: torch.device) -> tuple[str, int]:
     return "peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
+# what a benchmark run is: it measures and keeps nothing (no checkpoint on the way or at the end, no teacher file,
+# no evaluation); placed after the user's overrides
+_MEASURE_ONLY = ("optim.epochs=1", "optim.warmup_epochs=0", "evaluation.knn_enabled=false",
+                 "evaluation.segmentation_enabled=false", "checkpoint.period=0", "checkpoint.save_final=false",
+                 "checkpoint.export_teacher=false")
+# defaults of a benchmark that the user's overrides may change: no artifact monitor (its own loader and graphs),
+# the model drawn on the device (a benchmark needs no reproducible start)
+_BENCH_DEFAULTS = ("monitor.period=0", "train.initialisation=device")
+PROFILED_STEPS = 2  # after the timed steps, with --profile
+
+
+def release_device_memory() -> None:
+    """Free what a finished measurement left behind before the next one: compiled graphs (which keep their
+    modules' parameters alive), reference cycles, and CUDA's cached blocks."""
+    torch.compiler.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def benchmark_training(config: str = "tiny_cpu", *, iterations: int = 50, warmup: int = 10,
-                       overrides: Sequence[str] = (), compare: bool = False) -> dict[str, Any]:
-    """Train ``warmup + iterations`` steps; summarise the last ``iterations``: step time (median, mean, p90),
-    images/s (source images, each giving 2 global and n local crops), FLOPs, TFLOP/s and MFU, peak memory, data
-    wait (median, mean, share of the step time). ``compare``: the same again the naive way (``NAIVE``), and the
-    ratio of throughputs."""
-    result = _measure_training(config, iterations=iterations, warmup=warmup, overrides=overrides)
+                       overrides: Sequence[str] = (), compare: bool = False,
+                       flops: Optional[dict[str, float]] = None, profile: Optional[str] = None) -> dict[str, Any]:
+    """Train ``warmup + iterations`` steps; summarise the last ``iterations``: step time (median, mean, p90) on a
+    clock synchronised with the device after every step, images/s (source images, each giving 2 global and n local
+    crops), FLOPs, TFLOP/s and MFU, peak memory, data wait (median, mean, share of the step time), the losses
+    (finite, falling). Nothing is saved or exported; the model is drawn on the device (``train.initialisation``).
+
+    ``flops``: the FLOPs of a step (:func:`training_step_flops`' keys), when counted already. ``profile``: a file for
+    the table of the top operators and kernels of :data:`PROFILED_STEPS` further steps (not timed).
+    ``compare``: the same again the naive way (``NAIVE``), after freeing the first run's memory, and the ratio of
+    throughputs; a naive run that does not fit in memory is reported so (``naive.fits``) and the fast result kept."""
+    if warmup < 1:
+        raise ValueError("--warmup must be at least 1: the first timed step starts where a warm-up step ended")
+    result = _measure_training(config, iterations=iterations, warmup=warmup, overrides=overrides, flops=flops,
+                               profile=profile)
     if compare:
-        # the same maths the slow way: the FLOPs of a step are the same, counted once
-        naive = _measure_training(config, iterations=iterations, warmup=warmup, overrides=[*overrides, *NAIVE],
-                                  flops={k: result[k] for k in _FLOP_KEYS})
+        release_device_memory()
+        try:  # the same maths the slow way: the FLOPs of a step are the same, counted once
+            naive = _measure_training(config, iterations=iterations, warmup=warmup, overrides=[*overrides, *NAIVE],
+                                      flops={k: result[k] for k in FLOP_KEYS})
+        except torch.OutOfMemoryError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+            naive = {"fits": False, "batch_size": result["batch_size"], "overrides": [*overrides, *NAIVE],
+                     "error": first_line}
+        release_device_memory()
         result["naive"] = naive
-        result["speedup_over_naive"] = result["images_per_sec"] / naive["images_per_sec"]
+        result["speedup_over_naive"] = result["images_per_sec"] / naive["images_per_sec"] if naive["fits"] else None
     return result
 
 
-_FLOP_KEYS = ("student_forward_flops", "teacher_forward_flops", "step_flops", "masked_patches_expected")
+class _StepClock:
+    """``train``'s ``after_step``: the time at the end of every iteration, after waiting for the device; and the
+    profiler over the :data:`PROFILED_STEPS` iterations after the timed ones."""
+
+    def __init__(self, device: torch.device, timed_end: int, profile: Optional[str]) -> None:
+        self.device, self.timed_end, self.profile = device, timed_end, profile
+        self.stamps: list[float] = []
+        self.profiler: Optional[torch.profiler.profile] = None
+
+    def __call__(self, iteration: int) -> None:
+        _synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        if self.profile is None:
+            return
+        if iteration + 1 == self.timed_end:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        elif iteration + 1 == self.timed_end + PROFILED_STEPS and self.profiler is not None:
+            self.profiler.stop()
+            key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = self.profiler.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
+            Path(self.profile).write_text(f"top operators and kernels of {PROFILED_STEPS} training steps, by "
+                                          f"{key.replace('_', ' ')}\n{table}\n")
+
+
+def loss_trend(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Whether every logged loss is finite, and the DINO KL (cross-entropy less the teacher's entropy) plus the
+    iBOT loss over the first and the last fifth of the steps: the part of the objective that training lowers."""
+    steps = [row for row in rows if "total_loss" in row]
+    kl = [row["dino_local_crops_loss"] + row["dino_global_crops_loss"] - row["teacher_entropy"] + row["ibot_loss"]
+          for row in steps if all(key in row for key in ("dino_local_crops_loss", "dino_global_crops_loss",
+                                                         "teacher_entropy", "ibot_loss"))]
+    fifth = max(len(kl) // 5, 1)
+    first, last = (statistics.fmean(kl[:fifth]), statistics.fmean(kl[-fifth:])) if kl else (None, None)
+    return {"losses_finite": all(math.isfinite(row["total_loss"]) for row in steps),
+            "total_loss": [row["total_loss"] for row in steps],
+            "dino_kl_plus_ibot_first_fifth": first, "dino_kl_plus_ibot_last_fifth": last,
+            "dino_kl_plus_ibot_falls": None if first is None else last < first}
 
 
 def _measure_training(config: str, *, iterations: int, warmup: int, overrides: Sequence[str],
-                      flops: Optional[dict[str, float]] = None) -> dict[str, Any]:
+                      flops: Optional[dict[str, float]] = None, profile: Optional[str] = None) -> dict[str, Any]:
+    timed_end = warmup + iterations
     with tempfile.TemporaryDirectory() as output_dir:
-        cfg = load_config(config, [*overrides, "optim.epochs=1", "optim.warmup_epochs=0",
-                                   f"train.epoch_length={warmup + iterations}", "evaluation.knn_enabled=false",
+        cfg = load_config(config, [*_BENCH_DEFAULTS, *overrides, *_MEASURE_ONLY,
+                                   f"train.epoch_length={timed_end + (PROFILED_STEPS if profile else 0)}",
                                    f"train.output_dir={output_dir}"])
+        flops = flops or training_step_flops(cfg)  # on the meta device, before the run: a misfit shows at once
         facts = _device_facts(cfg)
         if facts["device"].type == "cuda":
             torch.cuda.reset_peak_memory_stats(facts["device"])
-        train(cfg)
+        clock = _StepClock(facts["device"], timed_end, profile)
+        train(cfg, after_step=clock)
         memory_kind, memory = _peak_memory(facts["device"])
         rows = [json.loads(line) for line in RunDir(output_dir).metrics.read_text().splitlines()]
-    flops = flops or training_step_flops(cfg)
     peak = matmul_peak(facts["device"], facts["dtype"])
-    measured = [row for row in rows if "total_loss" in row][warmup:]
+    measured = [row for row in rows if "total_loss" in row][warmup:timed_end]
     batch = cfg.train.batch_size_per_gpu
-    step_times = [batch / row["images_per_sec"] for row in measured]
+    step_times = [end - start for start, end in zip(clock.stamps[warmup - 1:timed_end - 1], clock.stamps[warmup:timed_end])]
     waits = [row["data_wait"] for row in measured]
     # the artifact monitor runs outside the timed steps: its cost per period, as a share of that period
     monitor = [row["monitor/seconds"] for row in rows if "monitor/seconds" in row][1:]  # the first one warms up
@@ -156,18 +280,21 @@ def _measure_training(config: str, *, iterations: int, warmup: int, overrides: S
     return {
         "config": config,
         "overrides": list(overrides),
+        "fits": True,
         "device": facts["device_name"],
         "dtype": str(facts["dtype"]).removeprefix("torch."),
         "torch": torch.__version__,
         "compile": cfg.train.compile,
         "activation_checkpointing": cfg.train.activation_checkpointing,
         "attention_backend": cfg.student.attention_backend,
+        "fsdp": cfg.train.fsdp,
+        "adamw_implementation": cfg.optim.adamw_implementation,
         "batch_size": batch,
-        "iterations": len(measured),
+        "iterations": len(step_times),
         "iteration_time_median_s": median,
         "iteration_time_mean_s": statistics.fmean(step_times),
         "iteration_time_p90_s": statistics.quantiles(step_times, n=10)[-1] if len(step_times) > 1 else median,
-        **flops,
+        **{key: flops.get(key) for key in FLOP_KEYS},
         "achieved_flops_per_s": achieved,
         "matmul_peak_flops_per_s": peak,
         "mfu_of_matmul_peak": achieved / peak,
@@ -183,6 +310,7 @@ def _measure_training(config: str, *, iterations: int, warmup: int, overrides: S
         "monitor_period": cfg.monitor.period,
         "monitor_seconds_median": monitor_s,
         "monitor_overhead": monitor_s / (cfg.monitor.period * statistics.median(step_times)) if monitor_s else None,
+        **loss_trend(rows),
     }
 
 
@@ -207,9 +335,15 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['monitor_period']} iterations: {100 * result['monitor_overhead']:.2f}% of training time"
         if result["monitor_overhead"] is not None else "  artifact monitor off or measured only once",
     ]
-    if "naive" in result:
-        lines.append(f"  naive way       {result['naive']['images_per_sec']:.1f} images/s (eager, math attention, no "
+    falls = {True: "falls", False: "does not fall", None: "not logged"}[result["dino_kl_plus_ibot_falls"]]
+    lines.append(f"  losses          {'all finite' if result['losses_finite'] else 'NOT all finite'}; DINO KL + iBOT "
+                 f"{falls} from the first to the last fifth of the steps")
+    naive = result.get("naive")
+    if naive and naive["fits"]:
+        lines.append(f"  naive way       {naive['images_per_sec']:.1f} images/s (eager, math attention, no "
                      f"checkpointing, single-tensor AdamW): {result['speedup_over_naive']:.2f}x faster")
+    elif naive:
+        lines.append(f"  naive way       does not fit at batch {naive['batch_size']} ({naive['error']})")
     return "\n".join(lines)
 
 

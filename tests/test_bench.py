@@ -2,12 +2,16 @@
 measurements of this machine, not asserted)."""
 
 import json
+import weakref
 
 import pytest
+import torch
 
+from dinoreg import bench
 from dinoreg.bench import NAIVE, benchmark_heads, training_step_flops
 from dinoreg.cli import main
 from dinoreg.config import load_config
+from dinoreg.train import loop
 
 TINY = ["student.depth=1", "train.batch_size_per_gpu=2", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
         "ibot.head_n_prototypes=64", "train.num_workers=0"]
@@ -40,25 +44,118 @@ def test_step_flops_match_a_hand_count():
     assert flops["step_flops"] == pytest.approx(2 * (3 * student + teacher))  # backward = 2 forwards
 
 
-def test_bench_train_reports_throughput_mfu_memory_and_the_naive_way(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+def test_meta_device_count_equals_fvcores_trace():
+    """The count on the meta device (torch's FlopCounterMode) is twice fvcore's multiply-adds of the same backbone
+    traced on the CPU (dinoreg.analysis.flops), for the MLP and the SwiGLU blocks, and of the heads."""
+    from fvcore.nn import FlopCountAnalysis  # noqa: PLC0415
+
+    from dinoreg.analysis.flops import count_flops  # noqa: PLC0415
+    from dinoreg.bench import forward_flops  # noqa: PLC0415
+    from dinoreg.train.build import build_ssl_model  # noqa: PLC0415
+
+    for ffn in ("mlp", "swiglufused"):
+        cfg = load_config("tiny_cpu", [*TINY, f"student.ffn_layer={ffn}", "student.depth=2"])
+        model = build_ssl_model(cfg, load_pretrained=False)
+        with torch.device("meta"):
+            meta = build_ssl_model(cfg, load_pretrained=False)
+        for size in (48, 24):
+            assert forward_flops(meta.student["backbone"].eval(), torch.zeros(1, 3, size, size, device="meta")) \
+                == 2 * count_flops(model.student["backbone"], size)
+        head = FlopCountAnalysis(model.student["dino_head"], (torch.zeros(1, 192),))
+        head.unsupported_ops_warnings(False)
+        assert forward_flops(meta.student["dino_head"], torch.zeros(1, 192, device="meta")) == 2 * head.total()
+
+
+def test_step_flops_build_nothing_on_the_cpu(monkeypatch):
+    """No second model: the count draws no weights (every initialisation it reaches is on the meta device)."""
+    devices = []
+    trunc_normal = torch.nn.init.trunc_normal_
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_",
+                        lambda tensor, *a, **k: devices.append(tensor.device.type) or trunc_normal(tensor, *a, **k))
+    training_step_flops(load_config("tiny_cpu", TINY))
+    assert devices and set(devices) == {"meta"}
+
+
+def test_bench_train_reports_throughput_mfu_memory_and_the_naive_way(tmp_path, capsys, monkeypatch):
+    """A benchmark keeps nothing (no checkpoint, no teacher file, no monitor), draws its model on the device,
+    reads the step's FLOPs from --flops without counting them, writes the profile of 2 further steps, and frees the
+    first half's model before the naive half builds its own, even when a reference cycle holds it (as compiled
+    blocks did under torch 2.11)."""
+    flops = tmp_path / "flops.json"
+    assert main(["bench", "flops", "--config", "tiny_cpu", "--json", str(flops), *TINY]) == 0
+    counted = json.loads(flops.read_text())
+    assert counted["step_flops"] == training_step_flops(load_config("tiny_cpu", TINY))["step_flops"]
+    assert counted["batch_size"] == 2 and "TFLOP (student forward x 3" in capsys.readouterr().out
+
+    def never(*args, **kwargs):
+        raise AssertionError("a benchmark saved or exported")
+
+    monkeypatch.setattr(loop, "save_checkpoint", never)
+    monkeypatch.setattr(loop, "save_backbone", never)
+    monkeypatch.setattr(bench, "training_step_flops", lambda cfg: pytest.fail("counted FLOPs although given"))
+    built, configs = [], []
+    original_build, original_train = loop.build_model_and_optimizer, bench.train
+
+    def build_with_a_cycle(cfg, *args, **kwargs):
+        assert all(ref() is None for ref in built), "the first half's model is still alive"
+        model, optimizer = original_build(cfg, *args, **kwargs)
+        model.cycle = [model]  # a reference cycle: only the garbage collector frees the model
+        built.append(weakref.ref(model))
+        return model, optimizer
+
+    monkeypatch.setattr(loop, "build_model_and_optimizer", build_with_a_cycle)
+    monkeypatch.setattr(bench, "train", lambda cfg, **kw: configs.append(cfg) or original_train(cfg, **kw))
+    out, profile = tmp_path / "bench.json", tmp_path / "kernels.txt"
     assert main(["bench", "train", "--config", "tiny_cpu", "--iterations", "2", "--warmup", "1", "--compare",
-                 "--json", str(out), *TINY, "evaluation.knn_enabled=false", "monitor.period=0"]) == 0
+                 "--flops", str(flops), "--profile", str(profile), "--json", str(out), *TINY]) == 0
+    assert len(built) == 2
+    for cfg in configs:
+        assert cfg.monitor.period == 0 and cfg.checkpoint.period == 0 and cfg.train.initialisation == "device"
+        assert not cfg.checkpoint.save_final and not cfg.checkpoint.export_teacher
+        assert not cfg.evaluation.knn_enabled
+    assert "top operators and kernels of 2 training steps" in profile.read_text() and "aten::" in profile.read_text()
     printed = capsys.readouterr().out
     for words in ("iteration time  median", "TFLOP per step", "% of the measured matmul peak",
-                  "no nominal peak known for this device", "peak memory", "(peak_rss)", "naive way"):
+                  "no nominal peak known for this device", "peak memory", "(peak_rss)", "naive way", "all finite"):
         assert words in printed
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["iterations"] == 2
-    assert result["step_flops"] == training_step_flops(load_config("tiny_cpu", TINY))["step_flops"]
+    assert result["step_flops"] == counted["step_flops"] and result["fits"] is True
     assert result["achieved_flops_per_s"] == pytest.approx(result["step_flops"] / result["iteration_time_median_s"])
     assert result["mfu_of_matmul_peak"] == pytest.approx(result["achieved_flops_per_s"]
                                                          / result["matmul_peak_flops_per_s"])
     assert result["nominal_peak_flops_per_s"] is None and result["mfu_of_nominal_peak"] is None
     assert result["stochastic_depth_savings_counted"] is False and result["peak_memory_bytes"] > 0
     assert result["iteration_time_p90_s"] >= result["iteration_time_median_s"] > 0
+    assert result["losses_finite"] and len(result["total_loss"]) == 1 + 2 + 2  # warm-up, timed, profiled
     assert result["naive"]["attention_backend"] == "math" and result["naive"]["overrides"][-len(NAIVE):] == list(NAIVE)
     assert result["speedup_over_naive"] == pytest.approx(result["images_per_sec"] / result["naive"]["images_per_sec"])
+
+
+def test_a_naive_half_that_runs_out_of_memory_keeps_the_fast_result(monkeypatch, capsys):
+    original_train = bench.train
+
+    def naive_too_big(cfg, **kwargs):
+        if cfg.student.attention_backend == "math":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.19 GiB total)")
+        return original_train(cfg, **kwargs)
+
+    monkeypatch.setattr(bench, "train", naive_too_big)
+    result = bench.benchmark_training("tiny_cpu", iterations=1, warmup=1, overrides=TINY, compare=True)
+    assert result["fits"] and result["images_per_sec"] > 0 and result["speedup_over_naive"] is None
+    assert result["naive"] == {"fits": False, "batch_size": 2, "overrides": [*TINY, *NAIVE],
+                               "error": "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.19 GiB total)"}
+    assert "naive way       does not fit at batch 2 (CUDA out of memory." in bench.format_report(result)
+
+
+def test_a_flops_file_is_read_as_data(tmp_path, capsys):
+    bad = tmp_path / "flops.json"
+    for text in ("{not json", '{"step_flops": "__import__(\'os\')"}', "[1, 2]"):
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as stop:
+            main(["bench", "train", "--flops", str(bad)])
+        assert stop.value.code == 2
+        assert "write it with `dinoreg bench flops --json PATH`" in capsys.readouterr().err
 
 
 def test_bench_heads_counts_the_rows_of_every_head(tmp_path, capsys):

@@ -51,21 +51,49 @@ def add_bench_parser(commands: Any) -> None:
     benches = bench.add_subparsers(dest="benchmark", metavar="<benchmark>", required=True)
     bench_train = benches.add_parser(
         "train", help="iteration time, images/s, TFLOP/s and MFU, peak memory and data wait of the training loop",
-        description="Run the real training loop (kNN evaluation off) for --warmup + --iterations steps in a "
-                    "temporary directory and summarise the last --iterations: step time (median, mean, p90), "
-                    "images/s, FLOPs per step (fvcore, once per crop size), achieved TFLOP/s, MFU against a matmul "
-                    "peak measured in the same run and against the device's nominal peak when known, peak memory "
-                    "(CUDA max allocated, or the process's peak RSS) and data wait.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the real training loop for --warmup + --iterations steps in a temporary directory and "
+                    "summarise the last --iterations: step time (median, mean, p90) on a clock synchronised with "
+                    "the device after every step, images/s, FLOPs per step (counted on the meta device), achieved "
+                    "TFLOP/s, MFU against a matmul peak measured in the same run and against the device's nominal "
+                    "peak when known, peak memory (CUDA max allocated, or the process's peak RSS), data wait and "
+                    "whether the losses are finite and falling. A benchmark keeps nothing: no evaluation, no "
+                    "checkpoint, no teacher file; the artifact monitor is off (monitor.period=N turns it on) and "
+                    "the model is drawn on the device (train.initialisation=cpu for the reproducible start).",
+        epilog="examples:\n"
+               "  dinoreg bench train --config vitl14_reg4 --compare --json l.json\n"
+               "  dinoreg bench train --config vitl14_reg4 train.fsdp=always     # FSDP2 in one process\n"
+               "  dinoreg bench flops --config vitg14_reg4 --json g_flops.json\n"
+               "  dinoreg bench train --config vitg14_reg4 --flops g_flops.json --profile g_kernels.txt")
     add_recipe_arguments(bench_train)
     bench_train.add_argument("--iterations", type=positive_int, default=50,
                              help="measured iterations (default: %(default)s)")
-    bench_train.add_argument("--warmup", type=int_at_least(0, "a number of iterations >= 0"), default=10,
-                             help="iterations run first and not measured (default: %(default)s)")
+    bench_train.add_argument("--warmup", type=int_at_least(1, "a number of iterations >= 1"), default=10,
+                             help="iterations run first and not measured, at least 1 (default: %(default)s)")
     bench_train.add_argument("--compare", action="store_true",
                              help="also run the same steps the naive way (eager, math attention, no activation "
-                                  "checkpointing, single-tensor AdamW) and report the speed-up")
+                                  "checkpointing, single-tensor AdamW), after freeing the first run's memory, and "
+                                  "report the speed-up; a naive run that runs out of memory is reported as not "
+                                  "fitting and the first result is kept")
+    bench_train.add_argument("--flops", type=flops_file, metavar="PATH",
+                             help="the FLOPs of a step, from `dinoreg bench flops --json PATH` for the same config "
+                                  "and batch, instead of counting them here")
+    bench_train.add_argument("--profile", type=output_file, metavar="PATH",
+                             help="profile 2 more steps after the timed ones and write the table of their top "
+                                  "operators and kernels (by self device time on a GPU) to PATH")
     bench_train.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON to PATH")
     bench_train.set_defaults(handler=_bench_train, parser=bench_train)
+    bench_flops = benches.add_parser(
+        "flops", help="the FLOPs of one training step of a recipe (no GPU, no weights)",
+        description="FLOPs of one training step on one device at the recipe's per-device batch: the student's "
+                    "forward on every crop (x3 with its backward) and the target teacher's on the global crops, "
+                    "heads included, 2 FLOPs per multiply-add, counted with torch's FlopCounterMode on the model "
+                    "built on the meta device (a second or two for ViT-g). `dinoreg bench train --flops` reads the "
+                    "JSON.",
+        epilog="example: dinoreg bench flops --config vitl14_reg4 train.batch_size_per_gpu=32 --json l_flops.json")
+    add_recipe_arguments(bench_flops)
+    bench_flops.add_argument("--json", type=output_file, metavar="PATH", help="also write the counts as JSON to PATH")
+    bench_flops.set_defaults(handler=_bench_flops, parser=bench_flops)
     bench_heads = benches.add_parser(
         "heads", help="peak memory of the prototype heads and losses alone",
         description="One forward + backward through the student and teacher prototype heads and the DINO and iBOT "
@@ -226,10 +254,37 @@ def _bench_heads(args: argparse.Namespace) -> int:
 def _bench_train(args: argparse.Namespace) -> int:
     from dinoreg.bench import benchmark_training, format_report  # noqa: PLC0415 (heavy imports)
 
+    profile = None if args.profile is None else str(args.profile)
     return _run_benchmark(args, lambda: benchmark_training(args.config, iterations=args.iterations,
                                                            warmup=args.warmup, overrides=args.overrides,
-                                                           compare=args.compare),
+                                                           compare=args.compare, flops=args.flops, profile=profile),
                           format_report)
+
+
+def _bench_flops(args: argparse.Namespace) -> int:
+    from dinoreg.bench import count_step_flops, format_flops_report  # noqa: PLC0415 (heavy imports)
+
+    return _run_benchmark(args, lambda: count_step_flops(args.config, overrides=args.overrides), format_flops_report)
+
+
+def flops_file(text: str) -> dict[str, float]:
+    """``--flops PATH``: a JSON object with a number >= 0 for each of the step's FLOP counts (read as data)."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from dinoreg.bench import FLOP_KEYS  # noqa: PLC0415 (heavy imports)
+
+    try:
+        counts = json.loads(Path(text).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as JSON ({type(error).__name__}); write it with "
+                                         "`dinoreg bench flops --json PATH`") from None
+    ok = isinstance(counts, dict) and all(isinstance(counts.get(key), (int, float)) and not isinstance(
+        counts.get(key), bool) and counts[key] >= 0 for key in FLOP_KEYS)
+    if not ok or not counts["step_flops"] > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a FLOPs file: it needs numbers {', '.join(FLOP_KEYS)} "
+                                         "(step_flops > 0); write it with `dinoreg bench flops --json PATH`")
+    return {key: float(counts[key]) for key in FLOP_KEYS}
 
 
 def _bench_checkpoint(args: argparse.Namespace) -> int:
