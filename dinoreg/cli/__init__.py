@@ -4,7 +4,8 @@ Subcommands:
   train            self-supervised training (DINO + iBOT + KoLeo) from a recipe
   submit           the same (or any command) as a SLURM job that requeues itself and resumes
   export           a checkpoint's backbone in the official, safetensors, Hugging Face or timm layout
-  bench train      time the real training loop: iteration time, images/s, data wait
+  bench train      time the real training loop: iteration time, images/s, MFU, peak memory, data wait
+  bench flops      the FLOPs of one training step of a recipe (no GPU, no weights)
   bench memory     plan a run's memory per GPU and the largest batch that fits, before submitting
   bench heads      peak memory of the prototype heads and losses alone
   bench checkpoint time saving and loading a full training checkpoint; its size
@@ -15,7 +16,8 @@ Subcommands:
   model-info       build a backbone and print its parameters, FLOPs and output shapes
   analyze flops    FLOPs and parameters versus the number of register tokens
 
-FLOPs everywhere are fvcore's unit: one multiply-add counts as one flop.
+FLOPs of model-info and analyze flops are fvcore's unit (one multiply-add counts as one flop); bench train and
+bench flops count 2 FLOPs per multiply-add, the unit of MFU and of the devices' peaks.
 """
 
 from __future__ import annotations
