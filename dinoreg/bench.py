@@ -226,7 +226,7 @@ class _StepClock:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler = torch.profiler.profile(activities=activities, acc_events=True)
             self.profiler.start()
         elif iteration + 1 == self.timed_end + PROFILED_STEPS and self.profiler is not None:
             self.profiler.stop()

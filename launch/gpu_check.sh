@@ -73,9 +73,14 @@ if compgen -G "${WHEELS}/*.whl" >/dev/null; then
   timeout 60 "${PYTHON}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${SITE}" \
     --python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any "${WHEELS}"/*.whl \
-    || echo "gpu_check.sh: the wheels did not install (the phases that need them will fail and say so)"
-  # the rehearsal's Python may not be 3.12: it checks the install, then keeps its own packages
-  [[ "${REHEARSAL}" == 1 ]] || export PYTHONPATH="${SITE}${PYTHONPATH:+:${PYTHONPATH}}"
+    || { echo "gpu_check.sh: pip did not install the wheels: unpacking them instead (none has a .data folder)"
+         for wheel in "${WHEELS}"/*.whl; do "${PYTHON}" -m zipfile -e "${wheel}" "${SITE}"; done; }
+  # a rehearsal by another Python than the image's CPython 3.12 on x86-64 checks the install, then keeps its own
+  # packages; by that Python, it uses the carried wheels as the device will
+  if [[ "${REHEARSAL}" == 0 ]] || "${PYTHON}" -c 'import platform, sys; sys.exit(not (sys.version_info[:2] == (3, 12)
+      and platform.python_implementation() == "CPython" and platform.machine() == "x86_64"))'; then
+    export PYTHONPATH="${SITE}${PYTHONPATH:+:${PYTHONPATH}}"
+  fi
 else
   echo "gpu_check.sh: no wheels in ${WHEELS}/: using the packages installed here"
 fi
