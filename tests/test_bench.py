@@ -51,11 +51,10 @@ def test_step_flops_match_a_hand_count():
 
 def test_meta_device_count_equals_fvcores_trace():
     """The count on the meta device (torch's FlopCounterMode) is twice fvcore's multiply-adds of the same backbone
-    traced on the CPU (dinoreg.analysis.flops), for the MLP and the SwiGLU blocks, and of the heads."""
+    traced on the CPU (count_flops), for the MLP and the SwiGLU blocks, and of the heads."""
     from fvcore.nn import FlopCountAnalysis  # noqa: PLC0415
 
-    from dinoreg.analysis.flops import count_flops  # noqa: PLC0415
-    from dinoreg.tools.flops import forward_flops  # noqa: PLC0415
+    from dinoreg.tools.flops import count_flops, forward_flops  # noqa: PLC0415
     from dinoreg.train.build import build_ssl_model  # noqa: PLC0415
 
     for ffn in ("mlp", "swiglufused"):
@@ -183,7 +182,8 @@ def test_bench_heads_counts_the_rows_of_every_head(tmp_path, capsys):
 
 
 def test_the_tools_package_exports_each_public_name_from_its_module():
-    """``dinoreg.tools`` hands out its modules' public names without importing the modules it is not asked for."""
+    """``dinoreg.tools`` hands out its modules' public names without importing the modules it is not asked for, and
+    counting a backbone's FLOPs (model-info, analyze flops) imports no training stack."""
     import dinoreg.tools as tools  # noqa: PLC0415
 
     for name in tools.__all__:
@@ -191,5 +191,5 @@ def test_the_tools_package_exports_each_public_name_from_its_module():
         assert getattr(importlib.import_module(f"dinoreg.tools.{tools._HOME[name]}"), name) is value
     with pytest.raises(AttributeError):
         tools.not_a_tool  # noqa: B018
-    probe = "import sys, dinoreg.tools.memory; sys.exit('dinoreg.train.loop' in sys.modules)"
+    probe = "import sys, dinoreg.tools.memory, dinoreg.tools.flops; sys.exit('dinoreg.train.build' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0

@@ -1,6 +1,8 @@
-"""The measuring tools (``dinoreg bench``): one module per tool, above training, whose code they run.
+"""The measuring tools (``dinoreg bench``, and the FLOP counts of ``model-info`` and ``analyze flops``): one module
+per tool, above training, whose code they run.
 
-- :mod:`~dinoreg.tools.flops`: FLOP counting (a training step's, on the meta device);
+- :mod:`~dinoreg.tools.flops`: FLOP counting: a training step's on the meta device (2 per multiply-add), a
+  backbone's per image traced by fvcore (``model-info``, ``analyze flops``; 1 per multiply-add);
 - :mod:`~dinoreg.tools.training`: ``bench train``, the training loop timed (MFU against a measured matmul peak);
 - :mod:`~dinoreg.tools.heads`: ``bench heads``, the peak memory of the prototype heads and losses alone;
 - :mod:`~dinoreg.tools.checkpoint`: ``bench checkpoint``, save and load times of a full checkpoint;
@@ -19,7 +21,8 @@ from typing import Any
 # each public name's module: the one list of what this package exports
 _MODULES = {
     "checkpoint": ("benchmark_checkpoint", "format_checkpoint_report"),
-    "flops": ("FLOP_KEYS", "count_step_flops", "format_flops_report", "forward_flops", "training_step_flops"),
+    "flops": ("FLOP_KEYS", "FREE_OPS", "count_flops", "count_parameters", "count_step_flops", "flop_analysis",
+              "flops_vs_registers", "format_flops_report", "forward_flops", "sdpa_flop_jit", "training_step_flops"),
     "heads": ("benchmark_heads", "format_heads_report"),
     "memory": ("peak_memory", "release_device_memory", "release_freed_memory", "reset_resident_peak",
                "resident_bytes"),
