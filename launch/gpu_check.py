@@ -64,7 +64,7 @@ REHEARSAL_MODELS = {
 }
 REHEARSAL_CARD = {"cpu": {"name": "cpu", "memory_gib": 8.0}}
 NAIVE = ("train.compile=none", "student.attention_backend=math", "train.activation_checkpointing=none",
-         "optim.adamw_implementation=for_loop", "train.pack_crops=false")  # as dinoreg.bench.NAIVE
+         "optim.adamw_implementation=for_loop", "train.pack_crops=false")  # as dinoreg.tools.training.NAIVE
 
 
 @dataclass
@@ -132,9 +132,9 @@ def make_plan(models: dict[str, dict[str, Any]], cards: dict[str, dict[str, Any]
               ) -> dict[str, Any]:
     """For each model, its one-GPU memory plan (once: fixed bytes and bytes per image do not depend on the card)
     and, per card, the planned batch, its planned bytes and the FLOPs of a step at that batch."""
-    from dinoreg.bench import count_step_flops  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.flops import count_step_flops  # noqa: PLC0415 (heavy imports)
     from dinoreg.config import load_config  # noqa: PLC0415
-    from dinoreg.memory import plan_memory  # noqa: PLC0415
+    from dinoreg.tools.planner import plan_memory  # noqa: PLC0415
 
     result: dict[str, Any] = {"created": _now(), "budget": budget_check(), "cards": {}, "models": models}
     plans = {}
@@ -464,7 +464,7 @@ def device_facts() -> dict[str, Any]:
     if not torch.cuda.is_available():
         facts.update(name="cpu", cpu_count=os.cpu_count())
         return facts
-    from dinoreg.bench import matmul_peak  # noqa: PLC0415
+    from dinoreg.tools.training import matmul_peak  # noqa: PLC0415
 
     properties = torch.cuda.get_device_properties(0)
     facts.update(name=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),

@@ -7,10 +7,9 @@ usage: python measure_step_memory.py CONFIG OUTPUT_DIR [key=value ...]   -> prin
 
 import json
 import sys
-from pathlib import Path
 
-from dinoreg.bench import release_freed_memory, resident_bytes
 from dinoreg.config import load_config
+from dinoreg.tools.memory import release_freed_memory, reset_resident_peak, resident_bytes
 from dinoreg.train.loop import train
 
 config, out, *overrides = sys.argv[1:]
@@ -19,6 +18,6 @@ cfg = load_config(config, [*overrides, "train.num_workers=0", "optim.epochs=1", 
                            "checkpoint.period=0", f"train.output_dir={out}"])
 release_freed_memory()
 before = resident_bytes()
-Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+reset_resident_peak()
 train(cfg)
 print(json.dumps({"measured_bytes": resident_bytes("VmHWM:") - before}))

@@ -1,16 +1,21 @@
 """`dinoreg bench train`: the FLOPs of a step against a hand count, and the report's structure (its numbers are
 measurements of this machine, not asserted)."""
 
+import importlib
 import json
+import subprocess
+import sys
 import weakref
 
 import pytest
 import torch
 
-from dinoreg import bench
-from dinoreg.bench import NAIVE, benchmark_heads, training_step_flops
 from dinoreg.cli import main
 from dinoreg.config import load_config
+from dinoreg.tools import training
+from dinoreg.tools.flops import training_step_flops
+from dinoreg.tools.heads import benchmark_heads
+from dinoreg.tools.training import NAIVE
 from dinoreg.train import loop
 
 TINY = ["student.depth=1", "train.batch_size_per_gpu=2", "crops.local_crops_number=2", "dino.head_n_prototypes=64",
@@ -46,11 +51,10 @@ def test_step_flops_match_a_hand_count():
 
 def test_meta_device_count_equals_fvcores_trace():
     """The count on the meta device (torch's FlopCounterMode) is twice fvcore's multiply-adds of the same backbone
-    traced on the CPU (dinoreg.analysis.flops), for the MLP and the SwiGLU blocks, and of the heads."""
+    traced on the CPU (count_flops), for the MLP and the SwiGLU blocks, and of the heads."""
     from fvcore.nn import FlopCountAnalysis  # noqa: PLC0415
 
-    from dinoreg.analysis.flops import count_flops  # noqa: PLC0415
-    from dinoreg.bench import forward_flops  # noqa: PLC0415
+    from dinoreg.tools.flops import count_flops, forward_flops  # noqa: PLC0415
     from dinoreg.train.build import build_ssl_model  # noqa: PLC0415
 
     for ffn in ("mlp", "swiglufused"):
@@ -92,9 +96,9 @@ def test_bench_train_reports_throughput_mfu_memory_and_the_naive_way(tmp_path, c
 
     monkeypatch.setattr(loop, "save_checkpoint", never)
     monkeypatch.setattr(loop, "save_backbone", never)
-    monkeypatch.setattr(bench, "training_step_flops", lambda cfg: pytest.fail("counted FLOPs although given"))
+    monkeypatch.setattr(training, "training_step_flops", lambda cfg: pytest.fail("counted FLOPs although given"))
     built, configs = [], []
-    original_build, original_train = loop.build_model_and_optimizer, bench.train
+    original_build, original_train = loop.build_model_and_optimizer, training.train
 
     def build_with_a_cycle(cfg, *args, **kwargs):
         assert all(ref() is None for ref in built), "the first half's model is still alive"
@@ -104,7 +108,7 @@ def test_bench_train_reports_throughput_mfu_memory_and_the_naive_way(tmp_path, c
         return model, optimizer
 
     monkeypatch.setattr(loop, "build_model_and_optimizer", build_with_a_cycle)
-    monkeypatch.setattr(bench, "train", lambda cfg, **kw: configs.append(cfg) or original_train(cfg, **kw))
+    monkeypatch.setattr(training, "train", lambda cfg, **kw: configs.append(cfg) or original_train(cfg, **kw))
     out, profile = tmp_path / "bench.json", tmp_path / "kernels.txt"
     assert main(["bench", "train", "--config", "tiny_cpu", "--iterations", "2", "--warmup", "1", "--compare",
                  "--flops", str(flops), "--profile", str(profile), "--json", str(out), *TINY]) == 0
@@ -133,19 +137,19 @@ def test_bench_train_reports_throughput_mfu_memory_and_the_naive_way(tmp_path, c
 
 
 def test_a_naive_half_that_runs_out_of_memory_keeps_the_fast_result(monkeypatch, capsys):
-    original_train = bench.train
+    original_train = training.train
 
     def naive_too_big(cfg, **kwargs):
         if cfg.student.attention_backend == "math":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.19 GiB total)")
         return original_train(cfg, **kwargs)
 
-    monkeypatch.setattr(bench, "train", naive_too_big)
-    result = bench.benchmark_training("tiny_cpu", iterations=1, warmup=1, overrides=TINY, compare=True)
+    monkeypatch.setattr(training, "train", naive_too_big)
+    result = training.benchmark_training("tiny_cpu", iterations=1, warmup=1, overrides=TINY, compare=True)
     assert result["fits"] and result["images_per_sec"] > 0 and result["speedup_over_naive"] is None
     assert result["naive"] == {"fits": False, "batch_size": 2, "overrides": [*TINY, *NAIVE],
                                "error": "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.19 GiB total)"}
-    assert "naive way       does not fit at batch 2 (CUDA out of memory." in bench.format_report(result)
+    assert "naive way       does not fit at batch 2 (CUDA out of memory." in training.format_report(result)
 
 
 def test_a_flops_file_is_read_as_data(tmp_path, capsys):
@@ -175,3 +179,17 @@ def test_bench_heads_counts_the_rows_of_every_head(tmp_path, capsys):
     assert result["peak_memory_kind"] == "peak_rss" and result["peak_memory_bytes"] >= result["fp32_logits_bytes"]
     assert result["peak_in_fp32_logits"] == pytest.approx(result["peak_memory_bytes"] / result["fp32_logits_bytes"])
     assert benchmark_heads("tiny_cpu", overrides=TINY)["separate_ibot_head"] is False
+
+
+def test_the_tools_package_exports_each_public_name_from_its_module():
+    """``dinoreg.tools`` hands out its modules' public names without importing the modules it is not asked for, and
+    counting a backbone's FLOPs (model-info, analyze flops) imports no training stack."""
+    import dinoreg.tools as tools  # noqa: PLC0415
+
+    for name in tools.__all__:
+        value = getattr(tools, name)
+        assert getattr(importlib.import_module(f"dinoreg.tools.{tools._HOME[name]}"), name) is value
+    with pytest.raises(AttributeError):
+        tools.not_a_tool  # noqa: B018
+    probe = "import sys, dinoreg.tools.memory, dinoreg.tools.flops; sys.exit('dinoreg.train.build' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dinoreg.analysis.flops import count_flops, count_parameters, flop_analysis, flops_vs_registers
 from dinoreg.models import build_backbone
+from dinoreg.tools.flops import count_flops, count_parameters, flop_analysis, flops_vs_registers
 
 EMBED_DIM, HEADS, PATCH, IMG = 192, 3, 16, 32  # vit_tiny width, 2x2 patches
 

@@ -10,7 +10,7 @@ import pytest
 from launch_helpers import subprocess_env
 
 from dinoreg.cli import main
-from dinoreg.memory import GIB, plan_memory
+from dinoreg.tools.planner import GIB, plan_memory
 
 HERE = Path(__file__).resolve().parent
 SMALL = ["student.depth=3", "train.batch_size_per_gpu=16"]

@@ -1,2 +1,3 @@
-"""The registers paper's diagnostics: one module per `dinoreg analyze` tool (each declares ``TOOLS``), their shared
-inputs and outputs (:mod:`dinoreg.analysis.common`), and FLOP counting (:mod:`dinoreg.analysis.flops`)."""
+"""The registers paper's diagnostics: one module per `dinoreg analyze` tool (each declares ``TOOLS``) and their shared
+inputs and outputs (:mod:`dinoreg.analysis.common`). FLOP counting, ``analyze flops``'s included, is in
+:mod:`dinoreg.tools.flops`."""

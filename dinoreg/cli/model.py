@@ -53,7 +53,7 @@ def add_analyze_parser(commands: Any) -> None:
 
 
 def _model_info(args: argparse.Namespace) -> int:
-    from dinoreg.analysis.flops import count_flops, count_parameters  # noqa: PLC0415 (fvcore is slow to import)
+    from dinoreg.tools.flops import count_flops, count_parameters  # noqa: PLC0415 (fvcore is slow to import)
 
     check_divisible(args.parser, "--img-size", args.img_size, args.patch_size)
     if args.local_size is not None:
@@ -89,7 +89,7 @@ def _model_info(args: argparse.Namespace) -> int:
 
 
 def _analyze_flops(args: argparse.Namespace) -> int:
-    from dinoreg.analysis.flops import flops_vs_registers  # noqa: PLC0415 (fvcore is slow to import)
+    from dinoreg.tools.flops import flops_vs_registers  # noqa: PLC0415 (fvcore is slow to import)
 
     check_divisible(args.parser, "--img-size", args.img_size, args.patch_size)
     registers = list(args.registers)

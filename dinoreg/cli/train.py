@@ -237,7 +237,7 @@ def _run_benchmark(args: argparse.Namespace, run: Any, report: Any) -> int:
 
 
 def _bench_memory(args: argparse.Namespace) -> int:
-    from dinoreg.memory import format_memory_plan, plan_memory  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.planner import format_memory_plan, plan_memory  # noqa: PLC0415 (heavy imports)
 
     return _run_benchmark(args, lambda: plan_memory(
         args.config, gpus=args.gpus, batch=args.batch, gpu_memory_gib=args.gpu_memory_gib,
@@ -246,13 +246,13 @@ def _bench_memory(args: argparse.Namespace) -> int:
 
 
 def _bench_heads(args: argparse.Namespace) -> int:
-    from dinoreg.bench import benchmark_heads, format_heads_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.heads import benchmark_heads, format_heads_report  # noqa: PLC0415 (heavy imports)
 
     return _run_benchmark(args, lambda: benchmark_heads(args.config, overrides=args.overrides), format_heads_report)
 
 
 def _bench_train(args: argparse.Namespace) -> int:
-    from dinoreg.bench import benchmark_training, format_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.training import benchmark_training, format_report  # noqa: PLC0415 (heavy imports)
 
     profile = None if args.profile is None else str(args.profile)
     return _run_benchmark(args, lambda: benchmark_training(args.config, iterations=args.iterations,
@@ -262,7 +262,7 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 
 def _bench_flops(args: argparse.Namespace) -> int:
-    from dinoreg.bench import count_step_flops, format_flops_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.flops import count_step_flops, format_flops_report  # noqa: PLC0415 (heavy imports)
 
     return _run_benchmark(args, lambda: count_step_flops(args.config, overrides=args.overrides), format_flops_report)
 
@@ -272,7 +272,7 @@ def flops_file(text: str) -> dict[str, float]:
     import json  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from dinoreg.bench import FLOP_KEYS  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.flops import FLOP_KEYS  # noqa: PLC0415 (heavy imports)
 
     try:
         counts = json.loads(Path(text).read_text())
@@ -288,7 +288,7 @@ def flops_file(text: str) -> dict[str, float]:
 
 
 def _bench_checkpoint(args: argparse.Namespace) -> int:
-    from dinoreg.bench import benchmark_checkpoint, format_checkpoint_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.checkpoint import benchmark_checkpoint, format_checkpoint_report  # noqa: PLC0415 (heavy imports)
 
     directory = None if args.dir is None else str(args.dir)
     return _run_benchmark(args, lambda: benchmark_checkpoint(args.config, repeats=args.repeats,

@@ -109,6 +109,6 @@ def test_the_card_is_the_plans_by_memory():
 
 def test_the_naive_phase_is_the_benchmarks_naive_way():
     """gpu_check.py keeps its own copy so that the phase runner imports neither torch nor dinoreg."""
-    from dinoreg.bench import NAIVE  # noqa: PLC0415
+    from dinoreg.tools.training import NAIVE  # noqa: PLC0415
 
     assert gpu_check.NAIVE == NAIVE

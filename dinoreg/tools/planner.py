@@ -15,7 +15,7 @@ The plan adds, per GPU:
   after a 2-block forward minus after a 1-block forward), times the depth, plus the block being differentiated
   (gradients of about its activations' size; with checkpointing also its recomputed activations), times the
   crops of a batch;
-- **heads and losses**, measured with :func:`dinoreg.bench.benchmark_heads` in the run's precision at two small
+- **heads and losses**, measured with :func:`dinoreg.tools.heads.benchmark_heads` in the run's precision at two small
   batches and extended linearly in the batch (the rows grow with it), less the heads' gradients (counted in the
   states);
 - a fixed **reserve** (CUDA context, NCCL buffers, allocator fragmentation): an assumption, ``reserve_gib``.
@@ -34,8 +34,9 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig
 
-from dinoreg.bench import benchmark_heads, release_freed_memory, resident_bytes
 from dinoreg.config import build_backbone_from_config, load_config
+from dinoreg.tools.heads import benchmark_heads
+from dinoreg.tools.memory import release_freed_memory, resident_bytes
 from dinoreg.train.build import build_ssl_model
 
 __all__ = ["plan_memory", "format_memory_plan"]
