@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from dinoreg.config import load_config
+from dinoreg.data import TrainingBatch
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.train.build import BatchMasks, build_model_and_optimizer
 from dinoreg.train.loop import train_step
@@ -56,9 +57,9 @@ def main() -> int:
     cfg = sides["a"][0]
     b, g, s = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size, cfg.crops.local_crops_size
     generator = torch.Generator().manual_seed(0)
-    batch = {"global_crops": torch.randn(2 * b, 3, g, g, generator=generator),
-             "local_crops": torch.randn(cfg.crops.local_crops_number * b, 3, s, s, generator=generator),
-             **BatchMasks(cfg)(2 * b, 0)}
+    batch = TrainingBatch(global_crops=torch.randn(2 * b, 3, g, g, generator=generator),
+                          local_crops=torch.randn(cfg.crops.local_crops_number * b, 3, s, s, generator=generator),
+                          n_global_crops=2, n_local_crops=cfg.crops.local_crops_number).with_masks(BatchMasks(cfg)(2 * b, 0))
     values = {"lr": 1e-4, "weight_decay": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
 
     def step(name: str) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Data: datasets (synthetic, folder, file list), multi-crop augmentation, sampling and loaders.
 
 Per training step: ``InfiniteShardedSampler`` -> ``MultiCropDataset`` (decode + geometric crops, in
-workers) -> ``collate_multicrop`` (uint8 batch) -> on the device, ``Photometric`` (colour, blur,
+workers) -> ``collate_multicrop`` (a uint8 ``TrainingBatch``) -> on the device, ``Photometric`` (colour, blur,
 solarisation, normalisation).
 """
 
@@ -13,6 +13,7 @@ from dinoreg.data.augment import (
     RandomColorJitter,
     sample_resized_crop_params,
 )
+from dinoreg.data.batch import MASK_FIELDS, TrainingBatch, UnfilledBatch
 from dinoreg.data.datasets import (
     IMAGE_EXTENSIONS,
     BadFileLog,
@@ -51,5 +52,5 @@ __all__ = [
     "BadFileLog", "BadSample", "DatasetError", "EvalTransform", "FileList", "ImageFolder", "IndexedView", "InfiniteShardedSampler",
     "MultiCropDataset", "MultiCropGeometric", "Photometric", "RandomColorJitter", "SyntheticShapes",
     "build_dataset", "build_eval_loader", "build_loader", "collate_multicrop", "load_image",
-    "sample_resized_crop_params", "to_rgb",
+    "sample_resized_crop_params", "to_rgb", "MASK_FIELDS", "TrainingBatch", "UnfilledBatch",
 ]

@@ -3,7 +3,7 @@
 A dataset item is ``(PIL.Image RGB, label)``, or ``None`` when the file cannot be decoded (zero-byte,
 truncated, not an image, ...). A bad file never raises inside a DataLoader worker: it is counted in
 the dataset's ``bad_files`` (a :class:`BadFileLog`, one per worker process) and the collate function
-drops the sample and reports its path in the batch (``batch["bad_files"]``), which is how the
+drops the sample and reports its path in the batch (``TrainingBatch.bad_files``), which is how the
 training loop sees bad files from all workers.
 
 Every odd pixel format is brought to 8-bit RGB: CMYK, palette (with or without transparency), 16- and

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
 from dinoreg.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropGeometric, pil_to_uint8_tensor
+from dinoreg.data.batch import TrainingBatch, UnfilledBatch
 
 
 def _mix(*values: int) -> int:
@@ -121,36 +122,33 @@ def _is_bad(sample) -> bool:
     return sample is None or isinstance(sample, BadSample)
 
 
-def collate_multicrop(samples: List[Any], mask_fn: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
-    """Stack multi-crop samples in DINOv2's order; drop bad ones and report their paths.
-
-    Returns ``global_crops`` uint8 [2B, 3, G, G] (view 1 of all samples, then view 2: ``.chunk(2)`` gives the
-    views), ``local_crops`` uint8 [nB, 3, L, L] (crop 1 of all samples, then crop 2, ...), ``labels``,
-    ``indices``, ``positions`` [B], ``n_global_crops``, ``n_local_crops``, ``batch_size`` (B, after drops)
-    and ``bad_files`` (paths; None when unknown). When every sample is bad, the crop keys are absent and
-    ``batch_size`` is 0: the caller skips the batch. ``mask_fn(n_images=2B, seed_position=positions[0])``,
-    when given, returns a dict merged into the batch.
+def collate_multicrop(samples: List[Any], mask_fn: Optional[Callable[..., Dict[str, Any]]] = None
+                      ) -> TrainingBatch | UnfilledBatch:
+    """Stack multi-crop samples in DINOv2's order (:class:`~dinoreg.data.batch.TrainingBatch`: view 1 of all
+    samples, then view 2; local crop 1 of all samples, then crop 2, ...); drop bad ones and report their paths.
+    When every sample is bad: an :class:`~dinoreg.data.batch.UnfilledBatch`, which the caller skips.
+    ``mask_fn(n_images=V*B, seed_position=positions[0])``, when given, draws the iBOT masks of the global crops.
     """
     good = [s for s in samples if not _is_bad(s)]
     bad_files = [s.path if isinstance(s, BadSample) else None for s in samples if _is_bad(s)]
-    batch: Dict[str, Any] = {"bad_files": bad_files, "batch_size": len(good)}
     if not good:
-        return batch
+        return UnfilledBatch(bad_files=bad_files)
     n_global, n_local = len(good[0]["global_crops"]), len(good[0]["local_crops"])
-    batch["global_crops"] = torch.stack([s["global_crops"][v] for v in range(n_global) for s in good])
+    global_crops = torch.stack([s["global_crops"][v] for v in range(n_global) for s in good])
+    gram_crops = None
     if "gram_crops" in good[0]:  # a Gram teacher's own crops, in the global crops' order
-        batch["gram_crops"] = torch.stack([s["gram_crops"][v] for v in range(n_global) for s in good])
+        gram_crops = torch.stack([s["gram_crops"][v] for v in range(n_global) for s in good])
     if n_local:
-        batch["local_crops"] = torch.stack([s["local_crops"][c] for c in range(n_local) for s in good])
+        local_crops = torch.stack([s["local_crops"][c] for c in range(n_local) for s in good])
     else:
-        g = batch["global_crops"]
-        batch["local_crops"] = g.new_zeros((0,) + tuple(g.shape[1:]))
-    batch["labels"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
-    batch["indices"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
-    batch["positions"] = torch.tensor([s["position"] for s in good], dtype=torch.long)
-    batch["n_global_crops"], batch["n_local_crops"] = n_global, n_local
+        local_crops = global_crops.new_zeros((0,) + tuple(global_crops.shape[1:]))
+    batch = TrainingBatch(
+        global_crops=global_crops, local_crops=local_crops, n_global_crops=n_global, n_local_crops=n_local,
+        gram_crops=gram_crops, labels=torch.tensor([s["label"] for s in good], dtype=torch.long),
+        indices=torch.tensor([s["index"] for s in good], dtype=torch.long),
+        positions=torch.tensor([s["position"] for s in good], dtype=torch.long), bad_files=bad_files)
     if mask_fn is not None:
-        batch.update(mask_fn(n_images=n_global * len(good), seed_position=int(batch["positions"][0])))
+        batch = batch.with_masks(mask_fn(n_images=n_global * len(good), seed_position=int(batch.positions[0])))
     return batch
 
 

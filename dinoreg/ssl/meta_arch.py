@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from dinoreg.data.batch import TrainingBatch
 from dinoreg.models import DINOHead, DinoVisionTransformer
 from dinoreg.ssl.gram import GramSpec, gram_loss, resize_patch_features, select_gram_tokens
 from dinoreg.ssl.losses import DEFAULT_CHUNK_ELEMENTS, DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -181,24 +182,27 @@ class SSLMetaArch(nn.Module):
 
     # --- student and losses ------------------------------------------------------------------
 
-    def forward_loss(self, batch: dict[str, Tensor], *, teacher_temp: float,
+    def forward_loss(self, batch: TrainingBatch, *, teacher_temp: float,
                      gram_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """``batch``: normalised ``global_crops`` [2B,3,G,G] (view 1 then view 2), ``local_crops`` [nB,3,L,L],
-        ``masks`` [2B, N] bool, ``mask_indices`` [M], ``masks_weight`` [M], ``n_masked_patches`` [1]; with a Gram
-        teacher optionally ``gram_crops`` [2B,3,T,T] (the global crops at its size). ``gram_weight``: the Gram
-        loss's weight this iteration (0: not computed, logged as 0). Returns the total loss and detached
-        per-term metrics."""
-        global_crops, local_crops = batch["global_crops"], batch["local_crops"]
-        masks, mask_indices, masks_weight = batch["masks"], batch["mask_indices"], batch["masks_weight"]
-        n_masked = batch["n_masked_patches"]
+        """``batch``: normalised crops, 2 global views per image (view 1 of every image, then view 2: DINO pairs
+        each with the other), local crops and the global crops' iBOT masks (see
+        :class:`~dinoreg.data.batch.TrainingBatch`); with a Gram teacher optionally its own ``gram_crops``.
+        ``gram_weight``: the Gram loss's weight this iteration (0: not computed, logged as 0). Returns the total
+        loss and detached per-term metrics."""
+        if batch.n_global_crops != 2 or batch.masks is None:
+            raise ValueError(f"a training batch needs 2 global crops per image (DINO's cross-view targets) and the "
+                             f"iBOT masks; got {batch.n_global_crops} global crops, masks "
+                             f"{'present' if batch.masks is not None else 'absent'}")
+        global_crops, local_crops = batch.global_crops, batch.local_crops
+        masks, mask_indices, masks_weight = batch.masks, batch.mask_indices, batch.masks_weight
+        n_masked = batch.n_masked_patches
         student_masks = masks
         if self.ibot_all_patches:  # DINOv2's distillation: the student sees every patch, iBOT scores them all
             student_masks, masks = None, torch.ones_like(masks)  # [2B, N]
             mask_indices = torch.arange(masks.numel(), device=masks.device)  # [2B * N]
             masks_weight = torch.full((masks.numel(),), 1.0 / masks.shape[1], device=masks.device)
             n_masked = torch.tensor([masks.numel()], device=masks.device)
-        n_global_crops = 2
-        n_local_crops = local_crops.shape[0] // (global_crops.shape[0] // n_global_crops)
+        n_global_crops, n_local_crops = batch.n_global_crops, batch.n_local_crops
         n_loss_terms = n_global_crops * (n_global_crops - 1) + n_global_crops * n_local_crops
 
         with torch.no_grad():
@@ -253,7 +257,7 @@ class SSLMetaArch(nn.Module):
         metrics["total_loss"] = total.detach()
         return total, metrics
 
-    def _gram_terms(self, student_patches: Tensor, batch: dict[str, Tensor], ema_patches: Tensor,
+    def _gram_terms(self, student_patches: Tensor, batch: TrainingBatch, ema_patches: Tensor,
                     masks: Optional[Tensor], *, active: bool) -> dict[str, Tensor]:
         """``gram_loss`` (and with ``compute_stats`` its value on the masked and the unmasked tokens, without
         gradient) between the student's patch tokens ``[2B, N, D]`` and the Gram teacher's on the same views.
@@ -279,13 +283,13 @@ class SSLMetaArch(nn.Module):
                 terms[f"gram_{which}_loss"] = term(which, img_level=False)
         return terms
 
-    def _gram_teacher_patches(self, batch: dict[str, Tensor]) -> Tensor:
+    def _gram_teacher_patches(self, batch: TrainingBatch) -> Tensor:
         """The Gram teacher's patch tokens on ``gram_crops`` (else the global crops), resized to the student's
         patch grid when its crops are larger ([2B, N, D])."""
-        crops = batch.get("gram_crops", batch["global_crops"])
+        crops = batch.global_crops if batch.gram_crops is None else batch.gram_crops
         backbone = self.gram_teacher["backbone"]
         patches = backbone(crops, is_training=True)["x_norm_patchtokens"]  # [2B, T, D]
-        grid, student_grid = crops.shape[-1] // backbone.patch_size, batch["global_crops"].shape[-1] // backbone.patch_size
+        grid, student_grid = crops.shape[-1] // backbone.patch_size, batch.global_crops.shape[-1] // backbone.patch_size
         return resize_patch_features(patches, grid, student_grid, mode=self.gram.resize_method,
                                      antialias=self.gram.resize_antialias)
 

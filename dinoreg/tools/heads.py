@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from dinoreg.config import load_config
+from dinoreg.data import TrainingBatch
 from dinoreg.distributed import detect_environment, process_device
 from dinoreg.ssl.meta_arch import SSLMetaArch
 from dinoreg.tools.memory import release_freed_memory, reset_resident_peak, resident_bytes
@@ -36,7 +37,7 @@ class _TokenStandIn(torch.nn.Module):
         return [self._tokens(images) for images in x] if isinstance(x, (list, tuple)) else self._tokens(x)
 
 
-def _heads_step(model: SSLMetaArch, batch: dict[str, Any], autocast: Any) -> None:
+def _heads_step(model: SSLMetaArch, batch: TrainingBatch, autocast: Any) -> None:
     with autocast:
         loss, _ = model.forward_loss(batch, teacher_temp=0.07)
     loss.backward()
@@ -63,9 +64,9 @@ def benchmark_heads(config: str = "vitl14_reg4", *, overrides: Sequence[str] = (
     batch_size, local = cfg.train.batch_size_per_gpu, cfg.crops.local_crops_number
     g, s = cfg.crops.global_crops_size, cfg.crops.local_crops_size
     masks = BatchMasks(cfg)(2 * batch_size, 0)
-    batch = {"global_crops": torch.zeros(2 * batch_size, 3, g, g), "local_crops": torch.zeros(local * batch_size, 3, s, s),
-             **{k: v for k, v in masks.items() if torch.is_tensor(v)}}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = TrainingBatch(global_crops=torch.zeros(2 * batch_size, 3, g, g),
+                          local_crops=torch.zeros(local * batch_size, 3, s, s), n_global_crops=2,
+                          n_local_crops=local).with_masks(masks).to(device)
     _heads_step(model, batch, autocast)  # warm-up: lazy initialisations, allocator state
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -84,7 +85,7 @@ def benchmark_heads(config: str = "vitl14_reg4", *, overrides: Sequence[str] = (
         kind, peak = "peak_rss", resident_bytes("VmHWM:") - before
     dino_k = cfg.dino.head_n_prototypes
     ibot_k = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else dino_k
-    masked = int(batch["mask_indices"].shape[0])
+    masked = int(batch.mask_indices.shape[0])
     cls_rows = 2 * batch_size + local * batch_size
     # one fp32 [rows, K] buffer over every head's rows: the unit the peak is easiest to read in
     buffer = 4 * (cls_rows * dino_k + masked * ibot_k)

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from dinoreg.config import apply_scaling_rule, build_backbone_from_config, save_config
-from dinoreg.data import DatasetError, Photometric, build_dataset, normalise_uint8
+from dinoreg.data import DatasetError, Photometric, TrainingBatch, UnfilledBatch, build_dataset, normalise_uint8
 from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag, detect_environment, init_distributed,
                                  mean_over_ranks, process_device, shutdown_distributed)
 from dinoreg.models.weights import save_backbone
@@ -104,7 +104,7 @@ class Run:
     model: SSLMetaArch
     optimizer: torch.optim.Optimizer
     schedules: Schedules
-    batches: Iterator[dict[str, Any]]
+    batches: Iterator[TrainingBatch | UnfilledBatch]
     photometric: Photometric
     evaluators: dict[str, Callable[..., dict[str, float]]]  # label -> the teacher's periodic evaluation
     monitor: Optional[ArtifactMonitor]
@@ -203,16 +203,15 @@ def iterate(run: Run) -> None:
         values = run.schedules.values(it)
         batch = next_batch(run, it)
         data_wait = time.perf_counter() - step_end
-        batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch = augment_on_device(run, batch)
+        batch = augment_on_device(run, batch.to(run.device, non_blocking=True))
         gram_teacher_work(run, it, before=True)
         metrics, grad_norms = train_step(run.model, run.optimizer, batch, values, clip_grad=run.cfg.optim.clip_grad,
                                          autocast=run.autocast,
                                          freeze_backbones=it < run.cfg.optim.head_warmup_iterations)
         gram_teacher_work(run, it, before=False)
-        if batch.get("bad_files"):
-            run.bad_files += len(batch["bad_files"])
-            names = list(map(str, batch["bad_files"]))
+        if batch.bad_files:
+            run.bad_files += len(batch.bad_files)
+            names = list(map(str, batch.bad_files))
             run.report(f"iteration {it}: skipped {len(names)} unreadable images: {', '.join(names[:3])}"
                        + (", ..." if len(names) > 3 else ""))
         log_step(run, it, values, metrics, grad_norms, data_wait=data_wait, seconds=time.perf_counter() - step_end)
@@ -225,24 +224,24 @@ def iterate(run: Run) -> None:
     run.logger.finished()
 
 
-def augment_on_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
+def augment_on_device(run: Run, batch: TrainingBatch) -> TrainingBatch:
     """Colour, blur, solarisation and normalisation of the crops on the device. A Gram teacher's own crops
     (:func:`~dinoreg.train.build.gram_crops`) are normalised when undistorted; distorted, they are the global crops
     as the workers cut them (at the Gram teacher's size), and the student's are those resized down (bicubic,
     antialiased), as DINOv3 does."""
-    batch["global_crops"], batch["local_crops"] = run.photometric(batch["global_crops"], batch["local_crops"])
+    global_crops, local_crops = run.photometric(batch.global_crops, batch.local_crops)
+    batch = batch.replace(global_crops=global_crops, local_crops=local_crops)
     size, undistorted = gram_crops(run.cfg)
     if undistorted:
-        batch["gram_crops"] = normalise_uint8(batch["gram_crops"])
+        batch = batch.replace(gram_crops=normalise_uint8(batch.gram_crops))
     elif size:
         student = run.cfg.crops.global_crops_size
-        batch["gram_crops"] = batch["global_crops"]
-        batch["global_crops"] = F.interpolate(batch["gram_crops"], size=(student, student), mode="bicubic",
-                                              align_corners=False, antialias=True)
+        batch = batch.replace(gram_crops=batch.global_crops, global_crops=F.interpolate(
+            batch.global_crops, size=(student, student), mode="bicubic", align_corners=False, antialias=True))
     return batch
 
 
-def next_batch(run: Run, iteration: int) -> dict[str, Any]:
+def next_batch(run: Run, iteration: int) -> TrainingBatch:
     """This rank's next batch (CPU, uint8). A batch with every (or all but one) image unreadable on some rank is
     skipped by all ranks together, so the ranks stay in step; after ``UNFILLED_BATCHES_LIMIT`` such batches in a row
     the dataset holds (almost) nothing readable and the run stops, naming some of the files. A signal that comes
@@ -251,10 +250,10 @@ def next_batch(run: Run, iteration: int) -> dict[str, Any]:
     run.position += run.global_batch
     unreadable: list[str] = []
     in_a_row = 0  # this rank's batches in a row that could not be filled
-    while broadcast_flag(batch["batch_size"] < 2):
-        in_a_row = in_a_row + 1 if batch["batch_size"] < 2 else 0
-        unreadable += map(str, batch["bad_files"])
-        run.bad_files += len(batch["bad_files"])
+    while broadcast_flag(batch.batch_size < 2):
+        in_a_row = in_a_row + 1 if batch.batch_size < 2 else 0
+        unreadable += map(str, batch.bad_files)
+        run.bad_files += len(batch.bad_files)
         if run.signals.should_stop():
             _stop_on_signal(run, iteration)
         if broadcast_flag(in_a_row >= UNFILLED_BATCHES_LIMIT):
@@ -270,7 +269,7 @@ def next_batch(run: Run, iteration: int) -> dict[str, Any]:
     return batch
 
 
-def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict[str, Any],
+def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: TrainingBatch,
                values: dict[str, float], *, clip_grad: float, autocast: Any = contextlib.nullcontext(),
                freeze_backbones: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One optimisation step on this rank's augmented ``batch`` with the schedule ``values``, without waiting for

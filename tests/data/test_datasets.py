@@ -181,11 +181,11 @@ def test_bad_files_never_crash_a_dataloader(tmp_path):
     seen_bad, n_good = [], 0
     for _ in range(2):  # 10 positions = exactly one pass over the 10 files
         batch = next(iterator)
-        seen_bad += batch["bad_files"]
-        n_good += batch["batch_size"]
-        if batch["batch_size"]:
-            assert batch["global_crops"].shape == (2 * batch["batch_size"], 3, 16, 16)
-            assert batch["global_crops"].dtype == torch.uint8
+        seen_bad += batch.bad_files
+        n_good += batch.batch_size
+        if batch.batch_size:
+            assert batch.global_crops.shape == (2 * batch.batch_size, 3, 16, 16)
+            assert batch.global_crops.dtype == torch.uint8
     del iterator
     assert sorted(seen_bad) == sorted(str(files[k]) for k in BAD)
     assert n_good == len(files) - len(BAD)

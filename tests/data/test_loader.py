@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from dinoreg.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropGeometric
+from dinoreg.data.batch import TrainingBatch, UnfilledBatch
 from dinoreg.data.datasets import ImageFolder
 from dinoreg.data.loader import (
     BadSample,
@@ -101,29 +102,30 @@ def test_collate_ordering_and_bad_samples():
 
     def mask_fn(*, n_images, seed_position):
         calls.append((n_images, seed_position))
-        return {"masks": torch.zeros(n_images, 4, dtype=torch.bool)}
+        return {"masks": torch.zeros(n_images, 4, dtype=torch.bool), "mask_indices": torch.zeros(0, dtype=torch.long),
+                "masks_weight": torch.zeros(0), "n_masked_patches": torch.zeros(1, dtype=torch.long)}
 
     batch = collate_multicrop(samples, mask_fn=mask_fn)
-    assert batch["batch_size"] == 3
-    assert batch["bad_files"] == [None, "/data/broken.jpg"]
-    g, l = batch["global_crops"], batch["local_crops"]
+    assert batch.batch_size == 3
+    assert batch.bad_files == [None, "/data/broken.jpg"]
+    g, l = batch.global_crops, batch.local_crops
     assert g.shape == (6, 3, 4, 4) and g.dtype == torch.uint8 and l.shape == (9, 3, 2, 2)
     # [view 0 of samples 1, 2, 3, view 1 of samples 1, 2, 3]: .chunk(2) gives the views
     assert g[:, 0, 0, 0].tolist() == [10, 20, 30, 11, 21, 31]
     assert [v[:, 0, 0, 0].tolist() for v in g.chunk(2)] == [[10, 20, 30], [11, 21, 31]]
     assert l[:, 0, 0, 0].tolist() == [15, 25, 35, 16, 26, 36, 17, 27, 37]
-    assert batch["labels"].tolist() == [1, 0, 1]
-    assert batch["indices"].tolist() == [101, 102, 103]
-    assert batch["positions"].tolist() == [1001, 1002, 1003]
-    assert (batch["n_global_crops"], batch["n_local_crops"]) == (2, 3)
-    assert calls == [(6, 1001)] and batch["masks"].shape == (6, 4)
+    assert batch.labels.tolist() == [1, 0, 1]
+    assert batch.indices.tolist() == [101, 102, 103]
+    assert batch.positions.tolist() == [1001, 1002, 1003]
+    assert (batch.n_global_crops, batch.n_local_crops) == (2, 3)
+    assert calls == [(6, 1001)] and batch.masks.shape == (6, 4)
 
 
 def test_collate_without_locals_and_all_bad():
     batch = collate_multicrop([_fake_sample(1, n_local=0), _fake_sample(2, n_local=0)])
-    assert batch["local_crops"].shape == (0, 3, 4, 4) and batch["n_local_crops"] == 0
+    assert batch.local_crops.shape == (0, 3, 4, 4) and batch.n_local_crops == 0
     empty = collate_multicrop([None, BadSample("x.jpg", 0, 0)], mask_fn=lambda **_: pytest.fail("called"))
-    assert empty == {"bad_files": [None, "x.jpg"], "batch_size": 0}
+    assert empty == UnfilledBatch(bad_files=[None, "x.jpg"]) and empty.batch_size == 0
 
 
 # ---------------------------------------------------------------- datasets and loaders
@@ -154,14 +156,14 @@ def _first_batches(num_workers: int, n: int = 3, start: int = 0, **kwargs):
 def _assert_same_batches(xs, ys):
     for x, y in zip(xs, ys, strict=True):
         for key in ("global_crops", "local_crops", "labels", "indices", "positions"):
-            assert torch.equal(x[key], y[key]), key
+            assert torch.equal(getattr(x, key), getattr(y, key)), key
 
 
 def test_loader_is_independent_of_worker_count_and_resumes_exactly():
     reference = _first_batches(num_workers=0, n=4)
-    assert reference[0]["global_crops"].shape == (8, 3, 16, 16)
-    assert reference[0]["local_crops"].shape == (8, 3, 8, 8)
-    assert [b["positions"].tolist() for b in reference[:2]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert reference[0].global_crops.shape == (8, 3, 16, 16)
+    assert reference[0].local_crops.shape == (8, 3, 8, 8)
+    assert [b.positions.tolist() for b in reference[:2]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     _assert_same_batches(_first_batches(num_workers=2, n=4), reference)
     _assert_same_batches(_first_batches(num_workers=0, n=2, start=8), reference[2:])
     # two ranks of batch 2 make the same global batches as one rank of batch 4
@@ -169,18 +171,18 @@ def test_loader_is_independent_of_worker_count_and_resumes_exactly():
               for r in range(2)]
     for step in range(2):
         halves = [next(shard) for shard in shards]
-        positions = torch.cat([h["positions"] for h in halves])
+        positions = torch.cat([h.positions for h in halves])
         order = positions.argsort()
-        assert positions[order].tolist() == reference[step]["positions"].tolist()
-        views = [torch.cat([h["global_crops"].chunk(2)[v] for h in halves])[order] for v in range(2)]
-        assert torch.equal(torch.cat(views), reference[step]["global_crops"])
+        assert positions[order].tolist() == reference[step].positions.tolist()
+        views = [torch.cat([h.global_crops.chunk(2)[v] for h in halves])[order] for v in range(2)]
+        assert torch.equal(torch.cat(views), reference[step].global_crops)
 
 
 def test_loader_runs_forever():
     loader = build_loader(_multicrop(size=5), batch_size=4, num_workers=0, seed=0)
     batches = _take(loader, 6)  # 24 samples from 5 images: no StopIteration
-    assert [b["positions"][0].item() for b in batches] == [0, 4, 8, 12, 16, 20]
-    assert sorted(torch.cat([b["indices"] for b in batches])[:5].tolist()) == list(range(5))
+    assert [b.positions[0].item() for b in batches] == [0, 4, 8, 12, 16, 20]
+    assert sorted(torch.cat([b.indices for b in batches])[:5].tolist()) == list(range(5))
 
 
 def test_eval_loader(tmp_path):
@@ -285,3 +287,20 @@ def test_evaluation_loader_workers_ignore_the_job_signals_too():
     _, labels = next(iter(build_eval_loader(_SignalDispositions(), image_size=8, batch_size=4, num_workers=1)))
     assert labels.tolist() == [1, 1, 1, 1]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_batch_is_typed_and_moves_as_one():
+    """A collated batch is a TrainingBatch: its views and counts come from it, every tensor moves with .to(), and
+    the augmentation's changes make a new batch."""
+    masks = {"masks": torch.ones(6, 4, dtype=torch.bool), "mask_indices": torch.arange(24),
+             "masks_weight": torch.full((24,), 0.25), "n_masked_patches": torch.tensor([24]), "upperbound": 24}
+    batch = collate_multicrop([_fake_sample(1), _fake_sample(2), _fake_sample(3)], mask_fn=lambda **_: masks)
+    assert isinstance(batch, TrainingBatch) and batch.batch_size == 3 and len(batch.views()) == 2
+    assert [view[:, 0, 0, 0].tolist() for view in batch.views()] == [[10, 20, 30], [11, 21, 31]]
+    moved = batch.to("meta")
+    tensors = [name for name in ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight",
+                                 "n_masked_patches", "labels", "indices", "positions")]
+    assert all(getattr(moved, name).is_meta for name in tensors) and moved.gram_crops is None
+    assert moved.bad_files == batch.bad_files and not batch.global_crops.is_meta  # a copy: the original stays
+    brighter = batch.replace(global_crops=batch.global_crops + 1)
+    assert torch.equal(brighter.global_crops, batch.global_crops + 1) and brighter.masks is batch.masks

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dinoreg import distributed
 from dinoreg.config import load_config
+from dinoreg.data import TrainingBatch
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.ssl.losses import soft_cross_entropies
@@ -36,8 +37,9 @@ def _batch(cfg, device):
     b, n = cfg.train.batch_size_per_gpu, cfg.crops.local_crops_number
     g, l, grid = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.global_crops_size // 14
     masks = sample_masks(2 * b, (grid, grid), (0.1, 0.5), 0.5, rng=random.Random(0))
-    batch = {"global_crops": torch.randn(2 * b, 3, g, g), "local_crops": torch.randn(n * b, 3, l, l), **masks}
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = TrainingBatch(global_crops=torch.randn(2 * b, 3, g, g), local_crops=torch.randn(n * b, 3, l, l),
+                          n_global_crops=2, n_local_crops=n).with_masks(masks)
+    return batch.to(device)
 
 
 def _losses(overrides, *, bf16):

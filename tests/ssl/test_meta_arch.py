@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg.config import apply_scaling_rule, load_config
+from dinoreg.data import TrainingBatch
 from dinoreg.ssl.masking import sample_masks
 from dinoreg.train.build import build_ssl_model
 from dinoreg.train.optim import apply_optim_schedule, build_optimizer, build_param_groups
@@ -24,16 +25,17 @@ def tiny_cfg(*overrides):
 def make_batch(seed=0):
     torch.manual_seed(seed)
     masks = sample_masks(2 * B, (G // 8, G // 8), (0.1, 0.5), 0.5, rng=random.Random(seed))
-    return {"global_crops": torch.randn(2 * B, 3, G, G), "local_crops": torch.randn(N_LOCAL * B, 3, L, L), **masks}
+    return TrainingBatch(global_crops=torch.randn(2 * B, 3, G, G), local_crops=torch.randn(N_LOCAL * B, 3, L, L),
+                         n_global_crops=2, n_local_crops=N_LOCAL).with_masks(masks)
 
 
 def reference_losses(model, batch, teacher_temp, cfg):
     """The official objective written out term by term (softmax centering, first step: center 0)."""
-    t_out = model.teacher["backbone"](batch["global_crops"], is_training=True)
+    t_out = model.teacher["backbone"](batch.global_crops, is_training=True)
     t_cls = model.teacher["dino_head"](t_out["x_norm_clstoken"])
     t_probs = F.softmax(t_cls / teacher_temp, dim=-1).chunk(2)  # [view1, view2]
-    s_glob, s_loc = model.student["backbone"]([batch["global_crops"], batch["local_crops"]],
-                                              masks=[batch["masks"], None], is_training=True)
+    s_glob, s_loc = model.student["backbone"]([batch.global_crops, batch.local_crops],
+                                              masks=[batch.masks, None], is_training=True)
     s_glob_logits = model.student["dino_head"](s_glob["x_norm_clstoken"]).chunk(2)
     s_loc_logits = model.student["dino_head"](s_loc["x_norm_clstoken"]).chunk(N_LOCAL)
 
@@ -52,7 +54,7 @@ def reference_losses(model, batch, teacher_temp, cfg):
 
     koleo_total = cfg.dino.koleo_loss_weight * sum(koleo(v) for v in s_glob["x_norm_clstoken"].chunk(2))
     # iBOT: per image, mean CE over its masked patches; summed and divided by the number of global crops
-    masks = batch["masks"]
+    masks = batch.masks
     t_patch = model.teacher["ibot_head"](t_out["x_norm_patchtokens"][masks])
     s_patch = model.student["ibot_head"](s_glob["x_norm_patchtokens"][masks])
     per_patch = -(F.softmax(t_patch / teacher_temp, -1) * F.log_softmax(s_patch / 0.1, -1)).sum(-1)
@@ -78,7 +80,7 @@ def test_losses_match_official_objective_written_out():
         for p in model.student.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = make_batch()
-    assert batch["masks"].sum() > 0
+    assert batch.masks.sum() > 0
     total, metrics = model.forward_loss(batch, teacher_temp=0.05)
     with torch.no_grad():
         dino, koleo, ibot = reference_losses(model, batch, 0.05, cfg)
@@ -147,3 +149,14 @@ def test_last_layer_is_frozen_while_its_lr_is_zero():
     optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(last, model.student["dino_head"].last_layer.parameters()))
     assert not torch.equal(qkv, model.student["backbone"].blocks[0].attn.qkv.weight)
+
+
+def test_the_loss_takes_its_views_from_the_batch_and_refuses_what_it_cannot_pair():
+    cfg = load_config("tiny_cpu", ["student.depth=1"])
+    model = build_ssl_model(cfg, load_pretrained=False)
+    batch = make_batch()
+    three_views = batch.replace(n_global_crops=3, global_crops=torch.randn(3 * B, 3, G, G))
+    with pytest.raises(ValueError, match="2 global crops per image .* got 3 global crops"):
+        model.forward_loss(three_views, teacher_temp=0.04)
+    with pytest.raises(ValueError, match="masks absent"):
+        model.forward_loss(batch.replace(masks=None), teacher_temp=0.04)

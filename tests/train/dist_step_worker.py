@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from dinoreg.config import load_config
+from dinoreg.data import TrainingBatch
 from dinoreg.distributed import detect_environment, init_distributed, shutdown_distributed
 from dinoreg.ssl.masking import sample_masks
 from dinoreg.train.build import build_ssl_model
@@ -38,7 +39,7 @@ def global_batch(step: int, cfg) -> dict:
             "masks": masks, "n_local": n_local}
 
 
-def rank_share(batch: dict, rank: int, world_size: int) -> dict:
+def rank_share(batch: dict, rank: int, world_size: int) -> TrainingBatch:
     """Images [rank * B/W, (rank + 1) * B/W) of every view and crop, with their masks re-indexed."""
     per = GLOBAL_BATCH // world_size
     pick = lambda x, n_views: torch.cat([v[rank * per:(rank + 1) * per] for v in x.chunk(n_views)])  # noqa: E731
@@ -46,9 +47,10 @@ def rank_share(batch: dict, rank: int, world_size: int) -> dict:
     counts = masks.sum(1, keepdim=True).clamp(min=1)
     mask_indices = masks.flatten().nonzero().flatten()
     weights = (1.0 / counts).expand_as(masks).flatten()[mask_indices]
-    return {"global_crops": pick(batch["global_crops"], 2), "local_crops": pick(batch["local_crops"], batch["n_local"]),
-            "masks": masks, "mask_indices": mask_indices, "masks_weight": weights,
-            "n_masked_patches": torch.tensor([mask_indices.numel()])}
+    return TrainingBatch(global_crops=pick(batch["global_crops"], 2), n_global_crops=2,
+                         local_crops=pick(batch["local_crops"], batch["n_local"]), n_local_crops=batch["n_local"],
+                         masks=masks, mask_indices=mask_indices, masks_weight=weights,
+                         n_masked_patches=torch.tensor([mask_indices.numel()]))
 
 
 def local_bytes(model, optimizer) -> dict:

@@ -15,6 +15,7 @@ from test_checkpoint import losses_by_iteration
 
 from dinoreg import load_backbone
 from dinoreg.config import load_config
+from dinoreg.data import MASK_FIELDS
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models import DINOHead
 from dinoreg.models.weights import read_heads
@@ -52,18 +53,18 @@ def test_targets_come_from_the_frozen_teacher(teacher_file):
     torch.manual_seed(0)
     model, optimizer = build_model_and_optimizer(cfg, DistributedEnvironment(), torch.device("cpu"))
     batch = rank_share(global_batch(0, cfg), 0, 1)
-    probs, patch_probs, _ = model._teacher_targets(batch["global_crops"], batch["mask_indices"],
-                                                   batch["n_masked_patches"], teacher_temp=0.04)
+    probs, patch_probs, _ = model._teacher_targets(batch.global_crops, batch.mask_indices,
+                                                   batch.n_masked_patches, teacher_temp=0.04)
     # by hand, from the file: the teacher's cls tokens with the views swapped, its DINO head (which scores the masked
     # patches too: it has no separate iBOT head), a softmax at the teacher temperature (the centre starts at 0)
     frozen = load_backbone(teacher_file)
     head = DINOHead(32, 64, hidden_dim=64, bottleneck_dim=32)
     head.load_state_dict(read_heads(teacher_file)["dino_head"], strict=True)
     with torch.no_grad():
-        out = frozen(batch["global_crops"], is_training=True)
+        out = frozen(batch.global_crops, is_training=True)
         view1, view2 = out["x_norm_clstoken"].chunk(2)
         expected = torch.softmax(head(torch.cat([view2, view1])) / 0.04, dim=-1)
-        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch.mask_indices]
         expected_patches = torch.softmax(head(patches) / 0.04, dim=-1)
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(patch_probs, expected_patches, rtol=0, atol=1e-6)
@@ -92,8 +93,8 @@ def test_as_in_dinov2_the_student_sees_every_patch_unless_asked_to_mask(teacher_
         torch.manual_seed(0)
         model, _ = build_model_and_optimizer(cfg, DistributedEnvironment(), torch.device("cpu"))
         batch, other = rank_share(global_batch(0, cfg), 0, 1), rank_share(global_batch(5, cfg), 0, 1)
-        other = {**batch, **{k: other[k] for k in ("masks", "mask_indices", "masks_weight", "n_masked_patches")}}
-        assert not torch.equal(batch["masks"], other["masks"])
+        other = batch.replace(**{k: getattr(other, k) for k in MASK_FIELDS})
+        assert not torch.equal(batch.masks, other.masks)
         with torch.no_grad():
             losses = [model.forward_loss(b, teacher_temp=0.04)[1]["ibot_loss"] for b in (batch, other)]
         assert torch.equal(*losses) != mask_student, mask_student

@@ -15,7 +15,7 @@ from test_continue import dinoreg
 
 from dinoreg import load_backbone
 from dinoreg.config import ConfigError, load_config
-from dinoreg.data import build_dataset, normalise_uint8
+from dinoreg.data import TrainingBatch, build_dataset, normalise_uint8
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.ssl.gram import gram_loss, resize_patch_features
@@ -82,18 +82,18 @@ def test_the_step_adds_the_gram_loss_of_the_gram_teacher_at_its_own_resolution(n
     b, n = 2, (32 // 8) ** 2
     masks = torch.rand(2 * b, n) < 0.3
     masks[:, 0] = True
-    batch = {"global_crops": torch.randn(2 * b, 3, 32, 32), "local_crops": torch.randn(2 * b, 3, 16, 16),
-             "masks": masks, "mask_indices": masks.flatten().nonzero().flatten(),
-             "masks_weight": (1 / masks.sum(-1).clamp(min=1)).repeat_interleave(masks.sum(-1)),
-             "n_masked_patches": torch.tensor([int(masks.sum())]), "gram_crops": torch.randn(2 * b, 3, 48, 48)}
+    batch = TrainingBatch(global_crops=torch.randn(2 * b, 3, 32, 32), local_crops=torch.randn(2 * b, 3, 16, 16),
+                          n_global_crops=2, n_local_crops=2, masks=masks, mask_indices=masks.flatten().nonzero().flatten(),
+                          masks_weight=(1 / masks.sum(-1).clamp(min=1)).repeat_interleave(masks.sum(-1)),
+                          n_masked_patches=torch.tensor([int(masks.sum())]), gram_crops=torch.randn(2 * b, 3, 48, 48))
     twin = copy.deepcopy(model)  # a step updates the centres: each call gets the same model
     _, without = twin.forward_loss(batch, teacher_temp=0.04, gram_weight=0.0)
     total, metrics = model.forward_loss(batch, teacher_temp=0.04, gram_weight=0.5)
     # by hand: the student's global-crop patch tokens against the Gram teacher's on the 48 px crops, whose 6 x 6 grid
     # is resized (bicubic) to the student's 4 x 4; one batch-level Gram matrix over all 2B x 16 tokens
     with torch.no_grad():
-        student = model.student["backbone"]([batch["global_crops"]], masks=[masks], is_training=True)[0]
-        target = model.gram_teacher["backbone"](batch["gram_crops"], is_training=True)["x_norm_patchtokens"]
+        student = model.student["backbone"]([batch.global_crops], masks=[masks], is_training=True)[0]
+        target = model.gram_teacher["backbone"](batch.gram_crops, is_training=True)["x_norm_patchtokens"]
         expected = gram_loss(student["x_norm_patchtokens"], resize_patch_features(target, 6, 4), apply_norm=True,
                              img_level=False, remove_neg=True)
     assert metrics["gram_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -212,11 +212,11 @@ def test_a_gram_teachers_own_crops_are_dinov3s(undistorted):
     raw = next(training_batches(cfg, build_dataset("synthetic:size=16"), DistributedEnvironment(), start=0))
     run = SimpleNamespace(cfg=cfg, photometric=build_photometric(cfg, torch.device("cpu")))
     torch.manual_seed(0)
-    batch = augment_on_device(run, dict(raw))
-    assert batch["global_crops"].shape[-1] == 32 and batch["gram_crops"].shape[-1] == 48
+    batch = augment_on_device(run, raw)
+    assert batch.global_crops.shape[-1] == 32 and batch.gram_crops.shape[-1] == 48
     if undistorted:  # cut by the workers from the same boxes, only normalised
-        assert torch.equal(batch["gram_crops"], normalise_uint8(raw["gram_crops"]))
+        assert torch.equal(batch.gram_crops, normalise_uint8(raw.gram_crops))
     else:  # the workers cut the global crops at 48 px, distorted there; the student's are those resized down
-        assert raw["global_crops"].shape[-1] == 48 and "gram_crops" not in raw
-        expected = F.interpolate(batch["gram_crops"], size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
-        assert torch.equal(batch["global_crops"], expected)
+        assert raw.global_crops.shape[-1] == 48 and raw.gram_crops is None
+        expected = F.interpolate(batch.gram_crops, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
+        assert torch.equal(batch.global_crops, expected)
