@@ -145,12 +145,11 @@ class SSLMetaArch(nn.Module):
         return self.teacher if self.distillation_teacher is None else self.distillation_teacher
 
     @torch.no_grad()
-    def _teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, n_masked: Tensor, teacher_temp: float,
-                         out: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        """``(cls targets, masked-patch targets, stats)``; ``out``: the target teacher's backbone outputs on
-        ``global_crops`` when already computed."""
+    def _teacher_targets(self, out: dict[str, Tensor], mask_indices: Tensor, n_masked: Tensor, teacher_temp: float
+                         ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """``(cls targets, masked-patch targets, stats)`` from ``out``, the target teacher's backbone outputs on
+        the global crops."""
         teacher = self.target_teacher
-        out = teacher["backbone"](global_crops, is_training=True) if out is None else out
         cls_view1, cls_view2 = out["x_norm_clstoken"].chunk(2)
         # Swapped so that view 1 of the student is matched with view 2 of the teacher and vice versa.
         cls_tokens = torch.cat((cls_view2, cls_view1))  # [2B, D]
@@ -207,8 +206,7 @@ class SSLMetaArch(nn.Module):
 
         with torch.no_grad():
             teacher_out = self.target_teacher["backbone"](global_crops, is_training=True)
-        teacher_cls, teacher_patch, metrics = self._teacher_targets(global_crops, mask_indices, n_masked, teacher_temp,
-                                                                    out=teacher_out)
+        teacher_cls, teacher_patch, metrics = self._teacher_targets(teacher_out, mask_indices, n_masked, teacher_temp)
 
         crops = [global_crops] + ([local_crops] if n_local_crops else [])
         crop_masks = [student_masks] + ([None] if n_local_crops else [])

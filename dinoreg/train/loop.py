@@ -279,8 +279,8 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: Trai
     apply_optim_schedule(optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
                          last_layer_lr=values["last_layer_lr"])
     with autocast:
-        gram = {"gram_weight": values["gram_loss_weight"]} if "gram_loss_weight" in values else {}
-        loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"], **gram)
+        loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"],
+                                           gram_weight=values.get("gram_loss_weight", 0.0))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if freeze_backbones:

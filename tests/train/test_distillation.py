@@ -53,8 +53,10 @@ def test_targets_come_from_the_frozen_teacher(teacher_file):
     torch.manual_seed(0)
     model, optimizer = build_model_and_optimizer(cfg, DistributedEnvironment(), torch.device("cpu"))
     batch = rank_share(global_batch(0, cfg), 0, 1)
-    probs, patch_probs, _ = model._teacher_targets(batch.global_crops, batch.mask_indices,
-                                                   batch.n_masked_patches, teacher_temp=0.04)
+    with torch.no_grad():  # the private _teacher_targets takes the target teacher's outputs
+        teacher_out = model.target_teacher["backbone"](batch.global_crops, is_training=True)
+    probs, patch_probs, _ = model._teacher_targets(teacher_out, batch.mask_indices, batch.n_masked_patches,
+                                                   teacher_temp=0.04)
     # by hand, from the file: the teacher's cls tokens with the views swapped, its DINO head (which scores the masked
     # patches too: it has no separate iBOT head), a softmax at the teacher temperature (the centre starts at 0)
     frozen = load_backbone(teacher_file)
