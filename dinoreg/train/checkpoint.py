@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from dinoreg import distributed
-from dinoreg.config import save_config
+from dinoreg.config import DinoRegConfig, save_config
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, errno_of, fsync_directory,
                              is_temporary, replace_directory, rng_state_file, write_json, write_text)
@@ -52,8 +52,9 @@ __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoi
 # Config keys whose change between save and resume alters neither the model nor the data order.
 BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.",
                "optim.adamw_implementation", "train.compile", "train.activation_checkpointing",
-               "train.pack_crops", "train.loss_chunk_elements",  # how, not what
-               "phase.")  # read only when a run starts fresh: a resume takes everything from its checkpoint
+               "train.pack_crops", "train.loss_chunk_elements", "train.fsdp",  # how, not what
+               "phase.", "train.initialisation")  # read only when a run starts fresh: a resume takes everything
+#                                                    from its checkpoint
 
 
 DAMAGED_PREFIX = "damaged-"  # checkpoints/damaged-<iteration>/: skipped as damaged on resume, kept for inspection
@@ -408,14 +409,18 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> tuple[list[str], list[str]]:
-    """``(breaking, benign)``: ``key: saved -> current`` lines for every differing leaf."""
+    """``(breaking, benign)``: ``key: saved -> current`` lines for every differing leaf. A key the checkpoint's
+    config lacks and the current config holds at the schema's default is benign: a key newer than the checkpoint,
+    whose default keeps the behaviour the run had."""
     saved_flat, current_flat = _flatten(OmegaConf.to_container(saved)), _flatten(OmegaConf.to_container(current))
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(DinoRegConfig)))
     breaking, benign = [], []
     for key in sorted(set(saved_flat) | set(current_flat)):
         before, after = saved_flat.get(key, "<absent>"), current_flat.get(key, "<absent>")
         if before != after:
             line = f"{key}: {before!r} -> {after!r}"
-            (benign if key.startswith(BENIGN_KEYS) else breaking).append(line)
+            newer = key not in saved_flat and key in defaults and after == defaults[key]
+            (benign if key.startswith(BENIGN_KEYS) or newer else breaking).append(line)
     return breaking, benign
 
 

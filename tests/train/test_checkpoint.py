@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from launch_helpers import TINY, subprocess_env, tmpfs, wait_for_training_rows
 
 from dinoreg.config import load_config
@@ -131,6 +132,19 @@ def test_config_differences_split_breaking_from_benign():
     assert breaking[0] == "optim.base_lr: 0.01 -> 0.02" and breaking[2] == "train.seed: 0 -> 3"
     assert breaking[1].startswith("optim.lr: ") and len(breaking) == 3  # the lr derived from base_lr
     assert benign == ["evaluation.knn_k: 20 -> 10", "train.log_every: 1 -> 50"]
+
+
+def test_a_checkpoint_older_than_a_key_resumes_when_the_key_keeps_its_default():
+    """A run saved before train.fsdp and train.initialisation existed (their default is what it did) resumes; a
+    newer key set away from its default is reported like any change."""
+    saved = OmegaConf.create(OmegaConf.to_container(load_config("tiny_cpu", RUN)))  # as read back from config.yaml
+    for section, key in (("train", "fsdp"), ("train", "initialisation"), ("train", "seed")):
+        del saved[section][key]  # as an older dinoreg wrote it (seed: a key that changes what the run computes)
+    breaking, benign = config_differences(saved, load_config("tiny_cpu", RUN))
+    assert breaking == [] and benign == ["train.fsdp: '<absent>' -> 'auto'",
+                                         "train.initialisation: '<absent>' -> 'cpu'", "train.seed: '<absent>' -> 0"]
+    breaking, _ = config_differences(saved, load_config("tiny_cpu", [*RUN, "train.seed=3"]))
+    assert breaking == ["train.seed: '<absent>' -> 3"]
 
 
 # ------------------------------------------------------------------------------------- the CLI
