@@ -61,11 +61,11 @@ def add_export_parser(commands: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dinoreg.export.source import ExportError, read_backbone, resolve_checkpoint  # noqa: PLC0415
+    from dinoreg.export.source import (ExportError, read_backbone, read_backbone_with_heads,  # noqa: PLC0415
+                                       resolve_checkpoint)
     from dinoreg.export.writers import (HEAD_FORMATS, check_output, dinov2_load_overrides,  # noqa: PLC0415
                                         export_backbone, resize_backbone)
     from dinoreg.models.formats import timm_resizes_like  # noqa: PLC0415
-    from dinoreg.train.start import read_run_weights  # noqa: PLC0415
 
     try:
         check_output(args.format, args.output, force=args.force)
@@ -74,10 +74,12 @@ def _export(args: argparse.Namespace) -> int:
                               f"--format {args.format} holds a backbone only")
         checkpoint = resolve_checkpoint(args.source, warn=lambda message: print(f"dinoreg export: {message}",
                                                                                  file=sys.stderr))
-        model, source = read_backbone(checkpoint, part=args.part)
+        if args.with_heads:  # one read of the checkpoint for both
+            model, source, heads = read_backbone_with_heads(checkpoint, part=args.part)
+        else:
+            (model, source), heads = read_backbone(checkpoint, part=args.part), None
         if args.img_size and args.img_size != model.arch_kwargs["img_size"]:
             model = resize_backbone(model, args.img_size)
-        heads = read_run_weights(checkpoint, part=args.part).heads if args.with_heads else None
         path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,
                                force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch,
                                timm_name=args.timm_name, heads=heads)

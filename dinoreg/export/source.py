@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from torch import Tensor
+
+from dinoreg.models.head import HEAD_NAMES
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, IN_PROGRESS_PREFIX, META_FILE
 
-__all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "resolve_checkpoint"]
+__all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "read_backbone_with_heads", "resolve_checkpoint"]
 
 PARTS = ("teacher", "student")
 
@@ -79,8 +83,23 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
 
 def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisionTransformer, BackboneSource]:
     """The ``part`` backbone of ``checkpoint`` in fp32 and eval mode, loaded strictly, and where it came from."""
+    model, source, _ = _read(checkpoint, part=part, with_heads=False)
+    return model, source
+
+
+def read_backbone_with_heads(checkpoint: Path, *, part: str = "teacher"
+                             ) -> tuple[DinoVisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
+    """:func:`read_backbone` and the ``part``'s DINO/iBOT heads (``dino_head`` / ``ibot_head`` state dicts, the ones
+    it has), in one read of the checkpoint's tensors."""
+    model, source, heads = _read(checkpoint, part=part, with_heads=True)
+    return model, source, heads
+
+
+def _read(checkpoint: Path, *, part: str, with_heads: bool
+          ) -> tuple[DinoVisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
     from dinoreg.config import build_backbone_from_config, load_config  # noqa: PLC0415
     from dinoreg.train.checkpoint import read_meta, read_model_tensors  # noqa: PLC0415
+    from dinoreg.train.safe_load import read_dcp_metadata  # noqa: PLC0415
 
     if part not in PARTS:
         raise ExportError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
@@ -99,11 +118,19 @@ def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisio
         raise ExportError(f"{checkpoint}'s {part} backbone does not match its config.yaml: missing "
                           f"{sorted(set(own) - saved)[:10]}, unexpected {sorted(saved - set(own))[:10]}")
     request = {prefix + name: tensor for name, tensor in own.items()}
+    head_keys = [key for key in meta["model_keys"] if key.startswith(tuple(f"{part}.{name}." for name in HEAD_NAMES))]
+    if with_heads and head_keys:  # their shapes and dtypes from the checkpoint's own metadata
+        saved_meta = read_dcp_metadata(checkpoint).state_dict_metadata
+        request.update({key: torch.empty(tuple(saved_meta[f"model.{key}"].size),
+                                         dtype=saved_meta[f"model.{key}"].properties.dtype) for key in head_keys})
     read_model_tensors(checkpoint, request)
-    backbone.load_state_dict({name[len(prefix):]: tensor for name, tensor in request.items()}, strict=True)
+    backbone.load_state_dict({name[len(prefix):]: tensor for name, tensor in request.items()
+                              if name.startswith(prefix)}, strict=True)
+    heads = {name: {key[len(f"{part}.{name}."):]: tensor for key, tensor in request.items()
+                    if key.startswith(f"{part}.{name}.")} for name in HEAD_NAMES} if with_heads else {}
     digest = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
     source = BackboneSource(checkpoint=checkpoint, part=part, iteration=int(meta["iteration"]),
                             world_size=int(meta["world_size"]), config_digest=digest, img_size=img_size,
                             dataset=str(cfg.train.dataset_path),
                             total_iterations=int(cfg.optim.epochs * cfg.train.epoch_length))
-    return backbone.eval(), source
+    return backbone.eval(), source, {name: tensors for name, tensors in heads.items() if tensors}
