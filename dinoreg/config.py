@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dinoreg.config_schema import ARCHITECTURES, CHOICES, RENAMED_KEYS, UNUSED_KEYS, DinoRegConfig
+from dinoreg.errors import InputError
 from dinoreg.models import DinoVisionTransformer, build_backbone
 from dinoreg.run_dir import write_text
 
@@ -38,7 +39,7 @@ __all__ = [
 
 DEFAULT_CONFIG = "tiny_cpu"
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration problem; the message names the key, the value given and the fix. ``problems``: each
     problem as one line (the message is the only one, or lists them all under a heading)."""
 

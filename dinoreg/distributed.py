@@ -20,6 +20,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from dinoreg.errors import InputError
+
 __all__ = ["DistributedEnvironment", "DistributedSetupError", "all_reduce_max", "all_reduce_mean", "all_reduce_sum",
            "backend_device", "barrier", "broadcast_flag", "detect_environment", "first_host", "gather_rows_to_main",
            "init_distributed", "is_distributed", "max_over_ranks", "mean_over_ranks", "process_device", "rank",
@@ -29,7 +31,7 @@ _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_POR
 _SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(InputError, RuntimeError):
     """The launcher's environment is incomplete or inconsistent."""
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from dinoreg.distributed import detect_environment
+from dinoreg.errors import InputError
 from dinoreg.run_dir import RunDir
 
 __all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "check_job_strings",
@@ -49,7 +50,7 @@ FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NO
                 "PREEMPTED", "SPECIAL_EXIT", "TIMEOUT"}
 
 
-class SubmitError(Exception):
+class SubmitError(InputError):
     """The job cannot be submitted as asked; the message says what to change."""
 
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from dinoreg.errors import InputError
+
 __all__ = ["BACKBONE_FILE", "CHECKPOINT_DIR", "CONFIG_FILE", "FEATURES_FILES", "IN_PROGRESS_PREFIX", "LATEST_FILE",
            "LOCK_FILE", "META_FILE", "METRICS_FILE", "RESULTS_FILE", "TENSORBOARD_DIR", "RunDir", "RunInUseError",
            "RunLock", "OutputDirError", "check_not_in_use", "errno_of", "fsync_directory", "is_temporary",
@@ -104,7 +106,7 @@ class RunDir:
         return [path for path in (self.checkpoints, self.metrics, self.tensorboard, self.backbone) if path.exists()]
 
 
-class OutputDirError(ValueError):
+class OutputDirError(InputError, ValueError):
     """An output folder cannot be created or written (read-only, a file in the way, permissions)."""
 
 

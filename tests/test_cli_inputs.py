@@ -182,3 +182,27 @@ def test_a_bad_argument_or_path_is_refused_in_one_line_before_any_work(args, nam
     with pytest.raises(SystemExit) as exit_info:
         main([arg.format(**paths) for arg in args])
     one_line(capsys, exit_info.value.code, named.format(**paths), "--help")
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    """Only the project's InputError (and OSError) become one line: a ValueError from inside the code is a bug, and
+    propagates with its traceback (before, `dinoreg train` turned every ValueError into one line)."""
+    from dinoreg.errors import InputError  # noqa: PLC0415
+    from dinoreg.train import loop  # noqa: PLC0415
+    from dinoreg.train.start import StartError  # noqa: PLC0415
+
+    assert issubclass(StartError, InputError) and issubclass(StartError, ValueError)  # old handlers still catch it
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(loop, "train", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["train", "--output-dir", str(tmp_path / "bug"), *TINY])
+
+    def user_error(*args, **kwargs):
+        raise StartError("train.init_from: /nowhere does not exist; give a dinoreg run")
+
+    monkeypatch.setattr(loop, "train", user_error)
+    assert main(["train", "--output-dir", str(tmp_path / "user"), *TINY]) == 1
+    assert capsys.readouterr().err == "dinoreg train: train.init_from: /nowhere does not exist; give a dinoreg run\n"

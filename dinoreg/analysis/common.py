@@ -10,12 +10,13 @@ import torch
 from torch import Tensor
 
 from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD, IndexedView, build_eval_loader
+from dinoreg.errors import InputError
 from dinoreg.models.vit import DinoVisionTransformer
 
 __all__ = ["AnalysisInputs", "AnalysisError", "Tool", "open_inputs", "pyplot", "save_figure"]
 
 
-class AnalysisError(ValueError):
+class AnalysisError(InputError, ValueError):
     """Bad input to an analysis tool; the message names the option and the fix."""
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from dinoreg.argtypes import output_folder, positive_int
+from dinoreg.argtypes import int_at_least, output_folder, positive_int
 
 
 def _objects(text: str) -> tuple[int, int]:
@@ -41,7 +41,8 @@ def add_data_parser(commands: Any) -> None:
                         help="folder to create; an existing one is replaced only once the new one is complete")
     export.add_argument("--size", type=positive_int, default=1000, help="train images (default: %(default)s)")
     export.add_argument("--val-size", type=positive_int, default=200, help="val images (default: %(default)s)")
-    export.add_argument("--image-size", type=int, default=64, help="side in pixels, >= 8 (default: %(default)s)")
+    export.add_argument("--image-size", type=int_at_least(8, "a side in pixels >= 8"), default=64,
+                        help="side in pixels, >= 8 (default: %(default)s)")
     export.add_argument("--seed", type=int, default=0, help="the dataset's seed (default: %(default)s)")
     export.add_argument("--objects", type=_objects, default=(2, 4), metavar="A[-B]",
                         help="objects per image, drawn uniformly (default: 2-4)")
@@ -49,13 +50,13 @@ def add_data_parser(commands: Any) -> None:
 
 
 def _export_synthetic(args: argparse.Namespace) -> int:
-    from dinoreg.data import DatasetError  # noqa: PLC0415
     from dinoreg.data.export import export_synthetic  # noqa: PLC0415
+    from dinoreg.errors import InputError  # noqa: PLC0415
 
     try:
         counts = export_synthetic(args.output, sizes={"train": args.size, "val": args.val_size},
                                   image_size=args.image_size, seed=args.seed, objects=args.objects)
-    except (DatasetError, ValueError) as error:
+    except (InputError, OSError) as error:
         print(f"dinoreg data export-synthetic: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: " + ", ".join(f"{n} {split} images" for split, n in counts.items())

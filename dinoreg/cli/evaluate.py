@@ -194,7 +194,8 @@ def _add_segmentation_parser(protocols: Any) -> None:
 def _run_protocol(args: argparse.Namespace, evaluate: Callable[..., Any], report: Callable[[dict], str],
                   data: Callable[[], dict[str, Any]] | None = None) -> int:
     """``data()``: open_eval's data arguments (default: ``--data``), built inside its error handling."""
-    from dinoreg.distributed import DistributedSetupError, shutdown_distributed  # noqa: PLC0415
+    from dinoreg.distributed import shutdown_distributed  # noqa: PLC0415
+    from dinoreg.errors import InputError  # noqa: PLC0415
     from dinoreg.eval.context import ResultsWriter, open_eval, resolve_weights  # noqa: PLC0415 (heavy imports)
     from dinoreg.eval.features import EvalInputError  # noqa: PLC0415
 
@@ -225,7 +226,7 @@ def _run_protocol(args: argparse.Namespace, evaluate: Callable[..., Any], report
     except EvalInputError as error:
         print(f"{command}: error: {error}", file=sys.stderr)
         return 2
-    except (DistributedSetupError, ValueError) as error:
+    except (InputError, OSError) as error:
         print(f"{command}: {error}", file=sys.stderr)
         return 1
     finally:

@@ -61,6 +61,7 @@ def add_export_parser(commands: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from dinoreg.errors import InputError  # noqa: PLC0415
     from dinoreg.export.source import (ExportError, read_backbone, read_backbone_with_heads,  # noqa: PLC0415
                                        resolve_checkpoint)
     from dinoreg.export.writers import (HEAD_FORMATS, check_output, dinov2_load_overrides,  # noqa: PLC0415
@@ -83,7 +84,7 @@ def _export(args: argparse.Namespace) -> int:
         path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,
                                force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch,
                                timm_name=args.timm_name, heads=heads)
-    except (ExportError, ValueError, OSError) as error:
+    except (InputError, OSError) as error:
         message = str(error).replace("allow_interpolation_mismatch=True", "--allow-interpolation-mismatch")
         message = message.replace("timm_name=", "--timm-name ")
         print(f"dinoreg export: {message}", file=sys.stderr)

@@ -23,9 +23,10 @@ import numpy as np
 from PIL import Image
 
 from dinoreg.data.synthetic import SyntheticShapes
+from dinoreg.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-class DatasetError(ValueError):
+class DatasetError(InputError, ValueError):
     """A dataset path or spec that cannot be read (missing, empty, malformed): a bad value of the config's
     ``train.dataset_path`` or of a tool's data option. The message names the path and the fix."""
 

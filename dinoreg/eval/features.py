@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 from dinoreg import distributed
 from dinoreg.data import ImageFolder, IndexedView, build_dataset, build_eval_loader
+from dinoreg.errors import InputError
 from dinoreg.models.vit import DinoVisionTransformer
 
 Encoder = Callable[[Tensor], Tensor]
 _SYNTHETIC_HELP = "synthetic (default) or synthetic:size=N,image_size=S,seed=K,objects=A-B"
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError, ValueError):
     """A bad evaluation input (data layout, weights, image size): the message names the problem and the fix."""
 
 

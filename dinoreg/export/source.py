@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from dinoreg.errors import InputError
 from dinoreg.models.head import HEAD_NAMES
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, IN_PROGRESS_PREFIX, META_FILE
@@ -24,7 +25,7 @@ __all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "read_back
 PARTS = ("teacher", "student")
 
 
-class ExportError(Exception):
+class ExportError(InputError):
     """The input cannot be exported as asked; the message says why and what to pass instead."""
 
 

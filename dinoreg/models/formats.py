@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from dinoreg.errors import InputError
 from dinoreg.models.layers import swiglu_hidden_features
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
@@ -63,7 +64,11 @@ TIMM_SWIGLU_NAMES = ("vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2"
 TIMM_INTERPOLATION = (True, 0.0)
 
 
-class TimmNameError(ValueError):
+class FormatError(InputError, ValueError):
+    """This model cannot be written in that format as it is: the message says why and what to pass instead."""
+
+
+class TimmNameError(FormatError):
     """No timm model name fits: timm registers none for the architecture and none was given, or the given one
     cannot build it. The message names the reason and a name that works."""
 
@@ -111,7 +116,7 @@ def _hf_interpolation_check(arch: Mapping[str, Any], architecture: str, allow_mi
         return
     hint = ("a registers model trained with interpolate_antialias=True, interpolate_offset=0.0" if theirs[0] else
             "a model without registers trained with interpolate_antialias=False, interpolate_offset=0.0")
-    raise ValueError(
+    raise FormatError(
         f"transformers' {architecture} would differ from this model at input sizes other than {arch['img_size']}px: "
         f"it resizes position embeddings with interpolate_antialias={theirs[0]}, interpolate_offset={theirs[1]} "
         f"(hard-coded in interpolate_pos_encoding, no config flag), this model with "
@@ -172,7 +177,7 @@ def to_hf(
     _hf_interpolation_check(arch, architecture, allow_interpolation_mismatch)
     mlp_ratio = float(arch["mlp_ratio"])
     if not mlp_ratio.is_integer():
-        raise ValueError(f"mlp_ratio={arch['mlp_ratio']} is not an integer; transformers 5.x Dinov2 configs type "
+        raise FormatError(f"mlp_ratio={arch['mlp_ratio']} is not an integer; transformers 5.x Dinov2 configs type "
                          "mlp_ratio as int, so a Hugging Face export cannot express this model")
     config: dict[str, Any] = {
         "architectures": [architecture],

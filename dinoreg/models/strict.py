@@ -6,10 +6,12 @@ from typing import Mapping
 
 from torch import Tensor
 
+from dinoreg.errors import InputError
+
 __all__ = ["CheckpointMismatchError", "check_state_dict_fits"]
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(InputError, RuntimeError):
     """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from dinoreg.errors import InputError
 from dinoreg.models.formats import from_hf, from_timm
 from dinoreg.models.head import HEAD_NAMES, head_from_official
 from dinoreg.models.layers import swiglu_hidden_features
@@ -50,7 +51,7 @@ _FIX = ("give a backbone .safetensors written by dinoreg (e.g. RUN/teacher_backb
         "output or an official DINOv2 .pth")
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(InputError, ValueError):
     """A weights file (or Hugging Face export folder) that cannot be read as a checkpoint: the message is one line
     naming the file, what is wrong with it and what to give instead; nothing the file holds was run."""
 

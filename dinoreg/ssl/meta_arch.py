@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dinoreg.data.batch import TrainingBatch
+from dinoreg.errors import InputError
 from dinoreg.models import DINOHead, DinoVisionTransformer
 from dinoreg.ssl.gram import GramSpec, gram_loss, resize_patch_features, select_gram_tokens
 from dinoreg.ssl.losses import DEFAULT_CHUNK_ELEMENTS, DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -59,6 +60,10 @@ def _prototypes(heads: nn.ModuleDict, name: str) -> int:
     return head.last_layer.parametrizations.weight.original1.shape[0]
 
 
+class TeacherMismatchError(InputError, ValueError):
+    """A distillation teacher whose prototypes or patch size are not the student's: the message names the keys."""
+
+
 def _check_distillation_teacher(teacher: nn.ModuleDict, student: nn.ModuleDict, *, patch_size: int) -> None:
     problems = [f"{name}: the teacher scores {_prototypes(teacher, name)} prototypes, the student "
                 f"{_prototypes(student, name)}" for name in ("dino_head", "ibot_head")
@@ -66,7 +71,7 @@ def _check_distillation_teacher(teacher: nn.ModuleDict, student: nn.ModuleDict, 
     if teacher["backbone"].patch_size != patch_size:  # the iBOT masks index the same patch grid
         problems.append(f"patch size: the teacher's is {teacher['backbone'].patch_size}, the student's {patch_size}")
     if problems:
-        raise ValueError("the distillation teacher does not fit the student: " + "; ".join(problems)
+        raise TeacherMismatchError("the distillation teacher does not fit the student: " + "; ".join(problems)
                          + " (set dino.head_n_prototypes, ibot.head_n_prototypes, student.patch_size to the teacher's)")
 
 

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from dinoreg import distributed
 from dinoreg.config import DinoRegConfig, save_config
+from dinoreg.errors import InputError
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, errno_of, fsync_directory,
                              is_temporary, replace_directory, rng_state_file, write_json, write_text)
@@ -60,7 +61,7 @@ BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "eval
 DAMAGED_PREFIX = "damaged-"  # checkpoints/damaged-<iteration>/: skipped as damaged on resume, kept for inspection
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint cannot be resumed from (unreadable, or incompatible with the current run)."""
 
 

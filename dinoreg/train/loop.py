@@ -32,6 +32,7 @@ from dinoreg.config import apply_scaling_rule, build_backbone_from_config, save_
 from dinoreg.data import DatasetError, Photometric, TrainingBatch, UnfilledBatch, build_dataset, normalise_uint8
 from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag, detect_environment, init_distributed,
                                  mean_over_ranks, process_device, shutdown_distributed)
+from dinoreg.errors import InputError
 from dinoreg.models.weights import save_backbone
 from dinoreg.run_dir import RunDir
 from dinoreg.ssl.meta_arch import SSLMetaArch
@@ -53,7 +54,7 @@ __all__ = ["NonFiniteLossError", "Run", "StepFigures", "flush", "iterate", "read
 UNFILLED_BATCHES_LIMIT = 16  # batches in a row without two readable images: the dataset is unreadable
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(InputError, FloatingPointError):
     """A loss term became NaN or inf; training stops before that state is saved anywhere."""
 
 

@@ -91,7 +91,7 @@ def prepare_output_dir(output_dir: str | Path, *, resume: bool, force: bool) -> 
     if resume or not previous:
         return
     if not force:
-        raise ValueError(f"--no-resume: {output_dir} already holds a run ({', '.join(p.name for p in previous)}); "
+        raise OutputDirError(f"--no-resume: {output_dir} already holds a run ({', '.join(p.name for p in previous)}); "
                          f"pass --force to move it aside to {PREVIOUS_PREFIX}<time>/ and start fresh, or choose "
                          "another --output-dir")
     if detect_environment().is_main:

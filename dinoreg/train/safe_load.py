@@ -26,6 +26,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from dinoreg.errors import InputError
+
 __all__ = ["UnreadableCheckpointError", "UntrustedCheckpointError", "load_rng_state", "read_dcp_metadata", "safe_dcp_load", "save_rng_state"]
 
 _DCP_METADATA_CLASSES = {
@@ -41,11 +43,11 @@ _DCP_METADATA_CLASSES = {
 _LAYOUTS = {str(value): value for value in vars(torch).values() if isinstance(value, torch.layout)}
 
 
-class UntrustedCheckpointError(ValueError):
+class UntrustedCheckpointError(InputError, ValueError):
     """A checkpoint file holds something other than data (a crafted or corrupted file); nothing in it was run."""
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(InputError, ValueError):
     """DCP could not read what was asked of a checkpoint; ``detail``: DCP's own first line (e.g. a missing key)."""
 
     def __init__(self, message: str, *, detail: str) -> None:

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dinoreg.errors import InputError
 from dinoreg.models.head import HEAD_NAMES, head_spec_of
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
@@ -34,12 +35,17 @@ from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
 from dinoreg.train.safe_load import read_dcp_metadata, safe_dcp_load
 from dinoreg.train.parallel import copy_state_into
 
-__all__ = ["Weights", "carry_optimizer_state", "check_heads", "copy_start", "fitted_backbone", "phase_tensors",
-           "read_run_weights", "read_weights", "start_tensors"]
+__all__ = ["StartError", "Weights", "carry_optimizer_state", "check_heads", "copy_start", "fitted_backbone",
+           "phase_tensors", "read_run_weights", "read_weights", "start_tensors"]
 _BACKBONES = ("student.backbone", "teacher.backbone", "gram_teacher.backbone")  # the parts with position embeddings
 
 _HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers",
               "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim"}
+
+
+class StartError(InputError, ValueError):
+    """The weights a run starts from cannot be used (a missing path, a run without an intact checkpoint, a file
+    without the heads asked for): the message names the config key and the fix."""
 
 
 @dataclass
@@ -56,7 +62,7 @@ def read_weights(path: str, *, key: str) -> Weights:
     """The backbone and heads of ``path``: a dinoreg run or checkpoint (its teacher, read from the DCP shards by
     this process alone), or a file. ``key``: the config key that named it, for the errors."""
     if not os.path.exists(path):
-        raise ValueError(f"{key}: {path} does not exist; give a dinoreg run or checkpoint, a `dinoreg export "
+        raise StartError(f"{key}: {path} does not exist; give a dinoreg run or checkpoint, a `dinoreg export "
                          "--with-heads` file or an official teacher_checkpoint.pth")
     with torch.device("cpu"):  # real tensors, also when the model around is being built on the meta device
         if os.path.isdir(path) and (Path(path, CHECKPOINT_DIR).is_dir() or Path(path, META_FILE).is_file()):
@@ -77,7 +83,7 @@ def _checkpoint_of(path: Path, *, key: str) -> Path:
     checkpoint = path if (path / META_FILE).is_file() else newest_intact_checkpoint(path, warn=skipped.append)
     if checkpoint is None:
         found = f" (damaged: {'; '.join(skipped)})" if skipped else ""
-        raise ValueError(f"{key}: {path} holds no intact checkpoint{found}; give a dinoreg run or one of its "
+        raise StartError(f"{key}: {path} holds no intact checkpoint{found}; give a dinoreg run or one of its "
                          f"{CHECKPOINT_DIR}/<iteration> directories")
     return checkpoint
 
@@ -171,7 +177,7 @@ def read_run_weights(checkpoint: Path, *, part: str = "teacher") -> Weights:
 def check_heads(weights: Weights, expected: Mapping[str, nn.Module], *, key: str) -> None:
     """The heads of ``weights`` fit ``expected`` (name -> DINOHead, possibly on the meta device) exactly."""
     if not weights.heads:
-        raise ValueError(f"{key}: {weights.source} holds a backbone but no DINO/iBOT heads. Start from the backbone "
+        raise StartError(f"{key}: {weights.source} holds a backbone but no DINO/iBOT heads. Start from the backbone "
                          "alone with student.pretrained_weights (the heads start fresh; optim.head_warmup_iterations "
                          "trains them first, backbones frozen), or export a run with `dinoreg export --with-heads`")
     given = {f"{name}.{k}": v for name, head in weights.heads.items() for k, v in head.items()}
@@ -191,7 +197,7 @@ def start_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
     if cfg.student.pretrained_weights:
         path = cfg.student.pretrained_weights
         if not os.path.exists(path):
-            raise ValueError(f"student.pretrained_weights: {path} does not exist; give an official or exported "
+            raise StartError(f"student.pretrained_weights: {path} does not exist; give an official or exported "
                              "backbone (.pth, .safetensors, or a `dinoreg export` output), or leave it empty")
         return {f"backbone.{k}": v for k, v in fitted_backbone(backbone, path, key="student.pretrained_weights").items()}
     if not cfg.train.init_from:
