@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dinoreg.config_schema import ARCHITECTURES, CHOICES, RENAMED_KEYS, UNUSED_KEYS, DinoRegConfig
+from dinoreg.config_schema import ARCHITECTURES, CHOICES, RENAMED_KEYS, RETIRED_KEYS, UNUSED_KEYS, DinoRegConfig
 from dinoreg.errors import InputError
 from dinoreg.models import DinoVisionTransformer, build_backbone
 from dinoreg.run_dir import write_text
@@ -153,6 +153,8 @@ def _parse_override(override: str) -> dict:
 
 
 def _unknown_key_message(key: str, source: str) -> str:
+    if key in RETIRED_KEYS:
+        return f"{key} ({source}): no longer a dinoreg key ({RETIRED_KEYS[key]}); delete it"
     for prefix, why in UNUSED_KEYS.items():
         if key == prefix or key.startswith(prefix + "."):
             return f"{key} ({source}): official DINOv2 key not used by dinoreg ({why}); delete it"
@@ -384,7 +386,10 @@ def load_config(config: str | os.PathLike | None = None, overrides: Sequence[str
         line = next(number for number, content in enumerate(text.splitlines(), 1) if "${" in content)
         raise ConfigError(f"{label}: line {line} holds an interpolation ${{...}}, which a config dinoreg saved never "
                           "holds (it saves resolved values): the file was edited or crafted; it is not resolved")
-    sources = [(_parse_yaml(text, label), label)]
+    tree = _parse_yaml(text, label)
+    if saved:  # what an older dinoreg wrote of the keys it has since retired (never with an effect)
+        tree = _without(tree, RETIRED_KEYS)
+    sources = [(tree, label)]
     sources += [(_parse_override(o), f"override {o!r}") for o in overrides]
 
     cfg = OmegaConf.structured(DinoRegConfig)
@@ -408,6 +413,14 @@ def load_config(config: str | os.PathLike | None = None, overrides: Sequence[str
     if cfg.optim.lr == 0.0:
         apply_scaling_rule(cfg, world_size=1)
     return cfg
+
+
+def _without(tree: Any, keys: Sequence[str], prefix: str = "") -> Any:
+    """``tree`` without the dotted ``keys``."""
+    if not isinstance(tree, dict):
+        return tree
+    return {name: _without(value, keys, f"{prefix}{name}.") for name, value in tree.items()
+            if f"{prefix}{name}" not in keys}
 
 
 def _missing_keys(cfg: DictConfig) -> list[str]:

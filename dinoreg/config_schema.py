@@ -81,7 +81,6 @@ class TrainConfig:
     # "synthetic" (the embedded procedural dataset), a folder of images, or a .txt file of paths.
     dataset_path: str = "synthetic"
     output_dir: str = "."
-    saveckp_freq: int = 20
     seed: int = 0
     num_workers: int = 10
     epoch_length: int = 1250  # official OFFICIAL_EPOCH_LENGTH: iterations per "epoch"
@@ -309,6 +308,11 @@ CHOICES = {
 
 # Official keys that we renamed, and official keys we deliberately dropped (with why).
 RENAMED_KEYS = {"train.OFFICIAL_EPOCH_LENGTH": "train.epoch_length"}
+# Keys dinoreg itself once had and removed, with what to use instead. A user's config that sets one is refused
+# with that advice; a config dinoreg saved (config.yaml of a run or checkpoint) holds them only because an older
+# version wrote every key, and they are dropped when it is read (each never had an effect).
+RETIRED_KEYS = {"train.saveckp_freq": "it never had an effect; checkpoints are saved every checkpoint.period "
+                                      "iterations (the official saveckp_freq epochs x train.epoch_length)"}
 UNUSED_KEYS = {
     "MODEL": "to start from weights use student.pretrained_weights",
     "compute_precision": "precision and sharding are chosen by dinoreg.train.parallel",

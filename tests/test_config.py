@@ -107,6 +107,18 @@ def test_renamed_official_key():
     assert "train.OFFICIAL_EPOCH_LENGTH" in message and "train.epoch_length" in message
 
 
+def test_a_retired_key_is_refused_in_a_users_config_and_dropped_from_a_saved_one(tmp_path):
+    """train.saveckp_freq was in the schema and never read: setting it did nothing. Now a user's config that sets it
+    is told what to use; a config.yaml an older dinoreg wrote (it held every key) still loads."""
+    message = config_error("train.saveckp_freq=5")
+    assert "train.saveckp_freq" in message and "no longer a dinoreg key" in message and "checkpoint.period" in message
+    saved = tmp_path / "config.yaml"
+    saved.write_text("train:\n  saveckp_freq: 20\n  seed: 3\n")
+    assert load_config(saved, saved=True).train.seed == 3
+    with pytest.raises(ConfigError, match="train.saveckp_freq"):
+        load_config(saved)
+
+
 @pytest.mark.parametrize("key", ["MODEL.WEIGHTS=''", "compute_precision.grad_scaler=true", "train.cache_dataset=true"])
 def test_dropped_official_keys(key):
     message = config_error(key)

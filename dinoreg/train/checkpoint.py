@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from dinoreg import distributed
 from dinoreg.config import DinoRegConfig, save_config
+from dinoreg.config_schema import RETIRED_KEYS
 from dinoreg.errors import InputError
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE, RunDir, errno_of, fsync_directory,
@@ -412,7 +413,8 @@ def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer
 def config_differences(saved: DictConfig, current: DictConfig) -> tuple[list[str], list[str]]:
     """``(breaking, benign)``: ``key: saved -> current`` lines for every differing leaf. A key the checkpoint's
     config lacks and the current config holds at the schema's default is benign: a key newer than the checkpoint,
-    whose default keeps the behaviour the run had."""
+    whose default keeps the behaviour the run had; so is a key dinoreg retired (``RETIRED_KEYS``: none had an
+    effect)."""
     saved_flat, current_flat = _flatten(OmegaConf.to_container(saved)), _flatten(OmegaConf.to_container(current))
     defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(DinoRegConfig)))
     breaking, benign = [], []
@@ -421,7 +423,7 @@ def config_differences(saved: DictConfig, current: DictConfig) -> tuple[list[str
         if before != after:
             line = f"{key}: {before!r} -> {after!r}"
             newer = key not in saved_flat and key in defaults and after == defaults[key]
-            (benign if key.startswith(BENIGN_KEYS) or newer else breaking).append(line)
+            (benign if key.startswith(BENIGN_KEYS) or newer or key in RETIRED_KEYS else breaking).append(line)
     return breaking, benign
 
 

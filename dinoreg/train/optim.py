@@ -12,7 +12,7 @@ One training step uses this module as::
     apply_optim_schedule(optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
                          last_layer_lr=values["last_layer_lr"])
     ...backward...
-    grad_norms = clip_grad_norms(student, cfg.optim.clip_grad)
+    grad_norms = clip_grad_norms_on_device(student, clip_grad)  # 0-d tensors: nothing waits for the device
     optimizer.step()
 """
 

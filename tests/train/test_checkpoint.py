@@ -145,6 +145,9 @@ def test_a_checkpoint_older_than_a_key_resumes_when_the_key_keeps_its_default():
                                          "train.initialisation: '<absent>' -> 'cpu'", "train.seed: '<absent>' -> 0"]
     breaking, _ = config_differences(saved, load_config("tiny_cpu", [*RUN, "train.seed=3"]))
     assert breaking == ["train.seed: '<absent>' -> 3"]
+    saved.train.saveckp_freq = 20  # a key an older dinoreg saved and has retired
+    breaking, benign = config_differences(saved, load_config("tiny_cpu", RUN))
+    assert breaking == [] and "train.saveckp_freq: 20 -> '<absent>'" in benign
 
 
 # ------------------------------------------------------------------------------------- the CLI
