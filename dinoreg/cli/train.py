@@ -49,7 +49,7 @@ def add_bench_parser(commands: Any) -> None:
     bench = commands.add_parser("bench", help="benchmarks (speed, not correctness)",
                                 description="Benchmarks; numbers for docs/BENCHMARKS.md and the README.")
     benches = bench.add_subparsers(dest="benchmark", metavar="<benchmark>", required=True)
-    bench_train = benches.add_parser(
+    bench_train = _bench_command(benches, _bench_train, "results",
         "train", help="iteration time, images/s, TFLOP/s and MFU, peak memory and data wait of the training loop",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the real training loop for --warmup + --iterations steps in a temporary directory and "
@@ -65,7 +65,6 @@ def add_bench_parser(commands: Any) -> None:
                "  dinoreg bench train --config vitl14_reg4 train.fsdp=always     # FSDP2 in one process\n"
                "  dinoreg bench flops --config vitg14_reg4 --json g_flops.json\n"
                "  dinoreg bench train --config vitg14_reg4 --flops g_flops.json --profile g_kernels.txt")
-    add_recipe_arguments(bench_train)
     bench_train.add_argument("--iterations", type=positive_int, default=50,
                              help="measured iterations (default: %(default)s)")
     bench_train.add_argument("--warmup", type=int_at_least(1, "a number of iterations >= 1"), default=10,
@@ -81,9 +80,7 @@ def add_bench_parser(commands: Any) -> None:
     bench_train.add_argument("--profile", type=output_file, metavar="PATH",
                              help="profile 2 more steps after the timed ones and write the table of their top "
                                   "operators and kernels (by self device time on a GPU) to PATH")
-    bench_train.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON to PATH")
-    bench_train.set_defaults(handler=_bench_train, parser=bench_train)
-    bench_flops = benches.add_parser(
+    _bench_command(benches, _bench_flops, "counts",
         "flops", help="the FLOPs of one training step of a recipe (no GPU, no weights)",
         description="FLOPs of one training step on one device at the recipe's per-device batch: the student's "
                     "forward on every crop (x3 with its backward) and the target teacher's on the global crops, "
@@ -91,10 +88,7 @@ def add_bench_parser(commands: Any) -> None:
                     "built on the meta device (a second or two for ViT-g). `dinoreg bench train --flops` reads the "
                     "JSON.",
         epilog="example: dinoreg bench flops --config vitl14_reg4 train.batch_size_per_gpu=32 --json l_flops.json")
-    add_recipe_arguments(bench_flops)
-    bench_flops.add_argument("--json", type=output_file, metavar="PATH", help="also write the counts as JSON to PATH")
-    bench_flops.set_defaults(handler=_bench_flops, parser=bench_flops)
-    bench_heads = benches.add_parser(
+    _bench_command(benches, _bench_heads, "results",
         "heads", help="peak memory of the prototype heads and losses alone",
         description="One forward + backward through the student and teacher prototype heads and the DINO and iBOT "
                     "losses of a recipe, at its per-device batch and iBOT masks, with the backbones replaced by "
@@ -102,10 +96,7 @@ def add_bench_parser(commands: Any) -> None:
                     "allocated, or the resident-set high-water mark on CPU) and compares it with the size of the "
                     "fp32 logits of all rows.",
         epilog="example: dinoreg bench heads --config vitl14_reg4 train.batch_size_per_gpu=4")
-    add_recipe_arguments(bench_heads)
-    bench_heads.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON to PATH")
-    bench_heads.set_defaults(handler=_bench_heads, parser=bench_heads)
-    bench_memory = benches.add_parser(
+    bench_memory = _bench_command(benches, _bench_memory, "plan",
         "memory", help="plan the memory per GPU of a run and the largest per-GPU batch that fits, before submitting",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Per GPU: fp32 master parameters, bf16 compute copies, gradients and AdamW moments (counted on "
@@ -119,7 +110,6 @@ def add_bench_parser(commands: Any) -> None:
                "  dinoreg bench memory --config vitl14_reg4 --gpus 8 --gpu-memory-gib 80\n"
                "  dinoreg bench memory --config vitg14_reg4 --gpus 16 --batch 32 --gpu-memory-gib 141 \\\n"
                "      --activation-checkpointing selective train.sharding=full_shard")
-    add_recipe_arguments(bench_memory)
     bench_memory.add_argument("--gpus", type=positive_int, default=1,
                               help="GPUs the run shards over (default: %(default)s)")
     bench_memory.add_argument("--batch", type=positive_int, metavar="B",
@@ -133,24 +123,28 @@ def add_bench_parser(commands: Any) -> None:
                                    "(default: %(default)s)")
     bench_memory.add_argument("--fp32", action="store_true",
                               help="plan an fp32 run (a CPU's) instead of bf16 (a GPU's)")
-    bench_memory.add_argument("--json", type=output_file, metavar="PATH", help="also write the plan as JSON to PATH")
-    bench_memory.set_defaults(handler=_bench_memory, parser=bench_memory)
-    bench_checkpoint = benches.add_parser(
+    bench_checkpoint = _bench_command(benches, _bench_checkpoint, "results",
         "checkpoint", help="time saving and loading a full training checkpoint; its size",
         description="Save and load a recipe's full training state (student, teacher, DINO/iBOT centres, AdamW "
                     "state) with the training loop's own checkpoint functions, in one process, and print the "
                     "median times and the size on disk.")
-    add_recipe_arguments(bench_checkpoint)
     bench_checkpoint.add_argument("--repeats", type=positive_int, default=3,
                                   help="saves and loads to take the median of (default: %(default)s)")
     bench_checkpoint.add_argument("--dir", type=output_folder, metavar="DIR",
                                   help="write the checkpoints under DIR (default: the system temporary directory)")
-    bench_checkpoint.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON to PATH")
-    bench_checkpoint.set_defaults(handler=_bench_checkpoint, parser=bench_checkpoint)
 
 
 # the config keys that name a weights file to read at start-up
 _WEIGHTS_KEYS = ("train.init_from", "student.pretrained_weights", "distillation.teacher", "gram.ckpt", "phase.start_from")
+
+
+def _bench_command(benches: Any, handler: Any, what: str, name: str, **parser_options: Any) -> argparse.ArgumentParser:
+    """A ``dinoreg bench`` subcommand: the recipe arguments, ``--json`` (the ``what`` as JSON) and its handler."""
+    parser = benches.add_parser(name, **parser_options)
+    add_recipe_arguments(parser)
+    parser.add_argument("--json", type=output_file, metavar="PATH", help=f"also write the {what} as JSON to PATH")
+    parser.set_defaults(handler=handler, parser=parser)
+    return parser
 
 
 def _failures() -> tuple[type[Exception], ...]:
