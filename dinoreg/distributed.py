@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from dinoreg.errors import InputError
 
-__all__ = ["DistributedEnvironment", "DistributedSetupError", "all_reduce_max", "all_reduce_mean", "all_reduce_sum",
+__all__ = ["DistributedEnvironment", "DistributedSetupError", "all_reduce_max", "all_reduce_sum",
            "backend_device", "barrier", "broadcast_flag", "detect_environment", "first_host", "gather_rows_to_main",
            "init_distributed", "is_distributed", "max_over_ranks", "mean_over_ranks", "process_device", "rank",
            "shutdown_distributed", "world_size"]
@@ -194,16 +194,6 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
-
-
-def all_reduce_mean(values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
-    """The mean over ranks of each scalar, in one collective; plain floats in a single process."""
-    names = list(values)
-    if not names:
-        return {}
-    packed = torch.stack([torch.as_tensor(values[n], dtype=torch.float64).detach().cpu().reshape(())
-                          for n in names])
-    return dict(zip(names, mean_over_ranks(packed).cpu().tolist()))
 
 
 def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -62,3 +62,17 @@ def tmpfs(mount_point: Path, options: str):
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def latest_checkpoint(run_dir):
+    """The published checkpoint a run's ``checkpoints/latest`` names (the pointer the saver writes last), else its
+    newest published one: what the tests expect a save to have left."""
+    from dinoreg.run_dir import CHECKPOINT_DIR, LATEST_FILE, META_FILE  # noqa: PLC0415
+    from dinoreg.train.checkpoint import checkpoint_dirs  # noqa: PLC0415
+
+    pointer = Path(run_dir) / CHECKPOINT_DIR / LATEST_FILE
+    named = pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and (named / META_FILE).is_file():
+        return named
+    published = checkpoint_dirs(run_dir)
+    return published[-1] if published else None

@@ -47,7 +47,7 @@ from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE
 from dinoreg.train.safe_load import UnreadableCheckpointError, load_rng_state, safe_dcp_load, save_rng_state
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
-           "config_differences", "latest_checkpoint", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
+           "config_differences", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
            "read_model_tensors",
            "save_checkpoint", "verify_checkpoint"]
 
@@ -110,15 +110,6 @@ def check_no_foreign_entries(run_dir: str | Path) -> None:
     if foreign:
         raise CheckpointError(f"{foreign[0]} is not a checkpoint directory but a file, where this run would save "
                               f"checkpoint {foreign[0].name}: move or delete it, then start again")
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The newest published checkpoint: the one ``latest`` names when it exists, else the highest iteration."""
-    _, named = _read_latest(Path(run_dir) / CHECKPOINT_DIR)
-    if named is not None:
-        return named
-    published = checkpoint_dirs(run_dir)
-    return published[-1] if published else None
 
 
 def set_aside_checkpoints_after(run_dir: str | Path, iteration: int) -> list[Path]:

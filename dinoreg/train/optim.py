@@ -41,7 +41,6 @@ __all__ = [
     "apply_optim_schedule",
     "build_optimizer",
     "build_param_groups",
-    "clip_grad_norms",
     "clip_grad_norms_on_device",
     "cosine_schedule",
     "zero_first_iterations",
@@ -154,15 +153,10 @@ def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_
         group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
 
 
-def clip_grad_norms(student: nn.ModuleDict | Mapping[str, nn.Module], max_norm: float) -> dict[str, float]:
-    """Clip each sub-model's gradients separately to ``max_norm`` (as the official trainer does)
-    and return their pre-clip norms by sub-model name. ``max_norm <= 0`` only measures."""
-    return {key: float(norm) for key, norm in clip_grad_norms_on_device(student, max_norm).items()}
-
-
 def clip_grad_norms_on_device(student: nn.ModuleDict | Mapping[str, nn.Module], max_norm: float) -> dict[str, Tensor]:
-    """:func:`clip_grad_norms` without reading the norms on the host: 0-d tensors on the parameters' device
-    (the norm over all ranks under FSDP2). Nothing in it waits for the device."""
+    """Clip each sub-model's gradients separately to ``max_norm`` (as the official trainer does) and return their
+    pre-clip norms by sub-model name, as 0-d tensors on the parameters' device (the norm over all ranks under
+    FSDP2): nothing in it waits for the device. ``max_norm <= 0`` only measures."""
     norms: dict[str, Tensor] = {}
     for key, submodel in student.items():
         params = [p for p in submodel.parameters() if p.grad is not None]

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from launch_helpers import TINY, subprocess_env, tmpfs, wait_for_training_rows
+from launch_helpers import TINY, latest_checkpoint, subprocess_env, tmpfs, wait_for_training_rows
 
 from dinoreg.config import load_config
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.weights import CheckpointMismatchError
 from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.checkpoint import (CHECKPOINT_DIR, CheckpointError, checkpoint_dirs, config_differences, file_crc32,
-                                      latest_checkpoint, load_checkpoint, read_meta, save_checkpoint, verify_checkpoint)
+                                      load_checkpoint, read_meta, save_checkpoint, verify_checkpoint)
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher
 
 # A run of 2 x 10 iterations that takes about 2 s after start-up.

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import TINY, TORCHRUN, free_port, subprocess_env, torchrun, wait_for_training_rows
+from launch_helpers import (TINY, TORCHRUN, free_port, latest_checkpoint, subprocess_env, torchrun,
+                            wait_for_training_rows)
 
 from dinoreg import load_backbone
 from dinoreg.config import load_config
-from dinoreg.distributed import (DistributedEnvironment, DistributedSetupError, all_reduce_mean, detect_environment,
+from dinoreg.distributed import (DistributedEnvironment, DistributedSetupError, detect_environment,
                                  first_host)
 from dinoreg.run_dir import BACKBONE_FILE
 from dinoreg.train.build import build_model_and_optimizer
-from dinoreg.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from dinoreg.train.checkpoint import load_checkpoint, read_meta
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL
 
 HERE = Path(__file__).parent
@@ -67,8 +68,6 @@ def test_first_host_of_a_node_list(nodelist, host):
     assert first_host(nodelist) == host
 
 
-def test_all_reduce_mean_in_one_process_returns_floats():
-    assert all_reduce_mean({"a": torch.tensor(2.5), "b": 1}) == {"a": 2.5, "b": 1.0}
 
 
 # ------------------------------------------------------------------------------------- FSDP2

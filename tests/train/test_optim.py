@@ -18,7 +18,7 @@ from dinoreg.train.optim import (
     apply_optim_schedule,
     build_optimizer,
     build_param_groups,
-    clip_grad_norms,
+    clip_grad_norms_on_device,
     cosine_schedule,
     zero_first_iterations,
 )
@@ -35,6 +35,11 @@ class TinyHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, 16), nn.GELU(), nn.Linear(16, bottleneck))
         self.last_layer = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+
+
+def clip_grad_norms(student, max_norm):
+    """The pre-clip norms read on the host, as floats (the loop keeps them on the device)."""
+    return {key: float(norm) for key, norm in clip_grad_norms_on_device(student, max_norm).items()}
 
 
 def make_student(ibot_head: bool = True) -> nn.ModuleDict:
