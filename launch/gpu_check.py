@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The GPU check's planner and phase runner; ``launch/gpu_check.sh`` is the entry point (see its ``--help``).
+"""The GPU check's phase runner (its plan and phase 1's process are in ``launch/gpu_plan.py``); ``launch/gpu_check.sh`` is the entry point (see its ``--help``).
 
     python launch/gpu_check.py plan --out .gpu_plan.json            # here, on the CPU: batches, FLOPs, plans
     python launch/gpu_check.py run --plan .gpu_plan.json --out DIR  # there: the phases, within the budget
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import signal
 import subprocess
@@ -34,35 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from gpu_plan import CARDS, GIB, MODELS, REHEARSAL_CARD, REHEARSAL_MODELS, device_facts, make_plan  # launch/, beside
+
 REPO = Path(__file__).resolve().parent.parent
-GIB = 2**30
 BUDGET_S = 450  # one command: 7.5 minutes, so that a second call still fits in a 15-minute window with the start
 MARGIN_S = 25  # kept free at the end: the last JSON write, the transfer of $OUT
 SETUP_S = 30  # the shell's part before the phases: the wheels' install, Python's start
-USABLE_SHARE = 0.9  # a planned batch keeps 10% of the card free: the planner's activations are a CPU prediction
 MAX_OUT_FILES, MAX_OUT_BYTES = 8, 16 * 2**20  # what the device tool brings back
 LOG_TAIL_LINES = 150
 
-# the cards a window may lend, by what torch reports: usable memory for the plan
-CARDS = {"h100": {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.0},
-         "h200": {"name": "NVIDIA H200", "memory_gib": 139.0}}
 # targets of issue 25 (images/s of vitl14_reg4 per card; MFU against the nominal bf16 peak, H200 only)
 TARGETS = {"h100": {"vitl_images_per_sec": 150}, "h200": {"vitl_images_per_sec": 200, "vitl_mfu_of_nominal": 0.45}}
 
-# the models of the check: the real recipes, or tiny stand-ins for the CPU rehearsal that exercise the same paths
-# (compile with inductor and bf16 autocast in the ViT-L phase, fused SwiGLU in the ViT-g phase, fused AdamW on the
-# one-process FSDP2 path)
-MODELS = {
-    "vitl": {"config": "vitl14_reg4", "overrides": []},
-    "vitg": {"config": "vitg14_reg4", "overrides": []},
-}
-TINY = ["student.depth=2", "dino.head_n_prototypes=512", "ibot.head_n_prototypes=512", "train.num_workers=0",
-        "crops.local_crops_number=2", "train.batch_size_per_gpu=4"]
-REHEARSAL_MODELS = {
-    "vitl": {"config": "tiny_cpu", "overrides": [*TINY, "train.compile=blocks", "train.precision=bf16"]},
-    "vitg": {"config": "tiny_cpu", "overrides": [*TINY, "student.ffn_layer=swiglufused"]},
-}
-REHEARSAL_CARD = {"cpu": {"name": "cpu", "memory_gib": 8.0}}
 NAIVE = ("train.compile=none", "student.attention_backend=math", "train.activation_checkpointing=none",
          "optim.adamw_implementation=for_loop", "train.pack_crops=false")  # as dinoreg.tools.training.NAIVE
 
@@ -112,50 +94,6 @@ def budget_check(phases: Sequence[Phase] = tuple(PHASES), budget_s: int = BUDGET
     return {"budget_s": budget_s, "setup_s": SETUP_S, "required_phases_s": required, "margin_s": MARGIN_S,
             "total_s": total, "fits": total <= budget_s,
             "left_for_optional_phases_s": budget_s - total}
-
-
-# --------------------------------------------------------------------------------------------------
-# the plan (here, on the CPU)
-
-
-def planned_batch(plan: dict[str, Any], memory_gib: float, recipe_batch: int) -> int:
-    """The recipe's per-GPU batch when its planned total fits ``USABLE_SHARE`` of the card, else the largest
-    multiple of 4 (or, below 4, the largest batch) that does; 0 when not even 2 images (KoLeo's least) fit."""
-    usable = USABLE_SHARE * memory_gib * GIB
-    fitting = math.floor((usable - plan["fixed_bytes"]) / plan["bytes_per_batch_image"])
-    if fitting >= recipe_batch:
-        return recipe_batch
-    return fitting // 4 * 4 if fitting >= 4 else fitting if fitting >= 2 else 0
-
-
-def make_plan(models: dict[str, dict[str, Any]], cards: dict[str, dict[str, Any]], *, bf16: bool = True
-              ) -> dict[str, Any]:
-    """For each model, its one-GPU memory plan (once: fixed bytes and bytes per image do not depend on the card)
-    and, per card, the planned batch, its planned bytes and the FLOPs of a step at that batch."""
-    from dinoreg.tools.flops import count_step_flops  # noqa: PLC0415 (heavy imports)
-    from dinoreg.config import load_config  # noqa: PLC0415
-    from dinoreg.tools.planner import plan_memory  # noqa: PLC0415
-
-    result: dict[str, Any] = {"created": _now(), "budget": budget_check(), "cards": {}, "models": models}
-    plans = {}
-    for name, model in models.items():
-        started = time.perf_counter()
-        plans[name] = plan_memory(model["config"], gpus=1, overrides=model["overrides"], bf16=bf16)
-        print(f"planned {name} ({model['config']}) in {time.perf_counter() - started:.0f} s", flush=True)
-    for card, facts in cards.items():
-        entry: dict[str, Any] = {"memory_gib": facts["memory_gib"], "name": facts["name"]}
-        for name, model in models.items():
-            plan = plans[name]
-            recipe_batch = load_config(model["config"], model["overrides"]).train.batch_size_per_gpu
-            batch = planned_batch(plan, facts["memory_gib"], recipe_batch)
-            flops = count_step_flops(model["config"], overrides=[*model["overrides"],
-                                                                 f"train.batch_size_per_gpu={max(batch, 2)}"])
-            entry[name] = {"batch": batch, "recipe_batch": recipe_batch,
-                           "planned_bytes": plan["fixed_bytes"] + batch * plan["bytes_per_batch_image"],
-                           "fixed_bytes": plan["fixed_bytes"], "bytes_per_batch_image": plan["bytes_per_batch_image"],
-                           "flops": flops}
-        result["cards"][card] = entry
-    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,41 +384,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# phase 1's process
-
-
-def device_facts() -> dict[str, Any]:
-    import platform  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-
-    facts: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                             "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-    try:
-        import dinoreg  # noqa: PLC0415
-        facts["dinoreg"] = dinoreg.__version__
-    except ImportError as error:
-        facts["dinoreg"] = f"not importable: {error}"
-    if not torch.cuda.is_available():
-        facts.update(name="cpu", cpu_count=os.cpu_count())
-        return facts
-    from dinoreg.tools.training import matmul_peak  # noqa: PLC0415
-
-    properties = torch.cuda.get_device_properties(0)
-    facts.update(name=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
-                 multiprocessors=properties.multi_processor_count, total_memory_bytes=properties.total_memory,
-                 cudnn=torch.backends.cudnn.version(), device_count=torch.cuda.device_count())
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-        facts["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
-    except (OSError, subprocess.TimeoutExpired) as error:
-        facts["nvidia_smi"] = f"not run: {error}"
-    facts["bf16_matmul_peak_flops_per_s"] = matmul_peak(torch.device("cuda", 0), torch.bfloat16)
-    return facts
-
-
-# --------------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -504,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.json.write_text(json.dumps(device_facts(), indent=2) + "\n")
         return 0
     if args.command == "plan":
-        result = make_plan(MODELS, CARDS)
+        result = make_plan(MODELS, CARDS, budget=budget_check())
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         for card, entry in result["cards"].items():
             print(f"{card}: " + ", ".join(f"{name} batch {entry[name]['batch']} (planned "
@@ -518,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dinoreg-gpu-check-"))
     if args.command == "rehearse":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, whatever this machine has
-        plan_data = make_plan(REHEARSAL_MODELS, REHEARSAL_CARD, bf16=False)
+        plan_data = make_plan(REHEARSAL_MODELS, REHEARSAL_CARD, budget=budget_check(), bf16=False)
         budget = REHEARSAL_BUDGET_S
     else:
         plan_data = _read_json(args.plan)

@@ -16,6 +16,9 @@ from launch_helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
+sys.path.insert(0, str(LAUNCH))  # gpu_check.py imports gpu_plan.py beside it, as when run as a script
+import gpu_plan  # noqa: E402
+
 spec = importlib.util.spec_from_file_location("gpu_check", LAUNCH / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)
 sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up
@@ -95,7 +98,7 @@ GIB = 2**30
 ])
 def test_the_planned_batch_is_the_recipes_or_the_largest_that_fits(memory, expected):
     plan = {"fixed_bytes": 27 * GIB, "bytes_per_batch_image": 3 * GIB}
-    assert gpu_check.planned_batch(plan, memory, 12) == expected
+    assert gpu_plan.planned_batch(plan, memory, 12) == expected
 
 
 def test_the_card_is_the_plans_by_memory():
