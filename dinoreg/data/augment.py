@@ -80,8 +80,8 @@ class MultiCropGeometric:
     ``__call__(image, rng)`` -> ``{"global_crops": [2 x uint8 [3, G, G]], "local_crops": [n x uint8 [3, L, L]]}``.
     Each crop draws its box then its flip from ``rng``, in the order global 1, global 2, locals, so a
     seeded ``rng`` makes the crops reproducible. Images smaller than a crop are upscaled. With
-    ``gram_crops_size`` T, also ``"gram_crops": [2 x uint8 [3, T, T]]``: the global crops' boxes and flips cut at
-    T pixels (DINOv3's Gram-teacher crops without distortions), with no extra draw.
+    ``undistorted_crops_size`` T, also ``"gram_crops": [2 x uint8 [3, T, T]]``: the global crops' boxes and flips
+    cut at T pixels (DINOv3's Gram-teacher crops without distortions), with no extra draw.
     """
 
     ratio = (3.0 / 4.0, 4.0 / 3.0)
@@ -93,14 +93,14 @@ class MultiCropGeometric:
         local_crops_number: int,
         global_crops_scale: Sequence[float] = (0.32, 1.0),
         local_crops_scale: Sequence[float] = (0.05, 0.32),
-        gram_crops_size: Optional[int] = None,
+        undistorted_crops_size: Optional[int] = None,
     ):
         self.global_crops_size = int(global_crops_size)
         self.local_crops_size = int(local_crops_size)
         self.local_crops_number = int(local_crops_number)
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
-        self.gram_crops_size = None if gram_crops_size is None else int(gram_crops_size)
+        self.gram_crops_size = None if undistorted_crops_size is None else int(undistorted_crops_size)
 
     @property
     def min_source_side(self) -> int:

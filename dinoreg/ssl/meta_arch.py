@@ -4,22 +4,22 @@ The arithmetic is the official ``SSLMetaArch.forward_backward``; it is written w
 padding buffers the official code needs for xformers (padded rows never reach a loss, so the values
 are the same) and it returns the loss instead of calling backward itself. It receives what it needs as
 arguments (backbones, head sizes, loss weights, centering); :func:`dinoreg.train.build.build_ssl_model`
-builds it from a config.
+builds it from a config. What a training feature adds (a frozen teacher, a loss term, a change of masking) comes
+through the :class:`~dinoreg.ssl.feature.TrainingFeature` protocol: this module names no feature.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from dinoreg.data.batch import TrainingBatch
-from dinoreg.errors import InputError
 from dinoreg.models import DINOHead, DinoVisionTransformer
-from dinoreg.ssl.gram import GramSpec, gram_loss, resize_patch_features, select_gram_tokens
+from dinoreg.ssl.feature import StepOutputs, TrainingFeature
 from dinoreg.ssl.losses import DEFAULT_CHUNK_ELEMENTS, DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 
@@ -55,45 +55,19 @@ class LossWeights:
 CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
-def _prototypes(heads: nn.ModuleDict, name: str) -> int:
-    head = heads[name] if name in heads else heads["dino_head"]  # a shared head scores the patches too
-    return head.last_layer.parametrizations.weight.original1.shape[0]
-
-
-class TeacherMismatchError(InputError, ValueError):
-    """A distillation teacher whose prototypes or patch size are not the student's: the message names the keys."""
-
-
-def _check_distillation_teacher(teacher: nn.ModuleDict, student: nn.ModuleDict, *, patch_size: int) -> None:
-    problems = [f"{name}: the teacher scores {_prototypes(teacher, name)} prototypes, the student "
-                f"{_prototypes(student, name)}" for name in ("dino_head", "ibot_head")
-                if _prototypes(teacher, name) != _prototypes(student, name)]
-    if teacher["backbone"].patch_size != patch_size:  # the iBOT masks index the same patch grid
-        problems.append(f"patch size: the teacher's is {teacher['backbone'].patch_size}, the student's {patch_size}")
-    if problems:
-        raise TeacherMismatchError("the distillation teacher does not fit the student: " + "; ".join(problems)
-                         + " (set dino.head_n_prototypes, ibot.head_n_prototypes, student.patch_size to the teacher's)")
-
-
 class SSLMetaArch(nn.Module):
     def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer, *,
                  dino_head: HeadSpec, ibot_head: Optional[HeadSpec], loss_weights: LossWeights,
                  centering: str, pack_crops: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 distillation_teacher: Optional[nn.ModuleDict] = None, mask_student: bool = True,
-                 gram: Optional[GramSpec] = None, gram_teacher_backbone: Optional[DinoVisionTransformer] = None) -> None:
+                 features: Sequence[TrainingFeature] = ()) -> None:
         """``teacher_backbone``: the same architecture as ``student_backbone`` (without stochastic depth); it
         starts as an exact copy. ``ibot_head``: a separate iBOT head; None shares the DINO head (official
         default). ``centering``: the teacher's ``"centering"`` (softmax, EMA centre) or ``"sinkhorn_knopp"``.
         ``pack_crops``: the student sees global and local crops in one packed pass (False: one pass per crop
         group, the same values). ``chunk_elements``: the losses' row chunks over the prototypes (see
-        :mod:`dinoreg.ssl.losses`). ``distillation_teacher``: a frozen ``backbone`` with its ``dino_head`` (and
-        ``ibot_head``) whose outputs are the targets (DINOv2's distillation); ``teacher`` is then the EMA of the
-        student, kept for evaluation and export. Its prototype counts must be the student's. ``mask_student``
-        (distillation only): iBOT masking as in self-supervised training; False, as DINOv2's distillation, the
-        student sees every patch and the iBOT loss scores every patch of the global crops. ``gram``: Gram anchoring
-        (DINOv3) of the student's global-crop patch tokens (registers and cls excluded) to those of a frozen Gram
-        teacher, ``gram_teacher_backbone`` (the teacher's architecture; it starts as the teacher's copy and is set
-        by :meth:`refresh_gram_teacher` or from a file), or of the EMA teacher itself with ``gram.ema_teacher``."""
+        :mod:`dinoreg.ssl.losses`). ``features``: the run's training features (:mod:`dinoreg.ssl.feature`); their
+        frozen models are added under their names, after the teacher, frozen; those of ``teacher_copies`` start as
+        the teacher backbone's copy."""
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering {centering!r}: choose one of {', '.join(CENTERINGS)}")
@@ -111,19 +85,18 @@ class SSLMetaArch(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict(), strict=True)
         self.teacher.requires_grad_(False)
 
-        self.distillation_teacher = distillation_teacher
-        self.ibot_all_patches = distillation_teacher is not None and not mask_student and self.do_ibot
-        if distillation_teacher is not None:
-            _check_distillation_teacher(distillation_teacher, self.student, patch_size=student_backbone.patch_size)
-            distillation_teacher.requires_grad_(False)
-
-        self.gram, self.gram_teacher = gram, None
-        if gram is not None and not gram.ema_teacher:
-            if gram_teacher_backbone is None:
-                raise ValueError("Gram anchoring with its own Gram teacher needs gram_teacher_backbone")
-            self.gram_teacher = nn.ModuleDict({"backbone": gram_teacher_backbone})
-            self.gram_teacher["backbone"].load_state_dict(self.teacher["backbone"].state_dict(), strict=True)
-            self.gram_teacher.requires_grad_(False)
+        self.features = tuple(features)
+        self.frozen_names: tuple[str, ...] = ()  # the features' frozen models, in the order they were added
+        for feature in self.features:
+            for name, frozen in feature.frozen_models().items():
+                if hasattr(self, name):
+                    raise ValueError(f"feature {feature.name!r}: the model already has a {name!r}")
+                self.add_module(name, frozen)
+                if name in feature.teacher_copies:
+                    frozen["backbone"].load_state_dict(self.teacher["backbone"].state_dict(), strict=True)
+                frozen.requires_grad_(False)
+                self.frozen_names += (name,)
+            feature.attach(self)
 
         self.dino_loss = DINOLoss(dino_head.n_prototypes, chunk_elements=chunk_elements)
         self.ibot_patch_loss = iBOTPatchLoss((ibot_head if self.separate_ibot_head else dino_head).n_prototypes,
@@ -133,9 +106,8 @@ class SSLMetaArch(nn.Module):
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
         self.teacher.eval()  # no stochastic depth in the teacher (it has none anyway), and it is never trained
-        for frozen in (self.distillation_teacher, self.gram_teacher):
-            if frozen is not None:
-                frozen.eval()
+        for name in self.frozen_names:
+            getattr(self, name).eval()
         return self
 
     @property
@@ -145,9 +117,20 @@ class SSLMetaArch(nn.Module):
     # --- teacher -----------------------------------------------------------------------------
 
     @property
+    def teacher_copies(self) -> tuple[str, ...]:
+        """The frozen models that start as the teacher backbone's copy (their ``backbone``)."""
+        return tuple(name for feature in self.features for name in feature.teacher_copies)
+
+    @property
     def target_teacher(self) -> nn.ModuleDict:
-        """The model that gives the targets: the frozen teacher when distilling, else the EMA teacher."""
-        return self.teacher if self.distillation_teacher is None else self.distillation_teacher
+        """The model that gives the targets: a feature's (a distillation teacher), else the EMA teacher."""
+        return next((target for feature in self.features if (target := feature.target_teacher(self)) is not None),
+                    self.teacher)
+
+    @property
+    def ibot_all_patches(self) -> bool:
+        """iBOT scores every patch of the global crops, which the student sees unmasked (a feature's choice)."""
+        return self.do_ibot and any(feature.unmasks_student for feature in self.features)
 
     @torch.no_grad()
     def _teacher_targets(self, out: dict[str, Tensor], mask_indices: Tensor, n_masked: Tensor, teacher_temp: float
@@ -187,12 +170,12 @@ class SSLMetaArch(nn.Module):
     # --- student and losses ------------------------------------------------------------------
 
     def forward_loss(self, batch: TrainingBatch, *, teacher_temp: float,
-                     gram_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+                     values: Optional[Mapping[str, float]] = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``batch``: normalised crops, 2 global views per image (view 1 of every image, then view 2: DINO pairs
         each with the other), local crops and the global crops' iBOT masks (see
-        :class:`~dinoreg.data.batch.TrainingBatch`); with a Gram teacher optionally its own ``gram_crops``.
-        ``gram_weight``: the Gram loss's weight this iteration (0: not computed, logged as 0). Returns the total
-        loss and detached per-term metrics."""
+        :class:`~dinoreg.data.batch.TrainingBatch`). ``values``: this iteration's schedule values, for the features'
+        loss terms (:meth:`~dinoreg.ssl.feature.TrainingFeature.loss_terms`). Returns the total loss and detached
+        per-term metrics."""
         if batch.n_global_crops != 2 or batch.masks is None:
             raise ValueError(f"a training batch needs 2 global crops per image (DINO's cross-view targets) and the "
                              f"iBOT masks; got {batch.n_global_crops} global crops, masks "
@@ -201,7 +184,7 @@ class SSLMetaArch(nn.Module):
         masks, mask_indices, masks_weight = batch.masks, batch.mask_indices, batch.masks_weight
         n_masked = batch.n_masked_patches
         student_masks = masks
-        if self.ibot_all_patches:  # DINOv2's distillation: the student sees every patch, iBOT scores them all
+        if self.ibot_all_patches:  # the student sees every patch, iBOT scores them all (DINOv2's distillation)
             student_masks, masks = None, torch.ones_like(masks)  # [2B, N]
             mask_indices = torch.arange(masks.numel(), device=masks.device)  # [2B * N]
             masks_weight = torch.full((masks.numel(),), 1.0 / masks.shape[1], device=masks.device)
@@ -251,58 +234,17 @@ class SSLMetaArch(nn.Module):
                 student_patch, teacher_patch, student_masks_flat=masks,
                 n_masked_patches=mask_indices.shape[0], masks_weight=masks_weight)
             total = total + self.loss_weights.ibot * losses["ibot_loss"]
-        if self.gram is not None:
-            gram_terms = self._gram_terms(global_out["x_norm_patchtokens"], batch, teacher_out["x_norm_patchtokens"],
-                                          student_masks, active=gram_weight > 0)
-            total = total + gram_weight * gram_terms["gram_loss"] if gram_weight > 0 else total
-            losses.update(gram_terms)
+        if self.features:
+            outputs = StepOutputs(batch=batch, student_masks=student_masks, student_global=global_out,
+                                  teacher_global=teacher_out, cls_targets=teacher_cls, patch_targets=teacher_patch,
+                                  values=values or {})
+            for feature in self.features:
+                terms, addition = feature.loss_terms(self, outputs)
+                total = total if addition is None else total + addition
+                losses.update(terms)
         metrics.update({name: value.detach() for name, value in losses.items()})
         metrics["total_loss"] = total.detach()
         return total, metrics
-
-    def _gram_terms(self, student_patches: Tensor, batch: TrainingBatch, ema_patches: Tensor,
-                    masks: Optional[Tensor], *, active: bool) -> dict[str, Tensor]:
-        """``gram_loss`` (and with ``compute_stats`` its value on the masked and the unmasked tokens, without
-        gradient) between the student's patch tokens ``[2B, N, D]`` and the Gram teacher's on the same views.
-        Not ``active``: zeros, so that every step logs the same terms."""
-        spec = self.gram
-        names = ["gram_loss"] + (["gram_masked_loss", "gram_unmasked_loss"] if spec.compute_stats else [])
-        if not active:
-            return {name: student_patches.new_zeros(()) for name in names}
-        with torch.no_grad():
-            target = ema_patches if spec.ema_teacher else self._gram_teacher_patches(batch)
-        options = dict(apply_norm=spec.normalized, img_level=spec.img_level, remove_neg=spec.remove_neg,
-                       remove_only_teacher_neg=spec.remove_only_teacher_neg)
-        if masks is None:  # an unmasked student: every token is unmasked
-            masks = torch.zeros(student_patches.shape[:2], dtype=torch.bool, device=student_patches.device)
-
-        def term(which: str, **overrides: bool) -> Tensor:  # a batch without masked tokens scores 0, not NaN
-            student, teacher = select_gram_tokens(student_patches, target, masks, which)
-            return gram_loss(student, teacher, **{**options, **overrides}) if student.numel() else student.sum()
-
-        terms = {"gram_loss": term(spec.tokens_used)}
-        for which in ("masked", "unmasked") if spec.compute_stats else ():
-            with torch.no_grad():
-                terms[f"gram_{which}_loss"] = term(which, img_level=False)
-        return terms
-
-    def _gram_teacher_patches(self, batch: TrainingBatch) -> Tensor:
-        """The Gram teacher's patch tokens on ``gram_crops`` (else the global crops), resized to the student's
-        patch grid when its crops are larger ([2B, N, D])."""
-        crops = batch.global_crops if batch.gram_crops is None else batch.gram_crops
-        backbone = self.gram_teacher["backbone"]
-        patches = backbone(crops, is_training=True)["x_norm_patchtokens"]  # [2B, T, D]
-        grid, student_grid = crops.shape[-1] // backbone.patch_size, batch.global_crops.shape[-1] // backbone.patch_size
-        return resize_patch_features(patches, grid, student_grid, mode=self.gram.resize_method,
-                                     antialias=self.gram.resize_antialias)
-
-    @torch.no_grad()
-    def refresh_gram_teacher(self) -> None:
-        """Gram teacher <- the EMA teacher's backbone (DINOv3's ``update_gram``: a copy, no momentum)."""
-        source = self.teacher["backbone"]
-        target = self.gram_teacher["backbone"]
-        for ours, theirs in zip([*target.parameters(), *target.buffers()], [*source.parameters(), *source.buffers()]):
-            ours.copy_(theirs)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float, *, backbone: bool = True) -> None:

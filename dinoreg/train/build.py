@@ -8,7 +8,7 @@ import contextlib
 import copy
 import functools
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,18 +18,17 @@ from torch import Tensor, nn
 from dinoreg.config import build_backbone_from_config
 from dinoreg.data import MultiCropDataset, MultiCropGeometric, Photometric, build_loader, collate_multicrop
 from dinoreg.distributed import DistributedEnvironment
-from dinoreg.models import DinoVisionTransformer
-from dinoreg.models.head import head_spec_of
 from dinoreg.models.initialisation import InitStep
-from dinoreg.ssl.gram import GramSpec
+from dinoreg.ssl.feature import TrainingFeature
 from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
+from dinoreg.train.features import build_features
 from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.parallel import TargetedStep, copy_state_into, materialise, shard_ssl_model
-from dinoreg.train.start import (carry_optimizer_state, check_heads, copy_start, fitted_backbone, phase_checkpoint,
-                                 phase_tensors, read_weights, start_tensors)
+from dinoreg.train.start import carry_optimizer_state, copy_start, phase_checkpoint, phase_tensors, start_tensors
 
-__all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "initialisation_steps",
+__all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "construct_ssl_model",
+           "initialisation_steps",
            "precision", "seed_everything", "training_batches"]
 
 
@@ -54,83 +53,44 @@ def _head_spec(section: Any) -> HeadSpec:
 
 
 def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMetaArch:
-    """Student and teacher of ``cfg``. ``load_pretrained``: start from ``student.pretrained_weights`` or
-    ``train.init_from`` (:mod:`dinoreg.train.start`; off when a checkpoint will be loaded: it holds every weight).
-    Under ``torch.device("meta")`` nothing is initialised or loaded: see :func:`initialisation_steps`."""
-    model, frozen_tensors = _build(cfg, read_gram_ckpt=load_pretrained)
-    if not model.student["backbone"].cls_token.is_meta:
-        if model.distillation_teacher is not None:  # on the meta device: its values come from its file, never a draw
-            model.distillation_teacher.to_empty(device="cpu")
-        for name, tensors in frozen_tensors.items():
-            copy_state_into(getattr(model, name), tensors)
-        if load_pretrained:
-            copy_start(model, start_tensors(cfg, model))
-            if cfg.phase.start_from:
-                copy_state_into(model, phase_tensors(cfg, model))
-    return model
+    """Student and teacher of ``cfg`` on the CPU, unsharded, with the training features it turns on
+    (:mod:`dinoreg.train.features`): built on the meta device and given its values by :func:`_build_on_meta`, as
+    every training run's model is. ``load_pretrained``: start from ``student.pretrained_weights``, ``train.init_from``
+    or ``phase.start_from`` (:mod:`dinoreg.train.start`; off when a checkpoint will be loaded: it holds every
+    weight). Under ``torch.device("meta")``: the uninitialised model (:func:`construct_ssl_model`), nothing read
+    but a distillation teacher's file, nothing drawn."""
+    if torch.get_default_device().type == "meta":
+        return construct_ssl_model(cfg, read_files=load_pretrained)
+    return _build_on_meta(cfg, torch.device("cpu"), load_pretrained=load_pretrained, initialise_on="cpu")
 
 
-def _build(cfg: DictConfig, *, read_gram_ckpt: bool = True) -> tuple[SSLMetaArch, dict[str, dict[str, Tensor]]]:
-    """The model, uninitialised where a device context says so, and the tensors its frozen models (the
-    distillation teacher, a Gram teacher from ``gram.ckpt`` unless ``read_gram_ckpt`` is off: a resume takes it
-    from its checkpoint) read from files, by the model's attribute name."""
+def construct_ssl_model(cfg: DictConfig, *, read_files: bool = True) -> SSLMetaArch:
+    """The model as its constructors make it: each draws its initial values in construction order, unless a
+    ``torch.device("meta")`` context defers them, for :func:`initialisation_steps` to replay. Training never uses
+    these draws (it always starts on the meta device); they are the reference the replay must equal
+    (``tests/train/test_meta_start.py``). ``read_files``: the features read the values of their frozen models
+    from files (off for a resume: the checkpoint holds them; see :func:`~dinoreg.train.features.build_features`);
+    those values are set by :func:`_build_on_meta`."""
     student = build_backbone_from_config(cfg, stochastic_depth=True)
     teacher = build_backbone_from_config(cfg, stochastic_depth=False)
-    frozen, frozen_tensors = distillation_teacher(cfg) if cfg.distillation.enabled else (None, {})
-    frozen_tensors = {"distillation_teacher": frozen_tensors} if frozen is not None else {}
-    gram, gram_backbone = gram_spec(cfg), None
-    if gram is not None and not gram.ema_teacher:
-        with torch.random.fork_rng(devices=[]):  # a copy of the teacher: its own draws must not shift the heads'
-            gram_backbone = build_backbone_from_config(cfg, stochastic_depth=False)
-        if cfg.gram.ckpt and read_gram_ckpt:
-            weights = read_weights(cfg.gram.ckpt, key="gram.ckpt")
-            frozen_tensors["gram_teacher"] = {f"backbone.{k}": v for k, v in fitted_backbone(
-                gram_backbone, weights.backbone, key="gram.ckpt").items()}
-    model = SSLMetaArch(student, teacher, dino_head=_head_spec(cfg.dino),
-                        ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
-                        loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
-                                                 ibot=cfg.ibot.loss_weight),
-                        centering=cfg.train.centering, pack_crops=cfg.train.pack_crops,
-                        chunk_elements=cfg.train.loss_chunk_elements, distillation_teacher=frozen,
-                        mask_student=cfg.distillation.mask_student, gram=gram, gram_teacher_backbone=gram_backbone)
-    return model, frozen_tensors
-
-
-def gram_spec(cfg: DictConfig) -> GramSpec | None:
-    """``cfg.gram`` as the model's :class:`~dinoreg.ssl.gram.GramSpec` (None without Gram anchoring)."""
-    gram = cfg.gram
-    if not gram.use_loss:
-        return None
-    return GramSpec(normalized=gram.normalized, img_level=gram.img_level, remove_neg=gram.remove_neg,
-                    remove_only_teacher_neg=gram.remove_only_teacher_neg, tokens_used=gram.tokens_used,
-                    resize_method=gram.global_teacher_resize_method, resize_antialias=gram.global_teacher_resize_antialias,
-                    ema_teacher=gram.ema_teacher, compute_stats=gram.compute_stats)
-
-
-def distillation_teacher(cfg: DictConfig) -> tuple[nn.ModuleDict, dict[str, Tensor]]:
-    """The frozen teacher of ``distillation.teacher`` on the meta device (its architecture and head sizes from the
-    file; built for the global crop size, ``pos_embed`` resampled once) and its tensors, checked to fit it."""
-    weights = read_weights(cfg.distillation.teacher, key="distillation.teacher")
-    arch = {**weights.arch, "img_size": cfg.crops.global_crops_size, "attn_backend": cfg.student.attention_backend,
-            "attn_backend_required": cfg.student.attention_backend_required}
-    with torch.device("meta"):
-        backbone = DinoVisionTransformer(**arch)
-        heads = {name: HeadSpec(**{k: v for k, v in spec.items() if k != "in_dim"}).build(backbone.embed_dim)
-                 for name, spec in ((name, head_spec_of(head)) for name, head in weights.heads.items())}
-    check_heads(weights, heads, key="distillation.teacher")
-    tensors = {f"backbone.{k}": v for k, v in fitted_backbone(backbone, weights.backbone, key="distillation.teacher").items()}
-    tensors.update({f"{name}.{k}": v for name, head in weights.heads.items() for k, v in head.items()})
-    return nn.ModuleDict({"backbone": backbone, **heads}), tensors
+    features = build_features(cfg, read_files=read_files)
+    return SSLMetaArch(student, teacher, dino_head=_head_spec(cfg.dino),
+                       ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
+                       loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
+                                                ibot=cfg.ibot.loss_weight),
+                       centering=cfg.train.centering, pack_crops=cfg.train.pack_crops,
+                       chunk_elements=cfg.train.loss_chunk_elements, features=features)
 
 
 def initialisation_steps(model: SSLMetaArch) -> list[TargetedStep]:
-    """What :func:`build_ssl_model` sets and draws, in its order, as steps for
+    """What :func:`construct_ssl_model` sets and draws, in its order, as steps for
     :func:`dinoreg.train.parallel.materialise`: the student backbone (its values also go to the teacher, which
     starts as its copy), the teacher backbone (drawn, then overwritten by that copy), the heads (student and
-    teacher), the losses' centres. A Gram teacher starts as the teacher's copy too (its own draws, forked off the
-    generator, leave no trace). ``model``: an unsharded template on the meta device."""
+    teacher), the heads (student and teacher), the losses' centres. A feature's frozen model of ``teacher_copies``
+    starts as the teacher's copy too (its own draws, forked off the generator, leave no trace). ``model``: an
+    unsharded template on the meta device."""
     names = {id(module): name for name, module in model.named_modules()}
-    copies_to = ("teacher", "gram_teacher") if model.gram_teacher is not None else ("teacher",)
+    copies_to = ("teacher", *model.teacher_copies)
 
     def targeted(steps: list[InitStep], *, copies: bool) -> list[TargetedStep]:
         out = []
@@ -160,25 +120,27 @@ def loading_steps(modules: nn.Module, tensors: dict[str, Tensor], *, prefix: str
             if next(iter([*module.parameters(recurse=False), *module.buffers(recurse=False)]), None) is not None]
 
 
-def _build_sharded(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *, bf16: bool,
-                   load_pretrained: bool) -> SSLMetaArch:
-    """Built on the meta device, sharded there, then materialised shard by shard with the values a one-process
-    build has (:func:`initialisation_steps`), so no rank ever holds the whole unsharded model."""
+def _build_on_meta(cfg: DictConfig, device: torch.device, *, load_pretrained: bool, initialise_on: torch.device | str,
+                   arrange: Callable[[SSLMetaArch], None] = lambda model: None) -> SSLMetaArch:
+    """The one build: the model on the meta device, ``arrange``d there (compiled, FSDP2-sharded: no rank ever holds
+    the whole unsharded model), put on ``device`` and materialised module by module on ``initialise_on`` with the
+    constructors' values (:func:`initialisation_steps`), then the values read from files (the features' frozen
+    models, the start: :mod:`dinoreg.train.start`)."""
     with torch.device("meta"):
-        model, frozen_tensors = _build(cfg, read_gram_ckpt=load_pretrained)
+        model = construct_ssl_model(cfg, read_files=load_pretrained)
     template = copy.deepcopy(model)  # stays unsharded
     start = start_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
     phase = phase_tensors(cfg, template) if load_pretrained and cfg.phase.start_from else {}
     steps = initialisation_steps(template)
-    for name, tensors in frozen_tensors.items():  # after the copies of the student: these values win
-        steps += loading_steps(getattr(template, name), tensors, prefix=name)
-    _prepare_for_training(cfg, model, device)
-    shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
+    for feature in template.features:  # after the copies of the student: these values win
+        for name, tensors in feature.frozen_tensors().items():
+            steps += loading_steps(getattr(template, name), tensors, prefix=name)
+    arrange(model)
     model.to_empty(device=device)
-    materialise(model, steps, device=device if cfg.train.initialisation == "device" else "cpu")
+    materialise(model, steps, device=initialise_on)
     copy_start(model, start)
     copy_state_into(model, phase)
-    return model.train()
+    return model
 
 
 def _prepare_for_training(cfg: DictConfig, model: SSLMetaArch, device: torch.device) -> None:
@@ -186,26 +148,27 @@ def _prepare_for_training(cfg: DictConfig, model: SSLMetaArch, device: torch.dev
     if cfg.train.compile == "blocks" or (cfg.train.compile == "auto" and device.type == "cuda"):
         model.student["backbone"].compile_blocks()
         model.teacher["backbone"].compile_blocks()
-        if model.gram_teacher is not None:  # it runs every step, at its own (often larger) crop size
-            model.gram_teacher["backbone"].compile_blocks()
+        for name in (name for feature in model.features for name in feature.compiled):  # they run every step
+            getattr(model, name)["backbone"].compile_blocks()
 
 
 def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *,
                               bf16: bool = False, load_pretrained: bool = True
                               ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
-    """The model on ``device`` in training mode (FSDP2-sharded when ``env`` runs under a process group, then started
-    on the meta device: see :func:`_build_sharded`; first drawn on the CPU, or on ``device`` with
-    ``train.initialisation=device``) and its AdamW over the student's parameter groups. A phase's
+    """The model on ``device`` in training mode, started on the meta device (:func:`_build_on_meta`; FSDP2-sharded
+    there when ``env`` runs under a process group; its values drawn on the CPU, or on ``device`` with
+    ``train.initialisation=device``), and its AdamW over the student's parameter groups. A phase's
     ``phase.start_from`` run is resolved here, once, to the checkpoint it starts from (then saved in config.yaml)."""
     if load_pretrained and cfg.phase.start_from:
         cfg.phase.start_from = str(phase_checkpoint(cfg))
-    if env.distributed:  # shard before building the optimizer: it must hold the sharded parameters
-        model = _build_sharded(cfg, env, device, bf16=bf16, load_pretrained=load_pretrained)
-    else:
-        with torch.device(device) if cfg.train.initialisation == "device" else contextlib.nullcontext():
-            model = build_ssl_model(cfg, load_pretrained=load_pretrained)
-        model = model.to(device).train()
+
+    def arrange(model: SSLMetaArch) -> None:
         _prepare_for_training(cfg, model, device)
+        if env.distributed:  # before the optimizer is built: it must hold the sharded parameters
+            shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
+
+    model = _build_on_meta(cfg, device, load_pretrained=load_pretrained, arrange=arrange,
+                           initialise_on=device if cfg.train.initialisation == "device" else "cpu").train()
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
                                                    patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
                                 betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
@@ -232,38 +195,26 @@ class BatchMasks:
         return sample_masks(n_images, self.grid, self.ratio, self.probability, rng=rng, generator=self.generator)
 
 
-def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment, *,
-                     start: int, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment, *, start: int,
+                     features: Sequence[TrainingFeature] = (), pin_memory: bool = False) -> Iterator[dict[str, Any]]:
     """This rank's multi-crop batches (uint8, with iBOT masks) from global stream position ``start``
-    (``iterations * global batch``); ``pin_memory`` (for a CUDA device) lets the copies to it overlap."""
+    (``iterations * global batch``), cut at the sizes the ``features`` ask for
+    (:meth:`~dinoreg.ssl.feature.TrainingFeature.worker_crops`); ``pin_memory`` (for a CUDA device) lets the copies
+    to it overlap."""
     crops = cfg.crops
-    gram_size, undistorted = gram_crops(cfg)
-    # a Gram teacher's distorted crops at a larger size: the workers cut the global crops at that size, the device
-    # distorts them there and resizes them down for the student (augment_on_device)
-    global_size = gram_size if gram_size and not undistorted else crops.global_crops_size
+    global_size, extra = crops.global_crops_size, None
+    for feature in features:
+        global_size, asked = feature.worker_crops(global_size)
+        extra = asked or extra
     geometric = MultiCropGeometric(global_size, crops.local_crops_size, crops.local_crops_number,
                                    global_crops_scale=tuple(crops.global_crops_scale),
-                                   local_crops_scale=tuple(crops.local_crops_scale),
-                                   gram_crops_size=gram_size if undistorted else None)
+                                   local_crops_scale=tuple(crops.local_crops_scale), undistorted_crops_size=extra)
     loader = build_loader(MultiCropDataset(dataset, geometric, seed=cfg.train.seed),
                           batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
                           seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=start,
                           collate_fn=functools.partial(collate_multicrop, mask_fn=BatchMasks(cfg)),
                           pin_memory=pin_memory)
     return iter(loader)
-
-
-def gram_crops(cfg: DictConfig) -> tuple[int | None, bool]:
-    """``(size, undistorted)`` of a Gram teacher's own crops, as DINOv3 makes them: the same boxes and flips as the
-    global crops, at ``crops.gram_teacher_crops_size``, without distortions (``crops.gram_teacher_no_distortions``)
-    or with the global crops' own, applied at that size before the student's crops are resized down. Size None:
-    the Gram teacher sees the student's global crops (no Gram teacher of its own, or no size and distortions)."""
-    gram, crops = cfg.gram, cfg.crops
-    if not gram.use_loss or gram.ema_teacher:
-        return None, False
-    if crops.gram_teacher_no_distortions:
-        return crops.gram_teacher_crops_size or crops.global_crops_size, True
-    return crops.gram_teacher_crops_size, False
 
 
 def build_photometric(cfg: DictConfig, device: torch.device) -> Photometric:

@@ -29,7 +29,8 @@ import zlib
 import warnings
 from errno import EACCES, EDQUOT, EISDIR, ENOSPC, ENOTDIR, EPERM, EROFS
 from pathlib import Path
-from typing import Any, Optional
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -349,28 +350,31 @@ def newest_intact_checkpoint(run_dir: str | Path, warn: Any = print) -> Optional
 
 
 def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    absent_ok: tuple[str, ...] = ()) -> dict[str, Any]:
+                    missing_ok: Mapping[str, Optional[str]] = MappingProxyType({})) -> dict[str, Any]:
     """Load model, optimizer and (same world size) RNG states in place, strictly; returns ``meta.json``.
 
     Missing or unexpected model keys are a :class:`CheckpointMismatchError` listing them; only model keys starting
-    with one of ``absent_ok`` may be absent from the checkpoint (they keep their values: the caller sets them later).
+    with a prefix that ``missing_ok`` maps to None may be absent from the checkpoint (they keep their values: the
+    caller sets them later); a prefix mapped to a sentence adds it to the error when its keys are missing (the
+    training features' :meth:`~dinoreg.ssl.feature.TrainingFeature.missing_on_resume`).
     """
     checkpoint = Path(checkpoint)
     meta = verify_checkpoint(checkpoint)
     state = _model_and_optimizer_state(model, optimizer)
     for name in meta.get("parameters_without_optimizer_state", []):  # as saved: without state (see above)
         state["optimizer"]["state"].pop(name, None)
+    absent_ok = tuple(prefix for prefix, why in missing_ok.items() if why is None)
     absent = [k for k in state["model"] if k.startswith(absent_ok) and k not in meta["model_keys"]] if absent_ok else []
     for name in absent:
         del state["model"][name]
     saved, wanted = set(meta["model_keys"]), set(state["model"])
     if saved != wanted:
         missing = sorted(wanted - saved)
-        gram = (" A Gram teacher added to a run saved without one must be read from gram.ckpt=FILE or copied at or "
-                f"after the resumed iteration (gram.it_load_ema_teacher >= {meta['iteration']}); or")
+        hints = "".join(f" {why}" for prefix, why in missing_ok.items()
+                        if why is not None and any(k.startswith(prefix) for k in missing))
         raise CheckpointMismatchError(
             f"{checkpoint} does not fit this model: missing {missing[:20]}, unexpected "
-            f"{sorted(saved - wanted)[:20]}.{gram if any(k.startswith('gram_teacher.') for k in missing) else ''} "
+            f"{sorted(saved - wanted)[:20]}.{hints} "
             f"Resume with the config the run was started with ({checkpoint / CONFIG_FILE}).")
     try:
         with single_process_is_intended():

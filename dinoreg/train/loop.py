@@ -19,31 +19,31 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from dinoreg.config import apply_scaling_rule, build_backbone_from_config, save_config
-from dinoreg.data import DatasetError, Photometric, TrainingBatch, UnfilledBatch, build_dataset, normalise_uint8
+from dinoreg.data import DatasetError, Photometric, TrainingBatch, UnfilledBatch, build_dataset
 from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag, detect_environment, init_distributed,
                                  mean_over_ranks, process_device, shutdown_distributed)
 from dinoreg.errors import InputError
 from dinoreg.models.weights import save_backbone
 from dinoreg.run_dir import RunDir
+from dinoreg.ssl.feature import TrainingFeature
 from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.build import (build_model_and_optimizer, build_photometric, gram_crops, precision, seed_everything,
+from dinoreg.train.build import (build_model_and_optimizer, build_photometric, precision, seed_everything,
                                  training_batches)
 from dinoreg.train.checkpoint import (load_checkpoint, read_meta, remove_incomplete, save_checkpoint,
                                       set_aside_checkpoints_after)
 from dinoreg.train.evaluation import KnnEvaluator, SegmentationEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
-from dinoreg.train.optim import Schedules, apply_optim_schedule, clip_grad_norms_on_device
+from dinoreg.train.optim import DIVERGENCE_HINT, SCHEDULE_NAMES, Schedules, apply_optim_schedule, clip_grad_norms_on_device
 from dinoreg.train.run_folder import lock_output_dir, resume_point
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, StoppedOnSignal
 
@@ -137,7 +137,7 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     bf16, autocast = precision(cfg, device, distributed=env.distributed)
     # a resumed run takes every weight from its checkpoint: student.pretrained_weights need not exist any more
     model, optimizer = build_model_and_optimizer(cfg, env, device, bf16=bf16, load_pretrained=checkpoint is None)
-    start, position = _restore(checkpoint, model, optimizer, env, warn, schedules) if checkpoint else (0, 0)
+    start, position = _restore(checkpoint, model, optimizer, warn) if checkpoint else (0, 0)
     if env.is_main:
         output.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output.config)
@@ -145,7 +145,8 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
         for damaged in set_aside_checkpoints_after(output.root, start):
             warn(f"moved the damaged checkpoint aside to {damaged}, so that checkpoint retention never counts it")
     barrier()
-    batches = training_batches(cfg, dataset, env, start=position, pin_memory=device.type == "cuda")
+    batches = training_batches(cfg, dataset, env, start=position, features=model.features,
+                               pin_memory=device.type == "cuda")
     photometric = build_photometric(cfg, device)
     evaluators = {label: build(cfg, device) for label, build, enabled in (
         ("kNN", KnnEvaluator, cfg.evaluation.knn_enabled),
@@ -172,18 +173,14 @@ def _rank_printer(env: DistributedEnvironment, all_ranks: bool) -> Callable[[str
     return warn
 
 
-def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimizer, env: DistributedEnvironment,
-             warn: Callable[[str], None], schedules: Schedules) -> tuple[int, int]:
-    """Load ``checkpoint`` into model and optimizer; returns ``(iteration, stream position)`` to continue from.
-
-    Gram anchoring may be turned on in a run saved without it (DINOv3 anchors a running pretraining, with
-    ``--allow-config-change``): a checkpoint without a Gram teacher is then complete if the Gram teacher is read
-    from ``gram.ckpt`` or copied from the EMA teacher at or after the resumed iteration."""
-    gram = schedules.gram
-    fills_later = gram.enabled and (gram.from_file or (gram.load_before is not None and
-                                                       read_meta(checkpoint)["iteration"] <= gram.load_before))
-    meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
-                           absent_ok=("gram_teacher.",) if fills_later and model.gram_teacher is not None else ())
+def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimizer,
+             warn: Callable[[str], None]) -> tuple[int, int]:
+    """Load ``checkpoint`` into model and optimizer; returns ``(iteration, stream position)`` to continue from. A
+    feature's frozen model may be absent from it where the feature says so (one turned on in a resumed run)."""
+    iteration = read_meta(checkpoint)["iteration"]
+    missing_ok = {prefix: why for feature in model.features
+                  for prefix, why in feature.missing_on_resume(iteration).items()}
+    meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer, missing_ok=missing_ok)
     if not meta["rng_restored"]:
         warn(f"{checkpoint.name}: {meta['rng_unrestored_because']}: the augmentation RNG streams restart (the data "
              "order still continues exactly)")
@@ -200,16 +197,19 @@ def iterate(run: Run) -> None:
     if run.start == 0:
         measure(run, 0, evaluate=True, monitor=True)
     step_end = time.perf_counter()
+    features = run.model.features
     for it in range(run.start, run.schedules.total_iterations):
-        values = run.schedules.values(it)
+        values = {**run.schedules.values(it), **{k: v for feature in features for k, v in feature.values(it).items()}}
         batch = next_batch(run, it)
         data_wait = time.perf_counter() - step_end
-        batch = augment_on_device(run, batch.to(run.device, non_blocking=True))
-        gram_teacher_work(run, it, before=True)
+        batch = augment_on_device(batch.to(run.device, non_blocking=True), run.photometric, features)
+        for feature in features:
+            feature.before_step(run.model, it)
         metrics, grad_norms = train_step(run.model, run.optimizer, batch, values, clip_grad=run.cfg.optim.clip_grad,
                                          autocast=run.autocast,
-                                         freeze_backbones=it < run.cfg.optim.head_warmup_iterations)
-        gram_teacher_work(run, it, before=False)
+                                         freeze_backbones=not all(feature.trains_backbone(it) for feature in features))
+        for feature in features:
+            feature.after_step(run.model, it)
         if batch.bad_files:
             run.bad_files += len(batch.bad_files)
             names = list(map(str, batch.bad_files))
@@ -225,20 +225,14 @@ def iterate(run: Run) -> None:
     run.logger.finished()
 
 
-def augment_on_device(run: Run, batch: TrainingBatch) -> TrainingBatch:
-    """Colour, blur, solarisation and normalisation of the crops on the device. A Gram teacher's own crops
-    (:func:`~dinoreg.train.build.gram_crops`) are normalised when undistorted; distorted, they are the global crops
-    as the workers cut them (at the Gram teacher's size), and the student's are those resized down (bicubic,
-    antialiased), as DINOv3 does."""
-    global_crops, local_crops = run.photometric(batch.global_crops, batch.local_crops)
+def augment_on_device(batch: TrainingBatch, photometric: Photometric,
+                      features: Sequence[TrainingFeature] = ()) -> TrainingBatch:
+    """Colour, blur, solarisation and normalisation of the crops on the device, then what the ``features`` change
+    (:meth:`~dinoreg.ssl.feature.TrainingFeature.prepare_batch`)."""
+    global_crops, local_crops = photometric(batch.global_crops, batch.local_crops)
     batch = batch.replace(global_crops=global_crops, local_crops=local_crops)
-    size, undistorted = gram_crops(run.cfg)
-    if undistorted:
-        batch = batch.replace(gram_crops=normalise_uint8(batch.gram_crops))
-    elif size:
-        student = run.cfg.crops.global_crops_size
-        batch = batch.replace(gram_crops=batch.global_crops, global_crops=F.interpolate(
-            batch.global_crops, size=(student, student), mode="bicubic", align_corners=False, antialias=True))
+    for feature in features:
+        batch = feature.prepare_batch(batch)
     return batch
 
 
@@ -276,12 +270,12 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: Trai
     """One optimisation step on this rank's augmented ``batch`` with the schedule ``values``, without waiting for
     the device. Returns this rank's loss terms and the pre-clip gradient norms per sub-model (over all ranks), as
     0-d tensors on the device: :func:`read_figures` averages and reads them, :func:`flush` checks them.
-    ``freeze_backbones`` (a head warm-up iteration): only the heads learn; both backbones stay as they are."""
+    ``freeze_backbones`` (a feature's choice, :meth:`~dinoreg.ssl.feature.TrainingFeature.trains_backbone`): only
+    the heads learn; both backbones stay as they are."""
     apply_optim_schedule(optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
                          last_layer_lr=values["last_layer_lr"])
     with autocast:
-        loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"],
-                                           gram_weight=values.get("gram_loss_weight", 0.0))
+        loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"], values=values)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if freeze_backbones:
@@ -293,14 +287,6 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: Trai
     optimizer.step()
     model.update_teacher(values["momentum"], backbone=not freeze_backbones)
     return metrics, grad_norms
-
-
-def gram_teacher_work(run: Run, it: int, *, before: bool) -> None:
-    """The Gram teacher's copy of the EMA teacher at the start of ``gram.it_load_ema_teacher`` (``before`` the
-    step) and its refreshes after the steps :class:`~dinoreg.train.optim.GramSchedule` names."""
-    gram = run.schedules.gram
-    if (gram.load_before == it) if before else gram.refresh_after(it):
-        run.model.refresh_gram_teacher()
 
 
 @dataclass
@@ -338,8 +324,7 @@ def _check_finite(iteration: int, row: dict[str, float], names: list[str]) -> No
     if bad:
         terms = ", ".join(f"{name}={value}" for name, value in bad.items())
         raise NonFiniteLossError(
-            f"iteration {iteration}: non-finite loss ({terms}); stopping without saving this state. "
-            "Lower optim.base_lr or raise optim.warmup_epochs, and check the data.")
+            f"iteration {iteration}: non-finite loss ({terms}); stopping without saving this state. {DIVERGENCE_HINT}")
 
 
 def log_step(run: Run, iteration: int, values: dict[str, float], metrics: dict[str, Tensor],
@@ -348,7 +333,7 @@ def log_step(run: Run, iteration: int, values: dict[str, float], metrics: dict[s
     files) for :func:`flush`, due after the first step and every ``train.log_every`` iterations."""
     schedule = {"lr": values["lr"], "wd": values["weight_decay"], "momentum": values["momentum"],
                 "teacher_temp": values["teacher_temp"], "last_layer_lr": values["last_layer_lr"],
-                **{key: values[key] for key in ("gram_loss_weight",) if key in values}}
+                **{key: value for key, value in values.items() if key not in SCHEDULE_NAMES}}  # the features'
     run.pending.append(StepFigures(iteration, metrics, grad_norms, {
         **schedule, "images_per_sec": run.global_batch / seconds, "data_wait": data_wait,
         "bad_files": run.bad_files}))

@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from dinoreg.config_schema import ADAMW_IMPLEMENTATIONS
 from dinoreg.models.layers import LayerScale
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.ssl.gram import gram_loss_weight
 
 __all__ = [
+    "DIVERGENCE_HINT",
     "IterationSchedule",
+    "SCHEDULE_NAMES",
     "Schedules",
     "apply_optim_schedule",
     "build_optimizer",
@@ -45,6 +46,11 @@ __all__ = [
     "cosine_schedule",
     "zero_first_iterations",
 ]
+
+# The keys of Schedules.values; the training features add their own values beside them.
+SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr")
+# What to change when the loss diverges (the optimiser's keys).
+DIVERGENCE_HINT = "Lower optim.base_lr or raise optim.warmup_epochs, and check the data."
 
 # Direct parameters of the backbone; all are token / position embeddings and share layer id 0.
 EMBEDDING_PARAMETERS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
@@ -269,58 +275,14 @@ class Schedules:
         self.teacher_temp = cosine_schedule(teacher.teacher_temp, teacher.teacher_temp, temp_warmup,
                                             warmup_iters=temp_warmup, start_warmup_value=teacher.warmup_teacher_temp)
         self.last_layer_lr = zero_first_iterations(self.lr, int(optim.freeze_last_layer_epochs) * epoch_length)
-        self.gram = GramSchedule(cfg, total)
 
     def values(self, it: int) -> dict[str, float]:
-        """The schedules at iteration ``it`` (with Gram anchoring also ``gram_loss_weight``)."""
+        """The schedules at iteration ``it`` (the keys are :data:`SCHEDULE_NAMES`; the training features add
+        their own: :meth:`~dinoreg.ssl.feature.TrainingFeature.values`)."""
         return {
             "lr": self.lr(it),
             "weight_decay": self.weight_decay(it),
             "momentum": self.momentum(it),
             "teacher_temp": self.teacher_temp(it),
             "last_layer_lr": self.last_layer_lr(it),
-            **({"gram_loss_weight": self.gram.weight(it)} if self.gram.enabled else {}),
         }
-
-
-class GramSchedule:
-    """When the Gram teacher is set and how much the Gram loss weighs, per iteration (DINOv3's ``gram.*``).
-
-    The Gram teacher is ready from iteration 0 with ``gram.ckpt`` or ``gram.ema_teacher``, else from
-    ``gram.it_load_ema_teacher``, at whose start the EMA teacher is copied into it (:attr:`load_before`); it is
-    refreshed after the iterations of :meth:`refresh_after`. Everything is a function of the iteration, so a
-    resumed run does what the uninterrupted one did (DINOv3 recounts its refreshes from the iteration too).
-    """
-
-    def __init__(self, cfg: Any, total_iterations: int) -> None:
-        gram, epoch_length = cfg.get("gram"), int(cfg.train.epoch_length)  # an official config has no gram section
-        self.enabled = gram is not None and bool(gram.use_loss)
-        if not self.enabled:
-            self.load_before, self.ready_from, self.from_file, self._refreshes = None, 0, False, set()
-            return
-        own_teacher = not gram.ema_teacher
-        self.from_file = own_teacher and bool(gram.ckpt)  # the Gram teacher is read from gram.ckpt at start-up
-        self.load_before = int(gram.it_load_ema_teacher) if own_teacher and gram.it_load_ema_teacher >= 0 else None
-        self.ready_from = 0 if not own_teacher or gram.ckpt else self.load_before
-        refreshes = [m for m in range(gram.update_frequency, total_iterations + 1, gram.update_frequency)
-                     if m >= gram.it_first_update] if own_teacher and gram.rep_update else []
-        self._refreshes = set(refreshes if gram.max_updates is None else refreshes[:gram.max_updates])
-        schedule = gram.loss_weight_schedule
-        if schedule is None:
-            self._weight = lambda it: float(gram.loss_weight)
-        else:
-            cosine = schedule.get("cosine_epochs")
-            self._weight = lambda it: gram_loss_weight(
-                it, start=schedule["start"], peak=schedule["peak"], end=schedule["end"],
-                warmup_iterations=int(schedule["warmup_epochs"] * epoch_length), total_iterations=total_iterations,
-                cosine_iterations=None if cosine is None else int(cosine * epoch_length))
-
-    def weight(self, it: int) -> float:
-        """The Gram loss's weight at iteration ``it``: 0 while there is no Gram teacher (or without Gram anchoring)."""
-        if not self.enabled or it < self.ready_from:
-            return 0.0
-        return self._weight(it)
-
-    def refresh_after(self, it: int) -> bool:
-        """Whether the EMA teacher is copied into the Gram teacher after iteration ``it``'s EMA update."""
-        return it + 1 in self._refreshes

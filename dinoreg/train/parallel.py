@@ -48,8 +48,8 @@ TargetedStep = tuple[nn.Module, Callable[[nn.Module], None], tuple[str, ...]]
 
 def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_size: int,
                     bf16: bool) -> None:
-    """Wrap ``model.student``, ``model.teacher`` and the frozen models (a distillation teacher, a Gram teacher) of an
-    ``SSLMetaArch`` in place. Build the optimizer after."""
+    """Wrap ``model.student``, ``model.teacher`` and the training features' frozen models (``model.frozen_names``)
+    of an ``SSLMetaArch`` in place. Build the optimizer after."""
     if mode not in SHARDING_MODES:
         raise ValueError(f"unknown sharding mode {mode!r}; choose one of {', '.join(SHARDING_MODES)}")
     warnings.filterwarnings("ignore", message=_VIEW_WARNING, category=UserWarning)
@@ -59,8 +59,7 @@ def shard_ssl_model(model: nn.Module, *, mode: str, device: torch.device, world_
         mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    frozen = [(getattr(model, name), True) for name in ("distillation_teacher", "gram_teacher")
-              if getattr(model, name, None) is not None]
+    frozen = [(getattr(model, name), True) for name in model.frozen_names]
     for models, reshard in ((model.student, mode == "full_shard"), (model.teacher, True), *frozen):
         # The teachers have no backward to reshard them: they always reshard after their forward, so the EMA
         # teacher's parameters are shards again (lined up with the student's) when the EMA update runs.
@@ -120,7 +119,8 @@ def materialise(model: nn.Module, steps: Iterable[TargetedStep], *, device: torc
         for _, value in own:
             value.fill_(float("nan"))  # a tensor the step leaves unset shows
         initialise(alone)
-        unset = [name for name, value in own if value.isnan().any()]
+        # (on the meta device, a dry run that allocates nothing, there are no values to check)
+        unset = [name for name, value in own if not value.is_meta and value.isnan().any()]
         if unset:
             raise RuntimeError(f"meta-device start-up: {getattr(initialise, '__qualname__', initialise)} leaves "
                                f"{unset} of {type(module).__name__} unset; a step must set all its module's tensors")

@@ -7,7 +7,7 @@
   (whose deprecated ``weight_norm`` keys ``last_layer.weight_g`` / ``weight_v`` map to ours).
 - ``distillation.teacher``: the frozen teacher of a distillation run, read the same way as ``train.init_from``.
 - ``phase.start_from``: a new training phase (DINOv2's high-resolution adaptation) continues a run or checkpoint:
-  its whole model state (student, teacher, heads, centres, a Gram teacher) and, with ``phase.optimizer=carry``,
+  its whole model state (student, teacher, heads, centres, a feature's teacher copy such as a Gram teacher) and, with ``phase.optimizer=carry``,
   its AdamW moments; the position embeddings are resampled once to the new crop size by the model's own
   interpolation (antialiased for the registers models).
 
@@ -37,7 +37,6 @@ from dinoreg.train.parallel import copy_state_into
 
 __all__ = ["StartError", "Weights", "carry_optimizer_state", "check_heads", "copy_start", "fitted_backbone",
            "phase_tensors", "read_run_weights", "read_weights", "start_tensors"]
-_BACKBONES = ("student.backbone", "teacher.backbone", "gram_teacher.backbone")  # the parts with position embeddings
 
 _HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers",
               "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim"}
@@ -112,17 +111,24 @@ def phase_checkpoint(cfg: DictConfig) -> Path:
 def phase_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
     """The whole model state ``phase.start_from`` continues from, by model key, checked strictly against
     ``template`` (an SSLMetaArch, possibly on the meta device): the position embeddings resampled to its crop size;
-    a Gram teacher the source lacks starts as its teacher's copy; a distillation teacher comes from its own file."""
+    a feature's teacher copy (a Gram teacher) the source lacks starts as its teacher's copy; the features' other
+    frozen models (a distillation teacher) come from their own files, and the source's frozen models that the phase
+    does not configure stay behind."""
     source = phase_checkpoint(cfg)
-    saved = {k: v for k, v in _saved_tensors(source, "model.").items() if not k.startswith("distillation_teacher.")}
-    for part in _BACKBONES:
+    from_files = tuple(f"{name}." for name in template.frozen_names if name not in template.teacher_copies)
+    parts = {name for name, _ in template.named_children()}
+    saved = {k: v for k, v in _saved_tensors(source, "model.").items()
+             if k.split(".", 1)[0] in parts and not k.startswith(from_files)}
+    # the parts with position embeddings
+    for part in ("student.backbone", "teacher.backbone", *(f"{name}.backbone" for name in template.teacher_copies)):
         backbone = template.get_submodule(part) if part.split(".")[0] in dict(template.named_children()) else None
         own = {k[len(part) + 1:]: v for k, v in saved.items() if k.startswith(part + ".")}
         if backbone is not None and own:
             saved.update({f"{part}.{k}": v for k, v in fit_pos_embed(own, backbone).items()})
-    if template.gram_teacher is not None and not any(k.startswith("gram_teacher.") for k in saved):
-        saved.update({"gram_teacher." + k[len("teacher."):]: v for k, v in saved.items() if k.startswith("teacher.backbone.")})
-    expected = {k: v for k, v in template.state_dict().items() if not k.startswith("distillation_teacher.")}
+    for name in template.teacher_copies:
+        if not any(k.startswith(f"{name}.") for k in saved):
+            saved.update({f"{name}." + k[len("teacher."):]: v for k, v in saved.items() if k.startswith("teacher.backbone.")})
+    expected = {k: v for k, v in template.state_dict().items() if not k.startswith(from_files)}
     check_state_dict_fits(saved, expected, given_name=f"phase.start_from ({source})", expected_name="configured model",
                           hint="a phase continues the same model: keep student.*, dino.*, ibot.* and gram.use_loss as "
                                f"the run had them ({source / CONFIG_FILE}); only the crop sizes may change")

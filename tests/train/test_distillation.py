@@ -160,7 +160,7 @@ def test_two_ranks_start_from_the_one_process_values_with_the_teacher_sharded(te
 
 
 def test_the_distillation_recipe_is_dinov2s_setting_and_fits_a_vitg14_reg4_teacher():
-    from dinoreg.ssl.meta_arch import _check_distillation_teacher
+    from dinoreg.train.features.distillation import check_distillation_teacher
     from dinoreg.train.build import build_ssl_model
 
     cfg = load_config("vits14_reg4_distill_from_vitg14", ["distillation.teacher=runs/vitg14_reg4"])
@@ -171,7 +171,7 @@ def test_the_distillation_recipe_is_dinov2s_setting_and_fits_a_vitg14_reg4_teach
         teacher = build_ssl_model(load_config("vitg14_reg4", ["student.depth=1"]), load_pretrained=False).teacher
         student = build_ssl_model(load_config("vits14_reg4_distill_from_vitg14", ["distillation.enabled=false"]),
                                   load_pretrained=False).student
-    _check_distillation_teacher(teacher, student, patch_size=14)
+    check_distillation_teacher(teacher, student, patch_size=14)
     with pytest.raises(Exception, match="distillation.teacher"):
         load_config("vits14_reg4_distill_from_vitg14")  # the teacher must be named
 

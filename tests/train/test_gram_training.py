@@ -4,7 +4,6 @@ it, exact resume, the meta-device start, strict export."""
 
 import copy
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,10 +18,11 @@ from dinoreg.data import TrainingBatch, build_dataset, normalise_uint8
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.ssl.gram import gram_loss, resize_patch_features
-from dinoreg.train.build import (build_model_and_optimizer, build_photometric, build_ssl_model, initialisation_steps,
-                                 training_batches)
+from dinoreg.train.build import (build_model_and_optimizer, build_photometric, build_ssl_model, construct_ssl_model,
+                                 initialisation_steps, training_batches)
+from dinoreg.train.features import build_features
+from dinoreg.train.features.gram import GramSchedule
 from dinoreg.train.loop import augment_on_device
-from dinoreg.train.optim import GramSchedule, Schedules
 from dinoreg.train.parallel import materialise
 from dinoreg.train.start import read_run_weights
 
@@ -47,7 +47,7 @@ def test_schedule_loads_refreshes_and_weighs_as_dinov3():
     # a weight schedule in epochs of train.epoch_length: linear 0 -> 2 over 2 epochs of 5, then a cosine to 1
     cfg = load_config("tiny_cpu", [*RUN, *GRAM, "train.epoch_length=5", "optim.epochs=4", "gram.it_load_ema_teacher=0",
                                    "gram.loss_weight_schedule={start: 0, peak: 2, end: 1, warmup_epochs: 2}"])
-    weights = Schedules(cfg).gram
+    weights = GramSchedule(cfg, 20)
     assert [weights.weight(it) for it in (0, 5, 10, 19)] == pytest.approx([0.0, 1.0, 2.0, 1.0])
     assert weights.weight(13) == pytest.approx(1.5 + 0.5 * torch.cos(torch.tensor(torch.pi * 3 / 9)).item())
     # the EMA teacher as Gram teacher is there from the start and never copied
@@ -87,8 +87,8 @@ def test_the_step_adds_the_gram_loss_of_the_gram_teacher_at_its_own_resolution(n
                           masks_weight=(1 / masks.sum(-1).clamp(min=1)).repeat_interleave(masks.sum(-1)),
                           n_masked_patches=torch.tensor([int(masks.sum())]), gram_crops=torch.randn(2 * b, 3, 48, 48))
     twin = copy.deepcopy(model)  # a step updates the centres: each call gets the same model
-    _, without = twin.forward_loss(batch, teacher_temp=0.04, gram_weight=0.0)
-    total, metrics = model.forward_loss(batch, teacher_temp=0.04, gram_weight=0.5)
+    _, without = twin.forward_loss(batch, teacher_temp=0.04, values={"gram_loss_weight": 0.0})
+    total, metrics = model.forward_loss(batch, teacher_temp=0.04, values={"gram_loss_weight": 0.5})
     # by hand: the student's global-crop patch tokens against the Gram teacher's on the 48 px crops, whose 6 x 6 grid
     # is resized (bicubic) to the student's 4 x 4; one batch-level Gram matrix over all 2B x 16 tokens
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_a_resume_inside_gram_anchoring_is_bitwise_and_the_export_loads_strictly
 def test_the_meta_device_start_gives_the_gram_teacher_the_one_process_values():
     overrides = [*RUN, *GRAM]
     torch.manual_seed(0)
-    reference = build_ssl_model(load_config("tiny_cpu", overrides)).state_dict()
+    reference = construct_ssl_model(load_config("tiny_cpu", overrides)).state_dict()  # the constructors' draws
     after_reference = torch.rand(4)
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -209,10 +209,11 @@ def test_two_processes_anchor_on_shards_with_distorted_high_resolution_gram_crop
 def test_a_gram_teachers_own_crops_are_dinov3s(undistorted):
     cfg = load_config("tiny_cpu", [*RUN, *GRAM, "crops.gram_teacher_crops_size=48",
                                    f"crops.gram_teacher_no_distortions={undistorted}"])
-    raw = next(training_batches(cfg, build_dataset("synthetic:size=16"), DistributedEnvironment(), start=0))
-    run = SimpleNamespace(cfg=cfg, photometric=build_photometric(cfg, torch.device("cpu")))
+    features = build_features(cfg)
+    raw = next(training_batches(cfg, build_dataset("synthetic:size=16"), DistributedEnvironment(), start=0,
+                                features=features))
     torch.manual_seed(0)
-    batch = augment_on_device(run, raw)
+    batch = augment_on_device(raw, build_photometric(cfg, torch.device("cpu")), features)
     assert batch.global_crops.shape[-1] == 32 and batch.gram_crops.shape[-1] == 48
     if undistorted:  # cut by the workers from the same boxes, only normalised
         assert torch.equal(batch.gram_crops, normalise_uint8(raw.gram_crops))

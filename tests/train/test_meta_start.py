@@ -12,7 +12,7 @@ from launch_helpers import TINY, torchrun
 from dinoreg.config import load_config
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.weights import save_backbone
-from dinoreg.train.build import build_model_and_optimizer, build_ssl_model, initialisation_steps
+from dinoreg.train.build import build_model_and_optimizer, build_ssl_model, construct_ssl_model, initialisation_steps
 from dinoreg.train.parallel import materialise
 
 HERE = Path(__file__).parent
@@ -25,6 +25,14 @@ def cpu_build(config, overrides):
     return model.state_dict(), torch.rand(4)
 
 
+def constructed(config, overrides):
+    """The same of the constructors' own draws on the CPU: the values of the one-process build before every build
+    started on the meta device (issue 26), which the replay keeps."""
+    torch.manual_seed(0)
+    model = construct_ssl_model(load_config(config, overrides))
+    return model.state_dict(), torch.rand(4)
+
+
 @pytest.mark.parametrize("config, overrides", [
     ("tiny_cpu", ["student.num_register_tokens=4", "student.layerscale=1e-5"]),
     ("tiny_cpu", ["student.num_register_tokens=0", "ibot.separate_head=true", "student.ffn_layer=swiglufused"]),
@@ -32,7 +40,10 @@ def cpu_build(config, overrides):
     ("vitg14_reg4", ["student.depth=1", "crops.global_crops_size=56", "crops.local_crops_size=28"]),
 ])
 def test_replayed_steps_equal_a_cpu_build(config, overrides):
-    reference, after_reference = cpu_build(config, overrides)
+    reference, after_reference = constructed(config, overrides)
+    trained, after_trained = cpu_build(config, overrides)  # training's build: the same values and draws
+    assert [name for name, value in trained.items() if not torch.equal(value, reference[name])] == []
+    assert torch.equal(after_trained, after_reference)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = build_ssl_model(load_config(config, overrides))
