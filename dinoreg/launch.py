@@ -1,20 +1,26 @@
-"""SLURM jobs with submitit: the sbatch request, the job that runs a dinoreg command line, requeueing.
+"""SLURM jobs with submitit: the sbatch request and its defaults (:data:`SUBMIT_DEFAULTS`), the job that runs a
+dinoreg command line, requeueing and its rules.
 
 How a preempted or timed-out training job continues:
 
-1. SLURM sends SIGUSR2 to every task ``signal_delay_s`` before the time limit (submitit's
-   ``--signal=USR2@<delay>``), or when someone runs ``scancel --signal=USR2 <job>`` (preemption).
+1. SLURM sends :data:`REQUEUE_SIGNAL_NAME` (SIGUSR2, unless ``SUBMITIT_PREEMPT_SIGNAL`` names another) to every
+   task ``signal_delay_s`` before the time limit (submitit's ``--signal=USR2@<delay>``), or when someone runs
+   ``scancel --signal=USR2 <job>`` (preemption). ``dinoreg submit`` refuses a training config that would not
+   save on it (:func:`check_requeue_signal_saves`).
 2. While training, the loop's :class:`~dinoreg.train.signals.SignalWatcher` holds that signal: every rank
-   finishes its iteration, saves a checkpoint, and :class:`StoppedOnSignal` is raised.
+   finishes its iteration, saves a checkpoint, and :class:`~dinoreg.train.signals.StoppedOnSignal` is raised.
 3. :class:`DinoregJob` then calls submitit's own handler for the signal, saved before training started. On
-   rank 0 it calls :meth:`DinoregJob.checkpoint` (which bounds the requeues) and ``scontrol requeue``\\ s
-   the job; the other ranks exit and leave no result behind.
+   rank 0 it calls :meth:`DinoregJob.checkpoint` and ``scontrol requeue``\\ s the job; the other ranks exit
+   and leave no result behind. A job already requeued ``max_requeues`` times (``SLURM_RESTART_COUNT``, which
+   counts every requeue: time limits, preemptions, ``scontrol requeue``, node failures) is not requeued: it
+   ends with an error that says to submit the same command to continue from the checkpoint.
 4. The requeued job keeps its job id, so ``%j`` names the same output directory, and runs the same command
    line: ``dinoreg train`` resumes from the newest checkpoint there.
 
-An external ``scontrol requeue`` or a node failure skips 2-3: SLURM sends SIGTERM (saved on if
-``checkpoint.save_on_signals`` holds it and the kill grace allows) and restarts the job, which resumes from
-the newest checkpoint. SIGTERM never requeues by itself: it is how SLURM cancels.
+Another signal in ``checkpoint.save_on_signals`` (``scancel --signal=USR1 <job>``) saves and stops the job
+without a requeue. An external ``scontrol requeue`` or a node failure skips the requeue of 3: SLURM sends
+SIGTERM (saved on if ``checkpoint.save_on_signals`` holds it and the kill grace allows) and restarts the job,
+which resumes from the newest checkpoint. SIGTERM never requeues by itself: it is how SLURM cancels.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""``dinoreg submit``: a dinoreg command line as a SLURM job (the mechanics are in :mod:`dinoreg.launch`)."""
+"""``dinoreg submit``: a dinoreg command line as a SLURM job. This module parses the options and delegates: the
+mechanics, the defaults (:data:`~dinoreg.launch.SUBMIT_DEFAULTS`, which ``--help`` shows) and the requeue rules are
+in :mod:`dinoreg.launch`."""
 
 from __future__ import annotations
 
