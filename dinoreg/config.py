@@ -16,7 +16,7 @@ import os
 import signal
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -210,26 +210,50 @@ def _nearest_multiples(size: int, patch: int) -> str:
 
 
 def _validate(cfg: DictConfig) -> list[str]:
-    problems = []
+    """Every problem of the values in ``cfg``, one line each; the checks below, in this order."""
+    total = cfg.optim.epochs * cfg.train.epoch_length  # the run's iterations
+    return (_choice_problems(cfg) + _student_problems(cfg) + _crop_size_problems(cfg) + _width_problems(cfg)
+            + _train_problems(cfg) + _evaluation_problems(cfg) + _dataset_problems(cfg) + _teacher_problems(cfg)
+            + _probability_problems(cfg) + _checkpoint_problems(cfg) + _monitor_problems(cfg)
+            + _augmentation_problems(cfg) + _schedule_problems(cfg, total) + _start_problems(cfg)
+            + _distillation_problems(cfg) + _gram_problems(cfg, total) + _optimizer_problems(cfg))
 
-    def check(ok: bool, key: str, allowed: str) -> None:
-        if not ok:
-            problems.append(f"{key}: got {OmegaConf.select(cfg, key)!r}; {allowed}")
 
-    for key, allowed in CHOICES.items():
-        check(OmegaConf.select(cfg, key) in allowed, key, f"allowed: {', '.join(allowed)}")
+def _failed(cfg: DictConfig, rules: list[tuple[Any, str, str]]) -> list[str]:
+    """``key: got <its value>; <what is allowed>`` for each rule ``(ok, key, allowed)`` that does not hold."""
+    return [f"{key}: got {OmegaConf.select(cfg, key)!r}; {allowed}" for ok, key, allowed in rules if not ok]
 
-    s, t, crops, optim, train = cfg.student, cfg.teacher, cfg.crops, cfg.optim, cfg.train
-    check(s.num_register_tokens >= 0, "student.num_register_tokens", "must be >= 0 (4 in our recipes)")
-    check(0 <= s.drop_path_rate < 1, "student.drop_path_rate", "must be in [0, 1)")
-    check(s.patch_size > 0, "student.patch_size", "must be > 0")
-    for name in ("global_crops_size", "local_crops_size"):
-        size, patch = crops[name], s.patch_size
-        if patch > 0 and (size <= 0 or size % patch != 0):
-            check(False, f"crops.{name}", f"must be a positive multiple of student.patch_size={patch}; "
-                  f"nearest valid: {_nearest_multiples(size, patch)}")
-    for name in ("embed_dim", "depth", "num_heads"):
-        check(s[name] is None or s[name] > 0, f"student.{name}", "must be > 0, or null for the arch's value")
+
+def _choice_problems(cfg: DictConfig) -> list[str]:
+    """The keys that take one of a few names (``CHOICES``)."""
+    return _failed(cfg, [(OmegaConf.select(cfg, key) in allowed, key, f"allowed: {', '.join(allowed)}")
+                         for key, allowed in CHOICES.items()])
+
+
+def _student_problems(cfg: DictConfig) -> list[str]:
+    """The backbone's registers, drop path and patch size."""
+    s = cfg.student
+    return _failed(cfg, [
+        (s.num_register_tokens >= 0, "student.num_register_tokens", "must be >= 0 (4 in our recipes)"),
+        (0 <= s.drop_path_rate < 1, "student.drop_path_rate", "must be in [0, 1)"),
+        (s.patch_size > 0, "student.patch_size", "must be > 0"),
+    ])
+
+
+def _crop_size_problems(cfg: DictConfig) -> list[str]:
+    """Crop sizes the patches do not tile (once the patch size itself is valid), with the nearest that they do."""
+    patch = cfg.student.patch_size
+    sizes = {f"crops.{name}": cfg.crops[name] for name in ("global_crops_size", "local_crops_size")}
+    return _failed(cfg, [(False, key, f"must be a positive multiple of student.patch_size={patch}; "
+                                      f"nearest valid: {_nearest_multiples(size, patch)}")
+                         for key, size in sizes.items() if patch > 0 and (size <= 0 or size % patch != 0)])
+
+
+def _width_problems(cfg: DictConfig) -> list[str]:
+    """``student.embed_dim``, ``depth`` and ``num_heads``: positive (or the arch's), the heads dividing the width."""
+    s = cfg.student
+    problems = _failed(cfg, [(s[name] is None or s[name] > 0, f"student.{name}", "must be > 0, or null for the arch's "
+                              "value") for name in ("embed_dim", "depth", "num_heads")])
     if s.arch in ARCHITECTURES:
         arch_dim, _, arch_heads = ARCHITECTURES[s.arch]
         dim, heads = s.embed_dim or arch_dim, s.num_heads or arch_heads
@@ -238,82 +262,153 @@ def _validate(cfg: DictConfig) -> list[str]:
                 f"student.embed_dim: {dim} is not divisible by student.num_heads={heads} "
                 f"({s.arch} defaults: embed_dim {arch_dim}, num_heads {arch_heads}); pick a multiple of {heads}"
             )
+    return problems
 
-    check(train.batch_size_per_gpu >= 2, "train.batch_size_per_gpu", "must be >= 2 (KoLeo needs 2+ per view)")
-    check(train.epoch_length > 0, "train.epoch_length", "must be > 0")
-    check(train.num_workers >= 0, "train.num_workers", "must be >= 0")
-    check(train.loss_chunk_elements > 0, "train.loss_chunk_elements",
-          "must be > 0 values per chunk (the default 16777216 is 64 MiB in fp32)")
-    check(train.log_every > 0, "train.log_every", "must be > 0")
-    for key in ("evaluation.knn_train_images", "evaluation.knn_eval_images", "evaluation.knn_k",
-                "evaluation.eval_period_iterations", "evaluation.segmentation_train_images",
-                "evaluation.segmentation_eval_images", "evaluation.segmentation_iterations"):
-        check(OmegaConf.select(cfg, key) > 0, key, "must be > 0")
-    # Official dataset strings ("ImageNet:split=TRAIN") would otherwise fail late, in the data loader.
-    dataset = train.dataset_path
+
+def _train_problems(cfg: DictConfig) -> list[str]:
+    """The batch, the epoch, the loader workers, the loss chunks and the logging period (``train.*``)."""
+    train = cfg.train
+    return _failed(cfg, [
+        (train.batch_size_per_gpu >= 2, "train.batch_size_per_gpu", "must be >= 2 (KoLeo needs 2+ per view)"),
+        (train.epoch_length > 0, "train.epoch_length", "must be > 0"),
+        (train.num_workers >= 0, "train.num_workers", "must be >= 0"),
+        (train.loss_chunk_elements > 0, "train.loss_chunk_elements",
+         "must be > 0 values per chunk (the default 16777216 is 64 MiB in fp32)"),
+        (train.log_every > 0, "train.log_every", "must be > 0"),
+    ])
+
+
+_EVALUATION_COUNTS = ("evaluation.knn_train_images", "evaluation.knn_eval_images", "evaluation.knn_k",
+                      "evaluation.eval_period_iterations", "evaluation.segmentation_train_images",
+                      "evaluation.segmentation_eval_images", "evaluation.segmentation_iterations")
+
+
+def _evaluation_problems(cfg: DictConfig) -> list[str]:
+    """The evaluations' image counts, k and periods."""
+    return _failed(cfg, [(OmegaConf.select(cfg, key) > 0, key, "must be > 0") for key in _EVALUATION_COUNTS])
+
+
+def _dataset_problems(cfg: DictConfig) -> list[str]:
+    """An official dataset string (``ImageNet:split=TRAIN``), which would otherwise fail late, in the data loader."""
+    dataset = cfg.train.dataset_path
     official_form = (":" in dataset and "=" in dataset and not dataset.startswith("synthetic")
                      and not Path(dataset).exists())
-    check(not official_form, "train.dataset_path", 'use "synthetic", a folder of images, or a .txt file of paths')
+    return _failed(cfg, [(not official_form, "train.dataset_path",
+                          'use "synthetic", a folder of images, or a .txt file of paths')])
 
-    for key in ("teacher.momentum_teacher", "teacher.final_momentum_teacher"):
-        check(0 <= OmegaConf.select(cfg, key) <= 1, key, "must be in [0, 1]")
-    for key in ("teacher.warmup_teacher_temp", "teacher.teacher_temp", "evaluation.knn_temperature"):
-        check(OmegaConf.select(cfg, key) > 0, key, "temperatures must be > 0")
-    check(t.warmup_teacher_temp_epochs >= 0, "teacher.warmup_teacher_temp_epochs", "must be >= 0")
 
-    probabilities = ["ibot.mask_sample_probability"] + [
-        f"crops.{n}" for n in ("blur_prob_global1", "blur_prob_global2", "blur_prob_local", "solarization_prob_global2")
-    ]
-    for key in probabilities:
-        check(0 <= OmegaConf.select(cfg, key) <= 1, key, "probabilities must be in [0, 1]")
+def _teacher_problems(cfg: DictConfig) -> list[str]:
+    """The EMA teacher's momentum, and the temperatures (the teacher's and the kNN evaluation's)."""
+    rules = [(0 <= OmegaConf.select(cfg, key) <= 1, key, "must be in [0, 1]")
+             for key in ("teacher.momentum_teacher", "teacher.final_momentum_teacher")]
+    rules += [(OmegaConf.select(cfg, key) > 0, key, "temperatures must be > 0")
+              for key in ("teacher.warmup_teacher_temp", "teacher.teacher_temp", "evaluation.knn_temperature")]
+    rules.append((cfg.teacher.warmup_teacher_temp_epochs >= 0, "teacher.warmup_teacher_temp_epochs", "must be >= 0"))
+    return _failed(cfg, rules)
 
+
+_PROBABILITIES = ("ibot.mask_sample_probability", "crops.blur_prob_global1", "crops.blur_prob_global2",
+                  "crops.blur_prob_local", "crops.solarization_prob_global2")
+
+
+def _probability_problems(cfg: DictConfig) -> list[str]:
+    """iBOT's masking and the augmentations' probabilities."""
+    return _failed(cfg, [(0 <= OmegaConf.select(cfg, key) <= 1, key, "probabilities must be in [0, 1]")
+                         for key in _PROBABILITIES])
+
+
+def _checkpoint_problems(cfg: DictConfig) -> list[str]:
+    """The checkpoints' period and retention, and the signals they are saved on."""
     ck = cfg.checkpoint
-    check(ck.period >= 0, "checkpoint.period", "iterations between checkpoints, >= 0 (0: only at the end, see checkpoint.save_final)")
-    check(ck.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-    check(ck.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: keep no extra checkpoints)")
-    check(all(isinstance(getattr(signal, str(n), None), signal.Signals) for n in ck.save_on_signals)
-          and not {"SIGKILL", "SIGSTOP"} & set(ck.save_on_signals),
-          "checkpoint.save_on_signals", "catchable signal names such as SIGUSR1, SIGUSR2, SIGTERM")
+    return _failed(cfg, [
+        (ck.period >= 0, "checkpoint.period",
+         "iterations between checkpoints, >= 0 (0: only at the end, see checkpoint.save_final)"),
+        (ck.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
+        (ck.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: keep no extra checkpoints)"),
+        (_catchable(ck.save_on_signals), "checkpoint.save_on_signals",
+         "catchable signal names such as SIGUSR1, SIGUSR2, SIGTERM"),
+    ])
+
+
+def _catchable(names: Sequence[str]) -> bool:
+    """Whether every name is a signal of this platform that a process can handle."""
+    return (all(isinstance(getattr(signal, str(n), None), signal.Signals) for n in names)
+            and not {"SIGKILL", "SIGSTOP"} & set(names))
+
+
+def _monitor_problems(cfg: DictConfig) -> list[str]:
+    """The artifact monitor's period, probe images and thresholds."""
     mon = cfg.monitor
-    check(mon.period >= 0, "monitor.period", "iterations between artifact measurements, >= 0 (0: off)")
-    check(mon.images >= 1, "monitor.images", "probe images, >= 1")
-    check(mon.relative_threshold > 1, "monitor.relative_threshold", "a multiple of the median norm, > 1 (e.g. 10)")
-    check(mon.absolute_threshold > 0, "monitor.absolute_threshold", "a norm, > 0 (the paper's 150)")
+    return _failed(cfg, [
+        (mon.period >= 0, "monitor.period", "iterations between artifact measurements, >= 0 (0: off)"),
+        (mon.images >= 1, "monitor.images", "probe images, >= 1"),
+        (mon.relative_threshold > 1, "monitor.relative_threshold", "a multiple of the median norm, > 1 (e.g. 10)"),
+        (mon.absolute_threshold > 0, "monitor.absolute_threshold", "a norm, > 0 (the paper's 150)"),
+    ])
+
+
+def _augmentation_problems(cfg: DictConfig) -> list[str]:
+    """Colour jitter, crop scales, iBOT's mask ratios and the number of local crops."""
     jitter = list(cfg.crops.color_jitter)
-    check(len(jitter) == 4 and min(jitter) >= 0 and jitter[3] <= 0.5, "crops.color_jitter",
-          "4 strengths [brightness, contrast, saturation, hue], each >= 0, hue <= 0.5 (official [0.4, 0.4, 0.2, 0.1])")
+    rules = [(len(jitter) == 4 and min(jitter) >= 0 and jitter[3] <= 0.5, "crops.color_jitter",
+              "4 strengths [brightness, contrast, saturation, hue], each >= 0, hue <= 0.5 "
+              "(official [0.4, 0.4, 0.2, 0.1])")]
+    rules += [(_is_range(cfg, key, lambda lo: lo > 0), key, "must be [lo, hi] with 0 < lo <= hi <= 1")
+              for key in ("crops.global_crops_scale", "crops.local_crops_scale")]
+    rules.append((_is_range(cfg, "ibot.mask_ratio_min_max", lambda lo: lo >= 0), "ibot.mask_ratio_min_max",
+                  "must be [lo, hi] with 0 <= lo <= hi <= 1"))
+    rules.append((cfg.crops.local_crops_number >= 0, "crops.local_crops_number",
+                  "must be >= 0 (0 disables local crops)"))
+    return _failed(cfg, rules)
 
-    def check_range(key: str, low_ok, allowed: str) -> None:
-        pair = list(OmegaConf.select(cfg, key))
-        check(len(pair) == 2 and low_ok(pair[0]) and pair[0] <= pair[1] <= 1, key, allowed)
 
-    for key in ("crops.global_crops_scale", "crops.local_crops_scale"):
-        check_range(key, lambda lo: lo > 0, "must be [lo, hi] with 0 < lo <= hi <= 1")
-    check_range("ibot.mask_ratio_min_max", lambda lo: lo >= 0, "must be [lo, hi] with 0 <= lo <= hi <= 1")
-    check(crops.local_crops_number >= 0, "crops.local_crops_number", "must be >= 0 (0 disables local crops)")
+def _is_range(cfg: DictConfig, key: str, low_ok: Callable[[Any], bool]) -> bool:
+    """Whether ``key`` is a pair ``[lo, hi]`` with ``low_ok(lo)`` and ``lo <= hi <= 1``."""
+    pair = list(OmegaConf.select(cfg, key))
+    return len(pair) == 2 and low_ok(pair[0]) and pair[0] <= pair[1] <= 1
 
-    check(optim.epochs > 0, "optim.epochs", "must be > 0")
-    warmup_ok = 0 <= optim.warmup_epochs <= optim.epochs
-    check(warmup_ok, "optim.warmup_epochs", f"must be in [0, optim.epochs={optim.epochs}]")
-    check(optim.base_lr > 0, "optim.base_lr", "must be > 0")
-    total = optim.epochs * train.epoch_length
-    check(0 <= optim.head_warmup_iterations < total, "optim.head_warmup_iterations",
-          f"must be in [0, {total}) (the run has optim.epochs x train.epoch_length = {total} iterations)")
-    check(not (train.init_from and s.pretrained_weights), "train.init_from",
-          "give train.init_from (backbone and heads) or student.pretrained_weights (backbone only), not both")
-    starts = [key for key in ("phase.start_from", "train.init_from", "student.pretrained_weights") if OmegaConf.select(cfg, key)]
-    check(len(starts) <= 1, starts[-1] if starts else "phase.start_from",
-          f"give one start, not {' and '.join(starts)}: phase.start_from continues a run (all of its state), "
-          "train.init_from starts from a backbone with heads, student.pretrained_weights from a backbone")
+
+def _schedule_problems(cfg: DictConfig, total: int) -> list[str]:
+    """The epochs, the warm-ups and the base learning rate; ``total``: the run's iterations."""
+    optim = cfg.optim
+    return _failed(cfg, [
+        (optim.epochs > 0, "optim.epochs", "must be > 0"),
+        (0 <= optim.warmup_epochs <= optim.epochs, "optim.warmup_epochs", f"must be in [0, optim.epochs={optim.epochs}]"),
+        (optim.base_lr > 0, "optim.base_lr", "must be > 0"),
+        (0 <= optim.head_warmup_iterations < total, "optim.head_warmup_iterations",
+         f"must be in [0, {total}) (the run has optim.epochs x train.epoch_length = {total} iterations)"),
+    ])
+
+
+_STARTS = ("phase.start_from", "train.init_from", "student.pretrained_weights")
+
+
+def _start_problems(cfg: DictConfig) -> list[str]:
+    """At most one start: a phase continues a run, ``train.init_from`` and ``student.pretrained_weights`` start fresh."""
+    starts = [key for key in _STARTS if OmegaConf.select(cfg, key)]
+    return _failed(cfg, [
+        (not (cfg.train.init_from and cfg.student.pretrained_weights), "train.init_from",
+         "give train.init_from (backbone and heads) or student.pretrained_weights (backbone only), not both"),
+        (len(starts) <= 1, starts[-1] if starts else "phase.start_from",
+         f"give one start, not {' and '.join(starts)}: phase.start_from continues a run (all of its state), "
+         "train.init_from starts from a backbone with heads, student.pretrained_weights from a backbone"),
+    ])
+
+
+def _distillation_problems(cfg: DictConfig) -> list[str]:
+    """A distillation run names its frozen teacher."""
     distill = cfg.distillation
-    check(not distill.enabled or bool(distill.teacher), "distillation.teacher",
-          "distillation.enabled needs the frozen teacher: a dinoreg run, a `dinoreg export --with-heads` file or "
-          "an official teacher_checkpoint.pth")
-    problems += _gram_problems(cfg, total)
-    check(0 < optim.layerwise_decay <= 1, "optim.layerwise_decay", "must be in (0, 1]")
-    for key in ("optim.adamw_beta1", "optim.adamw_beta2"):
-        check(0 <= OmegaConf.select(cfg, key) < 1, key, "must be in [0, 1)")
-    return problems
+    return _failed(cfg, [(not distill.enabled or bool(distill.teacher), "distillation.teacher",
+                          "distillation.enabled needs the frozen teacher: a dinoreg run, a `dinoreg export "
+                          "--with-heads` file or an official teacher_checkpoint.pth")])
+
+
+def _optimizer_problems(cfg: DictConfig) -> list[str]:
+    """The layer-wise learning-rate decay and AdamW's betas."""
+    rules = [(0 < cfg.optim.layerwise_decay <= 1, "optim.layerwise_decay", "must be in (0, 1]")]
+    rules += [(0 <= OmegaConf.select(cfg, key) < 1, key, "must be in [0, 1)")
+              for key in ("optim.adamw_beta1", "optim.adamw_beta2")]
+    return _failed(cfg, rules)
 
 
 _GRAM_SCHEDULE_KEYS = {"start", "peak", "end", "warmup_epochs", "cosine_epochs"}

@@ -1,20 +1,26 @@
-"""SLURM jobs with submitit: the sbatch request, the job that runs a dinoreg command line, requeueing.
+"""SLURM jobs with submitit: the sbatch request and its defaults (:data:`SUBMIT_DEFAULTS`), the job that runs a
+dinoreg command line, requeueing and its rules.
 
 How a preempted or timed-out training job continues:
 
-1. SLURM sends SIGUSR2 to every task ``signal_delay_s`` before the time limit (submitit's
-   ``--signal=USR2@<delay>``), or when someone runs ``scancel --signal=USR2 <job>`` (preemption).
+1. SLURM sends :data:`REQUEUE_SIGNAL_NAME` (SIGUSR2, unless ``SUBMITIT_PREEMPT_SIGNAL`` names another) to every
+   task ``signal_delay_s`` before the time limit (submitit's ``--signal=USR2@<delay>``), or when someone runs
+   ``scancel --signal=USR2 <job>`` (preemption). ``dinoreg submit`` refuses a training config that would not
+   save on it (:func:`check_requeue_signal_saves`).
 2. While training, the loop's :class:`~dinoreg.train.signals.SignalWatcher` holds that signal: every rank
-   finishes its iteration, saves a checkpoint, and :class:`StoppedOnSignal` is raised.
+   finishes its iteration, saves a checkpoint, and :class:`~dinoreg.train.signals.StoppedOnSignal` is raised.
 3. :class:`DinoregJob` then calls submitit's own handler for the signal, saved before training started. On
-   rank 0 it calls :meth:`DinoregJob.checkpoint` (which bounds the requeues) and ``scontrol requeue``\\ s
-   the job; the other ranks exit and leave no result behind.
+   rank 0 it calls :meth:`DinoregJob.checkpoint` and ``scontrol requeue``\\ s the job; the other ranks exit
+   and leave no result behind. A job already requeued ``max_requeues`` times (``SLURM_RESTART_COUNT``, which
+   counts every requeue: time limits, preemptions, ``scontrol requeue``, node failures) is not requeued: it
+   ends with an error that says to submit the same command to continue from the checkpoint.
 4. The requeued job keeps its job id, so ``%j`` names the same output directory, and runs the same command
    line: ``dinoreg train`` resumes from the newest checkpoint there.
 
-An external ``scontrol requeue`` or a node failure skips 2-3: SLURM sends SIGTERM (saved on if
-``checkpoint.save_on_signals`` holds it and the kill grace allows) and restarts the job, which resumes from
-the newest checkpoint. SIGTERM never requeues by itself: it is how SLURM cancels.
+Another signal in ``checkpoint.save_on_signals`` (``scancel --signal=USR1 <job>``) saves and stops the job
+without a requeue. An external ``scontrol requeue`` or a node failure skips the requeue of 3: SLURM sends
+SIGTERM (saved on if ``checkpoint.save_on_signals`` holds it and the kill grace allows) and restarts the job,
+which resumes from the newest checkpoint. SIGTERM never requeues by itself: it is how SLURM cancels.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ from dinoreg.distributed import detect_environment
 from dinoreg.errors import InputError
 from dinoreg.run_dir import RunDir
 
-__all__ = ["DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest", "SubmitError", "check_job_strings",
-           "check_path", "check_text", "final_metrics", "format_sbatch", "job_state", "python_command",
-           "sbatch_parameters", "submit", "wait_for_job"]
+__all__ = ["REQUEUE_SIGNAL_NAME", "SUBMIT_DEFAULTS", "DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest",
+           "SubmitDefaults", "SubmitError", "check_job_strings", "check_path", "check_requeue_signal_saves",
+           "check_text", "final_metrics", "format_sbatch", "job_state", "python_command", "sbatch_parameters",
+           "submit", "wait_for_job"]
 
 # The signal submitit asks SLURM for and handles (submitit reads the same variable).
 REQUEUE_SIGNAL_NAME = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
@@ -144,25 +151,74 @@ class JobWaitError(RuntimeError):
     """A job ended without results, or did not end in time."""
 
 
+@dataclass(frozen=True)
+class SubmitDefaults:
+    """What ``dinoreg submit`` asks for where an option is not given (its ``--help`` shows these values), and the
+    defaults of :class:`SlurmRequest`. A GPU job gets the official launcher's cores and memory per GPU; a CPU-only
+    job leaves both to SLURM."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_gpu_task: int = 10  # the official launcher's cores per GPU task, for its data loader workers
+    mem_gb_per_gpu: float = 40.0  # the official launcher's memory per GPU
+    timeout_min: int = 2800  # each allocation's time limit; the job requeues itself when it is reached
+    job_name: str = "dinoreg"
+    # When SLURM sends REQUEUE_SIGNAL_NAME before the time limit: time for one iteration and a checkpoint.
+    signal_delay_s: int = 120
+    # Requeues allowed in all, counted by SLURM (SLURM_RESTART_COUNT); then the job ends, keeping its checkpoints.
+    max_requeues: int = 10
+    output_dir: str = "runs/%j"  # of training; %j becomes the job id, which a requeued job keeps
+    training_log_subdir: str = "slurm"  # submitit's folder of a training job, inside its output directory
+    command_log_dir: str = "slurm_logs/%j"  # submitit's folder of another command line
+
+    def cpus_per_task(self, given: Optional[int], gpus_per_node: int) -> Optional[int]:
+        """``given``, else ``cpus_per_gpu_task`` with GPUs and None (SLURM's default of 1) without."""
+        return given or (self.cpus_per_gpu_task if gpus_per_node else None)
+
+    def mem_gb(self, given: Optional[float], gpus_per_node: int) -> Optional[float]:
+        """``given``, else ``mem_gb_per_gpu`` per GPU and None (SLURM's default) without GPUs."""
+        return given if given is not None else (self.mem_gb_per_gpu * gpus_per_node if gpus_per_node else None)
+
+    def log_dir(self, given: Optional[str], output_dir: Optional[str]) -> str:
+        """submitit's folder, absolute: ``given``, else ``training_log_subdir`` inside the ``output_dir`` of a
+        training job, or ``command_log_dir`` for another command line (``output_dir`` None)."""
+        default = self.command_log_dir if output_dir is None else os.path.join(output_dir, self.training_log_subdir)
+        return os.path.abspath(given or default)
+
+
+SUBMIT_DEFAULTS = SubmitDefaults()
+
+
+def check_requeue_signal_saves(save_on_signals: Sequence[str]) -> None:
+    """Refuse a training job whose ``checkpoint.save_on_signals`` lacks :data:`REQUEUE_SIGNAL_NAME`: SLURM sends
+    that signal before the time limit and on preemption, and the job requeues itself on it, so without a save
+    there the run would be requeued mid-iteration and lose what it did since its last checkpoint."""
+    if REQUEUE_SIGNAL_NAME not in save_on_signals:
+        raise SubmitError(f"checkpoint.save_on_signals={list(save_on_signals)} lacks {REQUEUE_SIGNAL_NAME}, the "
+                          "signal SLURM sends before the time limit and on preemption: without it the job would be "
+                          "requeued mid-iteration without saving. Add it, e.g. "
+                          f"checkpoint.save_on_signals=[SIGUSR1,{REQUEUE_SIGNAL_NAME},SIGTERM]")
+
+
 @dataclass
 class SlurmRequest:
     """What to ask SLURM for. One task per GPU; ``tasks_per_node`` is for CPU-only jobs (``gpus_per_node=0``)."""
 
-    nodes: int = 1
-    gpus_per_node: int = 8
+    nodes: int = SUBMIT_DEFAULTS.nodes
+    gpus_per_node: int = SUBMIT_DEFAULTS.gpus_per_node
     tasks_per_node: Optional[int] = None
     cpus_per_task: Optional[int] = None
     mem_gb: Optional[float] = None
-    timeout_min: int = 2800
+    timeout_min: int = SUBMIT_DEFAULTS.timeout_min
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
     exclude: Optional[str] = None
     comment: Optional[str] = None
-    job_name: str = "dinoreg"
-    signal_delay_s: int = 120
-    max_requeues: int = 10
+    job_name: str = SUBMIT_DEFAULTS.job_name
+    signal_delay_s: int = SUBMIT_DEFAULTS.signal_delay_s
+    max_requeues: int = SUBMIT_DEFAULTS.max_requeues
     srun_args: list[str] = field(default_factory=list)
 
 

@@ -15,6 +15,8 @@ Subcommands:
   data export-synthetic  the synthetic dataset as image folders with PNG label maps
   model-info       build a backbone and print its parameters, FLOPs and output shapes
   analyze flops    FLOPs and parameters versus the number of register tokens
+  analyze <tool>   the registers paper's diagnostics on any backbone: norms, layers, positions, neighbors,
+                   attention, pca, lost, antialias, disconnect, probe
 
 FLOPs of model-info and analyze flops are fvcore's unit (one multiply-add counts as one flop); bench train and
 bench flops count 2 FLOPs per multiply-add, the unit of MFU and of the devices' peaks.
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run one dinoreg command line in this process and return its exit status; a training run stopped by a
-    signal raises :class:`~dinoreg.train.signals.StoppedOnSignal` (the SLURM job wrapper requeues on it)."""
+    signal raises :class:`~dinoreg.train.signals.StoppedOnSignal` (the SLURM job wrapper requeues the job when it is
+    :data:`~dinoreg.launch.REQUEUE_SIGNAL_NAME`)."""
     if argv is None:
         argv = sys.argv[1:]
     argv = list(argv)

@@ -1,4 +1,6 @@
-"""``dinoreg submit``: a dinoreg command line as a SLURM job (the mechanics are in :mod:`dinoreg.launch`)."""
+"""``dinoreg submit``: a dinoreg command line as a SLURM job. This module parses the options and delegates: the
+mechanics, the defaults (:data:`~dinoreg.launch.SUBMIT_DEFAULTS`, which ``--help`` shows) and the requeue rules are
+in :mod:`dinoreg.launch`."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any, Callable
 
 from dinoreg.argtypes import int_at_least, positive_int
 from dinoreg.cli.common import add_recipe_arguments, config_error_message, format_summary
+from dinoreg.launch import REQUEUE_SIGNAL_NAME
+from dinoreg.launch import SUBMIT_DEFAULTS as DEFAULTS
 from dinoreg.run_dir import OutputDirError, check_not_in_use, write_json
 
 
@@ -27,8 +31,8 @@ def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Submit `dinoreg train` (or, after --, any dinoreg command line) to SLURM with submitit: "
                     "one task per GPU on each node, FSDP across all of them. Near its time limit or when "
-                    "preempted (SIGUSR2), the job saves a checkpoint on every rank, requeues itself and resumes "
-                    "where it stopped.",
+                    f"preempted ({REQUEUE_SIGNAL_NAME}), the job saves a checkpoint on every rank, requeues itself "
+                    "and resumes where it stopped.",
         epilog="`%j` in --output-dir and --log-dir becomes the job id; a requeued job keeps its id and so its "
                "directory.\n\n"
                "examples:\n"
@@ -38,25 +42,28 @@ def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
                "  dinoreg submit --gpus-per-node 1 --timeout-min 60 -- analyze flops --arch vit_giant\n"
                "  dinoreg submit --dry-run --nodes 2 --config vitg14_reg4     # print the sbatch request only")
     add_recipe_arguments(submit)
-    submit.add_argument("--output-dir", default="runs/%j", metavar="DIR",
+    submit.add_argument("--output-dir", default=DEFAULTS.output_dir, metavar="DIR",
                         help="training output directory, made absolute (default: %(default)s)")
     submit.add_argument("--log-dir", metavar="DIR",
                         help="submitit's folder: sbatch script, pickles, one stdout/stderr log per task (default: "
-                             "DIR/slurm for training, slurm_logs/%%j for a command after --)")
+                             f"DIR/{DEFAULTS.training_log_subdir} for training, "
+                             f"{DEFAULTS.command_log_dir.replace('%', '%%')} for a command after --)")
     resources = submit.add_argument_group("resources (sbatch options)")
-    resources.add_argument("--nodes", type=positive_int, default=1, help="nodes (default: %(default)s)")
-    resources.add_argument("--gpus-per-node", type=int_at_least(0, "a number of GPUs >= 0"), default=8,
+    resources.add_argument("--nodes", type=positive_int, default=DEFAULTS.nodes, help="nodes (default: %(default)s)")
+    resources.add_argument("--gpus-per-node", type=int_at_least(0, "a number of GPUs >= 0"),
+                           default=DEFAULTS.gpus_per_node,
                            help="GPUs per node, one task each; 0 for a CPU-only job (default: %(default)s)")
     resources.add_argument("--tasks-per-node", type=positive_int,
                            help="processes per node of a CPU-only job (--gpus-per-node 0); with GPUs it is "
                                 "the GPU count")
     resources.add_argument("--cpus-per-task", type=positive_int,
-                           help="CPU cores per task, for its data loader workers (default: 10 with GPUs, as the "
-                                "official launcher; SLURM's default of 1 without)")
+                           help="CPU cores per task, for its data loader workers (default: "
+                                f"{DEFAULTS.cpus_per_gpu_task} with GPUs, as the official launcher; SLURM's default "
+                                "of 1 without)")
     resources.add_argument("--mem-gb", type=float,
-                           help="memory per node in GB (default: 40 per GPU, as the official launcher; SLURM's "
-                                "default without GPUs)")
-    resources.add_argument("--timeout-min", type=positive_int, default=2800,
+                           help=f"memory per node in GB (default: {DEFAULTS.mem_gb_per_gpu:g} per GPU, as the "
+                                "official launcher; SLURM's default without GPUs)")
+    resources.add_argument("--timeout-min", type=positive_int, default=DEFAULTS.timeout_min,
                            help="time limit of each allocation in minutes; the job requeues itself when it is "
                                 "reached (default: %(default)s)")
     resources.add_argument("--partition", help="SLURM partition")
@@ -65,12 +72,12 @@ def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
     resources.add_argument("--constraint", help="node features, e.g. volta32gb")
     resources.add_argument("--exclude", metavar="NODES", help="nodes not to run on, e.g. node[01-03]")
     resources.add_argument("--comment", help="free text shown by squeue/sacct")
-    resources.add_argument("--job-name", default="dinoreg", help="job name (default: %(default)s)")
+    resources.add_argument("--job-name", default=DEFAULTS.job_name, help="job name (default: %(default)s)")
     requeue = submit.add_argument_group("preemption and time limits")
-    requeue.add_argument("--signal-delay-s", type=positive_int, default=120,
+    requeue.add_argument("--signal-delay-s", type=positive_int, default=DEFAULTS.signal_delay_s,
                          help="seconds before the time limit at which SLURM signals the job to save and requeue; "
                               "allow for one iteration plus a checkpoint (default: %(default)s)")
-    requeue.add_argument("--max-requeues", type=int_at_least(0, "a number >= 0"), default=10,
+    requeue.add_argument("--max-requeues", type=int_at_least(0, "a number >= 0"), default=DEFAULTS.max_requeues,
                          help="requeues allowed in all (time limits, preemptions, scontrol requeue); then the job "
                               "ends and keeps its checkpoints (default: %(default)s)")
     job = submit.add_argument_group("job")
@@ -90,9 +97,9 @@ def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
 def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
             job_parser: Callable[[], argparse.ArgumentParser]) -> int:
     from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
-    from dinoreg.launch import (REQUEUE_SIGNAL_NAME, JobWaitError, SlurmRequest, SubmitError,  # noqa: PLC0415
-                                check_job_strings, check_path, format_sbatch, python_command, sbatch_parameters,
-                                submit, wait_for_job)
+    from dinoreg.launch import (JobWaitError, SlurmRequest, SubmitError, check_job_strings,  # noqa: PLC0415
+                                check_path, check_requeue_signal_saves, format_sbatch, python_command,
+                                sbatch_parameters, submit, wait_for_job)
 
     def fail(message: str, code: int) -> int:
         print(f"dinoreg submit: {message}", file=sys.stderr)
@@ -101,8 +108,7 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
     gpus = args.gpus_per_node
     request = SlurmRequest(
         nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task or (10 if gpus else None),
-        mem_gb=args.mem_gb if args.mem_gb is not None else (40.0 * gpus if gpus else None),
+        cpus_per_task=DEFAULTS.cpus_per_task(args.cpus_per_task, gpus), mem_gb=DEFAULTS.mem_gb(args.mem_gb, gpus),
         timeout_min=args.timeout_min, partition=args.partition, account=args.account, qos=args.qos,
         constraint=args.constraint, exclude=args.exclude, comment=args.comment, job_name=args.job_name,
         signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues, srun_args=args.srun_arg)
@@ -127,7 +133,7 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
         except SystemExit:
             why = (refusal.getvalue().strip().splitlines() or ["refused"])[-1]
             return fail(f"the job command `dinoreg {shlex.join(argv)}` is invalid: {why}", 2)
-        log_dir = os.path.abspath(args.log_dir or "slurm_logs/%j")
+        log_dir = DEFAULTS.log_dir(args.log_dir, None)
     else:
         output_dir = os.path.abspath(args.output_dir)
         try:
@@ -139,14 +145,13 @@ def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
             check_not_in_use(output_dir)
         except OutputDirError as error:
             return fail(str(error), 1)
-        if REQUEUE_SIGNAL_NAME not in cfg.checkpoint.save_on_signals:
-            return fail(f"checkpoint.save_on_signals={list(cfg.checkpoint.save_on_signals)} lacks {REQUEUE_SIGNAL_NAME}, "
-                        "the signal SLURM sends before the time limit and on preemption: without it the job would "
-                        f"be requeued mid-iteration without saving. Add it, e.g. "
-                        f"checkpoint.save_on_signals=[SIGUSR1,{REQUEUE_SIGNAL_NAME},SIGTERM]", 2)
+        try:
+            check_requeue_signal_saves(cfg.checkpoint.save_on_signals)
+        except SubmitError as error:
+            return fail(str(error), 2)
         config = os.path.abspath(args.config) if Path(args.config).is_file() else args.config
         argv = ["train", "--config", config, "--output-dir", output_dir, *args.overrides]
-        log_dir = os.path.abspath(args.log_dir or os.path.join(output_dir, "slurm"))
+        log_dir = DEFAULTS.log_dir(args.log_dir, output_dir)
     try:
         check_job_strings(argv, log_dir, args.python)
     except SubmitError as error:

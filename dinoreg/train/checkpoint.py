@@ -4,8 +4,12 @@ Layout of ``RUN/checkpoints/``::
 
     <iteration>/            a published checkpoint (DCP files + meta.json + config.yaml + rng/rank<r>.pt)
     .tmp-<iteration>/       being written; never read; removed on the next start
-    damaged-<iteration>/    found damaged when the run resumed from an older one; never read, kept for inspection
-    latest                  the iteration of the newest published checkpoint (updated after publishing)
+    .old-*, .*.old-*, .*.tmp-*
+                            what an interrupted deletion or replacement leaves (retention, a save over an older one
+                            of its iteration, ``latest``); never read; removed on the next start
+    damaged-<iteration>/    skipped as damaged when the run resumed from an older one; never read, kept for inspection
+    latest                  the iteration of the newest published checkpoint (updated after publishing; set back to
+                            the checkpoint resumed from when newer ones are moved aside as damaged)
 
 A checkpoint directory exists under its final name only once every rank has finished writing it: it is
 written under ``.tmp-<iteration>`` and renamed (an atomic ``rename`` on one filesystem). A crash, a
@@ -13,9 +17,12 @@ written under ``.tmp-<iteration>`` and renamed (an atomic ``rename`` on one file
 one complete. DCP stores each parameter's shards with their global offsets, so a checkpoint saved by N
 ranks loads on M ranks (or one process without FSDP).
 
-What is saved: student and teacher (with the DINO/iBOT centres), optimizer state, and in ``meta.json`` the
-iteration, the data stream position, the world size and the model's state keys; per rank the python,
-numpy, torch CPU and CUDA RNG states; the resolved config.
+What is saved: the model's whole state (student and teacher with the DINO/iBOT centres, and the training
+features' frozen models: ``model.frozen_names``), optimizer state, and in ``meta.json`` the
+iteration, the data stream position, the world size, the model's state keys, every file's size and CRC-32
+(checked before a checkpoint is read: :func:`verify_checkpoint`), the parameters without optimizer state yet
+and the time of the save; per rank the python, numpy, torch CPU and CUDA RNG states (restored at the same
+world size only); the resolved config.
 """
 
 from __future__ import annotations
@@ -114,7 +121,8 @@ def check_no_foreign_entries(run_dir: str | Path) -> None:
 
 
 def set_aside_checkpoints_after(run_dir: str | Path, iteration: int) -> list[Path]:
-    """Rename the published checkpoints newer than ``iteration`` to ``checkpoints/damaged-<iteration>`` (call on
+    """Rename each published checkpoint newer than ``iteration`` to ``checkpoints/damaged-<its iteration>`` (with
+    ``-1``, ``-2``, ... if that name is taken) and point ``latest`` at ``iteration``; returns the new paths (call on
     one rank, when resuming from ``iteration``: the newer ones were skipped as damaged). Retention keeps the newest
     published checkpoints, so a damaged one left in place would outlive the good ones written after it."""
     moved = []
@@ -351,7 +359,8 @@ def newest_intact_checkpoint(run_dir: str | Path, warn: Any = print) -> Optional
 
 def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     missing_ok: Mapping[str, Optional[str]] = MappingProxyType({})) -> dict[str, Any]:
-    """Load model, optimizer and (same world size) RNG states in place, strictly; returns ``meta.json``.
+    """Load model, optimizer and (same world size) RNG states in place, strictly; returns ``meta.json`` with
+    ``rng_restored`` added (and, when False, ``rng_unrestored_because``).
 
     Missing or unexpected model keys are a :class:`CheckpointMismatchError` listing them; only model keys starting
     with a prefix that ``missing_ok`` maps to None may be absent from the checkpoint (they keep their values: the
