@@ -25,7 +25,7 @@ from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
 from dinoreg.train.features import build_features
 from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.parallel import TargetedStep, copy_state_into, materialise, shard_ssl_model
-from dinoreg.train.start import carry_optimizer_state, copy_start, phase_checkpoint, phase_tensors, start_tensors
+from dinoreg.train.start import carry_optimizer_state, copy_start, phase_tensors, start_tensors
 
 __all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "construct_ssl_model",
            "initialisation_steps",
@@ -157,11 +157,7 @@ def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, devi
                               ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
     """The model on ``device`` in training mode, started on the meta device (:func:`_build_on_meta`; FSDP2-sharded
     there when ``env`` runs under a process group; its values drawn on the CPU, or on ``device`` with
-    ``train.initialisation=device``), and its AdamW over the student's parameter groups. A phase's
-    ``phase.start_from`` run is resolved here, once, to the checkpoint it starts from (then saved in config.yaml)."""
-    if load_pretrained and cfg.phase.start_from:
-        cfg.phase.start_from = str(phase_checkpoint(cfg))
-
+    ``train.initialisation=device``), and its AdamW over the student's parameter groups."""
     def arrange(model: SSLMetaArch) -> None:
         _prepare_for_training(cfg, model, device)
         if env.distributed:  # before the optimizer is built: it must hold the sharded parameters

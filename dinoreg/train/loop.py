@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from dinoreg.config import apply_scaling_rule, build_backbone_from_config, save_config
+from dinoreg.config import build_backbone_from_config, save_config
 from dinoreg.data import DatasetError, Photometric, TrainingBatch, UnfilledBatch, build_dataset
 from dinoreg.distributed import (DistributedEnvironment, barrier, broadcast_flag, detect_environment, init_distributed,
                                  mean_over_ranks, process_device, shutdown_distributed)
@@ -44,6 +44,7 @@ from dinoreg.train.evaluation import KnnEvaluator, SegmentationEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
 from dinoreg.train.optim import DIVERGENCE_HINT, SCHEDULE_NAMES, Schedules, apply_optim_schedule, clip_grad_norms_on_device
+from dinoreg.train.resolve import resolve_run_config
 from dinoreg.train.run_folder import lock_output_dir, resume_point
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, StoppedOnSignal
 
@@ -126,14 +127,15 @@ class Run:
 def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *, resume: bool,
            allow_config_change: bool) -> Run:
     """Seeds, schedules, data, model and optimizer (restored from the newest checkpoint when resuming), the run
-    directory, and the periodic work's tools."""
+    directory, and the periodic work's tools. ``cfg`` is left as it is: the run uses its resolved, read-only copy
+    (:func:`~dinoreg.train.resolve.resolve_run_config`), ``Run.cfg``."""
     output = RunDir(cfg.train.output_dir)
     seed_everything(cfg.train.seed)
-    apply_scaling_rule(cfg, world_size=env.world_size)
-    schedules = Schedules(cfg)
     dataset = build_dataset(cfg.train.dataset_path, split="train")  # a bad path fails here, before any model
     warn = _rank_printer(env, cfg.train.log_all_ranks)
-    checkpoint = resume_point(cfg, output, env.world_size, allow_config_change, warn) if resume else None
+    cfg, checkpoint = resolve_run_config(cfg, world_size=env.world_size, find_checkpoint=lambda scaled: resume_point(
+        scaled, output, env.world_size, allow_config_change, warn) if resume else None)
+    schedules = Schedules(cfg)
     bf16, autocast = precision(cfg, device, distributed=env.distributed)
     # a resumed run takes every weight from its checkpoint: student.pretrained_weights need not exist any more
     model, optimizer = build_model_and_optimizer(cfg, env, device, bf16=bf16, load_pretrained=checkpoint is None)

@@ -2,10 +2,13 @@
 carried over strictly, the position embeddings resampled once with the antialiased interpolation, the AdamW moments
 carried or fresh, an exact resume inside the phase, an export at the new native size."""
 
+import math
 import shutil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 from launch_helpers import TINY
 from test_checkpoint import losses_by_iteration
 from test_continue import dinoreg
@@ -17,6 +20,7 @@ from dinoreg.models.pos_embed import resample_pos_embed
 from dinoreg.models.strict import CheckpointMismatchError
 from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.train.build import build_model_and_optimizer
+from dinoreg.train.resolve import resolve_run_config
 from dinoreg.train.start import _saved_tensors
 
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=6",
@@ -106,3 +110,22 @@ def test_the_highres_recipes_continue_their_pretraining_recipe_at_518_px(size):
         assert phase[section] == base[section], section
     assert phase.crops.global_crops_size == 518 and phase.optim.epochs * phase.train.epoch_length == 10000
     assert phase.optim.lr == phase.optim.min_lr == 1e-5 and phase.optim.warmup_epochs == 0
+
+
+def test_the_run_config_is_resolved_once_and_read_only(source):
+    """resolve_run_config: the learning rate scaled for the world size, phase.start_from resolved to its checkpoint on
+    a fresh start only, the loaded config untouched, the result frozen (a builder writing to it fails at once)."""
+    cfg = load_config("tiny_cpu", [*RUN, f"phase.start_from={source}", "optim.base_lr=0.004",
+                                   "optim.scaling_rule=sqrt_wrt_1024"])
+    loaded = OmegaConf.to_container(cfg)
+    resolved, checkpoint = resolve_run_config(cfg, world_size=4)
+    assert checkpoint is None and OmegaConf.to_container(cfg) == loaded
+    assert resolved.optim.lr == pytest.approx(0.004 * math.sqrt(8 * 4 / 1024))
+    assert resolved.phase.start_from == str(source / CHECKPOINT_DIR / "6")
+    with pytest.raises(ReadonlyConfigError):
+        resolved.optim.lr = 1.0
+    seen = []
+    resumed, checkpoint = resolve_run_config(cfg, world_size=2, find_checkpoint=lambda scaled: seen.append(
+        scaled.optim.lr) or source / CHECKPOINT_DIR / "3")
+    assert seen == [pytest.approx(0.004 * math.sqrt(8 * 2 / 1024))]  # the resume compares the scaled config
+    assert checkpoint == source / CHECKPOINT_DIR / "3" and resumed.phase.start_from == str(source)

@@ -1,0 +1,43 @@
+"""The run's config, resolved once at start-up and read-only from then on.
+
+:func:`resolve_run_config` turns the loaded config (:func:`dinoreg.config.load_config`) into the values this run
+uses: the learning rate scaled for the global batch of this world size, and ``phase.start_from`` resolved to the
+checkpoint directory it starts from. The result is what ``config.yaml`` and every checkpoint save, and what the
+builders, schedules and periodic tools receive; it is frozen (``OmegaConf.set_readonly``), so a builder that
+writes to it fails at once instead of changing what the others read.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from dinoreg.config import apply_scaling_rule
+from dinoreg.train.start import phase_checkpoint
+
+__all__ = ["resolve_run_config"]
+
+
+def resolve_run_config(cfg: DictConfig, *, world_size: int,
+                       find_checkpoint: Callable[[DictConfig], Optional[Path]] = lambda cfg: None
+                       ) -> tuple[DictConfig, Optional[Path]]:
+    """``(resolved config, checkpoint to resume from)``. ``cfg`` is left as it is; the resolved copy has:
+
+    - ``optim.lr`` from ``optim.base_lr`` and the scaling rule for a global batch of ``train.batch_size_per_gpu`` x
+      ``world_size`` (:func:`~dinoreg.config.apply_scaling_rule`);
+    - ``phase.start_from``: the checkpoint directory it names (itself, or a run's newest intact checkpoint) when the
+      run starts fresh; a resumed run takes every weight from its own checkpoint and keeps the saved value.
+
+    ``find_checkpoint(config)``: the checkpoint to resume from, given the config with its learning rate scaled
+    (the resume compares it with the saved one; :func:`dinoreg.train.run_folder.resume_point`)."""
+    resolved = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(resolved, False)
+    apply_scaling_rule(resolved, world_size=world_size)
+    checkpoint = find_checkpoint(resolved)
+    if checkpoint is None and resolved.phase.start_from:
+        resolved.phase.start_from = str(phase_checkpoint(resolved))
+    OmegaConf.set_readonly(resolved, True)
+    return resolved, checkpoint
