@@ -15,8 +15,9 @@ Same inputs -> same values as the official DINOv2 code (``dinov2/loss/``). Delib
   of rows; with equal counts this equals the official ``sum / (len * world_size)``. An iBOT rank
   with no masked patch contributes nothing instead of the official NaN mean of an empty batch.
 * The centre is updated in place (``copy_``) so the registered buffer keeps its identity (FSDP,
-  DCP). A pending (deferred) update is not part of the state dict, as in the official code; call
-  :meth:`apply_center_update` before saving to fold it in.
+  DCP). A pending (deferred) update is not part of the loss's own state dict, as in the official code;
+  :class:`~dinoreg.ssl.meta_arch.SSLMetaArch` folds it in (:meth:`apply_center_update`) whenever its state is
+  read, so a checkpoint always holds the settled centres.
 * Lean over the 65k-131k prototypes: logits may stay bf16 and are upcast a chunk of rows at a time; the
   student/teacher cross-entropy (:func:`soft_cross_entropies`) and the centred teacher softmax work on row
   chunks of at most ``chunk_elements`` values, and autograd keeps only the logits and the teacher's

@@ -55,6 +55,11 @@ class LossWeights:
 CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
+def _settle_centres(model: "SSLMetaArch", prefix: str, keep_vars: bool) -> None:
+    model.dino_loss.apply_center_update()
+    model.ibot_patch_loss.apply_center_update()
+
+
 class SSLMetaArch(nn.Module):
     def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer, *,
                  dino_head: HeadSpec, ibot_head: Optional[HeadSpec], loss_weights: LossWeights,
@@ -102,6 +107,9 @@ class SSLMetaArch(nn.Module):
         self.ibot_patch_loss = iBOTPatchLoss((ibot_head if self.separate_ibot_head else dino_head).n_prototypes,
                                              chunk_elements=chunk_elements)
         self.koleo_loss = KoLeoLoss()
+        # a state read (a checkpoint, a copy) sees the centres with their deferred update folded in: no caller has
+        # to remember the in-flight all-reduce of the last step's centre update
+        self.register_state_dict_pre_hook(_settle_centres)
 
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)

@@ -407,8 +407,6 @@ def measure(run: Run, iteration: int, *, evaluate: bool, monitor: bool) -> None:
 
 def save(run: Run, iterations_done: int) -> Path:
     """A checkpoint of the state after ``iterations_done`` iterations (a collective); returns its directory."""
-    run.model.dino_loss.apply_center_update()  # fold the deferred centre update into the saved state
-    run.model.ibot_patch_loss.apply_center_update()
     checkpoint = run.cfg.checkpoint
     with run.logger.activity(f"saving checkpoint {iterations_done}", label="checkpoint"):
         return save_checkpoint(run.output.root, iteration=iterations_done, model=run.model, optimizer=run.optimizer,

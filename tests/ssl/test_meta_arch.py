@@ -160,3 +160,15 @@ def test_the_loss_takes_its_views_from_the_batch_and_refuses_what_it_cannot_pair
         model.forward_loss(three_views, teacher_temp=0.04)
     with pytest.raises(ValueError, match="masks absent"):
         model.forward_loss(batch.replace(masks=None), teacher_temp=0.04)
+
+
+def test_a_state_read_holds_the_centres_with_the_last_update_folded_in():
+    """The step's centre update is deferred (an all-reduce in flight under several processes); reading the model's
+    state (a checkpoint save) folds it in, so no saver has to remember it."""
+    model = build_ssl_model(tiny_cfg("train.centering=centering"))
+    with torch.no_grad():
+        model.forward_loss(make_batch(), teacher_temp=0.04)
+    assert not model.dino_loss.center.any()  # still pending
+    state = model.state_dict()
+    assert state["dino_loss.center"].any() and state["ibot_patch_loss.center"].any()
+    assert torch.equal(state["dino_loss.center"], model.dino_loss.center)
