@@ -1,0 +1,64 @@
+"""One reader of checkpoint folders (dinoreg/train/checkpoint_reader.py): whoever reads a run (train.init_from,
+phase.start_from with its AdamW moments) checksums each of its files once and unpickles its DCP index once."""
+
+from collections import Counter
+
+import pytest
+import torch
+from launch_helpers import TINY
+
+from dinoreg.cli import main
+from dinoreg.config import load_config
+from dinoreg.distributed import DistributedEnvironment
+from dinoreg.train import checkpoint, checkpoint_reader
+from dinoreg.train.build import build_model_and_optimizer
+from dinoreg.train.start import read_weights
+
+RUN = [*TINY, "train.batch_size_per_gpu=4", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=2",
+       "evaluation.knn_enabled=false", "monitor.period=0", "ibot.separate_head=true"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("reader") / "run"
+    assert main(["train", "--output-dir", str(run), *RUN]) == 0
+    return run
+
+
+class Reads:
+    """What the readers did: the files checksummed, the DCP indexes unpickled, the keys of each DCP read."""
+
+    def __init__(self, monkeypatch):
+        self.checksums, self.indexes, self.loads = Counter(), [], []
+        crc32, index, load = checkpoint.file_crc32, checkpoint_reader.read_dcp_metadata, checkpoint_reader.safe_dcp_load
+        monkeypatch.setattr(checkpoint, "file_crc32", lambda path, *a, **k: self.checksums.update([path]) or
+                            crc32(path, *a, **k))
+        monkeypatch.setattr(checkpoint_reader, "read_dcp_metadata",
+                            lambda path: self.indexes.append(path) or index(path))
+        monkeypatch.setattr(checkpoint_reader, "safe_dcp_load", lambda state, *a, **k: self.loads.append(sorted(state))
+                            or load(state, *a, **k))
+
+    def assert_verified_once(self, checkpoint_dir):
+        files = checkpoint.read_meta(checkpoint_dir)["files"]
+        assert self.checksums == Counter(checkpoint_dir / name for name in files)  # each file once, every one
+        assert self.indexes == [checkpoint_dir]
+
+
+def test_init_from_a_run_checksums_each_file_once(run, monkeypatch):
+    reads = Reads(monkeypatch)
+    weights = read_weights(str(run), key="train.init_from")
+    reads.assert_verified_once(run / "checkpoints" / "2")
+    assert len(reads.loads) == 1 and sorted(weights.heads) == ["dino_head", "ibot_head"]
+
+
+def test_a_phase_carrying_the_optimizer_verifies_its_source_once(run, monkeypatch):
+    """phase_checkpoint, phase_tensors and carry_optimizer_state (three calls of one build) share one reader: the
+    source is resolved and verified once, then the model state and the moments are read, each tensor once."""
+    reads = Reads(monkeypatch)
+    cfg = load_config("tiny_cpu", [*RUN, f"phase.start_from={run}", "phase.optimizer=carry"])
+    _, optimizer = build_model_and_optimizer(cfg, DistributedEnvironment(), torch.device("cpu"))
+    assert cfg.phase.start_from == str(run / "checkpoints" / "2")
+    reads.assert_verified_once(run / "checkpoints" / "2")
+    model_keys, moments = reads.loads
+    assert {key.split(".")[0] for key in model_keys} == {"model"} and set(model_keys).isdisjoint(moments)
+    assert moments and all(key.startswith("optimizer.state.") for key in moments) and optimizer.state
