@@ -48,7 +48,6 @@ from dinoreg.train.safe_load import UnreadableCheckpointError, load_rng_state, s
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
            "config_differences", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
-           "read_model_tensors",
            "save_checkpoint", "verify_checkpoint"]
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
@@ -154,14 +153,6 @@ def single_process_is_intended():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def read_model_tensors(checkpoint: str | Path, wanted: dict[str, torch.Tensor]) -> None:
-    """Fill ``wanted`` (model state keys, e.g. ``teacher.dino_head.mlp.0.weight``, to tensors of their shapes) in
-    place from ``checkpoint``, in this process alone: DCP reads just those byte ranges of the shard files, whatever
-    the world size that wrote them. No FSDP, no process group, no optimizer state."""
-    with single_process_is_intended():
-        safe_dcp_load({"model": wanted}, checkpoint, no_dist=True)
 
 
 def _without_optimizer_state(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> list[str]:

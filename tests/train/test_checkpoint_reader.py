@@ -1,4 +1,4 @@
-"""One reader of checkpoint folders (dinoreg/train/checkpoint_reader.py): whoever reads a run (train.init_from,
+"""One reader of checkpoint folders (dinoreg/train/checkpoint_reader.py): whoever reads a run (export, train.init_from,
 phase.start_from with its AdamW moments) checksums each of its files once and unpickles its DCP index once."""
 
 from collections import Counter
@@ -10,9 +10,10 @@ from launch_helpers import TINY
 from dinoreg.cli import main
 from dinoreg.config import load_config
 from dinoreg.distributed import DistributedEnvironment
+from dinoreg.models.weights import read_heads
 from dinoreg.train import checkpoint, checkpoint_reader
 from dinoreg.train.build import build_model_and_optimizer
-from dinoreg.train.start import read_weights
+from dinoreg.train.start import read_run_weights, read_weights
 
 RUN = [*TINY, "train.batch_size_per_gpu=4", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=2",
        "evaluation.knn_enabled=false", "monitor.period=0", "ibot.separate_head=true"]
@@ -42,6 +43,17 @@ class Reads:
         files = checkpoint.read_meta(checkpoint_dir)["files"]
         assert self.checksums == Counter(checkpoint_dir / name for name in files)  # each file once, every one
         assert self.indexes == [checkpoint_dir]
+
+
+def test_an_export_with_heads_checksums_each_file_once_and_reads_the_tensors_in_one_go(run, tmp_path, monkeypatch):
+    reads = Reads(monkeypatch)
+    output = tmp_path / "heads.safetensors"
+    assert main(["export", str(run), "--format", "safetensors", "--with-heads", "--output", str(output)]) == 0
+    reads.assert_verified_once(run / "checkpoints" / "2")
+    [keys] = reads.loads  # backbone and heads together
+    assert {key.split(".")[2] for key in keys} == {"backbone", "dino_head", "ibot_head"}
+    saved, written = read_run_weights(run / "checkpoints" / "2").heads, read_heads(output)
+    assert all(torch.equal(written[head][k], v) for head in saved for k, v in saved[head].items())
 
 
 def test_init_from_a_run_checksums_each_file_once(run, monkeypatch):
