@@ -47,8 +47,7 @@ from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE
 from dinoreg.train.safe_load import UnreadableCheckpointError, load_rng_state, safe_dcp_load, save_rng_state
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
-           "config_differences", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
-           "save_checkpoint", "verify_checkpoint"]
+           "config_differences", "load_checkpoint", "read_meta", "save_checkpoint", "verify_checkpoint"]
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
 BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.",
@@ -81,24 +80,6 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / META_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name))
-
-
-def _read_latest(root: Path) -> tuple[Optional[str], Optional[Path]]:
-    """``(what checkpoints/latest holds, the published checkpoint it names)``; ``(None, None)`` without the file,
-    ``(text, None)`` when it names no published checkpoint."""
-    try:
-        text = (root / LATEST_FILE).read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        return None, None
-    named = root / text
-    return text, named if text.isdigit() and (named / META_FILE).is_file() else None
-
-
-def _check_latest(root: Path, warn: Any) -> None:
-    text, named = _read_latest(root)
-    if text is not None and named is None:
-        warn(f"{root / LATEST_FILE} holds {text[:40]!r}, which names no published checkpoint (damaged or edited "
-             "by hand); it is ignored: resuming uses the newest intact checkpoint")
 
 
 def check_no_foreign_entries(run_dir: str | Path) -> None:
@@ -322,21 +303,6 @@ def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {checkpoint} is damaged: " + "; ".join(problems) +
                               ". Resume from an older checkpoint (delete this directory), or restore the files.")
     return meta
-
-
-def newest_intact_checkpoint(run_dir: str | Path, warn: Any = print) -> Optional[Path]:
-    """The newest published checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are reported
-    by ``warn`` and skipped (left on disk for inspection). Published directories are complete by construction,
-    so one published just before a crash counts even if ``latest`` was not yet updated; a ``latest`` that names
-    no published checkpoint at all is reported."""
-    _check_latest(Path(run_dir) / CHECKPOINT_DIR, warn)
-    for path in reversed(checkpoint_dirs(run_dir)):
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as error:
-            warn(f"skipping {error}")
-    return None
 
 
 def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
