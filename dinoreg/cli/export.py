@@ -63,7 +63,7 @@ def add_export_parser(commands: Any) -> None:
 def _export(args: argparse.Namespace) -> int:
     from dinoreg.errors import InputError  # noqa: PLC0415
     from dinoreg.export.source import (ExportError, read_backbone, read_backbone_with_heads,  # noqa: PLC0415
-                                       resolve_checkpoint)
+                                       resolve_reader)
     from dinoreg.export.writers import (HEAD_FORMATS, check_output, dinov2_load_overrides,  # noqa: PLC0415
                                         export_backbone, resize_backbone)
     from dinoreg.models.formats import timm_resizes_like  # noqa: PLC0415
@@ -73,12 +73,13 @@ def _export(args: argparse.Namespace) -> int:
         if args.with_heads and args.format not in HEAD_FORMATS:
             raise ExportError(f"--with-heads writes {' or '.join(HEAD_FORMATS)} (the heads in the official layout); "
                               f"--format {args.format} holds a backbone only")
-        checkpoint = resolve_checkpoint(args.source, warn=lambda message: print(f"dinoreg export: {message}",
-                                                                                 file=sys.stderr))
+        reader = resolve_reader(args.source, warn=lambda message: print(f"dinoreg export: {message}",
+                                                                         file=sys.stderr))
+        checkpoint = reader.checkpoint  # its files verified while resolving it: the reads below do not again
         if args.with_heads:  # one read of the checkpoint for both
-            model, source, heads = read_backbone_with_heads(checkpoint, part=args.part)
+            model, source, heads = read_backbone_with_heads(reader, part=args.part)
         else:
-            (model, source), heads = read_backbone(checkpoint, part=args.part), None
+            (model, source), heads = read_backbone(reader, part=args.part), None
         if args.img_size and args.img_size != model.arch_kwargs["img_size"]:
             model = resize_backbone(model, args.img_size)
         path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,

@@ -10,9 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from torch import Tensor
 
 from dinoreg.errors import InputError
@@ -20,7 +19,11 @@ from dinoreg.models.head import HEAD_NAMES
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, IN_PROGRESS_PREFIX, META_FILE
 
-__all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "read_backbone_with_heads", "resolve_checkpoint"]
+if TYPE_CHECKING:  # imported where used: `dinoreg --help` does not load DCP
+    from dinoreg.train.checkpoint_reader import CheckpointReader
+
+__all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "read_backbone_with_heads", "resolve_checkpoint",
+           "resolve_reader"]
 
 PARTS = ("teacher", "student")
 
@@ -52,19 +55,25 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
     """A checkpoint directory (``RUN/checkpoints/<iteration>``) as given, or the newest intact checkpoint of a
     training output directory (newer damaged ones are reported to ``warn`` and skipped); a damaged or
     incomplete checkpoint given directly is an error naming the problem."""
-    from dinoreg.train.checkpoint import (CheckpointError, checkpoint_dirs, newest_intact_checkpoint,  # noqa: PLC0415
-                                          verify_checkpoint)
+    return resolve_reader(path, warn=warn).checkpoint
+
+
+def resolve_reader(path: str | Path, *, warn: Callable[[str], None] = lambda message: None) -> CheckpointReader:
+    """:func:`resolve_checkpoint` as a reader of the checkpoint, whose files have been verified (once)."""
+    from dinoreg.train.checkpoint import CheckpointError, checkpoint_dirs  # noqa: PLC0415
+    from dinoreg.train.checkpoint_reader import CheckpointReader, newest_intact  # noqa: PLC0415
 
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path} does not exist; give a training output directory or one of its "
                           f"{CHECKPOINT_DIR}/<iteration> directories")
     if (path / META_FILE).is_file():
+        reader = CheckpointReader(path)
         try:
-            verify_checkpoint(path)
+            reader.verify()
         except CheckpointError as error:
             raise ExportError(f"damaged checkpoint: {error}; export an older one from {path.parent}") from None
-        return path
+        return reader
     if path.name.startswith(IN_PROGRESS_PREFIX):
         raise ExportError(f"{path} is a checkpoint that was never finished (a run stopped while writing it); "
                           f"export a published one from {path.parent}")
@@ -73,7 +82,7 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
                           f"checkpoint (no {META_FILE}); backbone files (.pth/.safetensors) need no export: "
                           "dinoreg.load_backbone reads them directly")
     skipped: list[str] = []
-    newest = newest_intact_checkpoint(path, warn=skipped.append)
+    newest = newest_intact(path, warn=skipped.append)
     if newest is None:
         found = "damaged: " + "; ".join(skipped) if checkpoint_dirs(path) else "none was ever published"
         raise ExportError(f"{path / CHECKPOINT_DIR} holds no intact checkpoint ({found})")
@@ -82,13 +91,15 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
     return newest
 
 
-def read_backbone(checkpoint: Path, *, part: str = "teacher") -> tuple[DinoVisionTransformer, BackboneSource]:
-    """The ``part`` backbone of ``checkpoint`` in fp32 and eval mode, loaded strictly, and where it came from."""
+def read_backbone(checkpoint: Path | CheckpointReader, *, part: str = "teacher"
+                  ) -> tuple[DinoVisionTransformer, BackboneSource]:
+    """The ``part`` backbone of ``checkpoint`` (a directory, or its reader from :func:`resolve_reader`) in fp32
+    and eval mode, loaded strictly, and where it came from."""
     model, source, _ = _read(checkpoint, part=part, with_heads=False)
     return model, source
 
 
-def read_backbone_with_heads(checkpoint: Path, *, part: str = "teacher"
+def read_backbone_with_heads(checkpoint: Path | CheckpointReader, *, part: str = "teacher"
                              ) -> tuple[DinoVisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
     """:func:`read_backbone` and the ``part``'s DINO/iBOT heads (``dino_head`` / ``ibot_head`` state dicts, the ones
     it has), in one read of the checkpoint's tensors."""
@@ -96,40 +107,36 @@ def read_backbone_with_heads(checkpoint: Path, *, part: str = "teacher"
     return model, source, heads
 
 
-def _read(checkpoint: Path, *, part: str, with_heads: bool
+def _read(checkpoint: Path | CheckpointReader, *, part: str, with_heads: bool
           ) -> tuple[DinoVisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
-    from dinoreg.config import build_backbone_from_config, load_config  # noqa: PLC0415
-    from dinoreg.train.checkpoint import read_meta, read_model_tensors  # noqa: PLC0415
-    from dinoreg.train.safe_load import read_dcp_metadata  # noqa: PLC0415
+    from dinoreg.config import build_backbone_from_config  # noqa: PLC0415
+    from dinoreg.train.checkpoint_reader import CheckpointReader  # noqa: PLC0415
 
     if part not in PARTS:
         raise ExportError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
-    meta = read_meta(checkpoint)
+    reader = checkpoint if isinstance(checkpoint, CheckpointReader) else CheckpointReader(checkpoint)
+    checkpoint, meta = reader.checkpoint, reader.verify()
     prefix = f"{part}.backbone."
     saved = {key[len(prefix):] for key in meta["model_keys"] if key.startswith(prefix)}
     if not saved:
         parts = sorted({".".join(key.split(".")[:2]) for key in meta["model_keys"]})
         raise ExportError(f"{checkpoint} holds no {part} backbone (it has: {', '.join(parts)})")
-    config_file = checkpoint / CONFIG_FILE
-    cfg = load_config(str(config_file), saved=True)
+    cfg = reader.config
     img_size = cfg.crops.global_crops_size
     backbone = build_backbone_from_config(cfg, stochastic_depth=False)
     own = backbone.state_dict()
     if saved != set(own):
         raise ExportError(f"{checkpoint}'s {part} backbone does not match its config.yaml: missing "
                           f"{sorted(set(own) - saved)[:10]}, unexpected {sorted(saved - set(own))[:10]}")
-    request = {prefix + name: tensor for name, tensor in own.items()}
-    head_keys = [key for key in meta["model_keys"] if key.startswith(tuple(f"{part}.{name}." for name in HEAD_NAMES))]
-    if with_heads and head_keys:  # their shapes and dtypes from the checkpoint's own metadata
-        saved_meta = read_dcp_metadata(checkpoint).state_dict_metadata
-        request.update({key: torch.empty(tuple(saved_meta[f"model.{key}"].size),
-                                         dtype=saved_meta[f"model.{key}"].properties.dtype) for key in head_keys})
-    read_model_tensors(checkpoint, request)
-    backbone.load_state_dict({name[len(prefix):]: tensor for name, tensor in request.items()
-                              if name.startswith(prefix)}, strict=True)
-    heads = {name: {key[len(f"{part}.{name}."):]: tensor for key, tensor in request.items()
-                    if key.startswith(f"{part}.{name}.")} for name in HEAD_NAMES} if with_heads else {}
-    digest = hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+    request = {f"model.{prefix}{name}": tensor for name, tensor in own.items()}  # read in place: one backbone
+    if with_heads:  # their shapes and dtypes from the checkpoint's own metadata
+        request.update(reader.empty(*(f"model.{part}.{name}." for name in HEAD_NAMES)))
+    reader.read_into(request)
+    backbone.load_state_dict({name[len(f"model.{prefix}"):]: tensor for name, tensor in request.items()
+                              if name.startswith(f"model.{prefix}")}, strict=True)
+    heads = {name: {key[len(f"model.{part}.{name}."):]: tensor for key, tensor in request.items()
+                    if key.startswith(f"model.{part}.{name}.")} for name in HEAD_NAMES} if with_heads else {}
+    digest = hashlib.sha256((checkpoint / CONFIG_FILE).read_bytes()).hexdigest()[:16]
     source = BackboneSource(checkpoint=checkpoint, part=part, iteration=int(meta["iteration"]),
                             world_size=int(meta["world_size"]), config_digest=digest, img_size=img_size,
                             dataset=str(cfg.train.dataset_path),

@@ -8,7 +8,7 @@ import contextlib
 import copy
 import functools
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from dinoreg.models.initialisation import InitStep
 from dinoreg.ssl.feature import TrainingFeature
 from dinoreg.ssl.masking import MaskingGenerator, sample_masks
 from dinoreg.ssl.meta_arch import HeadSpec, LossWeights, SSLMetaArch
+from dinoreg.train.checkpoint_reader import CheckpointReader, open_checkpoint
 from dinoreg.train.features import build_features
 from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.parallel import TargetedStep, copy_state_into, materialise, shard_ssl_model
@@ -61,7 +62,13 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
     but a distillation teacher's file, nothing drawn."""
     if torch.get_default_device().type == "meta":
         return construct_ssl_model(cfg, read_files=load_pretrained)
-    return _build_on_meta(cfg, torch.device("cpu"), load_pretrained=load_pretrained, initialise_on="cpu")
+    return _build_on_meta(cfg, torch.device("cpu"), load_pretrained=load_pretrained, initialise_on="cpu",
+                          phase=_phase_source(cfg) if load_pretrained else None)
+
+
+def _phase_source(cfg: DictConfig) -> Optional[CheckpointReader]:
+    """The checkpoint ``phase.start_from`` names, opened (verified) once for the model state and the moments."""
+    return open_checkpoint(cfg.phase.start_from, key="phase.start_from") if cfg.phase.start_from else None
 
 
 def construct_ssl_model(cfg: DictConfig, *, read_files: bool = True) -> SSLMetaArch:
@@ -121,16 +128,17 @@ def loading_steps(modules: nn.Module, tensors: dict[str, Tensor], *, prefix: str
 
 
 def _build_on_meta(cfg: DictConfig, device: torch.device, *, load_pretrained: bool, initialise_on: torch.device | str,
-                   arrange: Callable[[SSLMetaArch], None] = lambda model: None) -> SSLMetaArch:
+                   phase: Optional[CheckpointReader], arrange: Callable[[SSLMetaArch], None] = lambda model: None
+                   ) -> SSLMetaArch:
     """The one build: the model on the meta device, ``arrange``d there (compiled, FSDP2-sharded: no rank ever holds
     the whole unsharded model), put on ``device`` and materialised module by module on ``initialise_on`` with the
     constructors' values (:func:`initialisation_steps`), then the values read from files (the features' frozen
-    models, the start: :mod:`dinoreg.train.start`)."""
+    models, the start: :mod:`dinoreg.train.start`; ``phase``: the checkpoint a phase continues)."""
     with torch.device("meta"):
         model = construct_ssl_model(cfg, read_files=load_pretrained)
     template = copy.deepcopy(model)  # stays unsharded
     start = start_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
-    phase = phase_tensors(cfg, template) if load_pretrained and cfg.phase.start_from else {}
+    phase_state = phase_tensors(phase, template) if phase is not None else {}
     steps = initialisation_steps(template)
     for feature in template.features:  # after the copies of the student: these values win
         for name, tensors in feature.frozen_tensors().items():
@@ -139,7 +147,7 @@ def _build_on_meta(cfg: DictConfig, device: torch.device, *, load_pretrained: bo
     model.to_empty(device=device)
     materialise(model, steps, device=initialise_on)
     copy_start(model, start)
-    copy_state_into(model, phase)
+    copy_state_into(model, phase_state)
     return model
 
 
@@ -163,14 +171,15 @@ def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, devi
         if env.distributed:  # before the optimizer is built: it must hold the sharded parameters
             shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
 
-    model = _build_on_meta(cfg, device, load_pretrained=load_pretrained, arrange=arrange,
+    phase = _phase_source(cfg) if load_pretrained else None
+    model = _build_on_meta(cfg, device, load_pretrained=load_pretrained, arrange=arrange, phase=phase,
                            initialise_on=device if cfg.train.initialisation == "device" else "cpu").train()
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,
                                                    patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
                                 betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
                                 implementation=cfg.optim.adamw_implementation, device=device)
-    if load_pretrained and cfg.phase.start_from and cfg.phase.optimizer == "carry":
-        carry_optimizer_state(cfg, model, optimizer)
+    if phase is not None and cfg.phase.optimizer == "carry":
+        carry_optimizer_state(phase, model, optimizer)
     return model, optimizer
 
 

@@ -55,9 +55,7 @@ from dinoreg.run_dir import (CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, META_FILE
 from dinoreg.train.safe_load import UnreadableCheckpointError, load_rng_state, safe_dcp_load, save_rng_state
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointSaveError", "checkpoint_dirs",
-           "config_differences", "load_checkpoint", "newest_intact_checkpoint", "read_meta",
-           "read_model_tensors",
-           "save_checkpoint", "verify_checkpoint"]
+           "config_differences", "load_checkpoint", "read_meta", "save_checkpoint", "verify_checkpoint"]
 
 # Config keys whose change between save and resume alters neither the model nor the data order.
 BENIGN_KEYS = ("train.output_dir", "train.log_every", "train.num_workers", "evaluation.", "checkpoint.", "monitor.",
@@ -90,24 +88,6 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / META_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name))
-
-
-def _read_latest(root: Path) -> tuple[Optional[str], Optional[Path]]:
-    """``(what checkpoints/latest holds, the published checkpoint it names)``; ``(None, None)`` without the file,
-    ``(text, None)`` when it names no published checkpoint."""
-    try:
-        text = (root / LATEST_FILE).read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        return None, None
-    named = root / text
-    return text, named if text.isdigit() and (named / META_FILE).is_file() else None
-
-
-def _check_latest(root: Path, warn: Any) -> None:
-    text, named = _read_latest(root)
-    if text is not None and named is None:
-        warn(f"{root / LATEST_FILE} holds {text[:40]!r}, which names no published checkpoint (damaged or edited "
-             "by hand); it is ignored: resuming uses the newest intact checkpoint")
 
 
 def check_no_foreign_entries(run_dir: str | Path) -> None:
@@ -163,14 +143,6 @@ def single_process_is_intended():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def read_model_tensors(checkpoint: str | Path, wanted: dict[str, torch.Tensor]) -> None:
-    """Fill ``wanted`` (model state keys, e.g. ``teacher.dino_head.mlp.0.weight``, to tensors of their shapes) in
-    place from ``checkpoint``, in this process alone: DCP reads just those byte ranges of the shard files, whatever
-    the world size that wrote them. No FSDP, no process group, no optimizer state."""
-    with single_process_is_intended():
-        safe_dcp_load({"model": wanted}, checkpoint, no_dist=True)
 
 
 def _without_optimizer_state(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> list[str]:
@@ -342,33 +314,20 @@ def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     return meta
 
 
-def newest_intact_checkpoint(run_dir: str | Path, warn: Any = print) -> Optional[Path]:
-    """The newest published checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are reported
-    by ``warn`` and skipped (left on disk for inspection). Published directories are complete by construction,
-    so one published just before a crash counts even if ``latest`` was not yet updated; a ``latest`` that names
-    no published checkpoint at all is reported."""
-    _check_latest(Path(run_dir) / CHECKPOINT_DIR, warn)
-    for path in reversed(checkpoint_dirs(run_dir)):
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as error:
-            warn(f"skipping {error}")
-    return None
-
-
 def load_checkpoint(checkpoint: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    missing_ok: Mapping[str, Optional[str]] = MappingProxyType({})) -> dict[str, Any]:
+                    missing_ok: Mapping[str, Optional[str]] = MappingProxyType({}),
+                    verified_meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Load model, optimizer and (same world size) RNG states in place, strictly; returns ``meta.json`` with
     ``rng_restored`` added (and, when False, ``rng_unrestored_because``).
 
     Missing or unexpected model keys are a :class:`CheckpointMismatchError` listing them; only model keys starting
     with a prefix that ``missing_ok`` maps to None may be absent from the checkpoint (they keep their values: the
     caller sets them later); a prefix mapped to a sentence adds it to the error when its keys are missing (the
-    training features' :meth:`~dinoreg.ssl.feature.TrainingFeature.missing_on_resume`).
+    training features' :meth:`~dinoreg.ssl.feature.TrainingFeature.missing_on_resume`). ``verified_meta``: its
+    ``meta.json`` as a :class:`~dinoreg.train.checkpoint_reader.CheckpointReader` verified it (None: verify here).
     """
     checkpoint = Path(checkpoint)
-    meta = verify_checkpoint(checkpoint)
+    meta = dict(verified_meta) if verified_meta is not None else verify_checkpoint(checkpoint)
     state = _model_and_optimizer_state(model, optimizer)
     for name in meta.get("parameters_without_optimizer_state", []):  # as saved: without state (see above)
         state["optimizer"]["state"].pop(name, None)

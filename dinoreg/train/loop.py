@@ -38,8 +38,9 @@ from dinoreg.ssl.feature import TrainingFeature
 from dinoreg.ssl.meta_arch import SSLMetaArch
 from dinoreg.train.build import (build_model_and_optimizer, build_photometric, precision, seed_everything,
                                  training_batches)
-from dinoreg.train.checkpoint import (load_checkpoint, read_meta, remove_incomplete, save_checkpoint,
+from dinoreg.train.checkpoint import (load_checkpoint, remove_incomplete, save_checkpoint,
                                       set_aside_checkpoints_after)
+from dinoreg.train.checkpoint_reader import CheckpointReader
 from dinoreg.train.evaluation import KnnEvaluator, SegmentationEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
@@ -175,14 +176,16 @@ def _rank_printer(env: DistributedEnvironment, all_ranks: bool) -> Callable[[str
     return warn
 
 
-def _restore(checkpoint: Path, model: SSLMetaArch, optimizer: torch.optim.Optimizer,
+def _restore(reader: CheckpointReader, model: SSLMetaArch, optimizer: torch.optim.Optimizer,
              warn: Callable[[str], None]) -> tuple[int, int]:
-    """Load ``checkpoint`` into model and optimizer; returns ``(iteration, stream position)`` to continue from. A
-    feature's frozen model may be absent from it where the feature says so (one turned on in a resumed run)."""
-    iteration = read_meta(checkpoint)["iteration"]
+    """Load the checkpoint of ``reader`` (verified) into model and optimizer; returns ``(iteration, stream position)``
+    to continue from. A feature's frozen model may be absent from it where the feature says so (one turned on in a
+    resumed run)."""
+    checkpoint, iteration = reader.checkpoint, reader.verify()["iteration"]
     missing_ok = {prefix: why for feature in model.features
                   for prefix, why in feature.missing_on_resume(iteration).items()}
-    meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer, missing_ok=missing_ok)
+    meta = load_checkpoint(checkpoint, model=model, optimizer=optimizer, missing_ok=missing_ok,
+                           verified_meta=reader.verify())
     if not meta["rng_restored"]:
         warn(f"{checkpoint.name}: {meta['rng_unrestored_because']}: the augmentation RNG streams restart (the data "
              "order still continues exactly)")

@@ -10,8 +10,7 @@ writes to it fails at once instead of changing what the others read.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,10 +19,12 @@ from dinoreg.train.start import phase_checkpoint
 
 __all__ = ["resolve_run_config"]
 
+Checkpoint = TypeVar("Checkpoint")
+
 
 def resolve_run_config(cfg: DictConfig, *, world_size: int,
-                       find_checkpoint: Callable[[DictConfig], Optional[Path]] = lambda cfg: None
-                       ) -> tuple[DictConfig, Optional[Path]]:
+                       find_checkpoint: Callable[[DictConfig], Optional[Checkpoint]] = lambda cfg: None
+                       ) -> tuple[DictConfig, Optional[Checkpoint]]:
     """``(resolved config, checkpoint to resume from)``. ``cfg`` is left as it is; the resolved copy has:
 
     - ``optim.lr`` from ``optim.base_lr`` and the scaling rule for a global batch of ``train.batch_size_per_gpu`` x

@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinoreg.distributed import DistributedEnvironment, broadcast_flag, detect_environment
 from dinoreg.run_dir import OutputDirError, RunDir, RunLock, check_not_in_use
-from dinoreg.train.checkpoint import (CheckpointError, check_no_foreign_entries, checkpoint_dirs, config_differences,
-                                      newest_intact_checkpoint, read_meta)
+from dinoreg.train.checkpoint import CheckpointError, check_no_foreign_entries, checkpoint_dirs, config_differences
+from dinoreg.train.checkpoint_reader import CheckpointReader, newest_intact
 
 __all__ = ["PREVIOUS_PREFIX", "lock_output_dir", "prepare_output_dir", "resume_point"]
 
@@ -35,25 +35,26 @@ def lock_output_dir(cfg: DictConfig, env: DistributedEnvironment) -> Optional[Ru
 
 
 def resume_point(cfg: DictConfig, output: RunDir, world_size: int, allow_config_change: bool,
-                  warn: Callable[[str], None]) -> Optional[Path]:
-    """The checkpoint to resume from (None: start fresh), after checking that the config still fits it."""
+                  warn: Callable[[str], None]) -> Optional[CheckpointReader]:
+    """The checkpoint to resume from (None: start fresh), verified, after checking that the config still fits it."""
     check_no_foreign_entries(output.root)
     skipped: list[str] = []
-    checkpoint = newest_intact_checkpoint(output.root, warn=skipped.append)
+    reader = newest_intact(output.root, warn=skipped.append)  # as train.init_from, phase.start_from, export
     published = checkpoint_dirs(output.root)
-    if checkpoint is None and published:
+    if reader is None and published:
         raise CheckpointError(
             f"every checkpoint of {output.root} is damaged, so there is nothing to resume from: {'; '.join(skipped)}. "
             "Restore the files, or start over with --no-resume --force (which moves the run's checkpoints and logs "
             f"aside to {output.root}/{PREVIOUS_PREFIX}<time>/)")
     for message in skipped:
         warn(message)
-    if checkpoint is None:
+    if reader is None:
         return None
+    checkpoint = reader.checkpoint
     saved = _saved_config(checkpoint)
     breaking, benign = config_differences(saved, cfg)
     # Another number of processes with the same global batch (per-device batch scaled) is a benign change.
-    saved_global = saved.train.batch_size_per_gpu * read_meta(checkpoint)["world_size"]
+    saved_global = saved.train.batch_size_per_gpu * reader.verify()["world_size"]
     if saved_global == cfg.train.batch_size_per_gpu * world_size:
         moved = [line for line in breaking if line.startswith("train.batch_size_per_gpu:")]
         breaking, benign = [line for line in breaking if line not in moved], benign + moved
@@ -64,7 +65,7 @@ def resume_point(cfg: DictConfig, output: RunDir, world_size: int, allow_config_
             "\nResume with the saved values, or pass --allow-config-change to resume anyway.")
     for line in breaking + benign:
         warn(f"config changed since {checkpoint.name}: {line}")
-    return checkpoint
+    return reader
 
 
 def _saved_config(checkpoint: Path) -> DictConfig:

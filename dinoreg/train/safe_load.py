@@ -19,7 +19,7 @@ import io
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -143,11 +143,15 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
         super().load_bytes(read_item, safe)
 
 
-def safe_dcp_load(state: dict[str, Any], checkpoint: str | Path, *, no_dist: bool) -> None:
+def safe_dcp_load(state: dict[str, Any], checkpoint: str | Path, *, no_dist: bool,
+                  metadata: Optional[Metadata] = None) -> None:
     """``dcp.load(state, checkpoint_id=checkpoint)`` that runs nothing the folder holds. Raises
-    :class:`UntrustedCheckpointError` (one line) for a folder holding anything but data."""
+    :class:`UntrustedCheckpointError` (one line) for a folder holding anything but data. ``metadata``: the
+    folder's :func:`read_dcp_metadata`, when the caller has read it already."""
     checkpoint = Path(checkpoint)
-    reader = _SafeReader(checkpoint, read_dcp_metadata(checkpoint))  # before DCP: its failures come with tracebacks
+    if metadata is None:  # before DCP: its failures come with tracebacks
+        metadata = read_dcp_metadata(checkpoint)
+    reader = _SafeReader(checkpoint, metadata)
     try:
         dcp.load(state, storage_reader=reader, planner=_SafePlanner(checkpoint), no_dist=no_dist)
     except dcp.CheckpointException as error:

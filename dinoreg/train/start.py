@@ -18,7 +18,6 @@ a misfit is an error listing what does not fit and the config keys to change.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -26,13 +25,12 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dinoreg.errors import InputError
-from dinoreg.models.head import HEAD_NAMES, head_spec_of
+from dinoreg.models.head import head_spec_of
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
 from dinoreg.models.weights import fit_pos_embed, fitted_state_dict, infer_arch_kwargs, read_checkpoint_and_heads
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
-from dinoreg.train.safe_load import read_dcp_metadata, safe_dcp_load
+from dinoreg.train.checkpoint_reader import CheckpointReader, StartError, Weights, open_checkpoint
 from dinoreg.train.parallel import copy_state_into
 
 __all__ = ["StartError", "Weights", "carry_optimizer_state", "check_heads", "copy_start", "fitted_backbone",
@@ -40,21 +38,6 @@ __all__ = ["StartError", "Weights", "carry_optimizer_state", "check_heads", "cop
 
 _HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers",
               "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim"}
-
-
-class StartError(InputError, ValueError):
-    """The weights a run starts from cannot be used (a missing path, a run without an intact checkpoint, a file
-    without the heads asked for): the message names the config key and the fix."""
-
-
-@dataclass
-class Weights:
-    """A backbone and the heads beside it, as read from one source."""
-
-    source: str
-    arch: dict  # DinoVisionTransformer keyword arguments
-    backbone: dict[str, Tensor]
-    heads: dict[str, dict[str, Tensor]]  # "dino_head" / "ibot_head" -> DINOHead state dict (our layout)
 
 
 def read_weights(path: str, *, key: str) -> Weights:
@@ -65,59 +48,26 @@ def read_weights(path: str, *, key: str) -> Weights:
                          "--with-heads` file or an official teacher_checkpoint.pth")
     with torch.device("cpu"):  # real tensors, also when the model around is being built on the meta device
         if os.path.isdir(path) and (Path(path, CHECKPOINT_DIR).is_dir() or Path(path, META_FILE).is_file()):
-            return _read_run(Path(path), key=key)
+            return open_checkpoint(path, key=key).weights()
         backbone, metadata, heads = read_checkpoint_and_heads(path)  # one read of a possibly large file
         return Weights(source=path, arch={**infer_arch_kwargs(backbone), **metadata}, backbone=backbone, heads=heads)
 
 
-def _read_run(path: Path, *, key: str) -> Weights:
-    return read_run_weights(_checkpoint_of(path, key=key))
-
-
-def _checkpoint_of(path: Path, *, key: str) -> Path:
-    """``path`` itself when it is a checkpoint directory, else the newest intact checkpoint of the run ``path``."""
-    from dinoreg.train.checkpoint import newest_intact_checkpoint  # noqa: PLC0415
-
-    skipped: list[str] = []
-    checkpoint = path if (path / META_FILE).is_file() else newest_intact_checkpoint(path, warn=skipped.append)
-    if checkpoint is None:
-        found = f" (damaged: {'; '.join(skipped)})" if skipped else ""
-        raise StartError(f"{key}: {path} holds no intact checkpoint{found}; give a dinoreg run or one of its "
-                         f"{CHECKPOINT_DIR}/<iteration> directories")
-    return checkpoint
-
-
-def _saved_tensors(checkpoint: Path, prefix: str) -> dict[str, Tensor]:
-    """Every tensor of ``checkpoint`` whose key starts with ``prefix`` (``model.teacher.``, ``optimizer.state.``),
-    keys without their first part (``model.`` / ``optimizer.state.``), read by this process alone; shapes and
-    dtypes come from the checkpoint's own metadata."""
-    from dinoreg.train.checkpoint import single_process_is_intended, verify_checkpoint  # noqa: PLC0415
-
-    verify_checkpoint(checkpoint)
-    group = "model." if prefix.startswith("model.") else "optimizer.state."
-    saved = read_dcp_metadata(checkpoint).state_dict_metadata
-    wanted = {name: torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device="cpu")
-              for name, entry in saved.items() if name.startswith(prefix) and hasattr(entry, "size")}
-    with single_process_is_intended():  # DCP reads just these byte ranges, whatever the world size that wrote them
-        safe_dcp_load(wanted, checkpoint, no_dist=True)
-    return {name[len(group):]: value for name, value in wanted.items()}
-
-
 def phase_checkpoint(cfg: DictConfig) -> Path:
     """The checkpoint directory ``phase.start_from`` names: itself, or a run's newest intact checkpoint."""
-    return _checkpoint_of(Path(cfg.phase.start_from), key="phase.start_from")
+    return open_checkpoint(cfg.phase.start_from, key="phase.start_from").checkpoint
 
 
-def phase_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
-    """The whole model state ``phase.start_from`` continues from, by model key, checked strictly against
+def phase_tensors(reader: CheckpointReader, template: nn.Module) -> dict[str, Tensor]:
+    """The whole model state a phase continues from (``reader``: ``phase.start_from``'s checkpoint), by model key, checked strictly against
     ``template`` (an SSLMetaArch, possibly on the meta device): the position embeddings resampled to its crop size;
     a feature's teacher copy (a Gram teacher) the source lacks starts as its teacher's copy; the features' other
     frozen models (a distillation teacher) come from their own files, and the source's frozen models that the phase
     does not configure stay behind."""
-    source = phase_checkpoint(cfg)
+    source = reader.checkpoint
     from_files = tuple(f"{name}." for name in template.frozen_names if name not in template.teacher_copies)
     parts = {name for name, _ in template.named_children()}
-    saved = {k: v for k, v in _saved_tensors(source, "model.").items()
+    saved = {k: v for k, v in reader.tensors("model.").items()
              if k.split(".", 1)[0] in parts and not k.startswith(from_files)}
     # the parts with position embeddings
     for part in ("student.backbone", "teacher.backbone", *(f"{name}.backbone" for name in template.teacher_copies)):
@@ -135,8 +85,8 @@ def phase_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
     return saved
 
 
-def carry_optimizer_state(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Load the AdamW moments of ``phase.start_from`` into ``optimizer`` (``model`` sharded or not); a parameter
+def carry_optimizer_state(reader: CheckpointReader, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Load the AdamW moments of a phase's source (``reader``) into ``optimizer`` (``model`` sharded or not); a parameter
     whose shape changed (the position embeddings on a new grid) starts fresh. Returns those parameters' names."""
     from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
         StateDictOptions,
@@ -144,10 +94,9 @@ def carry_optimizer_state(cfg: DictConfig, model: nn.Module, optimizer: torch.op
         set_optimizer_state_dict,
     )
 
-    source = phase_checkpoint(cfg)
     shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
     state: dict[str, dict[str, Tensor]] = {}
-    for key, value in _saved_tensors(source, "optimizer.state.").items():
+    for key, value in reader.tensors("optimizer.state.").items():
         name, field = key.rsplit(".", 1)
         state.setdefault(name, {})[field] = value
     fresh = sorted(name for name, moments in state.items()
@@ -167,17 +116,7 @@ def carry_optimizer_state(cfg: DictConfig, model: nn.Module, optimizer: torch.op
 
 def read_run_weights(checkpoint: Path, *, part: str = "teacher") -> Weights:
     """The ``part`` (teacher or student) backbone and heads of a checkpoint directory, read by this process alone."""
-    from dinoreg.config import build_backbone_from_config, load_config  # noqa: PLC0415
-
-    # the saved part's tensors, then its architecture from the run's config
-    teacher = {name[len(part) + 1:]: value for name, value in _saved_tensors(checkpoint, f"model.{part}.").items()}
-    parts = {name: {k[len(name) + 1:]: v for k, v in teacher.items() if k.startswith(name + ".")}
-             for name in ("backbone", *HEAD_NAMES)}
-    cfg = load_config(str(checkpoint / CONFIG_FILE), saved=True)
-    with torch.device("meta"):
-        arch = build_backbone_from_config(cfg, stochastic_depth=False).arch_kwargs
-    return Weights(source=str(checkpoint), arch=dict(arch), backbone=parts["backbone"],
-                   heads={name: parts[name] for name in HEAD_NAMES if parts[name]})
+    return CheckpointReader(checkpoint).weights(part)
 
 
 def check_heads(weights: Weights, expected: Mapping[str, nn.Module], *, key: str) -> None:

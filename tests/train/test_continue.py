@@ -84,24 +84,6 @@ def test_exports_with_heads_hold_the_checkpoints_heads_and_still_load_as_backbon
     assert not (trained / "hf").exists()
 
 
-def test_an_export_with_heads_reads_the_checkpoint_once(trained, tmp_path, monkeypatch):
-    """Each file's checksum is computed once and the tensors come in one DCP read (before: the whole checkpoint was
-    verified twice and the teacher read twice, once for the backbone and once for the heads)."""
-    from dinoreg.cli import main  # noqa: PLC0415
-    from dinoreg.train import checkpoint  # noqa: PLC0415
-
-    checksums, loads = [], []
-    crc32, dcp_load = checkpoint.file_crc32, checkpoint.safe_dcp_load
-    monkeypatch.setattr(checkpoint, "file_crc32", lambda path, *a, **k: checksums.append(path) or crc32(path, *a, **k))
-    monkeypatch.setattr(checkpoint, "safe_dcp_load", lambda *a, **k: loads.append(a[1]) or dcp_load(*a, **k))
-    assert main(["export", str(trained / "run"), "--format", "safetensors", "--with-heads", "--output",
-                 str(tmp_path / "once.safetensors")]) == 0
-    assert checksums and len(checksums) == len(set(checksums)) and len(loads) == 1
-    again, before = read_heads(tmp_path / "once.safetensors"), read_heads(trained / "heads.safetensors")
-    assert again.keys() == before.keys() == {"dino_head", "ibot_head"}
-    assert all(torch.equal(again[h][k], v) for h in before for k, v in before[h].items())
-
-
 @pytest.mark.parametrize("source", ["run", "heads.safetensors", "heads.pth"])
 def test_init_from_starts_student_and_teacher_from_backbone_and_heads(trained, source):
     saved = read_run_weights(sorted((trained / "run" / CHECKPOINT_DIR).glob("[0-9]*"))[-1])

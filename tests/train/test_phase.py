@@ -20,8 +20,8 @@ from dinoreg.models.pos_embed import resample_pos_embed
 from dinoreg.models.strict import CheckpointMismatchError
 from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.train.build import build_model_and_optimizer
+from dinoreg.train.checkpoint_reader import CheckpointReader
 from dinoreg.train.resolve import resolve_run_config
-from dinoreg.train.start import _saved_tensors
 
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=6",
        "evaluation.knn_enabled=false", "monitor.period=0"]
@@ -45,7 +45,7 @@ def build(*overrides):
 
 
 def test_a_phase_starts_from_the_whole_state_with_resampled_position_embeddings(source):
-    saved = _saved_tensors(source / CHECKPOINT_DIR / "6", "model.")
+    saved = CheckpointReader(source / CHECKPOINT_DIR / "6").tensors("model.")
     model, optimizer = build(*PHASE, f"phase.start_from={source}", "phase.optimizer=carry")
     state = model.state_dict()
     assert set(state) == set(saved)
@@ -57,7 +57,7 @@ def test_a_phase_starts_from_the_whole_state_with_resampled_position_embeddings(
             assert torch.equal(state[key], value), key
     assert saved["dino_loss.center"].abs().sum() > 0  # the centres were carried, not reset
     # carried moments, except the position embeddings' (their grid changed): those start fresh
-    moments = _saved_tensors(source / CHECKPOINT_DIR / "6", "optimizer.state.")
+    moments = CheckpointReader(source / CHECKPOINT_DIR / "6").tensors("optimizer.state.")
     names = {parameter: name for name, parameter in model.named_parameters()}
     by_name = {names[parameter]: values for parameter, values in optimizer.state.items()}
     assert torch.equal(by_name["student.backbone.blocks.0.attn.qkv.weight"]["exp_avg"],
