@@ -189,7 +189,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkey
     propagates with its traceback (before, `dinoreg train` turned every ValueError into one line)."""
     from dinoreg.errors import InputError  # noqa: PLC0415
     from dinoreg.train import loop  # noqa: PLC0415
-    from dinoreg.train.start import StartError  # noqa: PLC0415
+    from dinoreg.train.initial_weights import StartError  # noqa: PLC0415
 
     assert issubclass(StartError, InputError) and issubclass(StartError, ValueError)  # old handlers still catch it
 

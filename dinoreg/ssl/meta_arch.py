@@ -192,7 +192,7 @@ class SSLMetaArch(nn.Module):
         masks, mask_indices, masks_weight = batch.masks, batch.mask_indices, batch.masks_weight
         n_masked = batch.n_masked_patches
         student_masks = masks
-        if self.ibot_all_patches:  # the student sees every patch, iBOT scores them all (DINOv2's distillation)
+        if self.ibot_all_patches:  # a feature's choice: the student sees every patch, iBOT scores them all
             student_masks, masks = None, torch.ones_like(masks)  # [2B, N]
             mask_indices = torch.arange(masks.numel(), device=masks.device)  # [2B * N]
             masks_weight = torch.full((masks.numel(),), 1.0 / masks.shape[1], device=masks.device)

@@ -26,7 +26,7 @@ from dinoreg.train.checkpoint_reader import CheckpointReader, open_checkpoint
 from dinoreg.train.features import build_features
 from dinoreg.train.optim import build_optimizer, build_param_groups
 from dinoreg.train.parallel import TargetedStep, copy_state_into, materialise, shard_ssl_model
-from dinoreg.train.start import carry_optimizer_state, copy_start, phase_tensors, start_tensors
+from dinoreg.train.initial_weights import carry_optimizer_state, copy_initial, initial_tensors, phase_tensors
 
 __all__ = ["BatchMasks", "build_model_and_optimizer", "build_photometric", "build_ssl_model", "construct_ssl_model",
            "initialisation_steps",
@@ -57,9 +57,9 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
     """Student and teacher of ``cfg`` on the CPU, unsharded, with the training features it turns on
     (:mod:`dinoreg.train.features`): built on the meta device and given its values by :func:`_build_on_meta`, as
     every training run's model is. ``load_pretrained``: start from ``student.pretrained_weights``, ``train.init_from``
-    or ``phase.start_from`` (:mod:`dinoreg.train.start`; off when a checkpoint will be loaded: it holds every
-    weight). Under ``torch.device("meta")``: the uninitialised model (:func:`construct_ssl_model`), nothing read
-    but a distillation teacher's file, nothing drawn."""
+    or ``phase.start_from`` (:mod:`dinoreg.train.initial_weights`; off when a checkpoint will be loaded: it holds every
+    weight). Under ``torch.device("meta")``: the uninitialised model (:func:`construct_ssl_model`), nothing drawn
+    and nothing read but what defines a frozen model's architecture."""
     if torch.get_default_device().type == "meta":
         return construct_ssl_model(cfg, read_files=load_pretrained)
     return _build_on_meta(cfg, torch.device("cpu"), load_pretrained=load_pretrained, initialise_on="cpu",
@@ -133,11 +133,11 @@ def _build_on_meta(cfg: DictConfig, device: torch.device, *, load_pretrained: bo
     """The one build: the model on the meta device, ``arrange``d there (compiled, FSDP2-sharded: no rank ever holds
     the whole unsharded model), put on ``device`` and materialised module by module on ``initialise_on`` with the
     constructors' values (:func:`initialisation_steps`), then the values read from files (the features' frozen
-    models, the start: :mod:`dinoreg.train.start`; ``phase``: the checkpoint a phase continues)."""
+    models, the start: :mod:`dinoreg.train.initial_weights`; ``phase``: the checkpoint a phase continues)."""
     with torch.device("meta"):
         model = construct_ssl_model(cfg, read_files=load_pretrained)
     template = copy.deepcopy(model)  # stays unsharded
-    start = start_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
+    start = initial_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
     phase_state = phase_tensors(phase, template) if phase is not None else {}
     steps = initialisation_steps(template)
     for feature in template.features:  # after the copies of the student: these values win
@@ -146,7 +146,7 @@ def _build_on_meta(cfg: DictConfig, device: torch.device, *, load_pretrained: bo
     arrange(model)
     model.to_empty(device=device)
     materialise(model, steps, device=initialise_on)
-    copy_start(model, start)
+    copy_initial(model, start)
     copy_state_into(model, phase_state)
     return model
 
@@ -200,9 +200,9 @@ class BatchMasks:
         return sample_masks(n_images, self.grid, self.ratio, self.probability, rng=rng, generator=self.generator)
 
 
-def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment, *, start: int,
+def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment, *, position: int,
                      features: Sequence[TrainingFeature] = (), pin_memory: bool = False) -> Iterator[dict[str, Any]]:
-    """This rank's multi-crop batches (uint8, with iBOT masks) from global stream position ``start``
+    """This rank's multi-crop batches (uint8, with iBOT masks) from global stream position ``position``
     (``iterations * global batch``), cut at the sizes the ``features`` ask for
     (:meth:`~dinoreg.ssl.feature.TrainingFeature.worker_crops`); ``pin_memory`` (for a CUDA device) lets the copies
     to it overlap."""
@@ -216,7 +216,7 @@ def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment,
                                    local_crops_scale=tuple(crops.local_crops_scale), undistorted_crops_size=extra)
     loader = build_loader(MultiCropDataset(dataset, geometric, seed=cfg.train.seed),
                           batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
-                          seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=start,
+                          seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=position,
                           collate_fn=functools.partial(collate_multicrop, mask_fn=BatchMasks(cfg)),
                           pin_memory=pin_memory)
     return iter(loader)

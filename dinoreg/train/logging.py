@@ -154,7 +154,8 @@ class TrainingLogger:
         if self.enabled:
             self.writer.add_image(tag, picture, iteration)
 
-    def histogram(self, tag: str, values: Tensor, iteration: int) -> None:
+    def distribution(self, tag: str, values: Tensor, iteration: int) -> None:
+        """The distribution of ``values``, in TensorBoard's Histograms and Distributions tabs."""
         if self.enabled:
             self.writer.add_histogram(tag, values.float().flatten(), iteration)
 

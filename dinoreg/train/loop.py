@@ -114,7 +114,7 @@ class Run:
     logger: TrainingLogger
     signals: SignalWatcher
     report: Callable[[str], None]  # a warning from any rank (keeps the progress bar intact on rank 0)
-    start: int  # first iteration to run
+    first_iteration: int  # the first iteration this process runs (0, or the resumed checkpoint's)
     position: int  # global data stream position: images drawn so far by all ranks
     bad_files: int = 0
     pending: list[StepFigures] = field(default_factory=list)  # steps whose figures are not read yet
@@ -140,15 +140,15 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     bf16, autocast = precision(cfg, device, distributed=env.distributed)
     # a resumed run takes every weight from its checkpoint: student.pretrained_weights need not exist any more
     model, optimizer = build_model_and_optimizer(cfg, env, device, bf16=bf16, load_pretrained=checkpoint is None)
-    start, position = _restore(checkpoint, model, optimizer, warn) if checkpoint else (0, 0)
+    first_iteration, position = _restore(checkpoint, model, optimizer, warn) if checkpoint else (0, 0)
     if env.is_main:
         output.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output.config)
         remove_incomplete(output.root)
-        for damaged in set_aside_checkpoints_after(output.root, start):
+        for damaged in set_aside_checkpoints_after(output.root, first_iteration):
             warn(f"moved the damaged checkpoint aside to {damaged}, so that checkpoint retention never counts it")
     barrier()
-    batches = training_batches(cfg, dataset, env, start=position, features=model.features,
+    batches = training_batches(cfg, dataset, env, position=position, features=model.features,
                                pin_memory=device.type == "cuda")
     photometric = build_photometric(cfg, device)
     evaluators = {label: build(cfg, device) for label, build, enabled in (
@@ -157,13 +157,13 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     monitor = ArtifactMonitor(cfg, device) if cfg.monitor.period else None  # reads its probe images: may fail
     # last, because train() closes them only once set_up has returned: the logger opens metrics.jsonl and
     # TensorBoard, the watcher takes over the signals
-    logger = TrainingLogger(output.root, total_iterations=schedules.total_iterations, start_iteration=start,
+    logger = TrainingLogger(output.root, total_iterations=schedules.total_iterations, start_iteration=first_iteration,
                             enabled=env.is_main, print_every=cfg.train.log_every)
     logger.hparams(OmegaConf.to_container(cfg, resolve=True))
     return Run(cfg=cfg, env=env, device=device, autocast=autocast, output=output, model=model, optimizer=optimizer,
                schedules=schedules, batches=batches, photometric=photometric, evaluators=evaluators, monitor=monitor,
                logger=logger, signals=SignalWatcher(cfg.checkpoint.save_on_signals),
-               report=logger.warn if env.is_main else warn, start=start, position=position)
+               report=logger.warn if env.is_main else warn, first_iteration=first_iteration, position=position)
 
 
 def _rank_printer(env: DistributedEnvironment, all_ranks: bool) -> Callable[[str], None]:
@@ -198,12 +198,12 @@ def _restore(reader: CheckpointReader, model: SSLMetaArch, optimizer: torch.opti
 
 
 def iterate(run: Run) -> None:
-    """Iterations ``run.start`` to the end, then the teacher backbone file."""
-    if run.start == 0:
-        measure(run, 0, evaluate=True, monitor=True)
+    """Iterations ``run.first_iteration`` to the end, then the teacher backbone file."""
+    if run.first_iteration == 0:
+        evaluate_and_monitor(run, 0, evaluate=True, monitor=True)
     step_end = time.perf_counter()
     features = run.model.features
-    for it in range(run.start, run.schedules.total_iterations):
+    for it in range(run.first_iteration, run.schedules.total_iterations):
         values = {**run.schedules.values(it), **{k: v for feature in features for k, v in feature.values(it).items()}}
         batch = next_batch(run, it)
         data_wait = time.perf_counter() - step_end
@@ -342,7 +342,7 @@ def log_step(run: Run, iteration: int, values: dict[str, float], metrics: dict[s
     run.pending.append(StepFigures(iteration, metrics, grad_norms, {
         **schedule, "images_per_sec": run.global_batch / seconds, "data_wait": data_wait,
         "bad_files": run.bad_files}))
-    if iteration == run.start or _due(iteration, run.cfg.train.log_every, run.schedules.total_iterations):
+    if iteration == run.first_iteration or _due(iteration, run.cfg.train.log_every, run.schedules.total_iterations):
         flush(run)  # the first step at once (a line to see, a NaN caught early), then every log_every
     else:
         run.logger.advance(iteration)
@@ -378,7 +378,7 @@ def periodic_work(run: Run, iteration: int) -> None:
     checkpoint = bool(period and (iteration + 1) % period == 0) or (iteration + 1 == total and cfg.checkpoint.save_final)
     if evaluate or monitor or stop or checkpoint:
         flush(run)  # never evaluate or save a state whose losses were not checked
-    measure(run, iteration, evaluate=evaluate, monitor=monitor)
+    evaluate_and_monitor(run, iteration, evaluate=evaluate, monitor=monitor)
     if stop:
         _stop_on_signal(run, iteration + 1)
     if checkpoint:
@@ -393,7 +393,7 @@ def _stop_on_signal(run: Run, iterations_done: int) -> None:
     raise StoppedOnSignal(run.signals.received, path)
 
 
-def measure(run: Run, iteration: int, *, evaluate: bool, monitor: bool) -> None:
+def evaluate_and_monitor(run: Run, iteration: int, *, evaluate: bool, monitor: bool) -> None:
     """Log the teacher's evaluations (kNN, segmentation) and the artifact monitor's figures (each when asked and
     enabled)."""
     for label, evaluator in run.evaluators.items() if evaluate else ():
@@ -405,7 +405,7 @@ def measure(run: Run, iteration: int, *, evaluate: bool, monitor: bool) -> None:
             reading = run.monitor(run.model.teacher_backbone, run.autocast)
         run.logger.log(iteration, reading.metrics, step_done=False)
         run.logger.image("monitor/maps", reading.picture, iteration)
-        run.logger.histogram("monitor/patch_norms", reading.norms, iteration)
+        run.logger.distribution("monitor/patch_norms", reading.norms, iteration)
 
 
 def save(run: Run, iterations_done: int) -> Path:

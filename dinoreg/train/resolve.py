@@ -15,7 +15,7 @@ from typing import Callable, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from dinoreg.config import apply_scaling_rule
-from dinoreg.train.start import phase_checkpoint
+from dinoreg.train.initial_weights import phase_checkpoint
 
 __all__ = ["resolve_run_config"]
 

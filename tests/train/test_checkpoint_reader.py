@@ -13,7 +13,7 @@ from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.weights import read_heads
 from dinoreg.train import checkpoint, checkpoint_reader
 from dinoreg.train.build import build_model_and_optimizer
-from dinoreg.train.start import read_run_weights, read_weights
+from dinoreg.train.initial_weights import read_run_weights, read_weights
 
 RUN = [*TINY, "train.batch_size_per_gpu=4", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=2",
        "evaluation.knn_enabled=false", "monitor.period=0", "ibot.separate_head=true"]

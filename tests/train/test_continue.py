@@ -20,7 +20,7 @@ from dinoreg.models.weights import CheckpointMismatchError, read_heads
 from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.loop import train_step
-from dinoreg.train.start import read_run_weights
+from dinoreg.train.initial_weights import read_run_weights
 
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=2", "train.epoch_length=3",
        "evaluation.knn_enabled=false", "monitor.period=0", "optim.freeze_last_layer_epochs=0"]

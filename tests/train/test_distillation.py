@@ -21,7 +21,7 @@ from dinoreg.models import DINOHead
 from dinoreg.models.weights import read_heads
 from dinoreg.run_dir import BACKBONE_FILE, CHECKPOINT_DIR
 from dinoreg.train.build import build_model_and_optimizer
-from dinoreg.train.start import read_run_weights
+from dinoreg.train.initial_weights import read_run_weights
 
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=2", "train.epoch_length=3",
        "evaluation.knn_enabled=false", "monitor.period=0"]

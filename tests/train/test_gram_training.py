@@ -24,7 +24,7 @@ from dinoreg.train.features import build_features
 from dinoreg.train.features.gram import GramSchedule
 from dinoreg.train.loop import augment_on_device
 from dinoreg.train.parallel import materialise
-from dinoreg.train.start import read_run_weights
+from dinoreg.train.initial_weights import read_run_weights
 
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=8",
        "evaluation.knn_enabled=false", "monitor.period=0", "checkpoint.period=1", "checkpoint.keep_last=20"]
@@ -40,7 +40,7 @@ def test_schedule_loads_refreshes_and_weighs_as_dinov3():
     schedule = GramSchedule(cfg, 20)
     # refreshes after the iterations i with (i + 1) a multiple of 3 and i + 1 >= 4: 6, 9, ..., 18 -> i = 5, 8, ...
     assert [it for it in range(20) if schedule.refresh_after(it)] == [5, 8, 11, 14, 17]
-    assert schedule.load_before == 3 and [schedule.weight(it) for it in (0, 2, 3, 19)] == [0.0, 0.0, 1.0, 1.0]
+    assert schedule.copy_before == 3 and [schedule.weight(it) for it in (0, 2, 3, 19)] == [0.0, 0.0, 1.0, 1.0]
     capped = GramSchedule(load_config("tiny_cpu", [*RUN, *GRAM, "train.epoch_length=20", "gram.max_updates=2",
                                                    "gram.update_frequency=3", "gram.it_first_update=4"]), 20)
     assert [it for it in range(20) if capped.refresh_after(it)] == [5, 8]
@@ -53,7 +53,7 @@ def test_schedule_loads_refreshes_and_weighs_as_dinov3():
     # the EMA teacher as Gram teacher is there from the start and never copied
     ema = GramSchedule(load_config("tiny_cpu", [*RUN, "gram.use_loss=true", "gram.ema_teacher=true",
                                                 "gram.rep_update=false"]), 8)
-    assert ema.load_before is None and ema.weight(0) == 1.0 and not any(ema.refresh_after(it) for it in range(8))
+    assert ema.copy_before is None and ema.weight(0) == 1.0 and not any(ema.refresh_after(it) for it in range(8))
 
 
 def test_inconsistent_gram_options_are_all_reported():
@@ -210,7 +210,7 @@ def test_a_gram_teachers_own_crops_are_dinov3s(undistorted):
     cfg = load_config("tiny_cpu", [*RUN, *GRAM, "crops.gram_teacher_crops_size=48",
                                    f"crops.gram_teacher_no_distortions={undistorted}"])
     features = build_features(cfg)
-    raw = next(training_batches(cfg, build_dataset("synthetic:size=16"), DistributedEnvironment(), start=0,
+    raw = next(training_batches(cfg, build_dataset("synthetic:size=16"), DistributedEnvironment(), position=0,
                                 features=features))
     torch.manual_seed(0)
     batch = augment_on_device(raw, build_photometric(cfg, torch.device("cpu")), features)

@@ -20,7 +20,7 @@ from dinoreg.models import DinoVisionTransformer
 from dinoreg.models.head import head_spec_of
 from dinoreg.ssl.feature import TrainingFeature
 from dinoreg.ssl.meta_arch import HeadSpec, SSLMetaArch
-from dinoreg.train.start import check_heads, fitted_backbone, read_weights
+from dinoreg.train.initial_weights import check_heads, fitted_backbone, read_weights
 
 __all__ = ["Distillation", "TeacherMismatchError", "check_distillation_teacher", "distillation"]
 

@@ -23,7 +23,7 @@ from dinoreg.data import TrainingBatch, normalise_uint8
 from dinoreg.ssl.feature import StepOutputs, TrainingFeature
 from dinoreg.ssl.gram import GramSpec, gram_loss, gram_loss_weight, resize_patch_features, select_gram_tokens
 from dinoreg.ssl.meta_arch import SSLMetaArch
-from dinoreg.train.start import fitted_backbone, read_weights
+from dinoreg.train.initial_weights import fitted_backbone, read_weights
 
 __all__ = ["GramAnchoring", "GramSchedule", "gram_anchoring"]
 
@@ -34,7 +34,7 @@ class GramSchedule:
     """When the Gram teacher is set and how much the Gram loss weighs, per iteration (DINOv3's ``gram.*``).
 
     The Gram teacher is ready from iteration 0 with ``gram.ckpt`` or ``gram.ema_teacher``, else from
-    ``gram.it_load_ema_teacher``, at whose start the EMA teacher is copied into it (:attr:`load_before`); it is
+    ``gram.it_load_ema_teacher``, at whose start the EMA teacher is copied into it (:attr:`copy_before`); it is
     refreshed after the iterations of :meth:`refresh_after`. Everything is a function of the iteration, so a
     resumed run does what the uninterrupted one did (DINOv3 recounts its refreshes from the iteration too).
     """
@@ -43,12 +43,12 @@ class GramSchedule:
         gram, epoch_length = cfg.get("gram"), int(cfg.train.epoch_length)  # an official config has no gram section
         self.enabled = gram is not None and bool(gram.use_loss)
         if not self.enabled:
-            self.load_before, self.ready_from, self.from_file, self._refreshes = None, 0, False, set()
+            self.copy_before, self.ready_from, self.from_file, self._refreshes = None, 0, False, set()
             return
         own_teacher = not gram.ema_teacher
         self.from_file = own_teacher and bool(gram.ckpt)  # the Gram teacher is read from gram.ckpt at start-up
-        self.load_before = int(gram.it_load_ema_teacher) if own_teacher and gram.it_load_ema_teacher >= 0 else None
-        self.ready_from = 0 if not own_teacher or gram.ckpt else self.load_before
+        self.copy_before = int(gram.it_load_ema_teacher) if own_teacher and gram.it_load_ema_teacher >= 0 else None
+        self.ready_from = 0 if not own_teacher or gram.ckpt else self.copy_before
         refreshes = [m for m in range(gram.update_frequency, total_iterations + 1, gram.update_frequency)
                      if m >= gram.it_first_update] if own_teacher and gram.rep_update else []
         self._refreshes = set(refreshes if gram.max_updates is None else refreshes[:gram.max_updates])
@@ -183,7 +183,7 @@ class GramAnchoring(TrainingFeature):
 
     def before_step(self, model: SSLMetaArch, iteration: int) -> None:
         """The Gram teacher's copy of the EMA teacher at the start of ``gram.it_load_ema_teacher``."""
-        if self._backbone is not None and self.schedule.load_before == iteration:
+        if self._backbone is not None and self.schedule.copy_before == iteration:
             refresh(model)
 
     def after_step(self, model: SSLMetaArch, iteration: int) -> None:
@@ -197,8 +197,8 @@ class GramAnchoring(TrainingFeature):
         read from ``gram.ckpt`` or copied from the EMA teacher at or after the resumed iteration."""
         if self._backbone is None:
             return {}
-        load = self.schedule.load_before
-        if self.schedule.from_file or (load is not None and iteration <= load):
+        copy_before = self.schedule.copy_before
+        if self.schedule.from_file or (copy_before is not None and iteration <= copy_before):
             return {f"{NAME}.": None}
         return {f"{NAME}.": "A Gram teacher added to a run saved without one must be read from gram.ckpt=FILE or "
                             f"copied at or after the resumed iteration (gram.it_load_ema_teacher >= {iteration}); or"}

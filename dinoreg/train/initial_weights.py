@@ -33,8 +33,8 @@ from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
 from dinoreg.train.checkpoint_reader import CheckpointReader, StartError, Weights, open_checkpoint
 from dinoreg.train.parallel import copy_state_into
 
-__all__ = ["StartError", "Weights", "carry_optimizer_state", "check_heads", "copy_start", "fitted_backbone",
-           "phase_tensors", "read_run_weights", "read_weights", "start_tensors"]
+__all__ = ["StartError", "Weights", "carry_optimizer_state", "check_heads", "copy_initial", "fitted_backbone",
+           "phase_tensors", "read_run_weights", "read_weights", "initial_tensors"]
 
 _HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers",
               "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim"}
@@ -134,7 +134,7 @@ def check_heads(weights: Weights, expected: Mapping[str, nn.Module], *, key: str
                                + " to match")
 
 
-def start_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
+def initial_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
     """What the student (and, as its copy, the teacher) start from instead of the initialisation, by student key
     (``backbone.*``, ``dino_head.*``...), checked against ``template`` (an SSLMetaArch, possibly on the meta
     device); empty when the config asks for neither ``student.pretrained_weights`` nor ``train.init_from``."""
@@ -164,7 +164,7 @@ def fitted_backbone(backbone: DinoVisionTransformer, source: str | Mapping[str, 
 
 
 @torch.no_grad()
-def copy_start(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+def copy_initial(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
     """Copy ``tensors`` (by student key) into the student and the teacher of ``model``; into this rank's shards
     when they are sharded."""
     for part in (model.student, model.teacher):
