@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import string
 import subprocess
@@ -44,6 +45,7 @@ from typing import Any, Callable, Optional, Sequence
 from dinoreg.distributed import detect_environment
 from dinoreg.errors import InputError
 from dinoreg.run_dir import RunDir
+from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, StoppedOnSignal
 
 __all__ = ["REQUEUE_SIGNAL_NAME", "SUBMIT_DEFAULTS", "DinoregJob", "JobCommandError", "JobWaitError", "SlurmRequest",
            "SubmitDefaults", "SubmitError", "check_job_strings", "check_path", "check_requeue_signal_saves",
@@ -280,7 +282,7 @@ def sbatch_parameters(request: SlurmRequest) -> dict[str, Any]:
 
 def format_sbatch(params: dict[str, Any], log_dir: str) -> list[str]:
     """The ``#SBATCH`` lines of the script submitit writes for these parameters and submitit folder."""
-    from submitit.core.utils import JobPaths  # noqa: PLC0415
+    from submitit.core.utils import JobPaths  # noqa: PLC0415 (start-up: submitit)
 
     options = {key: value for key, value in params.items()
                if key not in ("signal_delay_s", "additional_parameters", "srun_args", "setup") and value is not None}
@@ -314,9 +316,7 @@ class DinoregJob:
         self.output_dir = output_dir
 
     def __call__(self) -> dict[str, Any]:
-        import submitit  # noqa: PLC0415 (only inside a job)
-
-        from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, StoppedOnSignal  # noqa: PLC0415
+        import submitit  # noqa: PLC0415 (start-up: submitit)
 
         environment = submitit.JobEnvironment()
         # A result left by an earlier allocation of this job (ranks that failed when it was requeued) is stale.
@@ -356,7 +356,7 @@ class DinoregJob:
     def checkpoint(self) -> Any:
         """Called by submitit on rank 0 after the save on signal: requeue the same job, at most
         ``max_requeues`` times in all (``SLURM_RESTART_COUNT`` also counts external requeues)."""
-        import submitit  # noqa: PLC0415
+        import submitit  # noqa: PLC0415 (start-up: submitit)
 
         restarts = _restarts()
         if restarts >= self.max_requeues:
@@ -387,9 +387,7 @@ def submit(argv: Sequence[str], request: SlurmRequest, *, entry: Callable[[list[
            output_dir: Optional[str] = None, python: Optional[str] = None) -> Any:
     """Submit ``dinoreg <argv>`` as one SLURM job run by ``entry`` (see :class:`DinoregJob`); returns the
     ``submitit.SlurmJob``."""
-    import shutil  # noqa: PLC0415
-
-    import submitit  # noqa: PLC0415
+    import submitit  # noqa: PLC0415 (start-up: submitit)
 
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
         raise SubmitError("sbatch/srun not found: this machine is not a SLURM submission host. On one machine "
@@ -400,7 +398,7 @@ def submit(argv: Sequence[str], request: SlurmRequest, *, entry: Callable[[list[
     executor = submitit.SlurmExecutor(folder=log_dir, max_num_timeout=request.max_requeues,
                                       python=None if python is None else python_command(python))
     executor.update_parameters(**parameters)
-    from submitit.core.utils import FailedJobError  # noqa: PLC0415
+    from submitit.core.utils import FailedJobError  # noqa: PLC0415 (start-up: submitit)
 
     try:
         return executor.submit(DinoregJob(argv, entry=entry, max_requeues=request.max_requeues,

@@ -8,10 +8,15 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD, IndexedView, build_eval_loader
+from dinoreg.data.datasets import build_dataset
 from dinoreg.errors import InputError
+from dinoreg.eval.context import resolve_weights
+from dinoreg.eval.features import EvalInputError
 from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.weights import load_backbone
 
 __all__ = ["AnalysisInputs", "AnalysisError", "Tool", "open_inputs", "pyplot", "save_figure"]
 
@@ -52,8 +57,6 @@ class AnalysisInputs:
     def batches(self, desc: str = "images") -> Iterator[tuple[Tensor, Tensor]]:
         """``(images [B, 3, S, S] normalised, indices [B])`` for the first ``max_images`` images, with a progress
         bar; the whole image is kept (resized to ``image_size``, no crop)."""
-        from tqdm import tqdm  # noqa: PLC0415
-
         count = min(self.max_images, len(self.dataset))
         loader = build_eval_loader(IndexedView(self.dataset, list(range(count))), image_size=self.image_size,
                                    batch_size=self.batch_size, num_workers=0, resize_size=self.image_size)
@@ -84,11 +87,6 @@ def open_inputs(*, weights: Path, images: str, image_size: Optional[int], batch_
                 device: str) -> AnalysisInputs:
     """Load the backbone (a file ``load_backbone`` reads, or a training run directory) and the images (a folder,
     or ``synthetic[:...]``: the synthetic dataset's val split)."""
-    from dinoreg.data.datasets import build_dataset  # noqa: PLC0415
-    from dinoreg.eval.context import resolve_weights  # noqa: PLC0415
-    from dinoreg.eval.features import EvalInputError  # noqa: PLC0415
-    from dinoreg.models.weights import load_backbone  # noqa: PLC0415
-
     weights = Path(weights)
     try:
         path = resolve_weights(weights=None, run=weights) if weights.is_dir() and not (weights / "config.json").exists() \
@@ -109,10 +107,10 @@ def open_inputs(*, weights: Path, images: str, image_size: Optional[int], batch_
 
 def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 (start-up: matplotlib; this module loads with `dinoreg --help`)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (start-up: matplotlib)
 
     return plt
 

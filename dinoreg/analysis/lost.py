@@ -159,7 +159,7 @@ def ground_truth_boxes(dataset: Any, index: int, *, image_size: int) -> Optional
 
 def _figure(inputs: AnalysisInputs, out: Path, records: list[dict[str, Any]], degrees: list[Tensor]) -> None:
     plt = pyplot()
-    from matplotlib.patches import Rectangle  # noqa: PLC0415
+    from matplotlib.patches import Rectangle  # noqa: PLC0415 (start-up: matplotlib)
 
     shown = min(MAPS_SHOWN, len(records))
     pictures = inputs.raw_images([record["index"] for record in records[:shown]])

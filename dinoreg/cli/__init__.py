@@ -35,6 +35,7 @@ from dinoreg.cli.export import add_export_parser
 from dinoreg.cli.model import add_analyze_parser, add_model_info_parser
 from dinoreg.cli.submit import add_submit_parser
 from dinoreg.cli.train import add_bench_parser, add_train_parser
+from dinoreg.train.signals import StoppedOnSignal
 
 __all__ = ["build_parser", "line_buffered_output", "main", "run"]
 
@@ -94,8 +95,6 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dinoreg`` console script; returns the exit status."""
-    from dinoreg.train.signals import StoppedOnSignal  # noqa: PLC0415
-
     line_buffered_output()
     try:
         return run(argv)

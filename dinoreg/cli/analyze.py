@@ -12,18 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from dinoreg.analysis import antialias, attention, disconnect, lost, neighbors, norms, pca, probe
+from dinoreg.analysis.common import AnalysisError, open_inputs
 from dinoreg.argtypes import positive_int
 
-
-def _tool_modules() -> list[Any]:
-    from dinoreg.analysis import (antialias, attention, disconnect, lost, neighbors, norms, pca,  # noqa: PLC0415
-                                  probe)
-
-    return [norms, neighbors, attention, pca, lost, antialias, disconnect, probe]
+_TOOL_MODULES = [norms, neighbors, attention, pca, lost, antialias, disconnect, probe]  # in --help's order
 
 
 def add_artifact_tools(analyses: Any) -> None:
-    for module in _tool_modules():
+    for module in _TOOL_MODULES:
         for name, tool in module.TOOLS.items():
             parser = analyses.add_parser(name, help=tool.help, description=tool.description)
             _add_shared_arguments(parser, name)
@@ -51,10 +50,6 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _run_tool(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
-
-    from dinoreg.analysis.common import AnalysisError, open_inputs  # noqa: PLC0415
-
     out = args.out or Path("analysis") / args.tool_name
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -7,6 +7,8 @@ import sys
 from typing import Any
 
 from dinoreg.argtypes import int_at_least, output_folder, positive_int
+from dinoreg.data.export import export_synthetic
+from dinoreg.errors import InputError
 
 
 def _objects(text: str) -> tuple[int, int]:
@@ -50,9 +52,6 @@ def add_data_parser(commands: Any) -> None:
 
 
 def _export_synthetic(args: argparse.Namespace) -> int:
-    from dinoreg.data.export import export_synthetic  # noqa: PLC0415
-    from dinoreg.errors import InputError  # noqa: PLC0415
-
     try:
         counts = export_synthetic(args.output, sizes={"train": args.size, "val": args.val_size},
                                   image_size=args.image_size, seed=args.seed, objects=args.objects)

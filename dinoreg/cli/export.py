@@ -8,11 +8,21 @@ from pathlib import Path
 from typing import Any
 
 from dinoreg.argtypes import positive_int
+from dinoreg.errors import InputError
+from dinoreg.export.source import ExportError, read_backbone, read_backbone_with_heads, resolve_reader
+from dinoreg.export.writers import (
+    DTYPES,
+    FORMATS,
+    HEAD_FORMATS,
+    check_output,
+    dinov2_load_overrides,
+    export_backbone,
+    resize_backbone,
+)
+from dinoreg.models.formats import timm_resizes_like
 
 
 def add_export_parser(commands: Any) -> None:
-    from dinoreg.export.writers import DTYPES, FORMATS  # noqa: PLC0415
-
     export = commands.add_parser(
         "export", help="write a checkpoint's teacher (or student) backbone in the official, safetensors, "
                        "Hugging Face or timm layout",
@@ -61,13 +71,6 @@ def add_export_parser(commands: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dinoreg.errors import InputError  # noqa: PLC0415
-    from dinoreg.export.source import (ExportError, read_backbone, read_backbone_with_heads,  # noqa: PLC0415
-                                       resolve_reader)
-    from dinoreg.export.writers import (HEAD_FORMATS, check_output, dinov2_load_overrides,  # noqa: PLC0415
-                                        export_backbone, resize_backbone)
-    from dinoreg.models.formats import timm_resizes_like  # noqa: PLC0415
-
     try:
         check_output(args.format, args.output, force=args.force)
         if args.with_heads and args.format not in HEAD_FORMATS:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from dinoreg.analysis.common import pyplot, save_figure
 from dinoreg.argtypes import output_file, positive_int, register_count, register_list
 from dinoreg.cli.analyze import add_artifact_tools
 from dinoreg.cli.common import FLOP_UNIT, INTERPOLATIONS, add_backbone_arguments, check_divisible
@@ -53,7 +54,7 @@ def add_analyze_parser(commands: Any) -> None:
 
 
 def _model_info(args: argparse.Namespace) -> int:
-    from dinoreg.tools.flops import count_flops, count_parameters  # noqa: PLC0415 (fvcore is slow to import)
+    from dinoreg.tools.flops import count_flops, count_parameters  # noqa: PLC0415 (start-up: fvcore)
 
     check_divisible(args.parser, "--img-size", args.img_size, args.patch_size)
     if args.local_size is not None:
@@ -89,7 +90,7 @@ def _model_info(args: argparse.Namespace) -> int:
 
 
 def _analyze_flops(args: argparse.Namespace) -> int:
-    from dinoreg.tools.flops import flops_vs_registers  # noqa: PLC0415 (fvcore is slow to import)
+    from dinoreg.tools.flops import flops_vs_registers  # noqa: PLC0415 (start-up: fvcore)
 
     check_divisible(args.parser, "--img-size", args.img_size, args.patch_size)
     registers = list(args.registers)
@@ -111,8 +112,6 @@ def _analyze_flops(args: argparse.Namespace) -> int:
 
 
 def _plot_flops(args: argparse.Namespace, rows: list[dict[str, Any]], baseline: float) -> None:
-    from dinoreg.analysis.common import pyplot, save_figure  # noqa: PLC0415
-
     figure, axis = pyplot().subplots(figsize=(5, 3.2))
     counts = [row["registers"] for row in rows]
     axis.plot(counts, [100.0 * (row["flops"] - baseline) / baseline for row in rows], marker="o")

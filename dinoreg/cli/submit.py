@@ -18,6 +18,19 @@ from dinoreg.argtypes import int_at_least, positive_int
 from dinoreg.cli.common import add_recipe_arguments, config_error_message, format_summary
 from dinoreg.launch import REQUEUE_SIGNAL_NAME
 from dinoreg.launch import SUBMIT_DEFAULTS as DEFAULTS
+from dinoreg.launch import (
+    JobWaitError,
+    SlurmRequest,
+    SubmitError,
+    check_job_strings,
+    check_path,
+    check_requeue_signal_saves,
+    format_sbatch,
+    python_command,
+    sbatch_parameters,
+    submit,
+    wait_for_job,
+)
 from dinoreg.run_dir import OutputDirError, check_not_in_use, write_json
 
 
@@ -26,7 +39,7 @@ def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
     """``job_entry(argv)`` is what the job runs in each task: the dinoreg command line ``argv``, in-process;
     ``job_parser()`` the parser that checks a command line after ``--`` before it is queued. Both come from
     :mod:`dinoreg.cli`, which imports this module (so it cannot import them back)."""
-    submit = commands.add_parser(
+    parser = commands.add_parser(
         "submit", help="submit training (or any dinoreg command) as a SLURM job that requeues itself",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Submit `dinoreg train` (or, after --, any dinoreg command line) to SLURM with submitit: "
@@ -41,14 +54,14 @@ def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
                "  dinoreg submit --gpus-per-node 0 --tasks-per-node 2 --timeout-min 30 --output-dir runs/%j\n"
                "  dinoreg submit --gpus-per-node 1 --timeout-min 60 -- analyze flops --arch vit_giant\n"
                "  dinoreg submit --dry-run --nodes 2 --config vitg14_reg4     # print the sbatch request only")
-    add_recipe_arguments(submit)
-    submit.add_argument("--output-dir", default=DEFAULTS.output_dir, metavar="DIR",
+    add_recipe_arguments(parser)
+    parser.add_argument("--output-dir", default=DEFAULTS.output_dir, metavar="DIR",
                         help="training output directory, made absolute (default: %(default)s)")
-    submit.add_argument("--log-dir", metavar="DIR",
+    parser.add_argument("--log-dir", metavar="DIR",
                         help="submitit's folder: sbatch script, pickles, one stdout/stderr log per task (default: "
                              f"DIR/{DEFAULTS.training_log_subdir} for training, "
                              f"{DEFAULTS.command_log_dir.replace('%', '%%')} for a command after --)")
-    resources = submit.add_argument_group("resources (sbatch options)")
+    resources = parser.add_argument_group("resources (sbatch options)")
     resources.add_argument("--nodes", type=positive_int, default=DEFAULTS.nodes, help="nodes (default: %(default)s)")
     resources.add_argument("--gpus-per-node", type=int_at_least(0, "a number of GPUs >= 0"),
                            default=DEFAULTS.gpus_per_node,
@@ -73,14 +86,14 @@ def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
     resources.add_argument("--exclude", metavar="NODES", help="nodes not to run on, e.g. node[01-03]")
     resources.add_argument("--comment", help="free text shown by squeue/sacct")
     resources.add_argument("--job-name", default=DEFAULTS.job_name, help="job name (default: %(default)s)")
-    requeue = submit.add_argument_group("preemption and time limits")
+    requeue = parser.add_argument_group("preemption and time limits")
     requeue.add_argument("--signal-delay-s", type=positive_int, default=DEFAULTS.signal_delay_s,
                          help="seconds before the time limit at which SLURM signals the job to save and requeue; "
                               "allow for one iteration plus a checkpoint (default: %(default)s)")
     requeue.add_argument("--max-requeues", type=int_at_least(0, "a number >= 0"), default=DEFAULTS.max_requeues,
                          help="requeues allowed in all (time limits, preemptions, scontrol requeue); then the job "
                               "ends and keeps its checkpoints (default: %(default)s)")
-    job = submit.add_argument_group("job")
+    job = parser.add_argument_group("job")
     job.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
                      help="extra srun argument, repeatable, e.g. --srun-arg=--container-image=/images/dinoreg.sqsh")
     job.add_argument("--python", metavar="CMD",
@@ -91,15 +104,12 @@ def add_submit_parser(commands: Any, *, job_entry: Callable[[list[str]], int],
                      help="wait for the job to finish (through requeues), print its result; exit 1 if it failed")
     job.add_argument("--wait-timeout-min", type=float, metavar="MIN", help="with --wait: give up after MIN minutes")
     job.add_argument("--json", type=Path, metavar="PATH", help="write the job id, directories and log paths to PATH")
-    submit.set_defaults(handler=functools.partial(_submit, job_entry=job_entry, job_parser=job_parser), parser=submit)
+    parser.set_defaults(handler=functools.partial(_submit, job_entry=job_entry, job_parser=job_parser), parser=parser)
 
 
 def _submit(args: argparse.Namespace, *, job_entry: Callable[[list[str]], int],
             job_parser: Callable[[], argparse.ArgumentParser]) -> int:
-    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
-    from dinoreg.launch import (JobWaitError, SlurmRequest, SubmitError, check_job_strings,  # noqa: PLC0415
-                                check_path, check_requeue_signal_saves, format_sbatch, python_command,
-                                sbatch_parameters, submit, wait_for_job)
+    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415 (start-up: omegaconf)
 
     def fail(message: str, code: int) -> int:
         print(f"dinoreg submit: {message}", file=sys.stderr)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from dinoreg.argtypes import int_at_least, non_negative_float, output_file, output_folder, positive_float, positive_int
 from dinoreg.cli.common import add_recipe_arguments, config_error_message, format_summary
+from dinoreg.data import DatasetError
+from dinoreg.errors import InputError
+from dinoreg.models.weights import WeightsFileError
 from dinoreg.run_dir import write_json
 
 
@@ -150,8 +155,6 @@ def _bench_command(benches: Any, handler: Any, what: str, name: str, **parser_op
 def _failures() -> tuple[type[Exception], ...]:
     """What a run or a benchmark can fail with that is the input's fault or the machine's, not a bug: each is told
     in one line by :func:`_report_failure`. Anything else is a bug: its traceback shows where."""
-    from dinoreg.errors import InputError  # noqa: PLC0415
-
     return (InputError, OSError)
 
 
@@ -159,11 +162,9 @@ def _report_failure(command: str, error: Exception, cfg: Any) -> int:
     """Print ``error`` (one of :func:`_failures`) for ``dinoreg COMMAND`` and return the exit code: 2 for a bad
     configuration value (a recipe, a dataset or a weights file that cannot be used), 1 otherwise. ``cfg``: the
     configuration when it was loaded, to name the key of a weights file."""
-    from omegaconf import OmegaConf  # noqa: PLC0415
+    from omegaconf import OmegaConf  # noqa: PLC0415 (start-up: omegaconf)
 
-    from dinoreg.config import ConfigError  # noqa: PLC0415
-    from dinoreg.data import DatasetError  # noqa: PLC0415
-    from dinoreg.models.weights import WeightsFileError  # noqa: PLC0415
+    from dinoreg.config import ConfigError  # noqa: PLC0415 (start-up: omegaconf)
 
     if isinstance(error, ConfigError):
         print(config_error_message(command, error), file=sys.stderr)
@@ -181,11 +182,11 @@ def _report_failure(command: str, error: Exception, cfg: Any) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf  # noqa: PLC0415
+    from omegaconf import OmegaConf  # noqa: PLC0415 (start-up: omegaconf)
 
-    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
-    from dinoreg.train.loop import train  # noqa: PLC0415 (heavy imports)
-    from dinoreg.train.run_folder import prepare_output_dir  # noqa: PLC0415
+    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415 (start-up: omegaconf)
+    from dinoreg.train.loop import train  # noqa: PLC0415 (start-up: training stack)
+    from dinoreg.train.run_folder import prepare_output_dir  # noqa: PLC0415 (start-up: training stack)
 
     if args.output_dir is None and not args.print_config:
         args.parser.error("the following arguments are required: --output-dir (except with --print-config)")
@@ -208,7 +209,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run_benchmark(args: argparse.Namespace, run: Any, report: Any) -> int:
-    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415
+    from dinoreg.config import ConfigError, load_config  # noqa: PLC0415 (start-up: omegaconf)
 
     try:
         result = run()
@@ -225,7 +226,7 @@ def _run_benchmark(args: argparse.Namespace, run: Any, report: Any) -> int:
 
 
 def _bench_memory(args: argparse.Namespace) -> int:
-    from dinoreg.tools.planner import format_memory_plan, plan_memory  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.planner import format_memory_plan, plan_memory  # noqa: PLC0415 (start-up: training stack)
 
     return _run_benchmark(args, lambda: plan_memory(
         args.config, gpus=args.gpus, batch=args.batch, gpu_memory_gib=args.gpu_memory_gib,
@@ -234,13 +235,13 @@ def _bench_memory(args: argparse.Namespace) -> int:
 
 
 def _bench_heads(args: argparse.Namespace) -> int:
-    from dinoreg.tools.heads import benchmark_heads, format_heads_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.heads import benchmark_heads, format_heads_report  # noqa: PLC0415 (start-up: training stack)
 
     return _run_benchmark(args, lambda: benchmark_heads(args.config, overrides=args.overrides), format_heads_report)
 
 
 def _bench_train(args: argparse.Namespace) -> int:
-    from dinoreg.tools.training import benchmark_training, format_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.training import benchmark_training, format_report  # noqa: PLC0415 (start-up: training stack)
 
     profile = None if args.profile is None else str(args.profile)
     return _run_benchmark(args, lambda: benchmark_training(args.config, iterations=args.iterations,
@@ -250,17 +251,14 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 
 def _bench_flops(args: argparse.Namespace) -> int:
-    from dinoreg.tools.flops import count_step_flops, format_flops_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.flops import count_step_flops, format_flops_report  # noqa: PLC0415 (start-up: fvcore)
 
     return _run_benchmark(args, lambda: count_step_flops(args.config, overrides=args.overrides), format_flops_report)
 
 
 def flops_file(text: str) -> dict[str, float]:
     """``--flops PATH``: a JSON object with a number >= 0 for each of the step's FLOP counts (read as data)."""
-    import json  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from dinoreg.tools.flops import FLOP_KEYS  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.flops import FLOP_KEYS  # noqa: PLC0415 (start-up: fvcore)
 
     try:
         counts = json.loads(Path(text).read_text())
@@ -276,7 +274,10 @@ def flops_file(text: str) -> dict[str, float]:
 
 
 def _bench_checkpoint(args: argparse.Namespace) -> int:
-    from dinoreg.tools.checkpoint import benchmark_checkpoint, format_checkpoint_report  # noqa: PLC0415 (heavy imports)
+    from dinoreg.tools.checkpoint import (  # noqa: PLC0415 (start-up: training stack)
+        benchmark_checkpoint,
+        format_checkpoint_report,
+    )
 
     directory = None if args.dir is None else str(args.dir)
     return _run_benchmark(args, lambda: benchmark_checkpoint(args.config, repeats=args.repeats,

@@ -12,6 +12,7 @@ import torch
 from dinoreg.distributed import DistributedEnvironment, detect_environment, init_distributed, process_device
 from dinoreg.eval.features import EvalInputError, eval_splits, subsample_indices
 from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.weights import CheckpointMismatchError, WeightsFileError, load_backbone
 from dinoreg.run_dir import BACKBONE_FILE, RESULTS_FILE, RunDir, write_json
 
 
@@ -74,8 +75,6 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
     Raises :class:`EvalInputError` for a bad data layout, a weights file that is no loadable backbone, or an
     image size the patches do not tile.
     """
-    from dinoreg.models.weights import CheckpointMismatchError, WeightsFileError, load_backbone  # noqa: PLC0415
-
     train_set, val_set, classes = splits or eval_splits(data)  # before anything slow: a bad layout fails at once
     env = detect_environment()
     device = process_device(env)
@@ -121,7 +120,7 @@ class ResultsWriter:
     def __init__(self, output_dir: Path, *, enabled: bool = True) -> None:
         self.output_dir, self.enabled, self._writer = Path(output_dir), enabled, None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (slow import)
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (start-up: tensorboard)
 
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(log_dir=str(RunDir(self.output_dir).tensorboard_run))

@@ -18,9 +18,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # no pyplot: nothing opens a display
+from matplotlib.patches import Patch
 from tqdm import tqdm
 
 from dinoreg.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DatasetError,
     SegmentationFolder,
     SyntheticSegmentation,
@@ -141,8 +146,6 @@ def extract_feature_maps(context: EvalContext, dataset, indices: Sequence[int], 
 
 def _palette(count: int) -> np.ndarray:
     """``[count + 1, 3]`` uint8 colours: black for ignored pixels (row 0), then one per class (tab20, cycled)."""
-    from matplotlib import colormaps  # noqa: PLC0415 (slow import, only for the figure)
-
     colours = colormaps["tab20"](np.arange(count) % 20)[:, :3]
     return (np.concatenate([np.zeros((1, 3)), colours]) * 255).round().astype(np.uint8)
 
@@ -150,10 +153,6 @@ def _palette(count: int) -> np.ndarray:
 def write_overlays(path: Path, images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
                    classes: Sequence[str]) -> Path:
     """A PNG with one row per image: the image, its ground truth, the prediction (ignored pixels black)."""
-    from matplotlib.figure import Figure  # noqa: PLC0415 (no pyplot: nothing opens a display)
-
-    from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
-
     palette = _palette(len(classes))
     rows = images.shape[0]
     height = 2.5 * rows + 0.8
@@ -176,8 +175,6 @@ def write_overlays(path: Path, images: torch.Tensor, labels: torch.Tensor, predi
 
 
 def _legend_patch(colour: np.ndarray, name: str) -> Any:
-    from matplotlib.patches import Patch  # noqa: PLC0415
-
     return Patch(facecolor=colour / 255.0, label=name)
 
 

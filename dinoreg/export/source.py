@@ -60,8 +60,8 @@ def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda
 
 def resolve_reader(path: str | Path, *, warn: Callable[[str], None] = lambda message: None) -> CheckpointReader:
     """:func:`resolve_checkpoint` as a reader of the checkpoint, whose files have been verified (once)."""
-    from dinoreg.train.checkpoint import CheckpointError, checkpoint_dirs  # noqa: PLC0415
-    from dinoreg.train.checkpoint_reader import CheckpointReader, newest_intact  # noqa: PLC0415
+    from dinoreg.train.checkpoint import CheckpointError, checkpoint_dirs  # noqa: PLC0415 (start-up: DCP)
+    from dinoreg.train.checkpoint_reader import CheckpointReader, newest_intact  # noqa: PLC0415 (start-up: DCP)
 
     path = Path(path)
     if not path.exists():
@@ -109,8 +109,8 @@ def read_backbone_with_heads(checkpoint: Path | CheckpointReader, *, part: str =
 
 def _read(checkpoint: Path | CheckpointReader, *, part: str, with_heads: bool
           ) -> tuple[DinoVisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
-    from dinoreg.config import build_backbone_from_config  # noqa: PLC0415
-    from dinoreg.train.checkpoint_reader import CheckpointReader  # noqa: PLC0415
+    from dinoreg.config import build_backbone_from_config  # noqa: PLC0415 (start-up: omegaconf)
+    from dinoreg.train.checkpoint_reader import CheckpointReader  # noqa: PLC0415 (start-up: DCP)
 
     if part not in PARTS:
         raise ExportError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")

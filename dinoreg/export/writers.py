@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from dinoreg.export.model_card import hf_preprocessor_config, model_card, timm_pretrained_cfg
 from dinoreg.export.source import BackboneSource, ExportError
+from dinoreg.models.formats import resolve_timm_name, to_hf, to_timm
 from dinoreg.models.head import head_spec_of, head_to_official
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY
+from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY, infer_arch_kwargs, load_weights_into
 from dinoreg.run_dir import errno_of, publish
 
 __all__ = ["DTYPES", "FORMATS", "HEADS_METADATA_KEY", "HEAD_FORMATS", "SOURCE_METADATA_KEY", "check_output", "dinov2_load_overrides", "export_backbone",
@@ -36,8 +38,6 @@ HEAD_FORMATS = ("safetensors", "dinov2")
 
 def resize_backbone(model: DinoVisionTransformer, img_size: int) -> DinoVisionTransformer:
     """The same backbone built for ``img_size``, ``pos_embed`` resampled with its interpolation."""
-    from dinoreg.models.weights import load_weights_into  # noqa: PLC0415
-
     if img_size % model.patch_size:
         raise ExportError(f"--img-size {img_size} is not a multiple of the patch size {model.patch_size}")
     resized = DinoVisionTransformer(**{**model.arch_kwargs, "img_size": img_size})
@@ -48,8 +48,6 @@ def resize_backbone(model: DinoVisionTransformer, img_size: int) -> DinoVisionTr
 def dinov2_load_overrides(model: DinoVisionTransformer) -> dict[str, Any]:
     """What a plain ``.pth`` (tensors only, as the official files) cannot tell ``load_backbone``: the arguments
     that differ from what it infers from the shapes (64-dim heads; the registers models' interpolation)."""
-    from dinoreg.models.weights import infer_arch_kwargs  # noqa: PLC0415
-
     inferred = infer_arch_kwargs(model.state_dict())
     keys = ("num_heads", "interpolate_antialias", "interpolate_offset", "mlp_ratio")
     return {key: model.arch_kwargs[key] for key in keys if inferred[key] != model.arch_kwargs[key]}
@@ -71,8 +69,6 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
     head_tensors = {f"{name}.{key}": value.detach().to("cpu", DTYPES[dtype]).contiguous()
                     for name, head in (heads or {}).items() for key, value in head_to_official(head).items()}
     if fmt == "timm":
-        from dinoreg.models.formats import resolve_timm_name  # noqa: PLC0415
-
         timm_name = resolve_timm_name(model.arch_kwargs, timm_name)  # refused before anything is written
     tensors = {name: value.detach().to("cpu", DTYPES[dtype]).contiguous() for name, value in model.state_dict().items()}
     arch = {**model.arch_kwargs}
@@ -106,8 +102,6 @@ def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[s
             metadata[HEADS_METADATA_KEY] = json.dumps({name: head_spec_of(head) for name, head in heads.items()})
         _save_safetensors({**tensors, **head_tensors}, tmp, metadata)
     elif fmt == "hf":
-        from dinoreg.models.formats import to_hf  # noqa: PLC0415
-
         config, hf_tensors = to_hf(tensors, arch, allow_interpolation_mismatch=allow_interpolation_mismatch)
         config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -118,8 +112,6 @@ def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[s
         (tmp / "README.md").write_text(model_card(arch, source, architecture=config["architectures"][0],
                                                   dtype=dtype), encoding="utf-8")
     else:
-        from dinoreg.models.formats import to_timm  # noqa: PLC0415
-
         timm_tensors, name, kwargs = to_timm(tensors, arch, timm_name=timm_name)
         # "state_dict" is the key timm's own load_checkpoint reads (and create_model's pretrained_cfg_overlay
         # file=); the rest is for people, timm's data config and load_backbone
@@ -136,8 +128,6 @@ def _torch_save(payload: Any, path: Path) -> None:
 
 
 def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     save_file(tensors, str(path), metadata=metadata)
 
 

@@ -28,6 +28,8 @@ import warnings
 from typing import Any, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dinoreg.errors import InputError
@@ -144,8 +146,6 @@ def _split(raw: dict[str, Any], metadata: dict[str, Any]
 def _read_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A file's top-level dict and our architecture metadata, if any; tensors and plain values only."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open  # noqa: PLC0415
-
         with safe_open(path, framework="pt") as f:
             raw: Any = {k: f.get_tensor(k) for k in f.keys()}
             text = (f.metadata() or {}).get(METADATA_KEY)
@@ -193,8 +193,6 @@ def _unwrap(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_hf_directory(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file  # noqa: PLC0415
-
     config, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
     if not (os.path.isfile(config) and os.path.isfile(weights)):
         run_backbone = os.path.join(path, BACKBONE_FILE)  # a training run's folder: its teacher is what was meant
@@ -278,8 +276,6 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tens
 def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike) -> None:
     """Write ``model``'s weights (official keys) and architecture to a ``.safetensors`` file, atomically:
     a temporary file is renamed over ``path`` only once complete, so a good file is never half-replaced."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(model.arch_kwargs)}))
 

@@ -62,7 +62,7 @@ def training_step_flops(cfg: DictConfig) -> dict[str, float]:
     the step (student forward x 3 + teacher forward). The masked patches that go through the iBOT head are their
     expected number (every patch of the global crops when a distilled student is not masked). Counted on the
     model built on the meta device, in a second or two for ViT-g: fixed by the config, whatever the device."""
-    from dinoreg.train.build import build_ssl_model  # noqa: PLC0415 (see the imports above)
+    from dinoreg.train.build import build_ssl_model  # noqa: PLC0415 (start-up: training stack; see above)
 
     with torch.device("meta"):
         model = build_ssl_model(cfg, load_pretrained=False)
@@ -94,7 +94,7 @@ def training_step_flops(cfg: DictConfig) -> dict[str, float]:
 
 def count_step_flops(config: str = "tiny_cpu", *, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """``dinoreg bench flops``: :func:`training_step_flops` of a recipe, with the batch it is for."""
-    from dinoreg.config import load_config  # noqa: PLC0415 (see the imports above)
+    from dinoreg.config import load_config  # noqa: PLC0415 (start-up: omegaconf; see the imports above)
 
     cfg = load_config(config, list(overrides))
     return {"config": config, "overrides": list(overrides), "batch_size": cfg.train.batch_size_per_gpu,
