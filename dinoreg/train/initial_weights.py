@@ -24,6 +24,7 @@ from typing import Mapping
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from dinoreg.models.head import head_spec_of
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
@@ -88,12 +89,6 @@ def phase_tensors(reader: CheckpointReader, template: nn.Module) -> dict[str, Te
 def carry_optimizer_state(reader: CheckpointReader, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Load the AdamW moments of a phase's source (``reader``) into ``optimizer`` (``model`` sharded or not); a parameter
     whose shape changed (the position embeddings on a new grid) starts fresh. Returns those parameters' names."""
-    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
     shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
     state: dict[str, dict[str, Tensor]] = {}
     for key, value in reader.tensors("optimizer.state.").items():

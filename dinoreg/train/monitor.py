@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps  # no pyplot: nothing opens a display
 from omegaconf import DictConfig
 from torch import Tensor
 
@@ -60,8 +61,6 @@ def artifact_metrics(block_outputs: list[Tensor], last_attention: Tensor, *, num
 def _coloured(maps: Tensor, colormap: str, size: int) -> Tensor:
     """``[n, h, w]`` -> ``[n, 3, size, size]`` in ``[0, 1]``: each map scaled to its own range, coloured, and
     enlarged without smoothing (one square per patch)."""
-    from matplotlib import colormaps  # noqa: PLC0415 (no pyplot: nothing opens a display)
-
     low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
     scaled = ((maps - low) / (high - low).clamp_min(1e-12)).numpy()
     rgb = torch.from_numpy(colormaps[colormap](scaled)[..., :3]).float().permute(0, 3, 1, 2)
