@@ -37,10 +37,11 @@ _ALIGN_CORNERS_MODES = ("linear", "bilinear", "bicubic", "trilinear")
 
 @dataclass(frozen=True)
 class GramSpec:
-    """How :class:`~dinoreg.ssl.meta_arch.SSLMetaArch` anchors the student's patch features (DINOv3's ``gram.*``):
-    the loss options, which tokens (``tokens_used``, chosen by the student's iBOT masks), how a Gram teacher's
-    larger patch grid is resized to the student's, whether the EMA teacher itself is the Gram teacher
-    (``ema_teacher``) and whether the loss on masked and unmasked tokens is also logged (``compute_stats``)."""
+    """How the Gram anchoring feature (:mod:`dinoreg.train.features.gram`) anchors the student's patch features
+    (DINOv3's ``gram.*``): the loss options, which tokens (``tokens_used``, chosen by the student's iBOT masks), how
+    a Gram teacher's larger patch grid is resized to the student's, whether the EMA teacher itself is the Gram
+    teacher (``ema_teacher``) and whether the loss on masked and unmasked tokens is also logged
+    (``compute_stats``)."""
 
     normalized: bool = True
     img_level: bool = False
