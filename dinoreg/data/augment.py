@@ -100,13 +100,13 @@ class MultiCropGeometric:
         self.local_crops_number = int(local_crops_number)
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
-        self.gram_crops_size = None if undistorted_crops_size is None else int(undistorted_crops_size)
+        self.undistorted_crops_size = None if undistorted_crops_size is None else int(undistorted_crops_size)
 
     @property
     def min_source_side(self) -> int:
         """Smallest source side at which even the smallest, most elongated crop keeps >= 1 source pixel per
         output pixel; a JPEG may be decoded at a reduced scale (``Image.draft``) down to this side."""
-        global_size = max(self.global_crops_size, self.gram_crops_size or 0)
+        global_size = max(self.global_crops_size, self.undistorted_crops_size or 0)
         needs = [global_size / math.sqrt(self.global_crops_scale[0] * min(self.ratio))]
         if self.local_crops_number > 0:
             needs.append(self.local_crops_size / math.sqrt(self.local_crops_scale[0] * min(self.ratio)))
@@ -129,12 +129,12 @@ class MultiCropGeometric:
     def __call__(self, image: Image.Image, rng: random.Random) -> Dict[str, List[torch.Tensor]]:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        sizes = (self.global_crops_size,) + ((self.gram_crops_size,) if self.gram_crops_size else ())
+        sizes = (self.global_crops_size,) + ((self.undistorted_crops_size,) if self.undistorted_crops_size else ())
         views = [self.random_resized_crops(image, sizes, self.global_crops_scale, rng) for _ in range(2)]
         local_crops = [self.random_resized_crop(image, self.local_crops_size, self.local_crops_scale, rng)
                        for _ in range(self.local_crops_number)]
         crops = {"global_crops": [view[0] for view in views], "local_crops": local_crops}
-        if self.gram_crops_size:
+        if self.undistorted_crops_size:
             crops["gram_crops"] = [view[1] for view in views]
         return crops
 

@@ -82,11 +82,13 @@ class TrainingFeature:
         return {}
 
     def frozen_tensors(self) -> dict[str, dict[str, Tensor]]:
-        """Values for frozen models read from files, by model name then state key; set after the initialisation."""
+        """Values for frozen models read from files, by model name then state key; set after the initialisation.
+        Called once, by the build, which takes them over: the feature keeps no reference to them."""
         return {}
 
     def attach(self, model: SSLMetaArch) -> None:
-        """Called once the model holds the frozen models (possibly on the meta device): check that they fit."""
+        """Called once the model is built (possibly on the meta device), every feature's frozen models in it: check
+        that they fit."""
 
     # --- data ------------------------------------------------------------------------------------
 

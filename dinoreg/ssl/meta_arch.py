@@ -101,7 +101,6 @@ class SSLMetaArch(nn.Module):
                     frozen["backbone"].load_state_dict(self.teacher["backbone"].state_dict(), strict=True)
                 frozen.requires_grad_(False)
                 self.frozen_names += (name,)
-            feature.attach(self)
 
         self.dino_loss = DINOLoss(dino_head.n_prototypes, chunk_elements=chunk_elements)
         self.ibot_patch_loss = iBOTPatchLoss((ibot_head if self.separate_ibot_head else dino_head).n_prototypes,
@@ -110,6 +109,8 @@ class SSLMetaArch(nn.Module):
         # a state read (a checkpoint, a copy) sees the centres with their deferred update folded in: no caller has
         # to remember the in-flight all-reduce of the last step's centre update
         self.register_state_dict_pre_hook(_settle_centres)
+        for feature in self.features:  # the whole model is there: each feature checks what it added
+            feature.attach(self)
 
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)

@@ -58,10 +58,10 @@ def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMeta
     (:mod:`dinoreg.train.features`): built on the meta device and given its values by :func:`_build_on_meta`, as
     every training run's model is. ``load_pretrained``: start from ``student.pretrained_weights``, ``train.init_from``
     or ``phase.start_from`` (:mod:`dinoreg.train.initial_weights`; off when a checkpoint will be loaded: it holds every
-    weight). Under ``torch.device("meta")``: the uninitialised model (:func:`construct_ssl_model`), nothing drawn
-    and nothing read but what defines a frozen model's architecture."""
+    weight). Under ``torch.device("meta")``: the uninitialised model (:func:`construct_ssl_model`), nothing drawn;
+    the features' frozen models read their files."""
     if torch.get_default_device().type == "meta":
-        return construct_ssl_model(cfg, read_files=load_pretrained)
+        return construct_ssl_model(cfg)
     return _build_on_meta(cfg, torch.device("cpu"), load_pretrained=load_pretrained, initialise_on="cpu",
                           phase=_phase_source(cfg) if load_pretrained else None)
 
@@ -71,16 +71,15 @@ def _phase_source(cfg: DictConfig) -> Optional[CheckpointReader]:
     return open_checkpoint(cfg.phase.start_from, key="phase.start_from") if cfg.phase.start_from else None
 
 
-def construct_ssl_model(cfg: DictConfig, *, read_files: bool = True) -> SSLMetaArch:
+def construct_ssl_model(cfg: DictConfig) -> SSLMetaArch:
     """The model as its constructors make it: each draws its initial values in construction order, unless a
     ``torch.device("meta")`` context defers them, for :func:`initialisation_steps` to replay. Training never uses
     these draws (it always starts on the meta device); they are the reference the replay must equal
-    (``tests/train/test_meta_start.py``). ``read_files``: the features read the values of their frozen models
-    from files (off for a resume: the checkpoint holds them; see :func:`~dinoreg.train.features.build_features`);
-    those values are set by :func:`_build_on_meta`."""
+    (``tests/train/test_meta_start.py``). The features' frozen models read from files get those values in
+    :func:`_build_on_meta`."""
     student = build_backbone_from_config(cfg, stochastic_depth=True)
     teacher = build_backbone_from_config(cfg, stochastic_depth=False)
-    features = build_features(cfg, read_files=read_files)
+    features = build_features(cfg)
     return SSLMetaArch(student, teacher, dino_head=_head_spec(cfg.dino),
                        ibot_head=_head_spec(cfg.ibot) if cfg.ibot.separate_head else None,
                        loss_weights=LossWeights(dino=cfg.dino.loss_weight, koleo=cfg.dino.koleo_loss_weight,
@@ -93,7 +92,7 @@ def initialisation_steps(model: SSLMetaArch) -> list[TargetedStep]:
     """What :func:`construct_ssl_model` sets and draws, in its order, as steps for
     :func:`dinoreg.train.parallel.materialise`: the student backbone (its values also go to the teacher, which
     starts as its copy), the teacher backbone (drawn, then overwritten by that copy), the heads (student and
-    teacher), the heads (student and teacher), the losses' centres. A feature's frozen model of ``teacher_copies``
+    teacher), the losses' centres. A feature's frozen model of ``teacher_copies``
     starts as the teacher's copy too (its own draws, forked off the generator, leave no trace). ``model``: an
     unsharded template on the meta device."""
     names = {id(module): name for name, module in model.named_modules()}
@@ -135,14 +134,15 @@ def _build_on_meta(cfg: DictConfig, device: torch.device, *, load_pretrained: bo
     constructors' values (:func:`initialisation_steps`), then the values read from files (the features' frozen
     models, the start: :mod:`dinoreg.train.initial_weights`; ``phase``: the checkpoint a phase continues)."""
     with torch.device("meta"):
-        model = construct_ssl_model(cfg, read_files=load_pretrained)
+        model = construct_ssl_model(cfg)
+    # taken over before the template is copied: a teacher's tensors read from its file are held once, until set
+    from_files = [(name, tensors) for feature in model.features for name, tensors in feature.frozen_tensors().items()]
     template = copy.deepcopy(model)  # stays unsharded
     start = initial_tensors(cfg, template) if load_pretrained else {}  # a misfit fails before any work
     phase_state = phase_tensors(phase, template) if phase is not None else {}
     steps = initialisation_steps(template)
-    for feature in template.features:  # after the copies of the student: these values win
-        for name, tensors in feature.frozen_tensors().items():
-            steps += loading_steps(getattr(template, name), tensors, prefix=name)
+    for name, tensors in from_files:  # after the copies of the student: these values win
+        steps += loading_steps(getattr(template, name), tensors, prefix=name)
     arrange(model)
     model.to_empty(device=device)
     materialise(model, steps, device=initialise_on)
@@ -161,17 +161,20 @@ def _prepare_for_training(cfg: DictConfig, model: SSLMetaArch, device: torch.dev
 
 
 def build_model_and_optimizer(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *,
-                              bf16: bool = False, load_pretrained: bool = True
+                              bf16: bool = False, load_pretrained: bool = True,
+                              phase_source: Optional[CheckpointReader] = None
                               ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
     """The model on ``device`` in training mode, started on the meta device (:func:`_build_on_meta`; FSDP2-sharded
     there when ``env`` runs under a process group; its values drawn on the CPU, or on ``device`` with
-    ``train.initialisation=device``), and its AdamW over the student's parameter groups."""
+    ``train.initialisation=device``), and its AdamW over the student's parameter groups. ``phase_source``: the
+    checkpoint ``phase.start_from`` names, already opened (:func:`~dinoreg.train.resolve.resolve_run_config`);
+    None: opened here."""
     def arrange(model: SSLMetaArch) -> None:
         _prepare_for_training(cfg, model, device)
         if env.distributed:  # before the optimizer is built: it must hold the sharded parameters
             shard_ssl_model(model, mode=cfg.train.sharding, device=device, world_size=env.world_size, bf16=bf16)
 
-    phase = _phase_source(cfg) if load_pretrained else None
+    phase = (phase_source or _phase_source(cfg)) if load_pretrained else None
     model = _build_on_meta(cfg, device, load_pretrained=load_pretrained, arrange=arrange, phase=phase,
                            initialise_on=device if cfg.train.initialisation == "device" else "cpu").train()
     optimizer = build_optimizer(build_param_groups(model.student, layerwise_decay=cfg.optim.layerwise_decay,

@@ -54,11 +54,6 @@ def read_weights(path: str, *, key: str) -> Weights:
         return Weights(source=path, arch={**infer_arch_kwargs(backbone), **metadata}, backbone=backbone, heads=heads)
 
 
-def phase_checkpoint(cfg: DictConfig) -> Path:
-    """The checkpoint directory ``phase.start_from`` names: itself, or a run's newest intact checkpoint."""
-    return open_checkpoint(cfg.phase.start_from, key="phase.start_from").checkpoint
-
-
 def phase_tensors(reader: CheckpointReader, template: nn.Module) -> dict[str, Tensor]:
     """The whole model state a phase continues from (``reader``: ``phase.start_from``'s checkpoint), by model key, checked strictly against
     ``template`` (an SSLMetaArch, possibly on the meta device): the position embeddings resampled to its crop size;
@@ -72,7 +67,7 @@ def phase_tensors(reader: CheckpointReader, template: nn.Module) -> dict[str, Te
              if k.split(".", 1)[0] in parts and not k.startswith(from_files)}
     # the parts with position embeddings
     for part in ("student.backbone", "teacher.backbone", *(f"{name}.backbone" for name in template.teacher_copies)):
-        backbone = template.get_submodule(part) if part.split(".")[0] in dict(template.named_children()) else None
+        backbone = template.get_submodule(part) if part.split(".")[0] in parts else None
         own = {k[len(part) + 1:]: v for k, v in saved.items() if k.startswith(part + ".")}
         if backbone is not None and own:
             saved.update({f"{part}.{k}": v for k, v in fit_pos_embed(own, backbone).items()})
@@ -81,8 +76,8 @@ def phase_tensors(reader: CheckpointReader, template: nn.Module) -> dict[str, Te
             saved.update({f"{name}." + k[len("teacher."):]: v for k, v in saved.items() if k.startswith("teacher.backbone.")})
     expected = {k: v for k, v in template.state_dict().items() if not k.startswith(from_files)}
     check_state_dict_fits(saved, expected, given_name=f"phase.start_from ({source})", expected_name="configured model",
-                          hint="a phase continues the same model: keep student.*, dino.*, ibot.* and gram.use_loss as "
-                               f"the run had them ({source / CONFIG_FILE}); only the crop sizes may change")
+                          hint="a phase continues the same model: keep student.*, dino.* and ibot.* as the run had them "
+                               f"({source / CONFIG_FILE}); only the crop sizes may change")
     return saved
 
 

@@ -134,12 +134,15 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     seed_everything(cfg.train.seed)
     dataset = build_dataset(cfg.train.dataset_path, split="train")  # a bad path fails here, before any model
     warn = _rank_printer(env, cfg.train.log_all_ranks)
-    cfg, checkpoint = resolve_run_config(cfg, world_size=env.world_size, find_checkpoint=lambda scaled: resume_point(
-        scaled, output, env.world_size, allow_config_change, warn) if resume else None)
+    cfg, checkpoint, phase_source = resolve_run_config(
+        cfg, world_size=env.world_size,
+        find_checkpoint=lambda scaled: resume_point(scaled, output, env.world_size, allow_config_change, warn)
+        if resume else None)
     schedules = Schedules(cfg)
     bf16, autocast = precision(cfg, device, distributed=env.distributed)
     # a resumed run takes every weight from its checkpoint: student.pretrained_weights need not exist any more
-    model, optimizer = build_model_and_optimizer(cfg, env, device, bf16=bf16, load_pretrained=checkpoint is None)
+    model, optimizer = build_model_and_optimizer(cfg, env, device, bf16=bf16, load_pretrained=checkpoint is None,
+                                                 phase_source=phase_source)
     first_iteration, position = _restore(checkpoint, model, optimizer, warn) if checkpoint else (0, 0)
     if env.is_main:
         output.root.mkdir(parents=True, exist_ok=True)

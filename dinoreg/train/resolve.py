@@ -10,22 +10,32 @@ writes to it fails at once instead of changing what the others read.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Generic, NamedTuple, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from dinoreg.config import apply_scaling_rule
-from dinoreg.train.initial_weights import phase_checkpoint
+from dinoreg.train.checkpoint_reader import CheckpointReader, open_checkpoint
 
-__all__ = ["resolve_run_config"]
+__all__ = ["ResolvedRun", "resolve_run_config"]
 
 Checkpoint = TypeVar("Checkpoint")
 
 
+class ResolvedRun(NamedTuple, Generic[Checkpoint]):
+    """What :func:`resolve_run_config` resolved: the run's config (read-only), the checkpoint to resume from (None: a
+    fresh start) and, on a fresh start of a phase, its source checkpoint, opened and verified (for the build)."""
+
+    cfg: DictConfig
+    checkpoint: Optional[Checkpoint]
+    phase_source: Optional[CheckpointReader]
+
+
 def resolve_run_config(cfg: DictConfig, *, world_size: int,
                        find_checkpoint: Callable[[DictConfig], Optional[Checkpoint]] = lambda cfg: None
-                       ) -> tuple[DictConfig, Optional[Checkpoint]]:
-    """``(resolved config, checkpoint to resume from)``. ``cfg`` is left as it is; the resolved copy has:
+                       ) -> ResolvedRun[Checkpoint]:
+    """The run's config resolved, the checkpoint to resume from and a phase's source. ``cfg`` is left as it is;
+    the resolved copy has:
 
     - ``optim.lr`` from ``optim.base_lr`` and the scaling rule for a global batch of ``train.batch_size_per_gpu`` x
       ``world_size`` (:func:`~dinoreg.config.apply_scaling_rule`);
@@ -37,8 +47,9 @@ def resolve_run_config(cfg: DictConfig, *, world_size: int,
     resolved = copy.deepcopy(cfg)
     OmegaConf.set_readonly(resolved, False)
     apply_scaling_rule(resolved, world_size=world_size)
-    checkpoint = find_checkpoint(resolved)
+    checkpoint, phase_source = find_checkpoint(resolved), None
     if checkpoint is None and resolved.phase.start_from:
-        resolved.phase.start_from = str(phase_checkpoint(resolved))
+        phase_source = open_checkpoint(resolved.phase.start_from, key="phase.start_from")
+        resolved.phase.start_from = str(phase_source.checkpoint)
     OmegaConf.set_readonly(resolved, True)
-    return resolved, checkpoint
+    return ResolvedRun(resolved, checkpoint, phase_source)

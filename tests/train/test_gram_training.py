@@ -221,3 +221,19 @@ def test_a_gram_teachers_own_crops_are_dinov3s(undistorted):
         assert raw.global_crops.shape[-1] == 48 and raw.gram_crops is None
         expected = F.interpolate(batch.gram_crops, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
         assert torch.equal(batch.global_crops, expected)
+
+
+def test_a_gram_teacher_read_from_a_file_is_read_when_turned_on_in_a_resumed_run(gram_run, tmp_path):
+    # gram.ckpt turned on at a resume of a run saved without Gram anchoring: the checkpoint holds no Gram teacher,
+    # so the file's values are the Gram teacher's (they were left at the initialisation before issue 26's review)
+    later = tmp_path / "later"
+    shutil.copytree(gram_run / "plain", later)
+    for it in range(4, 9):
+        shutil.rmtree(later / CHECKPOINT_DIR / str(it))
+    (later / CHECKPOINT_DIR / "latest").write_text("3\n")
+    source = gram_run / "plain" / "teacher_backbone.safetensors"
+    dinoreg("train", "--output-dir", later, *RUN, "optim.epochs=1", "train.epoch_length=5", "gram.use_loss=true",
+            f"gram.ckpt={source}", "gram.rep_update=false", "--allow-config-change")
+    expected = load_backbone(source).state_dict()
+    gram = read_run_weights(later / CHECKPOINT_DIR / "5", part="gram_teacher").backbone
+    assert all(torch.equal(gram[k], expected[k]) for k in expected)

@@ -118,14 +118,16 @@ def test_the_run_config_is_resolved_once_and_read_only(source):
     cfg = load_config("tiny_cpu", [*RUN, f"phase.start_from={source}", "optim.base_lr=0.004",
                                    "optim.scaling_rule=sqrt_wrt_1024"])
     loaded = OmegaConf.to_container(cfg)
-    resolved, checkpoint = resolve_run_config(cfg, world_size=4)
+    resolved, checkpoint, phase_source = resolve_run_config(cfg, world_size=4)
     assert checkpoint is None and OmegaConf.to_container(cfg) == loaded
+    assert phase_source.checkpoint == source / CHECKPOINT_DIR / "6"  # opened once, handed to the build
     assert resolved.optim.lr == pytest.approx(0.004 * math.sqrt(8 * 4 / 1024))
     assert resolved.phase.start_from == str(source / CHECKPOINT_DIR / "6")
     with pytest.raises(ReadonlyConfigError):
         resolved.optim.lr = 1.0
     seen = []
-    resumed, checkpoint = resolve_run_config(cfg, world_size=2, find_checkpoint=lambda scaled: seen.append(
+    resumed, checkpoint, phase_source = resolve_run_config(cfg, world_size=2, find_checkpoint=lambda scaled: seen.append(
         scaled.optim.lr) or source / CHECKPOINT_DIR / "3")
     assert seen == [pytest.approx(0.004 * math.sqrt(8 * 2 / 1024))]  # the resume compares the scaled config
     assert checkpoint == source / CHECKPOINT_DIR / "3" and resumed.phase.start_from == str(source)
+    assert phase_source is None

@@ -20,11 +20,11 @@ from dinoreg.train.features.head_warmup import head_warmup
 __all__ = ["build_features"]
 
 
-def build_features(cfg: DictConfig, *, read_files: bool = True) -> list[TrainingFeature]:
-    """The features ``cfg`` turns on. ``read_files``: read the values of frozen models that a checkpoint about to be
-    loaded holds anyway (a Gram teacher's ``gram.ckpt``) — a distillation teacher is always read: it defines the
-    architecture. Under ``torch.device("meta")`` nothing is drawn."""
+def build_features(cfg: DictConfig) -> list[TrainingFeature]:
+    """The features ``cfg`` turns on, with the values of their frozen models read from their files (a distillation
+    teacher, ``gram.ckpt``; on a resume too, where the checkpoint's own values then win). Under
+    ``torch.device("meta")`` nothing is drawn."""
     total = int(cfg.optim.epochs) * int(cfg.train.epoch_length)
-    features = (distillation(cfg), gram_anchoring(cfg, total_iterations=total, read_files=read_files),
+    features = (distillation(cfg), gram_anchoring(cfg, total_iterations=total),
                 head_warmup(cfg))
     return [feature for feature in features if feature is not None]

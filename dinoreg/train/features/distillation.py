@@ -63,7 +63,8 @@ class Distillation(TrainingFeature):
         return {NAME: self._teacher}
 
     def frozen_tensors(self) -> dict[str, dict[str, Tensor]]:
-        return {NAME: self._tensors}
+        tensors, self._tensors = self._tensors, {}  # handed over: the feature keeps no copy for the run
+        return {NAME: tensors}
 
     def attach(self, model: SSLMetaArch) -> None:
         check_distillation_teacher(getattr(model, NAME), model.student,

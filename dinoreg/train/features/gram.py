@@ -114,7 +114,8 @@ class GramAnchoring(TrainingFeature):
         return {NAME: nn.ModuleDict({"backbone": self._backbone})} if self._backbone is not None else {}
 
     def frozen_tensors(self) -> dict[str, dict[str, Tensor]]:
-        return {NAME: self._tensors} if self._tensors is not None else {}
+        tensors, self._tensors = self._tensors, None  # handed over: the feature keeps no copy for the run
+        return {NAME: tensors} if tensors is not None else {}
 
     # --- data: the Gram teacher's crops
 
@@ -212,16 +213,17 @@ def refresh(model: SSLMetaArch) -> None:
         ours.copy_(theirs)
 
 
-def gram_anchoring(cfg: DictConfig, *, total_iterations: int, read_files: bool) -> Optional[GramAnchoring]:
-    """The feature of ``cfg`` (None without ``gram.use_loss``). ``read_files``: read ``gram.ckpt`` (off when a
-    checkpoint will be loaded: it holds the Gram teacher). Under ``torch.device("meta")`` nothing is drawn."""
+def gram_anchoring(cfg: DictConfig, *, total_iterations: int) -> Optional[GramAnchoring]:
+    """The feature of ``cfg`` (None without ``gram.use_loss``). ``gram.ckpt`` is read on a resume too: a checkpoint
+    saved before Gram anchoring was turned on holds no Gram teacher (one that has it overwrites these values).
+    Under ``torch.device("meta")`` nothing is drawn."""
     if not cfg.gram.use_loss:
         return None
     backbone = tensors = None
     if not cfg.gram.ema_teacher:
         with torch.random.fork_rng(devices=[]):  # a copy of the teacher: its own draws must not shift the heads'
             backbone = build_backbone_from_config(cfg, stochastic_depth=False)
-        if cfg.gram.ckpt and read_files:
+        if cfg.gram.ckpt:
             weights = read_weights(cfg.gram.ckpt, key="gram.ckpt")
             tensors = {f"backbone.{k}": v for k, v in fitted_backbone(backbone, weights.backbone,
                                                                       key="gram.ckpt").items()}
