@@ -160,25 +160,26 @@ def test_the_meta_device_start_gives_the_gram_teacher_the_one_process_values():
     assert torch.equal(state["gram_teacher.backbone.pos_embed"], state["teacher.backbone.pos_embed"])
 
 
+def saved_until(run, iteration, copy):
+    """A copy of the 8-iteration ``run`` as it was when checkpoint ``iteration`` was its newest."""
+    shutil.copytree(run, copy)
+    for it in range(iteration + 1, 9):
+        shutil.rmtree(copy / CHECKPOINT_DIR / str(it))
+    (copy / CHECKPOINT_DIR / "latest").write_text(f"{iteration}\n")
+    return copy
+
+
 def test_gram_anchoring_can_be_turned_on_in_a_run_saved_without_it(gram_run, tmp_path):
     # DINOv3 anchors a running pretraining: resumed from the plain run's checkpoint 3 with the Gram options, the run
     # is the one that had them from the start (its Gram teacher is first copied before iteration 3)
-    later = tmp_path / "later"
-    shutil.copytree(gram_run / "plain", later)
-    for it in range(4, 9):
-        shutil.rmtree(later / CHECKPOINT_DIR / str(it))
-    (later / CHECKPOINT_DIR / "latest").write_text("3\n")
+    later = saved_until(gram_run / "plain", 3, tmp_path / "later")
     refused = dinoreg("train", "--output-dir", later, *RUN, *GRAM, check=False)
     assert refused.returncode != 0 and "gram.use_loss" in refused.stderr and "--allow-config-change" in refused.stderr
     dinoreg("train", "--output-dir", later, *RUN, *GRAM, "--allow-config-change")
     resumed, anchored = losses_by_iteration(later), losses_by_iteration(gram_run / "gram")
     assert [resumed[it] for it in range(3, 8)] == [anchored[it] for it in range(3, 8)]
     # a checkpoint after the Gram teacher's copy must hold it: the strict load says what is missing
-    too_late = tmp_path / "too_late"
-    shutil.copytree(gram_run / "plain", too_late)
-    for it in range(5, 9):
-        shutil.rmtree(too_late / CHECKPOINT_DIR / str(it))
-    (too_late / CHECKPOINT_DIR / "latest").write_text("4\n")
+    too_late = saved_until(gram_run / "plain", 4, tmp_path / "too_late")
     failed = dinoreg("train", "--output-dir", too_late, *RUN, *GRAM, "--allow-config-change", check=False)
     assert failed.returncode != 0 and "missing ['gram_teacher.backbone" in failed.stderr
 
@@ -226,11 +227,7 @@ def test_a_gram_teachers_own_crops_are_dinov3s(undistorted):
 def test_a_gram_teacher_read_from_a_file_is_read_when_turned_on_in_a_resumed_run(gram_run, tmp_path):
     # gram.ckpt turned on at a resume of a run saved without Gram anchoring: the checkpoint holds no Gram teacher,
     # so the file's values are the Gram teacher's (they were left at the initialisation before issue 26's review)
-    later = tmp_path / "later"
-    shutil.copytree(gram_run / "plain", later)
-    for it in range(4, 9):
-        shutil.rmtree(later / CHECKPOINT_DIR / str(it))
-    (later / CHECKPOINT_DIR / "latest").write_text("3\n")
+    later = saved_until(gram_run / "plain", 3, tmp_path / "later")
     source = gram_run / "plain" / "teacher_backbone.safetensors"
     dinoreg("train", "--output-dir", later, *RUN, "optim.epochs=1", "train.epoch_length=5", "gram.use_loss=true",
             f"gram.ckpt={source}", "gram.rep_update=false", "--allow-config-change")
