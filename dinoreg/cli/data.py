@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 from dinoreg.argtypes import int_at_least, output_folder, positive_int
-from dinoreg.data.export import export_synthetic
 from dinoreg.errors import InputError
 
 
@@ -52,6 +51,8 @@ def add_data_parser(commands: Any) -> None:
 
 
 def _export_synthetic(args: argparse.Namespace) -> int:
+    from dinoreg.data.export import export_synthetic  # noqa: PLC0415 (start-up: kornia)
+
     try:
         counts = export_synthetic(args.output, sizes={"train": args.size, "val": args.val_size},
                                   image_size=args.image_size, seed=args.seed, objects=args.objects)

@@ -10,10 +10,6 @@ from typing import Any, Callable
 from dinoreg.argtypes import int_at_least, non_negative_float, output_folder, positive_float, positive_int
 from dinoreg.distributed import shutdown_distributed
 from dinoreg.errors import InputError
-from dinoreg.eval.context import ResultsWriter, open_eval, resolve_weights
-from dinoreg.eval.features import EvalInputError
-from dinoreg.eval.knn import evaluate_knn, format_knn_table
-from dinoreg.eval.linear import LEARNING_RATES, evaluate_linear, format_linear_table
 from dinoreg.run_dir import FEATURES_FILES, RunDir
 
 _OFFICIAL_LRS = "1e-5 2e-5 5e-5 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 5e-2 0.1"
@@ -200,6 +196,9 @@ def _add_segmentation_parser(protocols: Any) -> None:
 def _run_protocol(args: argparse.Namespace, evaluate: Callable[..., Any], report: Callable[[dict], str],
                   data: Callable[[], dict[str, Any]] | None = None) -> int:
     """``data()``: open_eval's data arguments (default: ``--data``), built inside its error handling."""
+    from dinoreg.eval.context import ResultsWriter, open_eval, resolve_weights  # noqa: PLC0415 (start-up: kornia)
+    from dinoreg.eval.features import EvalInputError  # noqa: PLC0415 (start-up: kornia)
+
     command = f"dinoreg eval {args.protocol}"
     try:
         weights = resolve_weights(weights=args.weights, run=args.run)
@@ -236,6 +235,8 @@ def _run_protocol(args: argparse.Namespace, evaluate: Callable[..., Any], report
 
 
 def _knn(args: argparse.Namespace) -> int:
+    from dinoreg.eval.knn import evaluate_knn, format_knn_table  # noqa: PLC0415 (start-up: kornia)
+
     def evaluate(context: Any, *, output_dir: Path, writer: Any) -> Any:
         features = output_dir / FEATURES_FILES["knn"] if args.save_features else None
         return evaluate_knn(context, ks=args.ks, temperature=args.temperature, avgpool=args.avgpool, writer=writer,
@@ -245,6 +246,8 @@ def _knn(args: argparse.Namespace) -> int:
 
 
 def _linear(args: argparse.Namespace) -> int:
+    from dinoreg.eval.linear import LEARNING_RATES, evaluate_linear, format_linear_table  # noqa: PLC0415 (start-up: kornia)
+
     def evaluate(context: Any, *, output_dir: Path, writer: Any) -> Any:
         return evaluate_linear(context, epochs=args.epochs, batch_size=args.classifier_batch_size,
                                learning_rates=args.learning_rates or LEARNING_RATES, val_fraction=args.val_fraction,

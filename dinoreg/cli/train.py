@@ -10,7 +10,6 @@ from typing import Any
 
 from dinoreg.argtypes import int_at_least, non_negative_float, output_file, output_folder, positive_float, positive_int
 from dinoreg.cli.common import add_recipe_arguments, config_error_message, format_summary
-from dinoreg.data import DatasetError
 from dinoreg.errors import InputError
 from dinoreg.models.weights import WeightsFileError
 from dinoreg.run_dir import write_json
@@ -165,6 +164,7 @@ def _report_failure(command: str, error: Exception, cfg: Any) -> int:
     from omegaconf import OmegaConf  # noqa: PLC0415 (start-up: omegaconf)
 
     from dinoreg.config import ConfigError  # noqa: PLC0415 (start-up: omegaconf)
+    from dinoreg.data import DatasetError  # noqa: PLC0415 (start-up: kornia)
 
     if isinstance(error, ConfigError):
         print(config_error_message(command, error), file=sys.stderr)
