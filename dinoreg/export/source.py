@@ -22,8 +22,7 @@ from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, IN_PROGRESS_PREFIX, MET
 if TYPE_CHECKING:  # imported where used: `dinoreg --help` does not load DCP
     from dinoreg.train.checkpoint_reader import CheckpointReader
 
-__all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "read_backbone_with_heads", "resolve_checkpoint",
-           "resolve_reader"]
+__all__ = ["BackboneSource", "ExportError", "PARTS", "read_backbone", "read_backbone_with_heads", "resolve_reader"]
 
 PARTS = ("teacher", "student")
 
@@ -51,15 +50,10 @@ class BackboneSource:
                 "dataset": self.dataset, "total_iterations": self.total_iterations}
 
 
-def resolve_checkpoint(path: str | Path, *, warn: Callable[[str], None] = lambda message: None) -> Path:
-    """A checkpoint directory (``RUN/checkpoints/<iteration>``) as given, or the newest intact checkpoint of a
-    training output directory (newer damaged ones are reported to ``warn`` and skipped); a damaged or
-    incomplete checkpoint given directly is an error naming the problem."""
-    return resolve_reader(path, warn=warn).checkpoint
-
-
 def resolve_reader(path: str | Path, *, warn: Callable[[str], None] = lambda message: None) -> CheckpointReader:
-    """:func:`resolve_checkpoint` as a reader of the checkpoint, whose files have been verified (once)."""
+    """A reader of a checkpoint directory (``RUN/checkpoints/<iteration>``) as given, or of the newest intact
+    checkpoint of a training output directory (newer damaged ones are reported to ``warn`` and skipped), its files
+    verified (once); a damaged or incomplete checkpoint given directly is an error naming the problem."""
     from dinoreg.train.checkpoint import CheckpointError, checkpoint_dirs  # noqa: PLC0415 (start-up: DCP)
     from dinoreg.train.checkpoint_reader import CheckpointReader, newest_intact  # noqa: PLC0415 (start-up: DCP)
 

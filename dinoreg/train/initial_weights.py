@@ -35,7 +35,7 @@ from dinoreg.train.checkpoint_reader import CheckpointReader, StartError, Weight
 from dinoreg.train.parallel import copy_state_into
 
 __all__ = ["StartError", "Weights", "carry_optimizer_state", "check_heads", "copy_initial", "fitted_backbone",
-           "phase_tensors", "read_run_weights", "read_weights", "initial_tensors"]
+           "initial_tensors", "phase_tensors", "read_weights"]
 
 _HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers",
               "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim"}
@@ -102,11 +102,6 @@ def carry_optimizer_state(reader: CheckpointReader, model: nn.Module, optimizer:
         if name not in state:
             optimizer.state.pop(parameter, None)
     return fresh
-
-
-def read_run_weights(checkpoint: Path, *, part: str = "teacher") -> Weights:
-    """The ``part`` (teacher or student) backbone and heads of a checkpoint directory, read by this process alone."""
-    return CheckpointReader(checkpoint).weights(part)
 
 
 def check_heads(weights: Weights, expected: Mapping[str, nn.Module], *, key: str) -> None:

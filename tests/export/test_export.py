@@ -12,7 +12,7 @@ from launch_helpers import TINY, tmpfs
 from dinoreg import load_backbone
 from dinoreg.cli import main
 from dinoreg.config import load_config
-from dinoreg.export.source import ExportError, read_backbone, resolve_checkpoint
+from dinoreg.export.source import ExportError, read_backbone, resolve_reader
 from dinoreg.run_dir import BACKBONE_FILE
 from dinoreg.train.build import build_ssl_model
 
@@ -166,7 +166,7 @@ def test_img_size_and_dtype(run_dir, teacher, tmp_path):
 
 
 def test_student_part_and_sharded_read_without_fsdp(run_dir, teacher):
-    checkpoint = resolve_checkpoint(run_dir)
+    checkpoint = resolve_reader(run_dir).checkpoint
     assert checkpoint.name == "10"
     model, source = read_backbone(checkpoint)
     for name, value in teacher.state_dict().items():
@@ -199,13 +199,13 @@ def test_bad_inputs_have_clear_errors(run_dir, tmp_path, capsys):
         main(["export", str(run_dir), "--format", "onnx", "--output", str(tmp_path / "x")])
     # a damaged copy of the checkpoint: the error names the truncated file
     damaged = tmp_path / "damaged"
-    os.system(f"cp -r {resolve_checkpoint(run_dir)} {damaged}")
+    os.system(f"cp -r {resolve_reader(run_dir).checkpoint} {damaged}")
     shard = next(damaged.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     assert shard.name in fails(damaged, "--format", "dinov2", "--output", tmp_path / "x.pth")
     # bytes overwritten with the size unchanged (issue 13: exporting the student crashed inside DCP's reader)
     overwritten = tmp_path / "overwritten"
-    os.system(f"cp -r {resolve_checkpoint(run_dir)} {overwritten}")
+    os.system(f"cp -r {resolve_reader(run_dir).checkpoint} {overwritten}")
     shard = next(overwritten.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2:len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4096])
@@ -214,7 +214,7 @@ def test_bad_inputs_have_clear_errors(run_dir, tmp_path, capsys):
     assert "damaged checkpoint" in error and shard.name in error and "saved content" in error
     assert "Traceback" not in error and len(error.splitlines()) <= 2
     with pytest.raises(ExportError, match="holds no teacher backbone|unknown part"):
-        read_backbone(resolve_checkpoint(run_dir), part="heads")
+        read_backbone(resolve_reader(run_dir).checkpoint, part="heads")
     assert not (tmp_path / "x.pth").exists()
 
 

@@ -13,7 +13,7 @@ from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models.weights import read_heads
 from dinoreg.train import checkpoint, checkpoint_reader
 from dinoreg.train.build import build_model_and_optimizer
-from dinoreg.train.initial_weights import read_run_weights, read_weights
+from dinoreg.train.initial_weights import read_weights
 
 RUN = [*TINY, "train.batch_size_per_gpu=4", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=2",
        "evaluation.knn_enabled=false", "monitor.period=0", "ibot.separate_head=true"]
@@ -52,7 +52,7 @@ def test_an_export_with_heads_checksums_each_file_once_and_reads_the_tensors_in_
     reads.assert_verified_once(run / "checkpoints" / "2")
     [keys] = reads.loads  # backbone and heads together
     assert {key.split(".")[2] for key in keys} == {"backbone", "dino_head", "ibot_head"}
-    saved, written = read_run_weights(run / "checkpoints" / "2").heads, read_heads(output)
+    saved, written = checkpoint_reader.CheckpointReader(run / "checkpoints" / "2").weights().heads, read_heads(output)
     assert all(torch.equal(written[head][k], v) for head in saved for k, v in saved[head].items())
 
 

@@ -20,7 +20,7 @@ from dinoreg.models.weights import CheckpointMismatchError, read_heads
 from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.loop import train_step
-from dinoreg.train.initial_weights import read_run_weights
+from dinoreg.train.checkpoint_reader import CheckpointReader
 
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=2", "train.epoch_length=3",
        "evaluation.knn_enabled=false", "monitor.period=0", "optim.freeze_last_layer_epochs=0"]
@@ -66,7 +66,7 @@ def trained(tmp_path_factory):
 
 
 def test_exports_with_heads_hold_the_checkpoints_heads_and_still_load_as_backbones(trained):
-    saved = read_run_weights(sorted((trained / "run" / CHECKPOINT_DIR).glob("[0-9]*"))[-1])
+    saved = CheckpointReader(sorted((trained / "run" / CHECKPOINT_DIR).glob("[0-9]*"))[-1]).weights()
     assert sorted(saved.heads) == ["dino_head", "ibot_head"]
     official = torch.load(trained / "heads.pth", weights_only=True)["teacher"]  # the official teacher layout
     assert "dino_head.last_layer.weight_g" in official and "backbone.cls_token" in official
@@ -86,7 +86,7 @@ def test_exports_with_heads_hold_the_checkpoints_heads_and_still_load_as_backbon
 
 @pytest.mark.parametrize("source", ["run", "heads.safetensors", "heads.pth"])
 def test_init_from_starts_student_and_teacher_from_backbone_and_heads(trained, source):
-    saved = read_run_weights(sorted((trained / "run" / CHECKPOINT_DIR).glob("[0-9]*"))[-1])
+    saved = CheckpointReader(sorted((trained / "run" / CHECKPOINT_DIR).glob("[0-9]*"))[-1]).weights()
     model, _ = build("ibot.separate_head=true", f"train.init_from={trained / source}")
     for part in (model.student, model.teacher):
         state = part.state_dict()
@@ -132,8 +132,8 @@ def test_head_warm_up_freezes_exactly_the_backbones_for_exactly_its_iterations(t
     dinoreg("train", "--output-dir", run, *RUN, f"student.pretrained_weights={trained / 'heads.safetensors'}",
             "optim.head_warmup_iterations=3", "checkpoint.period=1", "checkpoint.keep_last=10")
     start = load_backbone(trained / "heads.safetensors").state_dict()
-    checkpoints = {int(path.name): read_run_weights(path) for path in (run / CHECKPOINT_DIR).glob("[0-9]*")}
-    students = {it: read_run_weights(run / CHECKPOINT_DIR / str(it), part="student") for it in checkpoints}
+    checkpoints = {int(path.name): CheckpointReader(path).weights() for path in (run / CHECKPOINT_DIR).glob("[0-9]*")}
+    students = {it: CheckpointReader(run / CHECKPOINT_DIR / str(it)).weights(part="student") for it in checkpoints}
     assert sorted(checkpoints) == [1, 2, 3, 4, 5, 6]
     for it in (1, 2, 3):  # after 1, 2 and 3 iterations: both backbones as they started
         for weights in (checkpoints[it], students[it]):

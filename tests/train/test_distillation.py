@@ -21,7 +21,7 @@ from dinoreg.models import DINOHead
 from dinoreg.models.weights import read_heads
 from dinoreg.run_dir import BACKBONE_FILE, CHECKPOINT_DIR
 from dinoreg.train.build import build_model_and_optimizer
-from dinoreg.train.initial_weights import read_run_weights
+from dinoreg.train.checkpoint_reader import CheckpointReader
 
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=2", "train.epoch_length=3",
        "evaluation.knn_enabled=false", "monitor.period=0"]
@@ -110,7 +110,7 @@ def test_a_distillation_run_keeps_its_teacher_exports_the_student_ema_and_resume
     run = tmp_path / "run"
     dinoreg("train", "--output-dir", run, *distill(teacher_file, "checkpoint.period=3"))
     final = run / CHECKPOINT_DIR / "6"
-    frozen = read_run_weights(final, part="distillation_teacher")
+    frozen = CheckpointReader(final).weights(part="distillation_teacher")
     file_backbone, file_heads = load_backbone(teacher_file).state_dict(), read_heads(teacher_file)
     assert all(torch.equal(frozen.backbone[k], v) for k, v in file_backbone.items())  # unchanged by 6 iterations
     assert all(torch.equal(frozen.heads["dino_head"][k], v) for k, v in file_heads["dino_head"].items())
@@ -119,7 +119,7 @@ def test_a_distillation_run_keeps_its_teacher_exports_the_student_ema_and_resume
     assert not any(k.startswith("optimizer.") and "distillation_teacher" in k for k in keys)
 
     # the export (and the run's own teacher file) is the student EMA; --part student the raw student
-    ema, student = read_run_weights(final), read_run_weights(final, part="student")
+    ema, student = CheckpointReader(final).weights(), CheckpointReader(final).weights(part="student")
     dinoreg("export", run, "--format", "safetensors", "--output", tmp_path / "ema.safetensors")
     dinoreg("export", run, "--format", "safetensors", "--part", "student", "--output", tmp_path / "raw.safetensors")
     for path, expected in ((tmp_path / "ema.safetensors", ema), (run / BACKBONE_FILE, ema),
@@ -155,7 +155,7 @@ def test_two_ranks_start_from_the_one_process_values_with_the_teacher_sharded(te
     run = tmp_path / "run2"
     result = torchrun(2, "-m", "dinoreg", "train", "--output-dir", str(run), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    frozen = read_run_weights(run / CHECKPOINT_DIR / "6", part="distillation_teacher")
+    frozen = CheckpointReader(run / CHECKPOINT_DIR / "6").weights(part="distillation_teacher")
     assert all(torch.equal(frozen.backbone[k], v) for k, v in load_backbone(teacher_file).state_dict().items())
 
 
@@ -183,10 +183,10 @@ def test_a_bf16_distillation_step_keeps_the_frozen_teacher_in_fp32_and_unchanged
                                                      "train.epoch_length=2"))
     rows = losses_by_iteration(run)
     assert sorted(rows) == [0, 1] and all(0 < row["total_loss"] < 100 for row in rows.values())
-    frozen = read_run_weights(run / CHECKPOINT_DIR / "2", part="distillation_teacher")
+    frozen = CheckpointReader(run / CHECKPOINT_DIR / "2").weights(part="distillation_teacher")
     file_backbone = load_backbone(teacher_file).state_dict()
     assert all(frozen.backbone[k].dtype == torch.float32 and torch.equal(frozen.backbone[k], v)
                for k, v in file_backbone.items())
     # the student's master weights stay fp32 too, and moved
-    student = read_run_weights(run / CHECKPOINT_DIR / "2", part="student")
+    student = CheckpointReader(run / CHECKPOINT_DIR / "2").weights(part="student")
     assert student.backbone["cls_token"].dtype == torch.float32

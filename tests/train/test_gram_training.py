@@ -24,7 +24,7 @@ from dinoreg.train.features import build_features
 from dinoreg.train.features.gram import GramSchedule
 from dinoreg.train.loop import augment_on_device
 from dinoreg.train.parallel import materialise
-from dinoreg.train.initial_weights import read_run_weights
+from dinoreg.train.checkpoint_reader import CheckpointReader
 
 RUN = [*TINY, "train.batch_size_per_gpu=8", "train.num_workers=0", "optim.epochs=1", "train.epoch_length=8",
        "evaluation.knn_enabled=false", "monitor.period=0", "checkpoint.period=1", "checkpoint.keep_last=20"]
@@ -114,8 +114,9 @@ def gram_run(tmp_path_factory):
 
 def test_the_gram_teacher_is_loaded_refreshed_and_checkpointed_on_schedule(gram_run):
     run = gram_run / "gram"
-    teacher = {it: read_run_weights(run / CHECKPOINT_DIR / str(it)).backbone for it in range(1, 9)}
-    gram = {it: read_run_weights(run / CHECKPOINT_DIR / str(it), part="gram_teacher").backbone for it in range(1, 9)}
+    teacher = {it: CheckpointReader(run / CHECKPOINT_DIR / str(it)).weights().backbone for it in range(1, 9)}
+    gram = {it: CheckpointReader(run / CHECKPOINT_DIR / str(it)).weights(part="gram_teacher").backbone
+            for it in range(1, 9)}
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert same(gram[4], teacher[3]) and same(gram[5], teacher[3])  # the copy before iteration 3 (after 3 done)
     assert not same(gram[5], teacher[5])
@@ -139,7 +140,7 @@ def test_a_resume_inside_gram_anchoring_is_bitwise_and_the_export_loads_strictly
     export = tmp_path / "teacher.safetensors"
     dinoreg("export", gram_run / "gram", "--format", "safetensors", "--output", export)
     exported = load_backbone(export).state_dict()
-    final = read_run_weights(gram_run / "gram" / CHECKPOINT_DIR / "8").backbone
+    final = CheckpointReader(gram_run / "gram" / CHECKPOINT_DIR / "8").weights().backbone
     assert all(torch.equal(exported[k], final[k]) for k in final)
 
 
@@ -197,8 +198,9 @@ def test_two_processes_anchor_on_shards_with_distorted_high_resolution_gram_crop
     losses = losses_by_iteration(run)
     assert sorted(losses) == list(range(8)) and losses[0]["gram_loss"] == 0.0
     assert all(losses[it]["gram_loss"] > 0 for it in range(1, 8))
-    teacher = {it: read_run_weights(run / CHECKPOINT_DIR / str(it)).backbone for it in (1, 3, 4, 5)}
-    gram = {it: read_run_weights(run / CHECKPOINT_DIR / str(it), part="gram_teacher").backbone for it in (2, 3, 4, 5)}
+    teacher = {it: CheckpointReader(run / CHECKPOINT_DIR / str(it)).weights().backbone for it in (1, 3, 4, 5)}
+    gram = {it: CheckpointReader(run / CHECKPOINT_DIR / str(it)).weights(part="gram_teacher").backbone
+            for it in (2, 3, 4, 5)}
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert same(gram[2], teacher[1]) and same(gram[3], teacher[1])  # copied before iteration 1, gathered from shards
     assert same(gram[4], teacher[4]) and same(gram[5], teacher[4])  # refreshed after iteration 3 only
@@ -232,5 +234,5 @@ def test_a_gram_teacher_read_from_a_file_is_read_when_turned_on_in_a_resumed_run
     dinoreg("train", "--output-dir", later, *RUN, "optim.epochs=1", "train.epoch_length=5", "gram.use_loss=true",
             f"gram.ckpt={source}", "gram.rep_update=false", "--allow-config-change")
     expected = load_backbone(source).state_dict()
-    gram = read_run_weights(later / CHECKPOINT_DIR / "5", part="gram_teacher").backbone
+    gram = CheckpointReader(later / CHECKPOINT_DIR / "5").weights(part="gram_teacher").backbone
     assert all(torch.equal(gram[k], expected[k]) for k in expected)
