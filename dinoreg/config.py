@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterator, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dinoreg.config_schema import ARCHITECTURES, CHOICES, RENAMED_KEYS, RETIRED_KEYS, UNUSED_KEYS, DinoRegConfig
+from dinoreg.config_schema import (ARCHITECTURES, CHOICES, RENAMED_KEYS, RETIRED_KEYS, UNUSED_KEYS, DinoRegConfig,
+                                   StudentConfig)
 from dinoreg.errors import InputError
-from dinoreg.models import DinoVisionTransformer, build_backbone
+from dinoreg.models import (FFN_LAYERS, POS_EMBED_TYPES, ROPE_FFN_LAYERS, ROPE_PRESETS, RopeVisionTransformer,
+                            VisionTransformer, arch_family, build_backbone)
 from dinoreg.run_dir import write_text
 
 __all__ = [
@@ -231,13 +233,50 @@ def _choice_problems(cfg: DictConfig) -> list[str]:
 
 
 def _student_problems(cfg: DictConfig) -> list[str]:
-    """The backbone's registers, drop path and patch size."""
+    """The backbone's registers, drop path and patch size; the keys of its family."""
     s = cfg.student
-    return _failed(cfg, [
+    problems = _failed(cfg, [
         (s.num_register_tokens >= 0, "student.num_register_tokens", "must be >= 0 (4 in our recipes)"),
         (0 <= s.drop_path_rate < 1, "student.drop_path_rate", "must be in [0, 1)"),
         (s.patch_size > 0, "student.patch_size", "must be > 0"),
+        (s.ffn_ratio is None or s.ffn_ratio > 0, "student.ffn_ratio", "must be > 0, or null for the arch's"),
+        (s.pos_embed_type in (None, *POS_EMBED_TYPES), "student.pos_embed_type",
+         f"allowed: {', '.join(POS_EMBED_TYPES)}, or null for the arch's"),
     ])
+    if problems or s.arch not in ARCHITECTURES:
+        return problems
+    try:
+        rope = arch_family(s.arch, s.pos_embed_type) == "rope"
+    except ValueError as error:
+        return [f"student.pos_embed_type: {error}"]
+    ffn_layers = tuple(ROPE_FFN_LAYERS) if rope else FFN_LAYERS
+    rules = [(s.ffn_layer in ffn_layers, "student.ffn_layer",
+              f"a {'RoPE' if rope else 'learned-position'} backbone takes {', '.join(ffn_layers)}")]
+    if rope:
+        preset_ffn = ROPE_PRESETS.get(s.arch, {}).get("ffn_layer", s.ffn_layer)
+        rules += [
+            ((s.ffn_layer == "mlp") == (preset_ffn == "mlp"), "student.ffn_layer",
+             f"{s.arch} has a {preset_ffn} FFN: set student.ffn_layer={preset_ffn} (or use a vit_* arch with "
+             "student.pos_embed_type=rope for another)"),
+            ((s.pos_embed_rope_base is None) == (s.pos_embed_rope_min_period is not None
+                                                 and s.pos_embed_rope_max_period is not None),
+             "student.pos_embed_rope_base", "give it, or null with both pos_embed_rope_min_period and max_period"),
+            (not s.interpolate_antialias and s.interpolate_offset == 0.1 and not s.block_chunks,
+             "student.interpolate_antialias",
+             "a RoPE backbone has no position embedding to resample: leave interpolate_* and block_chunks unset"),
+        ]
+    else:
+        dinov3_keys = [key for key, default in _ROPE_ONLY_DEFAULTS.items() if s[key] != default]
+        rules.append((not dinov3_keys, f"student.{dinov3_keys[0] if dinov3_keys else 'norm_layer'}",
+                      "is a key of the RoPE family: set student.pos_embed_type=rope or a DINOv3 arch (vits16 ...)"))
+    return _failed(cfg, rules)
+
+
+# the keys only RoPE backbones read, with their schema defaults
+_ROPE_ONLY_DEFAULTS = {key: getattr(StudentConfig, key) for key in (
+    "norm_layer", "mask_k_bias", "untie_cls_and_patch_norms", "untie_global_and_local_cls_norm",
+    "pos_embed_rope_min_period", "pos_embed_rope_max_period", "pos_embed_rope_normalize_coords",
+    "pos_embed_rope_shift_coords", "pos_embed_rope_jitter_coords", "pos_embed_rope_rescale_coords")}
 
 
 def _crop_size_problems(cfg: DictConfig) -> list[str]:
@@ -548,10 +587,12 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def build_backbone_from_config(cfg: DictConfig, *, stochastic_depth: bool) -> DinoVisionTransformer:
+def build_backbone_from_config(cfg: DictConfig, *, stochastic_depth: bool) -> VisionTransformer:
     """The ``cfg.student`` backbone for the global crop size; ``stochastic_depth``: with the student's drop path
     (the teacher, and every backbone read back from a checkpoint, has none)."""
     student = cfg.student
+    if arch_family(student.arch, student.pos_embed_type) == "rope":
+        return _rope_backbone_from_config(cfg, stochastic_depth=stochastic_depth)
     kwargs = dict(
         img_size=cfg.crops.global_crops_size,
         patch_size=student.patch_size,
@@ -573,3 +614,22 @@ def build_backbone_from_config(cfg: DictConfig, *, stochastic_depth: bool) -> Di
     if stochastic_depth:
         kwargs.update(drop_path_rate=student.drop_path_rate, drop_path_uniform=student.drop_path_uniform)
     return build_backbone(student.arch, **kwargs)
+
+
+def _rope_backbone_from_config(cfg: DictConfig, *, stochastic_depth: bool) -> VisionTransformer:
+    """Every argument from the config (a null RoPE augmentation is off); the arch supplies only what the config
+    leaves null: the width, depth and heads, and the FFN ratio (a preset's, else 4)."""
+    student = cfg.student
+    embed_dim, depth, num_heads = ARCHITECTURES[student.arch]
+    rope_keys = {key: student[key] for key in StudentConfig.__dataclass_fields__ if key.startswith("pos_embed_rope_")}
+    return RopeVisionTransformer(
+        img_size=cfg.crops.global_crops_size, patch_size=student.patch_size, layerscale_init=student.layerscale,
+        ffn_layer=student.ffn_layer, ffn_ratio=student.ffn_ratio or ROPE_PRESETS.get(student.arch, {}).get("ffn_ratio", 4.0),
+        qkv_bias=student.qkv_bias, proj_bias=student.proj_bias, ffn_bias=student.ffn_bias,
+        n_storage_tokens=student.num_register_tokens, norm_layer=student.norm_layer, mask_k_bias=student.mask_k_bias,
+        untie_cls_and_patch_norms=student.untie_cls_and_patch_norms,
+        untie_global_and_local_cls_norm=student.untie_global_and_local_cls_norm,
+        attn_backend=student.attention_backend, attn_backend_required=student.attention_backend_required,
+        embed_dim=student.embed_dim or embed_dim, depth=student.depth or depth, num_heads=student.num_heads or num_heads,
+        drop_path_rate=student.drop_path_rate if stochastic_depth else 0.0, **rope_keys,
+    )

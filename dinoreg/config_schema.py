@@ -7,11 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, CHECKPOINTING_MODES, FFN_LAYERS
+from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, CHECKPOINTING_MODES, FFN_LAYERS, ROPE_FFN_LAYERS, ROPE_PRESETS
+from dinoreg.models.layers import NORM_LAYERS
+from dinoreg.models.rope import ROPE_DTYPES, ROPE_NORMALIZATIONS
 from dinoreg.ssl.meta_arch import CENTERINGS
 
-# (embed_dim, depth, num_heads) per architecture, as the model factories define them.
-ARCHITECTURES = ARCH_DIMS
+# (embed_dim, depth, num_heads) per architecture, as the model factories define them: DINOv2's learned-position
+# ViTs (vit_small ...) and DINOv3's RoPE presets (vits16 ...).
+ARCHITECTURES = {**ARCH_DIMS, **{name: (p["embed_dim"], p["depth"], p["num_heads"]) for name, p in ROPE_PRESETS.items()}}
 # torch's AdamW kernels (see dinoreg.train.optim.build_optimizer)
 ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 
@@ -42,6 +45,24 @@ class StudentConfig:
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
+    # --- DINOv3's backbone family (its key names). pos_embed_type: "learned" (DINOv2's absolute embeddings) or
+    # "rope"; null: the arch's (rope for the presets vits16 ... vit7b16, learned for vit_*). A RoPE backbone's
+    # storage tokens are student.num_register_tokens (4 in the released models).
+    pos_embed_type: Optional[str] = None
+    ffn_ratio: Optional[float] = None  # the MLP width over embed_dim; null: the arch's (4, or the preset's)
+    norm_layer: str = "layernorm"  # layernorm (eps 1e-6), layernormbf16 (eps 1e-5, the released models), rmsnorm
+    mask_k_bias: bool = False  # no bias on the keys (the released models: true)
+    untie_cls_and_patch_norms: bool = False  # a norm of their own for the cls and storage tokens
+    untie_global_and_local_cls_norm: bool = False  # ... and in training another for the local crops' (vit7b16)
+    pos_embed_rope_base: Optional[float] = 100.0  # periods base ** (4 i / head_dim); or null with min/max periods
+    pos_embed_rope_min_period: Optional[float] = None
+    pos_embed_rope_max_period: Optional[float] = None
+    pos_embed_rope_normalize_coords: str = "separate"  # separate, max or min
+    # training-only augmentations of the patch coordinates, drawn per block (null: off)
+    pos_embed_rope_shift_coords: Optional[float] = None
+    pos_embed_rope_jitter_coords: Optional[float] = None
+    pos_embed_rope_rescale_coords: Optional[float] = None  # the released models: 2
+    pos_embed_rope_dtype: str = "bf16"  # the dtype of the sines and of the rotation (DINOv3's training default)
 
 
 @dataclass
@@ -144,6 +165,14 @@ class OptimConfig:
     # the first iterations train the heads only: student and teacher backbones stay frozen (no gradient, no
     # update, no EMA), then training goes on with the normal schedules (for a start from a backbone alone)
     head_warmup_iterations: int = 0
+    # continued pretraining: parts of the student backbone that never train (patch_embed, cls_token,
+    # register_tokens (a RoPE backbone's storage tokens), mask_token); their EMA teacher copies stay as loaded
+    freeze: List[str] = field(default_factory=list)
+    # train only the last N blocks of the student backbone (with its final norm); null: every block
+    train_last_blocks: Optional[int] = None
+    # when the backbone starts training (after optim.head_warmup_iterations), its learning rate ramps linearly
+    # from 0 to the schedule's over this many iterations (the heads keep theirs); 0: no ramp
+    unfreeze_ramp_iterations: int = 0
 
 
 @dataclass
@@ -226,6 +255,10 @@ class DistillationConfig:
     # false (DINOv2's distillation): no iBOT masking, the student sees every patch and the iBOT loss scores all
     # patches of the global crops; true: masking as in self-supervised training
     mask_student: bool = False
+    # a teacher whose patch size differs from the student's (16 vs 14) sees each crop resized by this method to
+    # (student grid) x (teacher patch), so both give the same patch grid and the iBOT targets align patch for patch
+    teacher_resize_method: str = "bicubic"
+    teacher_resize_antialias: bool = True
 
 
 @dataclass
@@ -290,7 +323,10 @@ class DinoRegConfig:
 
 CHOICES = {
     "student.arch": tuple(ARCHITECTURES),
-    "student.ffn_layer": FFN_LAYERS,
+    "student.ffn_layer": tuple(dict.fromkeys((*FFN_LAYERS, *ROPE_FFN_LAYERS))),
+    "student.norm_layer": NORM_LAYERS,
+    "student.pos_embed_rope_normalize_coords": ROPE_NORMALIZATIONS,
+    "student.pos_embed_rope_dtype": tuple(ROPE_DTYPES),
     "student.attention_backend": ATTENTION_BACKENDS,
     "train.centering": CENTERINGS,
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
@@ -304,6 +340,7 @@ CHOICES = {
     "gram.tokens_used": ("all", "masked", "unmasked"),
     "phase.optimizer": ("fresh", "carry"),
     "gram.global_teacher_resize_method": ("bicubic", "bilinear", "nearest", "area"),
+    "distillation.teacher_resize_method": ("bicubic", "bilinear", "nearest", "area"),
 }
 
 # Official keys that we renamed, and official keys we deliberately dropped (with why).

@@ -11,7 +11,8 @@ import torch
 
 from dinoreg.distributed import DistributedEnvironment, detect_environment, init_distributed, process_device
 from dinoreg.eval.features import EvalInputError, eval_splits, subsample_indices
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models import backbone_from_arch_kwargs
+from dinoreg.models.vit import VisionTransformer
 from dinoreg.models.weights import CheckpointMismatchError, WeightsFileError, load_backbone
 from dinoreg.run_dir import BACKBONE_FILE, RESULTS_FILE, RunDir, write_json
 
@@ -22,7 +23,7 @@ class EvalContext:
 
     env: DistributedEnvironment
     device: torch.device
-    backbone: DinoVisionTransformer
+    backbone: VisionTransformer
     weights: Path
     data: str
     train_set: Any
@@ -86,7 +87,7 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
     if random_init:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            backbone = DinoVisionTransformer(**backbone.arch_kwargs).to(device).eval()
+            backbone = backbone_from_arch_kwargs(backbone.arch_kwargs).to(device).eval()
     patch = backbone.patch_size
     # DINOv2 evaluates at 224 px (resize 256); models trained on smaller images at their own size
     image_size = int(image_size or min(backbone.arch_kwargs["img_size"], 224))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dinoreg import distributed
 from dinoreg.data import ImageFolder, IndexedView, build_dataset, build_eval_loader
 from dinoreg.errors import InputError
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import VisionTransformer
 
 Encoder = Callable[[Tensor], Tensor]
 _SYNTHETIC_HELP = "synthetic (default) or synthetic:size=N,image_size=S,seed=K,objects=A-B"
@@ -94,7 +94,7 @@ def eval_splits(data: str) -> tuple[object, object, list[str]]:
     return train, val, list(train.classes)
 
 
-def knn_encoder(model: DinoVisionTransformer, *, avgpool: bool = False) -> Encoder:
+def knn_encoder(model: VisionTransformer, *, avgpool: bool = False) -> Encoder:
     """images ``[B, 3, H, W]`` -> L2-normalised cls token ``[B, D]``, or with ``avgpool`` the normalised
     concatenation of the cls token and the mean patch token ``[B, 2D]`` (registers are not patches)."""
 
@@ -108,7 +108,7 @@ def knn_encoder(model: DinoVisionTransformer, *, avgpool: bool = False) -> Encod
     return encode
 
 
-def block_tokens_encoder(model: DinoVisionTransformer, *, n_last_blocks: int) -> Encoder:
+def block_tokens_encoder(model: VisionTransformer, *, n_last_blocks: int) -> Encoder:
     """images -> ``[B, n + 1, D]``: the normed cls tokens of the last ``n`` blocks (oldest first), then the
     mean of the last block's normed patch tokens: everything any linear-probe configuration reads."""
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from dinoreg.models.rope import Rope, rope_rotate
+
 Shapes = Sequence[tuple[int, int]]  # [(batch, tokens per image)] for each group in a pack
+Ropes = Optional[Sequence[Optional[Rope]]]  # per group of a pack: its (sin, cos), or None (no RoPE)
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+# the norms of DINOv3's blocks: LayerNorm with eps 1e-6 (DINOv2's) or 1e-5 (DINOv3's released models), RMSNorm
+NORM_LAYERS = ("layernorm", "layernormbf16", "rmsnorm")
 # activation checkpointing of a block in training: nothing, "selective" (keep the outputs of the matmuls and
 # of attention, recompute the rest: norms, activations, layer scales, residual adds), or "full" (keep the
 # block's input only, recompute the whole block in the backward pass)
@@ -99,6 +104,59 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale ``weight``, computed in fp32 and cast back before the scale (as
+    DINOv3's)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(name: str, dim: int) -> nn.Module:
+    """A norm of :data:`NORM_LAYERS` by name."""
+    if name == "rmsnorm":
+        return RMSNorm(dim)
+    if name in ("layernorm", "layernormbf16"):
+        return nn.LayerNorm(dim, eps=1e-6 if name == "layernorm" else 1e-5)
+    raise ValueError(f"unknown norm_layer {name!r}; choose one of {NORM_LAYERS}")
+
+
+class MaskedKeyBiasLinear(nn.Linear):
+    """The qkv projection with DINOv3's ``mask_k_bias``: the keys' third of the bias is multiplied by zero (a
+    persistent buffer ``bias_mask``, ones elsewhere), so keys carry no bias whatever the bias parameter holds."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        if out_features % 3:
+            raise ValueError(f"mask_k_bias needs a qkv projection (out_features divisible by 3), got {out_features}")
+        super().__init__(in_features, out_features, bias=bias)
+        if bias:
+            self.register_buffer("bias_mask", torch.ones(out_features))
+            self.reset_bias_mask()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "bias_mask", None) is not None:
+            self.reset_bias_mask()
+
+    def reset_bias_mask(self) -> None:
+        with torch.no_grad():
+            self.bias_mask.fill_(1)
+            self.bias_mask[self.out_features // 3: 2 * self.out_features // 3] = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias * self.bias_mask.to(self.bias.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight, bias)
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -109,6 +167,7 @@ class Attention(nn.Module):
         proj_bias: bool = True,
         backend: str = "sdpa",
         backend_required: bool = False,
+        mask_k_bias: bool = False,
     ) -> None:
         super().__init__()
         self.backend = backend  # see the setter: xformers' availability is decided there
@@ -118,7 +177,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.backend_required = backend_required
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = (MaskedKeyBiasLinear if mask_k_bias else nn.Linear)(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self._block_diagonal_masks: dict[tuple, object] = {}
 
@@ -155,31 +214,40 @@ class Attention(nn.Module):
         if not torch.compiler.is_compiling():
             _warn_fallback_once(reason)
 
-    def _split_heads(self, qkv: Tensor, batch: int, tokens: int) -> tuple[Tensor, Tensor, Tensor]:
-        # [B*N, 3*C] -> 3 x [B, heads, N, head_dim]
+    def _split_heads(self, qkv: Tensor, batch: int, tokens: int, rope: Optional[Rope] = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        # [B*N, 3*C] -> 3 x [B, heads, N, head_dim], queries and keys rotated by the rope when given
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rope_rotate(q, rope), rope_rotate(k, rope)
         return q, k, v
 
-    def attention_probs(self, x: Tensor, *, num_queries: int | None = None) -> Tensor:
+    def attention_probs(self, x: Tensor, *, num_queries: int | None = None, rope: Optional[Rope] = None) -> Tensor:
         """Softmax attention of ``x`` ``[B, N, C]`` as ``[B, heads, Q, N]`` in fp32, for the first ``num_queries``
         tokens as queries (all N when None; 1 + R for the cls and registers spares the N x N map). For analysis:
         computed explicitly whatever the backend."""
         batch, tokens, _ = x.shape
-        q, k, _ = self._split_heads(self.qkv(x).reshape(batch * tokens, -1), batch, tokens)
+        q, k, _ = self._split_heads(self.qkv(x).reshape(batch * tokens, -1), batch, tokens, rope)
         q = q[:, :, :num_queries] if num_queries is not None else q  # [B, heads, Q, head_dim]
         return ((q.float() * self.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
 
-    def forward(self, x: Tensor, shapes: Shapes) -> Tensor:
-        """``x``: packed tokens ``[T, C]``; returns ``[T, C]``."""
+    def forward(self, x: Tensor, shapes: Shapes, rope: Ropes = None) -> Tensor:
+        """``x``: packed tokens ``[T, C]``; ``rope``: each group's (sin, cos) for RoPE backbones; returns ``[T, C]``."""
         self.check_backend(x)
         backend = self._backend_for(x)
         qkv = self.qkv(x)  # [T, 3C]
-        if backend == "xformers":
+        ropes = list(rope) if rope is not None else [None] * len(shapes)
+        if backend == "xformers" and all(r is None for r in ropes):
             out = self._xformers(qkv, shapes)
         else:
             outs = []
-            for group, (batch, tokens) in zip(qkv.split([b * n for b, n in shapes]), shapes):
-                q, k, v = self._split_heads(group, batch, tokens)
+            for group, (batch, tokens), group_rope in zip(qkv.split([b * n for b, n in shapes]), shapes, ropes):
+                q, k, v = self._split_heads(group, batch, tokens, group_rope)
+                if backend == "xformers":  # rotated queries and keys: one call per group
+                    assert self.xformers is not None
+                    o = self.xformers.memory_efficient_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+                    outs.append(o.reshape(batch * tokens, -1))
+                    continue
                 if backend == "sdpa":
                     o = F.scaled_dot_product_attention(q, k, v)
                 else:
@@ -256,6 +324,27 @@ class SwiGLUFFN(nn.Module):
         return self.w3(F.silu(x1) * x2)
 
 
+def aligned_swiglu_hidden(hidden_features: int, align_to: int) -> int:
+    """DINOv3's SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of ``align_to`` (8 for ``swiglu``,
+    32/64/128 for ``swiglu32/64/128``)."""
+    hidden = int(hidden_features * 2 / 3)
+    return hidden + (-hidden % align_to)
+
+
+class SplitSwiGLUFFN(nn.Module):
+    """DINOv3's SwiGLU layout: separate ``w1`` (gate) and ``w2`` (value) projections, ``w3`` back."""
+
+    def __init__(self, in_features: int, hidden_features: int, *, bias: bool = True, align_to: int = 8) -> None:
+        super().__init__()
+        hidden = aligned_swiglu_hidden(hidden_features, align_to)
+        self.w1 = nn.Linear(in_features, hidden, bias=bias)
+        self.w2 = nn.Linear(in_features, hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init_values: float) -> None:
         super().__init__()
@@ -325,18 +414,27 @@ class Block(nn.Module):
         attn_backend: str = "sdpa",
         attn_backend_required: bool = False,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: str = "layernorm",
+        mask_k_bias: bool = False,
+        swiglu_align: int | None = None,
     ) -> None:
+        """``norm_layer``, ``mask_k_bias`` and ``swiglu_align`` are the DINOv3 options (RoPE backbones):
+        ``swiglu_align`` set makes ``ffn_layer="swiglu"`` DINOv3's split layout (``w1``, ``w2``, ``w3``) with that
+        alignment instead of DINOv2's packed ``w12``."""
         super().__init__()
         if ffn_layer not in FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose one of {FFN_LAYERS}")
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = make_norm(norm_layer, dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
-                              backend=attn_backend, backend_required=attn_backend_required)
+                              backend=attn_backend, backend_required=attn_backend_required, mask_k_bias=mask_k_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = make_norm(norm_layer, dim)
         hidden = int(dim * mlp_ratio)
+        self.mlp: nn.Module
         if ffn_layer == "mlp":
             self.mlp = Mlp(dim, hidden, bias=ffn_bias, act_layer=act_layer)
+        elif swiglu_align is not None:
+            self.mlp = SplitSwiGLUFFN(dim, hidden, bias=ffn_bias, align_to=swiglu_align)
         else:
             self.mlp = SwiGLUFFN(dim, hidden, bias=ffn_bias, fused=ffn_layer == "swiglufused")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
@@ -358,26 +456,28 @@ class Block(nn.Module):
         self._attn_residual = torch.compile(self._attn_residual, **options)  # type: ignore[method-assign]
         self._ffn_residual = torch.compile(self._ffn_residual, **options)  # type: ignore[method-assign]
 
-    def _attn_residual(self, tokens: Tensor, shapes: Shapes) -> Tensor:
-        return self.ls1(self.attn(self.norm1(tokens), shapes))
+    def _attn_residual(self, tokens: Tensor, shapes: Shapes, rope: Ropes = None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(tokens), shapes, rope))
 
     def _ffn_residual(self, tokens: Tensor, shapes: Shapes) -> Tensor:
         return self.ls2(self.mlp(self.norm2(tokens)))
 
-    def forward_packed(self, tokens: Tensor, shapes: Shapes, *, batch_subset: bool) -> Tensor:
+    def forward_packed(self, tokens: Tensor, shapes: Shapes, *, batch_subset: bool, rope: Ropes = None) -> Tensor:
         """``batch_subset`` selects DINOv2's batch-subset stochastic depth over per-sample drop
         path. The official code uses it for lists of crops always and for single tensors when the
-        rate exceeds 0.1 (below that its overhead does not pay off)."""
+        rate exceeds 0.1 (below that its overhead does not pay off). ``rope``: each group's RoPE (RoPE
+        backbones; the same for every image of a group, so a batch subset needs no indexing)."""
         self.attn.check_backend(tokens)  # eagerly, outside the compiled branches
         if self.checkpointing == "none" or not torch.is_grad_enabled():
-            return self._forward_packed(tokens, shapes, batch_subset)
+            return self._forward_packed(tokens, shapes, batch_subset, rope)
         contexts = _selective_contexts if self.checkpointing == "selective" else None
-        return checkpoint(self._forward_packed, tokens, shapes, batch_subset, use_reentrant=False,
+        return checkpoint(self._forward_packed, tokens, shapes, batch_subset, rope, use_reentrant=False,
                           **({"context_fn": contexts} if contexts else {}))
 
-    def _forward_packed(self, tokens: Tensor, shapes: Shapes, batch_subset: bool) -> Tensor:
+    def _forward_packed(self, tokens: Tensor, shapes: Shapes, batch_subset: bool, rope: Ropes = None) -> Tensor:
         rate = self.drop_path_rate if self.training else 0.0
-        for residual_fn in (self._attn_residual, self._ffn_residual):
+        attn_residual = self._attn_residual if rope is None else functools.partial(self._attn_residual, rope=rope)
+        for residual_fn in (attn_residual, self._ffn_residual):
             if rate > 0 and batch_subset:
                 tokens = add_residual_on_batch_subset(tokens, shapes, residual_fn, rate)
             elif rate > 0:
@@ -386,16 +486,18 @@ class Block(nn.Module):
                 tokens = tokens + residual_fn(tokens, shapes)
         return tokens
 
-    def attention_probs(self, x: Tensor, *, num_queries: int | None = None) -> Tensor:
+    def attention_probs(self, x: Tensor, *, num_queries: int | None = None, rope: Optional[Rope] = None) -> Tensor:
         """This block's attention probabilities ``[B, heads, Q, N]`` for its input ``x`` ``[B, N, D]`` (see
         :meth:`Attention.attention_probs`; for analysis, the forward pass is unchanged)."""
-        return self.attn.attention_probs(self.norm1(x), num_queries=num_queries)
+        return self.attn.attention_probs(self.norm1(x), num_queries=num_queries, rope=rope)
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
-        """``[B, N, D]`` or a list of such tensors (one per resolution), like the official block."""
+    def forward(self, x: Tensor | list[Tensor], rope: Optional[Rope] | Ropes = None) -> Tensor | list[Tensor]:
+        """``[B, N, D]`` or a list of such tensors (one per resolution), like the official block; ``rope``: the
+        tensor's RoPE, or one per tensor of the list (RoPE backbones)."""
         is_list = isinstance(x, (list, tuple))
         tokens, shapes = pack(list(x) if is_list else [x])
-        tokens = self.forward_packed(tokens, shapes, batch_subset=is_list or self.drop_path_rate > 0.1)
+        ropes = None if rope is None else (list(rope) if is_list else [rope])  # type: ignore[list-item]
+        tokens = self.forward_packed(tokens, shapes, batch_subset=is_list or self.drop_path_rate > 0.1, rope=ropes)
         out = unpack(tokens, shapes)
         return out if is_list else out[0]
 
@@ -409,6 +511,6 @@ def init_weights_vit_timm(module: nn.Module) -> None:
 
 
 __all__ = [
-    "ATTENTION_BACKENDS", "FFN_LAYERS", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed",
-    "SwiGLUFFN", "CHECKPOINTING_MODES", "pack", "unpack", "swiglu_hidden_features", "init_weights_vit_timm",
+    "ATTENTION_BACKENDS", "FFN_LAYERS", "NORM_LAYERS", "Attention", "Block", "LayerScale", "MaskedKeyBiasLinear", "Mlp",
+    "PatchEmbed", "RMSNorm", "SplitSwiGLUFFN", "SwiGLUFFN", "aligned_swiglu_hidden", "make_norm", "CHECKPOINTING_MODES", "pack", "unpack", "swiglu_hidden_features", "init_weights_vit_timm",
 ]

@@ -6,7 +6,7 @@ official ones, so official hub state dicts load with ``strict=True`` and ours lo
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dinoreg.models.initialisation import InitStep, constructor_steps, post_order
 from dinoreg.models.layers import Block, PatchEmbed, init_weights_vit_timm, pack, unpack
 from dinoreg.models.pos_embed import resample_pos_embed
+from dinoreg.models.rope import Rope
 
 # arch -> (embed_dim, depth, num_heads); head dim 64 everywhere except vit_tiny (timm's)
 ARCH_DIMS: dict[str, tuple[int, int, int]] = {
@@ -26,7 +27,154 @@ ARCH_DIMS: dict[str, tuple[int, int, int]] = {
 ARCHS = tuple(ARCH_DIMS)
 
 
-class DinoVisionTransformer(nn.Module):
+class VisionTransformer(nn.Module):
+    """What both backbone families share: tokens ``[cls, registers, patches]``, blocks run on packed crop groups,
+    the official outputs and feature accessors. A family says how tokens are made (:meth:`prepare_tokens_with_masks`),
+    which RoPE each block applies to each group (:meth:`block_ropes`), how the final norm applies (:meth:`_outputs`,
+    :meth:`final_norm`) and when stochastic depth uses a batch subset (:meth:`_batch_subset`).
+
+    Attributes every family sets: ``arch_kwargs`` (everything needed to rebuild it), ``embed_dim``,
+    ``num_features``, ``n_blocks``, ``num_heads``, ``patch_size``, ``num_register_tokens`` (DINOv3's storage tokens
+    count as registers), ``patch_embed``, ``cls_token``, ``blocks``, ``norm``, ``head``, ``mask_token``.
+    """
+
+    arch_kwargs: dict[str, Any]
+    num_register_tokens: int
+    patch_size: int
+    blocks: nn.ModuleList
+    #: the family's name: "learned" (DINOv2, learned absolute position embeddings) or "rope" (DINOv3)
+    pos_embed_type: str = "learned"
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """The class token and the registers, before the patches."""
+        return 1 + self.num_register_tokens
+
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """``[B, C, H, W]`` (and ``masks`` ``[B, HW]`` bool) -> tokens ``[B, 1 + R + HW, D]``."""
+        raise NotImplementedError
+
+    def block_ropes(self, grids: Sequence[tuple[int, int]]) -> Iterator[list[Rope] | None]:
+        """For each block in turn, the RoPE of each crop group of patch grids ``grids`` (None: no RoPE)."""
+        return iter([None] * len(self.blocks))
+
+    def positions(self, x: Tensor) -> list[Rope | None]:
+        """The RoPE each block applies to the images ``x`` ``[B, C, H, W]`` (Nones for the learned family), for code
+        that runs the blocks itself: ``for block, rope in zip(blocks, positions(x)): tokens = block(tokens, rope)``."""
+        return [None if ropes is None else ropes[0] for ropes in self.block_ropes([self.grid_of(x)])]
+
+    def grid_of(self, x: Tensor) -> tuple[int, int]:
+        """The patch grid ``(rows, columns)`` of images ``x`` ``[B, C, H, W]``."""
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def _batch_subset(self, block: Block, batch_subset: bool) -> bool:
+        return batch_subset or block.drop_path_rate > 0.1
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        """The final norm of all tokens ``[B, 1 + R + HW, D]``, as ``get_intermediate_layers(norm=True)`` applies it."""
+        return self.norm(x)
+
+    def _outputs(self, x: Tensor, masks: Tensor | None, index: int = 0) -> dict[str, Tensor | None]:
+        x_norm = self.final_norm(x)
+        first_patch = self.num_prefix_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],  # [B, D]
+            "x_norm_regtokens": x_norm[:, 1:first_patch],  # [B, R, D]
+            "x_norm_patchtokens": x_norm[:, first_patch:],  # [B, HW, D]
+            "x_prenorm": x,  # [B, 1 + R + HW, D]
+            "masks": masks,
+        }
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Activation checkpointing of every block in training: ``none``, ``selective`` or ``full`` (see
+        :data:`dinoreg.models.layers.CHECKPOINTING_MODES`); gradients are unchanged."""
+        for block in self.blocks:
+            block.set_checkpointing(mode)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block's attention and FFN branches (see ``Block.compile_residuals``)."""
+        for block in self.blocks:
+            block.compile_residuals()
+
+    def _run_blocks(self, tokens: list[Tensor], grids: Sequence[tuple[int, int]], batch_subset: bool) -> list[Tensor]:
+        packed, shapes = pack(tokens)
+        for block, ropes in zip(self.blocks, self.block_ropes(grids)):
+            packed = block.forward_packed(packed, shapes, batch_subset=self._batch_subset(block, batch_subset),
+                                          rope=ropes)
+        return unpack(packed, shapes)
+
+    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Any = None) -> dict | list[dict]:
+        """One image batch -> dict; a list of batches (e.g. global and local crops, any sizes)
+        -> list of dicts, computed in one pass with shared linear layers."""
+        if isinstance(x, Tensor):
+            tokens = self._run_blocks([self.prepare_tokens_with_masks(x, masks)], [self.grid_of(x)], False)
+            return self._outputs(tokens[0], masks)
+        masks_list = list(masks) if masks is not None else [None] * len(x)
+        if len(masks_list) != len(x):
+            raise ValueError(f"got {len(x)} image batches but {len(masks_list)} masks")
+        tokens = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(x, masks_list)]
+        outputs = self._run_blocks(tokens, [self.grid_of(xi) for xi in x], True)
+        return [self._outputs(t, m, i) for i, (t, m) in enumerate(zip(outputs, masks_list))]
+
+    def forward(self, x: Tensor | Sequence[Tensor], masks: Any = None, is_training: bool = False):
+        out = self.forward_features(x, masks)
+        if is_training:
+            return out
+        if isinstance(out, list):
+            return [self.head(o["x_norm_clstoken"]) for o in out]
+        return self.head(out["x_norm_clstoken"])
+
+    def block_outputs(self, x: Tensor, *, attention_of: Sequence[int] = (), num_queries: int | None = None
+                      ) -> tuple[list[Tensor], dict[int, Tensor]]:
+        """The tokens after every block, ``[B, 1 + R + HW, D]`` each (residual stream, before the final norm),
+        and the attention probabilities ``[B, heads, Q, N]`` of the blocks listed in ``attention_of`` for the
+        first ``num_queries`` tokens as queries (all when None), for analysis and the training monitor."""
+        tokens = self.prepare_tokens_with_masks(x)
+        outputs, attention = [], {}
+        for index, (block, rope) in enumerate(zip(self.blocks, self.positions(x))):
+            if index in attention_of:
+                attention[index] = block.attention_probs(tokens, num_queries=num_queries, rope=rope)
+            tokens = block(tokens, rope)
+            outputs.append(tokens)
+        return outputs, attention
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+        return_extra_tokens: bool = False,
+    ) -> tuple:
+        """Outputs of the last ``n`` blocks (or of the blocks indexed by ``n``), registers removed; with
+        ``return_class_token`` / ``return_extra_tokens`` (DINOv3's) tuples ``(patches, cls, registers)`` of those
+        asked for."""
+        wanted = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n
+        outputs = [out for i, out in enumerate(self.block_outputs(x)[0]) if i in wanted]
+        if len(outputs) != len(wanted):
+            raise ValueError(f"only {len(outputs)} of {len(wanted)} requested blocks exist (depth {len(self.blocks)})")
+        if norm:
+            outputs = [self.final_norm(out) for out in outputs]
+        class_tokens = [out[:, 0] for out in outputs]
+        extra_tokens = [out[:, 1:self.num_prefix_tokens] for out in outputs]
+        outputs = [out[:, self.num_prefix_tokens:] for out in outputs]
+        if reshape:
+            batch = x.shape[0]
+            outputs = [out.reshape(batch, *self.grid_of(x), -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
+        extras = [tokens for tokens, wanted_too in ((class_tokens, return_class_token), (extra_tokens, return_extra_tokens))
+                  if wanted_too]
+        return tuple(zip(outputs, *extras)) if extras else tuple(outputs)
+
+    @torch.no_grad()
+    def get_self_attention(self, x: Tensor, block_index: int = -1) -> Tensor:
+        """Attention probabilities ``[B, heads, N, N]`` of one block, tokens ordered
+        ``[cls, registers, patches]`` (computed with explicit softmax, whatever the backend)."""
+        block_index = block_index % len(self.blocks)
+        return self.block_outputs(x, attention_of=(block_index,))[1][block_index]
+
+
+class DinoVisionTransformer(VisionTransformer):
     def __init__(
         self,
         img_size: int = 224,
@@ -126,108 +274,6 @@ class DinoVisionTransformer(nn.Module):
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
         return x
-
-    def set_checkpointing(self, mode: str) -> None:
-        """Activation checkpointing of every block in training: ``none``, ``selective`` or ``full`` (see
-        :data:`dinoreg.models.layers.CHECKPOINTING_MODES`); gradients are unchanged."""
-        for block in self.blocks:
-            block.set_checkpointing(mode)
-
-    def compile_blocks(self) -> None:
-        """``torch.compile`` each block's attention and FFN branches (see ``Block.compile_residuals``)."""
-        for block in self.blocks:
-            block.compile_residuals()
-
-    def _run_blocks(self, tokens: list[Tensor], batch_subset: bool) -> list[Tensor]:
-        packed, shapes = pack(tokens)
-        for block in self.blocks:
-            subset = batch_subset or block.drop_path_rate > 0.1
-            packed = block.forward_packed(packed, shapes, batch_subset=subset)
-        return unpack(packed, shapes)
-
-    def _outputs(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
-        x_norm = self.norm(x)
-        first_patch = 1 + self.num_register_tokens
-        return {
-            "x_norm_clstoken": x_norm[:, 0],  # [B, D]
-            "x_norm_regtokens": x_norm[:, 1:first_patch],  # [B, R, D]
-            "x_norm_patchtokens": x_norm[:, first_patch:],  # [B, HW, D]
-            "x_prenorm": x,  # [B, 1 + R + HW, D]
-            "masks": masks,
-        }
-
-    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Any = None) -> dict | list[dict]:
-        """One image batch -> dict; a list of batches (e.g. global and local crops, any sizes)
-        -> list of dicts, computed in one pass with shared linear layers."""
-        if isinstance(x, Tensor):
-            return self._outputs(self._run_blocks([self.prepare_tokens_with_masks(x, masks)], False)[0], masks)
-        masks_list = list(masks) if masks is not None else [None] * len(x)
-        if len(masks_list) != len(x):
-            raise ValueError(f"got {len(x)} image batches but {len(masks_list)} masks")
-        tokens = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(x, masks_list)]
-        return [self._outputs(t, m) for t, m in zip(self._run_blocks(tokens, True), masks_list)]
-
-    def forward(self, x: Tensor | Sequence[Tensor], masks: Any = None, is_training: bool = False):
-        out = self.forward_features(x, masks)
-        if is_training:
-            return out
-        if isinstance(out, list):
-            return [self.head(o["x_norm_clstoken"]) for o in out]
-        return self.head(out["x_norm_clstoken"])
-
-    def block_outputs(self, x: Tensor, *, attention_of: Sequence[int] = (), num_queries: int | None = None
-                      ) -> tuple[list[Tensor], dict[int, Tensor]]:
-        """The tokens after every block, ``[B, 1 + R + HW, D]`` each (residual stream, before the final norm),
-        and the attention probabilities ``[B, heads, Q, N]`` of the blocks listed in ``attention_of`` for the
-        first ``num_queries`` tokens as queries (all when None), for analysis and the training monitor."""
-        tokens = self.prepare_tokens_with_masks(x)
-        outputs, attention = [], {}
-        for index, block in enumerate(self.blocks):
-            if index in attention_of:
-                attention[index] = block.attention_probs(tokens, num_queries=num_queries)
-            tokens = block(tokens)
-            outputs.append(tokens)
-        return outputs, attention
-
-    def get_intermediate_layers(
-        self,
-        x: Tensor,
-        n: int | Sequence[int] = 1,
-        reshape: bool = False,
-        return_class_token: bool = False,
-        norm: bool = True,
-    ) -> tuple:
-        """Outputs of the last ``n`` blocks (or of the blocks indexed by ``n``), registers removed."""
-        tokens = self.prepare_tokens_with_masks(x)
-        wanted = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n
-        outputs = []
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens)
-            if i in wanted:
-                outputs.append(tokens)
-        if len(outputs) != len(wanted):
-            raise ValueError(f"only {len(outputs)} of {len(wanted)} requested blocks exist (depth {len(self.blocks)})")
-        if norm:
-            outputs = [self.norm(out) for out in outputs]
-        class_tokens = [out[:, 0] for out in outputs]
-        outputs = [out[:, 1 + self.num_register_tokens:] for out in outputs]
-        if reshape:
-            batch, _, height, width = x.shape
-            grid = (height // self.patch_size, width // self.patch_size)
-            outputs = [out.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
-        if return_class_token:
-            return tuple(zip(outputs, class_tokens))
-        return tuple(outputs)
-
-    @torch.no_grad()
-    def get_self_attention(self, x: Tensor, block_index: int = -1) -> Tensor:
-        """Attention probabilities ``[B, heads, N, N]`` of one block, tokens ordered
-        ``[cls, registers, patches]`` (computed with explicit softmax, whatever the backend)."""
-        tokens = self.prepare_tokens_with_masks(x)
-        block_index = block_index % len(self.blocks)
-        for block in self.blocks[:block_index]:
-            tokens = block(tokens)
-        return self.blocks[block_index].attention_probs(tokens)
 
 
 def _init_tokens(model: DinoVisionTransformer) -> None:

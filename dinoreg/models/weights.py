@@ -35,10 +35,11 @@ from torch import Tensor
 from dinoreg.errors import InputError
 from dinoreg.models.formats import from_hf, from_timm
 from dinoreg.models.head import HEAD_NAMES, head_from_official
-from dinoreg.models.layers import swiglu_hidden_features
+from dinoreg.models.layers import aligned_swiglu_hidden, swiglu_hidden_features
 from dinoreg.models.pos_embed import resample_pos_embed
+from dinoreg.models.rope_vit import ROPE_FFN_LAYERS, ROPE_RELEASED, RopeVisionTransformer
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import DinoVisionTransformer, VisionTransformer
 from dinoreg.run_dir import BACKBONE_FILE, write_atomically
 
 METADATA_KEY = "dinoreg_arch"
@@ -47,8 +48,10 @@ _WRAPPERS = ("model", "teacher", "student", "state_dict")
 # Longest first: "teacher.backbone." must win over "backbone.".
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "module.backbone.", "module.", "backbone.", "_orig_mod.")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
-_ARCH_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(DinoVisionTransformer).parameters.items()}
-_ARCH_ARGUMENTS = set(_ARCH_DEFAULTS)  # what dinoreg_arch may hold
+_FAMILY_DEFAULTS = {cls: {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()}
+                    for cls in (DinoVisionTransformer, RopeVisionTransformer)}
+_ARCH_DEFAULTS = {**_FAMILY_DEFAULTS[RopeVisionTransformer], **_FAMILY_DEFAULTS[DinoVisionTransformer]}
+_ARCH_ARGUMENTS = set(_ARCH_DEFAULTS)  # what dinoreg_arch may hold (either family's arguments)
 _FIX = ("give a backbone .safetensors written by dinoreg (e.g. RUN/teacher_backbone.safetensors), a `dinoreg export` "
         "output or an official DINOv2 .pth")
 
@@ -180,8 +183,8 @@ def _fits(default: Any, value: Any) -> bool:
     """Whether ``value`` has the type of the backbone argument whose default is ``default``."""
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
-    if default is None or isinstance(default, float):  # init_values: None or a number
-        return value is None and default is None or isinstance(value, (int, float))
+    if default is None or isinstance(default, float):  # init_values, RoPE periods: None or a number
+        return value is None or isinstance(value, (int, float))
     return isinstance(value, type(default))
 
 
@@ -214,16 +217,30 @@ def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
     return {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in tensors.items()}
 
 
+def is_rope_layout(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a backbone state dict (official layout) is of the RoPE family (DINOv3's): it has the RoPE periods or
+    storage tokens, or a class token and patch embedding without ``pos_embed``."""
+    return ("rope_embed.periods" in state_dict or "storage_tokens" in state_dict
+            or ("cls_token" in state_dict and "pos_embed" not in state_dict))
+
+
+def backbone_class(state_dict: Mapping[str, Any]) -> type[VisionTransformer]:
+    """The backbone family a state dict (official layout) belongs to."""
+    return RopeVisionTransformer if is_rope_layout(state_dict) else DinoVisionTransformer
+
+
 def infer_arch_kwargs(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Architecture keyword arguments from tensor shapes (head dim 64, as in all official models)."""
-    required = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+    """Architecture keyword arguments of :func:`backbone_class` from tensor shapes (DINOv2 files: head dim 64, as in
+    all official models; DINOv3 files: the head dim the RoPE periods imply)."""
+    rope = is_rope_layout(state_dict)
+    required = ("cls_token", "patch_embed.proj.weight") if rope else ("cls_token", "pos_embed", "patch_embed.proj.weight")
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise CheckpointMismatchError(
             f"not a ViT backbone checkpoint: missing {missing}; found keys like {sorted(state_dict)[:8]}"
         )
     try:
-        return _arch_kwargs_of(state_dict)
+        return _rope_arch_kwargs_of(state_dict) if rope else _arch_kwargs_of(state_dict)
     except (KeyError, IndexError, ValueError) as error:  # a key the others imply, a tensor of too few dimensions
         shapes = {k: tuple(state_dict[k].shape) for k in required}
         raise CheckpointMismatchError(f"not a ViT backbone checkpoint: {type(error).__name__} {error} reading its "
@@ -263,6 +280,55 @@ def _arch_kwargs_of(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
     )
 
 
+def _rope_arch_kwargs_of(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """A DINOv3-layout file's architecture. What tensors cannot tell takes the released models' value: the norm's
+    eps (``layernormbf16``, 1e-5), the coordinate normalisation (``separate``) and the training-only coordinate
+    augmentation (``rescale_coords`` 2); a file of ours carries its exact arguments in its metadata instead."""
+    embed_dim = state_dict["cls_token"].shape[-1]
+    patch_weight = state_dict["patch_embed.proj.weight"]
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    periods = state_dict.get("rope_embed.periods")
+    head_dim = 4 * periods.shape[0] if periods is not None else 64
+    arch: dict[str, Any] = dict(
+        ROPE_RELEASED, img_size=224, patch_size=patch_weight.shape[-1], in_chans=patch_weight.shape[1],
+        embed_dim=embed_dim, depth=depth, num_heads=max(embed_dim // head_dim, 1),
+        n_storage_tokens=state_dict["storage_tokens"].shape[1] if "storage_tokens" in state_dict else 0,
+        mask_k_bias="blocks.0.attn.qkv.bias_mask" in state_dict,
+        layerscale_init=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,
+        norm_layer="layernormbf16" if "norm.bias" in state_dict else "rmsnorm",
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict, proj_bias="blocks.0.attn.proj.bias" in state_dict,
+        ffn_bias=any(k.startswith("blocks.0.mlp.") and k.endswith(".bias") for k in state_dict),
+        untie_cls_and_patch_norms="cls_norm.weight" in state_dict,
+        untie_global_and_local_cls_norm="local_cls_norm.weight" in state_dict,
+        **_rope_ffn_of(state_dict, embed_dim, depth),
+    )
+    if periods is not None and periods.shape[0] > 1:
+        arch.update(_rope_periods_of(periods.double(), head_dim))
+    return arch
+
+
+def _rope_ffn_of(state_dict: Mapping[str, Tensor], embed_dim: int, depth: int) -> dict[str, Any]:
+    if not depth or "blocks.0.mlp.fc1.weight" in state_dict:
+        return {"ffn_layer": "mlp", "ffn_ratio": state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim if depth else 4.0}
+    hidden = state_dict["blocks.0.mlp.w1.weight"].shape[0]
+    for ratio in (hidden * 1.5 / embed_dim, 3.0, 4.0, 6.0):
+        for name, align in ROPE_FFN_LAYERS.items():
+            if align is not None and aligned_swiglu_hidden(int(embed_dim * ratio), align) == hidden:
+                return {"ffn_layer": name, "ffn_ratio": ratio}
+    raise ValueError(f"no SwiGLU ratio and alignment give a hidden width of {hidden} for width {embed_dim}")
+
+
+def _rope_periods_of(periods: Tensor, head_dim: int) -> dict[str, Any]:
+    """RoPE ``base`` when the periods are its powers, else the ``min_period``/``max_period`` they span (the buffer
+    itself is loaded from the file either way)."""
+    base = float(periods[1]) ** (head_dim / 4)
+    powers = base ** (2 * torch.arange(periods.shape[0], dtype=torch.float64) / (head_dim // 2))
+    if torch.allclose(powers, periods, rtol=1e-4):
+        return {"pos_embed_rope_base": round(base, 6), "pos_embed_rope_min_period": None, "pos_embed_rope_max_period": None}
+    return {"pos_embed_rope_base": None, "pos_embed_rope_min_period": float(periods[0]),
+            "pos_embed_rope_max_period": float(periods[-1])}
+
+
 _ARCH_HINT = "Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer)."
 
 
@@ -273,14 +339,14 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tens
     model.load_state_dict(state_dict, strict=True)
 
 
-def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike) -> None:
+def save_backbone(model: VisionTransformer, path: str | os.PathLike) -> None:
     """Write ``model``'s weights (official keys) and architecture to a ``.safetensors`` file, atomically:
     a temporary file is renamed over ``path`` only once complete, so a good file is never half-replaced."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(model.arch_kwargs)}))
 
 
-def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> DinoVisionTransformer:
+def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> VisionTransformer:
     """Build the backbone a checkpoint describes and load it strictly; returns it in eval mode.
 
     The architecture comes from embedded metadata when present, otherwise from the tensor shapes;
@@ -289,18 +355,23 @@ def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: An
     """
     state_dict, metadata = read_checkpoint(source)
     arch_kwargs = {**infer_arch_kwargs(state_dict), **metadata, **overrides}
-    model = DinoVisionTransformer(**arch_kwargs)
+    family = backbone_class(state_dict)
+    foreign = sorted(set(arch_kwargs) - set(_FAMILY_DEFAULTS[family]))
+    if foreign:
+        raise CheckpointMismatchError(f"a {family.__name__} checkpoint given arguments of the other backbone family: "
+                                      f"{', '.join(foreign[:8])}")
+    model = family(**arch_kwargs)
     load_state_dict_strict(model, fit_pos_embed(state_dict, model))
     return model.eval()
 
 
-def load_weights_into(model: DinoVisionTransformer, source: str | os.PathLike | Mapping[str, Any]) -> None:
+def load_weights_into(model: VisionTransformer, source: str | os.PathLike | Mapping[str, Any]) -> None:
     """Load a backbone checkpoint (any layout :func:`read_checkpoint` accepts) into ``model`` strictly;
     ``pos_embed`` is resampled to the model's grid with the model's interpolation."""
     model.load_state_dict(fitted_state_dict(model, source), strict=True)
 
 
-def fitted_state_dict(model: DinoVisionTransformer, source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
+def fitted_state_dict(model: VisionTransformer, source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
     """What :func:`load_weights_into` loads: the checkpoint's state dict, ``pos_embed`` resampled to ``model``'s
     grid, checked to fit ``model`` strictly (which may be on the meta device)."""
     state_dict, _ = read_checkpoint(source)
@@ -310,9 +381,11 @@ def fitted_state_dict(model: DinoVisionTransformer, source: str | os.PathLike | 
     return state_dict
 
 
-def fit_pos_embed(state_dict: dict[str, Tensor], model: DinoVisionTransformer) -> dict[str, Tensor]:
+def fit_pos_embed(state_dict: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
     """``state_dict`` (a backbone's) with ``pos_embed`` resampled to ``model``'s grid by ``model``'s own
-    interpolation (antialiased for the registers models), when the grids differ."""
+    interpolation (antialiased for the registers models), when the grids differ; RoPE backbones have none."""
+    if not isinstance(model, DinoVisionTransformer):
+        return state_dict
     target = model.pos_embed.shape
     if "pos_embed" not in state_dict or state_dict["pos_embed"].shape[1] == target[1]:
         return state_dict

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dinoreg.data.batch import TrainingBatch
-from dinoreg.models import DINOHead, DinoVisionTransformer
+from dinoreg.models import DINOHead, VisionTransformer
 from dinoreg.ssl.feature import StepOutputs, TrainingFeature
 from dinoreg.ssl.losses import DEFAULT_CHUNK_ELEMENTS, DINOLoss, KoLeoLoss, iBOTPatchLoss
 
@@ -61,7 +61,7 @@ def _settle_centres(model: "SSLMetaArch", prefix: str, keep_vars: bool) -> None:
 
 
 class SSLMetaArch(nn.Module):
-    def __init__(self, student_backbone: DinoVisionTransformer, teacher_backbone: DinoVisionTransformer, *,
+    def __init__(self, student_backbone: VisionTransformer, teacher_backbone: VisionTransformer, *,
                  dino_head: HeadSpec, ibot_head: Optional[HeadSpec], loss_weights: LossWeights,
                  centering: str, pack_crops: bool = True, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                  features: Sequence[TrainingFeature] = ()) -> None:
@@ -120,7 +120,7 @@ class SSLMetaArch(nn.Module):
         return self
 
     @property
-    def teacher_backbone(self) -> DinoVisionTransformer:
+    def teacher_backbone(self) -> VisionTransformer:
         return self.teacher["backbone"]
 
     # --- teacher -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from dinoreg.models.head import head_spec_of
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import VisionTransformer
 from dinoreg.models.weights import fit_pos_embed, fitted_state_dict, infer_arch_kwargs, read_checkpoint_and_heads
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, META_FILE
 from dinoreg.train.checkpoint_reader import CheckpointReader, StartError, Weights, open_checkpoint
@@ -123,7 +123,7 @@ def initial_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
     """What the student (and, as its copy, the teacher) start from instead of the initialisation, by student key
     (``backbone.*``, ``dino_head.*``...), checked against ``template`` (an SSLMetaArch, possibly on the meta
     device); empty when the config asks for neither ``student.pretrained_weights`` nor ``train.init_from``."""
-    backbone: DinoVisionTransformer = template.student["backbone"]
+    backbone: VisionTransformer = template.student["backbone"]
     if cfg.student.pretrained_weights:
         path = cfg.student.pretrained_weights
         if not os.path.exists(path):
@@ -139,7 +139,7 @@ def initial_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
     return {**tensors, **{f"{name}.{k}": v for name, head in weights.heads.items() for k, v in head.items()}}
 
 
-def fitted_backbone(backbone: DinoVisionTransformer, source: str | Mapping[str, Tensor], *, key: str) -> dict[str, Tensor]:
+def fitted_backbone(backbone: VisionTransformer, source: str | Mapping[str, Tensor], *, key: str) -> dict[str, Tensor]:
     try:
         return fitted_state_dict(backbone, source)
     except CheckpointMismatchError as error:

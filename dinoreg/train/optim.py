@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from dinoreg.config_schema import ADAMW_IMPLEMENTATIONS
 from dinoreg.models.layers import LayerScale
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.layers import RMSNorm
+from dinoreg.models.vit import VisionTransformer
 
 __all__ = [
     "DIVERGENCE_HINT",
@@ -53,17 +54,17 @@ SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_
 DIVERGENCE_HINT = "Lower optim.base_lr or raise optim.warmup_epochs, and check the data."
 
 # Direct parameters of the backbone; all are token / position embeddings and share layer id 0.
-EMBEDDING_PARAMETERS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
+EMBEDDING_PARAMETERS = ("cls_token", "pos_embed", "register_tokens", "storage_tokens", "mask_token")
 # Every parameter of these modules is exempt from weight decay (the official rule is "norm" in the
 # name, which in the ViT means exactly its LayerNorms).
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, RMSNorm)
 FUSE_KEYS = ("lr_multiplier", "wd_multiplier", "is_last_layer")
 
 
 # --- parameter groups ------------------------------------------------------------------------
 
 
-def _backbone_layer_ids(backbone: DinoVisionTransformer) -> tuple[dict[int, int], set[int]]:
+def _backbone_layer_ids(backbone: VisionTransformer) -> tuple[dict[int, int], set[int]]:
     """``id(param) -> layer id`` for the embeddings (0) and blocks (i + 1), and the ids of the
     patch-embedding parameters. Parameters not in the map (the final norm) get ``depth + 1``."""
     layer_ids: dict[int, int] = {}
@@ -107,12 +108,12 @@ def build_param_groups(student: nn.ModuleDict | Mapping[str, nn.Module], *, laye
     fused: dict[tuple[float, float, bool], dict[str, Any]] = {}
     seen: set[int] = set()
     for key, submodel in student.items():
-        if isinstance(submodel, DinoVisionTransformer):
+        if isinstance(submodel, VisionTransformer):
             layer_ids, patch_embed_ids = _backbone_layer_ids(submodel)
             depth = len(submodel.blocks)
         elif key == "backbone":
             raise TypeError(f"student['backbone'] is a {type(submodel).__name__}, not a "
-                            f"DinoVisionTransformer; build parameter groups before wrapping it")
+                            f"VisionTransformer; build parameter groups before wrapping it")
         else:  # a head: layer id depth + 1 with depth 0, i.e. lr multiplier 1
             layer_ids, patch_embed_ids, depth = {}, set(), 0
         last_layer = getattr(submodel, "last_layer", None)

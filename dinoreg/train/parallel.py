@@ -37,7 +37,7 @@ SHARDING_MODES = ("full_shard", "shard_grad_op", "no_shard")
 # view would skip its pre-backward hook. Nothing in dinoreg modifies them in place, and
 # tests/train/test_distributed.py shows the path is sound: 2 ranks reproduce 1 rank's losses, gradient norms
 # and updated weights. Only this module's warning is silenced.
-_VIEW_WARNING = r"FSDP2-wrapped module \(FSDPDinoVisionTransformer\) returned a view tensor"
+_VIEW_WARNING = r"FSDP2-wrapped module \(FSDP\w*VisionTransformer\) returned a view tensor"
 
 __all__ = ["SHARDING_MODES", "TargetedStep", "copy_into", "copy_state_into", "materialise", "shard_ssl_model"]
 

@@ -177,7 +177,7 @@ def test_real_dino_head_if_available():
 
 
 def test_backbone_must_be_the_vit():
-    with pytest.raises(TypeError, match="DinoVisionTransformer"):
+    with pytest.raises(TypeError, match="not a VisionTransformer"):
         build_param_groups({"backbone": nn.Linear(2, 2)}, layerwise_decay=DECAY, patch_embed_lr_mult=PATCH_MULT)
 
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dinoreg.errors import InputError
-from dinoreg.models import DinoVisionTransformer
+from dinoreg.models import backbone_from_arch_kwargs
 from dinoreg.models.head import head_spec_of
 from dinoreg.ssl.feature import TrainingFeature
 from dinoreg.ssl.meta_arch import HeadSpec, SSLMetaArch
@@ -85,7 +85,7 @@ def distillation(cfg: DictConfig) -> Optional[Distillation]:
     arch = {**weights.arch, "img_size": cfg.crops.global_crops_size, "attn_backend": cfg.student.attention_backend,
             "attn_backend_required": cfg.student.attention_backend_required}
     with torch.device("meta"):
-        backbone = DinoVisionTransformer(**arch)
+        backbone = backbone_from_arch_kwargs(arch)
         heads = {name: HeadSpec(**{k: v for k, v in spec.items() if k != "in_dim"}).build(backbone.embed_dim)
                  for name, spec in ((name, head_spec_of(head)) for name, head in weights.heads.items())}
     check_heads(weights, heads, key="distillation.teacher")
