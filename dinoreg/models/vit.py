@@ -130,12 +130,16 @@ class VisionTransformer(nn.Module):
         and the attention probabilities ``[B, heads, Q, N]`` of the blocks listed in ``attention_of`` for the
         first ``num_queries`` tokens as queries (all when None), for analysis and the training monitor."""
         tokens = self.prepare_tokens_with_masks(x)
+        packed, shapes = pack([tokens])
         outputs, attention = [], {}
-        for index, (block, rope) in enumerate(zip(self.blocks, self.positions(x))):
+        # each block's RoPE drawn just before it runs, and the family's stochastic depth: in training, the random
+        # draws of forward_features on one batch, in the official order
+        for index, (block, ropes) in enumerate(zip(self.blocks, self.block_ropes([self.grid_of(x)]))):
             if index in attention_of:
-                attention[index] = block.attention_probs(tokens, num_queries=num_queries, rope=rope)
-            tokens = block(tokens, rope)
-            outputs.append(tokens)
+                attention[index] = block.attention_probs(unpack(packed, shapes)[0], num_queries=num_queries,
+                                                         rope=None if ropes is None else ropes[0])
+            packed = block.forward_packed(packed, shapes, batch_subset=self._batch_subset(block, False), rope=ropes)
+            outputs.append(unpack(packed, shapes)[0])
         return outputs, attention
 
     def get_intermediate_layers(
