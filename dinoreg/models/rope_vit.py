@@ -157,9 +157,12 @@ class RopeVisionTransformer(VisionTransformer):
             initialise(module)
 
     def _weight_steps(self) -> list[InitStep]:
-        reset = (nn.Linear, nn.LayerNorm, RMSNorm, LayerScale, PatchEmbed)
+        # a step sets its module's own tensors: the patch embedding's are its convolution's (drawn at the patch
+        # embedding's place in the official post-order, which is the same: nothing between them draws)
+        reset = (nn.Linear, nn.LayerNorm, RMSNorm, LayerScale)
         return [(self.rope_embed, RopePositionEmbedding.reset_parameters), (self, _init_tokens),
-                *((m, _init_module) for m in post_order(self) if m is not self and isinstance(m, reset))]
+                *((m.proj, _init_patch_projection) if isinstance(m, PatchEmbed) else (m, _init_module)
+                  for m in post_order(self) if m is not self and isinstance(m, (*reset, PatchEmbed)))]
 
     def initialisation_steps(self) -> list[InitStep]:
         """Everything construction sets and draws, as steps (see :mod:`dinoreg.models.initialisation`): the
@@ -227,20 +230,23 @@ def _init_tokens(model: RopeVisionTransformer) -> None:
 
 
 def _init_module(module: nn.Module) -> None:
-    """DINOv3's ``init_weights_vit`` for one module."""
+    """DINOv3's ``init_weights_vit`` for one module (the patch embedding: :func:`_init_patch_projection`)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
         if getattr(module, "bias_mask", None) is not None:
             module.reset_bias_mask()  # type: ignore[operator]
-    elif isinstance(module, PatchEmbed):
-        bound = math.sqrt(1 / (module.proj.in_channels * module.patch_size ** 2))
-        nn.init.uniform_(module.proj.weight, -bound, bound)
-        if module.proj.bias is not None:
-            nn.init.uniform_(module.proj.bias, -bound, bound)
     else:  # LayerNorm, RMSNorm, LayerScale
         module.reset_parameters()  # type: ignore[operator]
+
+
+def _init_patch_projection(proj: nn.Conv2d) -> None:
+    """DINOv3's patch embedding: weight and bias uniform in +-sqrt(1 / (in_chans * patch_size ** 2))."""
+    bound = math.sqrt(1 / (proj.in_channels * proj.kernel_size[0] ** 2))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    if proj.bias is not None:
+        nn.init.uniform_(proj.bias, -bound, bound)
 
 
 def build_rope_backbone(arch: str, **kwargs: Any) -> RopeVisionTransformer:
