@@ -30,12 +30,26 @@ ROPE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 Rope = tuple[Tensor, Tensor]  # (sin, cos), each [HW, head_dim]
 
-__all__ = ["ROPE_DTYPES", "ROPE_NORMALIZATIONS", "Rope", "RopePositionEmbedding", "rope_rotate"]
+__all__ = ["ROPE_DTYPES", "ROPE_NORMALIZATIONS", "Rope", "RopePositionEmbedding", "rope_periods", "rope_rotate"]
 
 
 def _log_uniform(bound: float, count: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``count`` factors, log-uniform in ``[1/bound, bound]``."""
     return torch.empty(count, device=device, dtype=dtype).uniform_(-math.log(bound), math.log(bound)).exp()
+
+
+def rope_periods(head_dim: int, *, base: float | None = None, min_period: float | None = None,
+                 max_period: float | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """The ``head_dim / 4`` periods: ``base ** (4 i / head_dim)``, or log-spaced from ``min_period`` to ``max_period``
+    (computed in ``dtype`` as the official code does, so that a file's buffer can be matched exactly)."""
+    quarter = head_dim // 4
+    dd = {"device": device, "dtype": dtype}
+    if base is not None:
+        return base ** (2 * torch.arange(quarter, **dd) / (head_dim // 2))
+    assert min_period is not None and max_period is not None
+    ratio = max_period / min_period
+    return ratio ** torch.linspace(0, 1, quarter, **dd) / ratio * max_period
 
 
 class RopePositionEmbedding(nn.Module):
@@ -77,14 +91,8 @@ class RopePositionEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         """The periods the parametrisation gives (no random draw)."""
-        quarter = self.head_dim // 4
-        dd = {"device": self.periods.device, "dtype": self.dtype}
-        if self.base is not None:
-            periods = self.base ** (2 * torch.arange(quarter, **dd) / (self.head_dim // 2))
-        else:
-            assert self.min_period is not None and self.max_period is not None
-            ratio = self.max_period / self.min_period
-            periods = ratio ** torch.linspace(0, 1, quarter, **dd) / ratio * self.max_period
+        periods = rope_periods(self.head_dim, base=self.base, min_period=self.min_period, max_period=self.max_period,
+                               device=self.periods.device, dtype=self.dtype)
         with torch.no_grad():
             self.periods.copy_(periods)
 

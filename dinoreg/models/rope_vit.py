@@ -35,7 +35,8 @@ ROPE_FFN_LAYERS: dict[str, int | None] = {"mlp": None, "swiglu": 8, "swiglu32": 
 
 # The released DINOv3 ViTs (facebookresearch/dinov3 hub/backbones.py), by their hub names without "dinov3_":
 # the architecture's own arguments; every one also has patch 16, 4 storage tokens, mask_k_bias, LayerScale 1e-5,
-# layernormbf16 and RoPE base 100 with "separate" coordinates, rescale_coords 2 and fp32 sines (ROPE_RELEASED).
+# layernormbf16 and RoPE base 100 with "separate" coordinates, rescale_coords 2 and fp32 sines (ROPE_RELEASED), and
+# biases everywhere but in vit7b16's qkv projection.
 ROPE_PRESETS: dict[str, dict[str, Any]] = {
     "vits16": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4.0, ffn_layer="mlp"),
     "vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=6.0, ffn_layer="swiglu"),
@@ -43,13 +44,14 @@ ROPE_PRESETS: dict[str, dict[str, Any]] = {
     "vitl16": dict(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4.0, ffn_layer="mlp"),
     "vitl16plus": dict(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=6.0, ffn_layer="swiglu"),
     "vith16plus": dict(embed_dim=1280, depth=32, num_heads=20, ffn_ratio=6.0, ffn_layer="swiglu"),
-    "vit7b16": dict(embed_dim=4096, depth=40, num_heads=32, ffn_ratio=3.0, ffn_layer="swiglu64",
+    "vit7b16": dict(embed_dim=4096, depth=40, num_heads=32, ffn_ratio=3.0, ffn_layer="swiglu64", qkv_bias=False,
                     untie_global_and_local_cls_norm=True),
 }
 ROPE_RELEASED: dict[str, Any] = dict(
     patch_size=16, n_storage_tokens=4, mask_k_bias=True, layerscale_init=1e-5, norm_layer="layernormbf16",
-    pos_embed_rope_base=100.0, pos_embed_rope_normalize_coords="separate", pos_embed_rope_rescale_coords=2.0,
-    pos_embed_rope_dtype="fp32", qkv_bias=True, ffn_bias=True, proj_bias=True,
+    pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
+    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
+    pos_embed_rope_rescale_coords=2.0, pos_embed_rope_dtype="fp32", qkv_bias=True, ffn_bias=True, proj_bias=True,
 )
 
 

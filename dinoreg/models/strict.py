@@ -17,7 +17,7 @@ class CheckpointMismatchError(InputError, RuntimeError):
 
 def check_state_dict_fits(given: Mapping[str, Tensor], expected: Mapping[str, Tensor], *, given_name: str,
                           expected_name: str, hint: str) -> None:
-    """Raise :class:`CheckpointMismatchError` listing every key of ``given`` that does not fit ``expected``
+    """Raise :class:`CheckpointMismatchError`, one line listing every key of ``given`` that does not fit ``expected``
     (by name and shape; the first 20 of each kind), followed by ``hint``, the fix to try."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -27,9 +27,6 @@ def check_state_dict_fits(given: Mapping[str, Tensor], expected: Mapping[str, Te
     )
     if not (missing or unexpected or mis_shaped):
         return
-    lines = [f"{given_name} does not fit the {expected_name}:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
-        if items:
-            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-    lines.append(f"  {hint}")
-    raise CheckpointMismatchError("\n".join(lines))
+    kinds = [f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+             for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if items]
+    raise CheckpointMismatchError(f"{given_name} does not fit the {expected_name}: {'; '.join(kinds)}. {hint}")

@@ -37,7 +37,8 @@ from dinoreg.models.formats import from_hf, from_timm
 from dinoreg.models.head import HEAD_NAMES, head_from_official
 from dinoreg.models.layers import aligned_swiglu_hidden, swiglu_hidden_features
 from dinoreg.models.pos_embed import resample_pos_embed
-from dinoreg.models.rope_vit import ROPE_FFN_LAYERS, ROPE_RELEASED, RopeVisionTransformer
+from dinoreg.models.rope import rope_periods
+from dinoreg.models.rope_vit import ROPE_FFN_LAYERS, ROPE_PRESETS, ROPE_RELEASED, RopeVisionTransformer
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer, VisionTransformer
 from dinoreg.run_dir import BACKBONE_FILE, write_atomically
@@ -293,7 +294,8 @@ def _rope_arch_kwargs_of(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         ROPE_RELEASED, img_size=224, patch_size=patch_weight.shape[-1], in_chans=patch_weight.shape[1],
         embed_dim=embed_dim, depth=depth, num_heads=max(embed_dim // head_dim, 1),
         n_storage_tokens=state_dict["storage_tokens"].shape[1] if "storage_tokens" in state_dict else 0,
-        mask_k_bias="blocks.0.attn.qkv.bias_mask" in state_dict,
+        # without a qkv bias there is no key bias to mask: the released value (vit7b16's), which changes nothing
+        mask_k_bias="blocks.0.attn.qkv.bias_mask" in state_dict or "blocks.0.attn.qkv.bias" not in state_dict,
         layerscale_init=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,
         norm_layer="layernormbf16" if "norm.bias" in state_dict else "rmsnorm",
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, proj_bias="blocks.0.attn.proj.bias" in state_dict,
@@ -303,7 +305,7 @@ def _rope_arch_kwargs_of(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
         **_rope_ffn_of(state_dict, embed_dim, depth),
     )
     if periods is not None and periods.shape[0] > 1:
-        arch.update(_rope_periods_of(periods.double(), head_dim))
+        arch.update(_rope_periods_of(periods, head_dim))
     return arch
 
 
@@ -311,30 +313,49 @@ def _rope_ffn_of(state_dict: Mapping[str, Tensor], embed_dim: int, depth: int) -
     if not depth or "blocks.0.mlp.fc1.weight" in state_dict:
         return {"ffn_layer": "mlp", "ffn_ratio": state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim if depth else 4.0}
     hidden = state_dict["blocks.0.mlp.w1.weight"].shape[0]
-    for ratio in (hidden * 1.5 / embed_dim, 3.0, 4.0, 6.0):
-        for name, align in ROPE_FFN_LAYERS.items():
-            if align is not None and aligned_swiglu_hidden(int(embed_dim * ratio), align) == hidden:
-                return {"ffn_layer": name, "ffn_ratio": ratio}
+    # a released model of this width first (vit7b16's swiglu64 and swiglu give the same shapes), then the first fit
+    released = [(p["ffn_layer"], p["ffn_ratio"]) for p in ROPE_PRESETS.values()
+                if p["embed_dim"] == embed_dim and p["ffn_layer"] != "mlp"]
+    searched = [(name, ratio) for ratio in (hidden * 1.5 / embed_dim, 3.0, 4.0, 6.0)
+                for name, align in ROPE_FFN_LAYERS.items() if align is not None]
+    for name, ratio in (*released, *searched):
+        if aligned_swiglu_hidden(int(embed_dim * ratio), ROPE_FFN_LAYERS[name] or 0) == hidden:
+            return {"ffn_layer": name, "ffn_ratio": ratio}
     raise ValueError(f"no SwiGLU ratio and alignment give a hidden width of {hidden} for width {embed_dim}")
 
 
 def _rope_periods_of(periods: Tensor, head_dim: int) -> dict[str, Any]:
-    """RoPE ``base`` when the periods are its powers, else the ``min_period``/``max_period`` they span (the buffer
-    itself is loaded from the file either way)."""
-    base = float(periods[1]) ** (head_dim / 4)
-    powers = base ** (2 * torch.arange(periods.shape[0], dtype=torch.float64) / (head_dim // 2))
-    if torch.allclose(powers, periods, rtol=1e-4):
-        return {"pos_embed_rope_base": round(base, 6), "pos_embed_rope_min_period": None, "pos_embed_rope_max_period": None}
-    return {"pos_embed_rope_base": None, "pos_embed_rope_min_period": float(periods[0]),
-            "pos_embed_rope_max_period": float(periods[-1])}
+    """RoPE ``base`` when the periods are its powers (the first is 1), else the ``min_period``/``max_period`` they
+    span: the shortest decimals whose periods, computed in the buffer's dtype, are the buffer's (100, not the
+    100.000064 that fp32 periods imply). The buffer itself is loaded from the file either way."""
+    exact = periods.double()
+    if abs(float(exact[0]) - 1) < 1e-6:
+        base = float(exact[1]) ** (head_dim / 4)
+        candidates = [{"pos_embed_rope_base": round(base, digits)} for digits in range(7)] + [{"pos_embed_rope_base": base}]
+        nones = {"pos_embed_rope_min_period": None, "pos_embed_rope_max_period": None}
+    else:
+        low, high = float(exact[0]), float(exact[-1])
+        candidates = [{"pos_embed_rope_min_period": round(low, digits), "pos_embed_rope_max_period": round(high, digits)}
+                      for digits in range(7) if round(low, digits) > 0]
+        candidates.append({"pos_embed_rope_min_period": low, "pos_embed_rope_max_period": high})
+        nones = {"pos_embed_rope_base": None}
+    computed = [rope_periods(head_dim, **{key[len("pos_embed_rope_"):]: value for key, value in candidate.items()},
+                             dtype=periods.dtype) for candidate in candidates]
+    tolerance = 4 * torch.finfo(periods.dtype).eps  # periods computed elsewhere (in float64, say), then rounded
+    for close in (torch.equal, lambda a, b: torch.allclose(a.double(), b.double(), rtol=tolerance, atol=0)):
+        for candidate, values in zip(candidates, computed):
+            if close(values, periods):
+                return {**nones, **candidate}
+    return {**nones, **candidates[-1]}
 
 
 _ARCH_HINT = "Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer)."
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], *,
+                           given_name: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with one error that lists every misfit, shapes included."""
-    check_state_dict_fits(state_dict, model.state_dict(), given_name="checkpoint", expected_name="model",
+    check_state_dict_fits(state_dict, model.state_dict(), given_name=given_name, expected_name="model",
                           hint=_ARCH_HINT)
     model.load_state_dict(state_dict, strict=True)
 
@@ -361,7 +382,8 @@ def load_backbone(source: str | os.PathLike | Mapping[str, Any], **overrides: An
         raise CheckpointMismatchError(f"a {family.__name__} checkpoint given arguments of the other backbone family: "
                                       f"{', '.join(foreign[:8])}")
     model = family(**arch_kwargs)
-    load_state_dict_strict(model, fit_pos_embed(state_dict, model))
+    named = f"checkpoint {os.fspath(source)}" if isinstance(source, (str, os.PathLike)) else "checkpoint"
+    load_state_dict_strict(model, fit_pos_embed(state_dict, model), given_name=named)
     return model.eval()
 
 

@@ -175,3 +175,23 @@ def outputs_of(sd: dict[str, Tensor], t: Tensor, arch: RopeArch, prefix_norm: st
     prefix = 1 + arch.n_storage_tokens
     return {"x_norm_clstoken": normed[:, 0], "x_storage_tokens": normed[:, 1:prefix],
             "x_norm_patchtokens": normed[:, prefix:], "x_prenorm": t}
+
+
+def official_rope_key_names(depth: int, *, storage: bool, mask_k_bias: bool = True, qkv_bias: bool = True,
+                            layerscale: bool = True, ffn: str = "mlp", untie_cls: bool = False,
+                            untie_local: bool = False) -> set[str]:
+    """The keys of the official DINOv3 ``DinoVisionTransformer`` state dict (LayerNorm norms)."""
+    keys = {"cls_token", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "rope_embed.periods",
+            "norm.weight", "norm.bias"}
+    keys |= {"storage_tokens"} if storage else set()
+    for norm_name, wanted in (("cls_norm", untie_cls), ("local_cls_norm", untie_local)):
+        keys |= {f"{norm_name}.weight", f"{norm_name}.bias"} if wanted else set()
+    mlp = ("mlp.fc1", "mlp.fc2") if ffn == "mlp" else ("mlp.w1", "mlp.w2", "mlp.w3")
+    for i in range(depth):
+        for layer in ("norm1", "attn.proj", "norm2", *mlp):
+            keys |= {f"blocks.{i}.{layer}.weight", f"blocks.{i}.{layer}.bias"}
+        keys.add(f"blocks.{i}.attn.qkv.weight")
+        keys |= {f"blocks.{i}.attn.qkv.bias"} if qkv_bias else set()
+        keys |= {f"blocks.{i}.attn.qkv.bias_mask"} if qkv_bias and mask_k_bias else set()
+        keys |= {f"blocks.{i}.ls1.gamma", f"blocks.{i}.ls2.gamma"} if layerscale else set()
+    return keys
