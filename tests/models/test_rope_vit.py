@@ -154,12 +154,11 @@ def test_get_intermediate_layers_equal_the_reference(name):
     x = torch.randn(2, 3, *NON_SQUARE)
     blocks = reference_blocks(sd, [x], arch)[0]
     prefix = 1 + arch.n_storage_tokens
+    normed = [outputs_of(sd, t, arch, prefix_norm_of(kwargs)) for t in blocks]
     for n, indices in ((2, [1, 2]), ([0, 2], [0, 2]), (1, [2])):
         for norm in (True, False):
-            expected = [outputs_of(sd, blocks[i], arch, prefix_norm_of(kwargs))["x_norm_patchtokens"] if norm else
-                        blocks[i][:, prefix:] for i in indices]
-            expected_full = [torch.cat((outputs_of(sd, blocks[i], arch, prefix_norm_of(kwargs))["x_norm_clstoken"][:, None],
-                                        outputs_of(sd, blocks[i], arch, prefix_norm_of(kwargs))["x_storage_tokens"]), 1)
+            expected = [normed[i]["x_norm_patchtokens"] if norm else blocks[i][:, prefix:] for i in indices]
+            expected_full = [torch.cat((normed[i]["x_norm_clstoken"][:, None], normed[i]["x_storage_tokens"]), 1)
                              if norm else blocks[i][:, :prefix] for i in indices]
             with torch.no_grad():
                 plain = model.get_intermediate_layers(x, n=n, norm=norm)
