@@ -17,8 +17,8 @@ For each preset (vits16 ... vit7b16) at each --depths, and the --full presets at
 3. in fp32 and eval mode, on a 224 x 224 batch and a non-square 160 x 224 batch: ``forward_features`` (class
    token, storage tokens, normalised patches, x_prenorm; with iBOT masks; a list of both batches in one call) and
    ``get_intermediate_layers`` of every block (norm=True; norm=False; reshape with return_class_token and
-   return_extra_tokens, n as a count and as a list of indices) are compared with the official model's: the max relative difference
-   ``max|ours - official| / max|official|`` over both files and both batches;
+   return_extra_tokens, n as a count and as a list of indices) are compared with the official model's: the max
+   relative difference ``max|ours - official| / max|official|`` over both files and both batches;
 4. the reverse: a dinoreg model's state dict (its own random weights) loads into the official class with
    ``strict=True`` and the same outputs are compared again (column ``reverse``: the max over all of them).
 

@@ -27,6 +27,7 @@ def check_state_dict_fits(given: Mapping[str, Tensor], expected: Mapping[str, Te
     )
     if not (missing or unexpected or mis_shaped):
         return
+    misfits = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
     kinds = [f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
-             for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if items]
+             for title, items in misfits if items]
     raise CheckpointMismatchError(f"{given_name} does not fit the {expected_name}: {'; '.join(kinds)}. {hint}")
