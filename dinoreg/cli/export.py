@@ -61,6 +61,10 @@ def add_export_parser(commands: Any) -> None:
     export.add_argument("--allow-interpolation-mismatch", action="store_true",
                         help="hf: export even though the Hugging Face class resizes position embeddings differently "
                              "from this model (outputs then agree only at --img-size); see README")
+    export.add_argument("--allow-rope-periods-mismatch", action="store_true",
+                        help="hf, timm (RoPE backbones): export even though the model's RoPE periods differ from what "
+                             "its base gives (e.g. rounded to bf16 as in the released DINOv3 files), which transformers "
+                             "and timm recompute: their features then differ slightly from this model's")
     export.add_argument("--timm-name", metavar="NAME",
                         help="timm: the timm entry point to build the model with, needed when timm registers no "
                              "model for the architecture (the stored kwargs set every field; the error suggests a "
@@ -93,10 +97,12 @@ def _export(args: argparse.Namespace) -> int:
             model = resize_backbone(model, args.img_size)
         path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,
                                force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch,
-                               timm_name=args.timm_name, heads=heads)
+                               timm_name=args.timm_name, heads=heads,
+                               allow_periods_mismatch=args.allow_rope_periods_mismatch)
     except (InputError, OSError) as error:
         message = str(error).replace("allow_interpolation_mismatch=True", "--allow-interpolation-mismatch")
         message = message.replace("timm_name=", "--timm-name ")
+        message = message.replace("allow_periods_mismatch=True", "--allow-rope-periods-mismatch")
         print(f"dinoreg export: {message}", file=sys.stderr)
         return 1
     print(f"wrote {path}: {args.part} backbone{' and heads' if args.with_heads else ''} of {checkpoint} (iteration {source.iteration}, saved by "

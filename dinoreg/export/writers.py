@@ -82,9 +82,12 @@ def dinov2_load_overrides(model: VisionTransformer) -> dict[str, Any]:
 
 def export_backbone(model: VisionTransformer, source: Optional[BackboneSource], *, fmt: str, output: str | Path,
                     dtype: str = "fp32", force: bool = False, allow_interpolation_mismatch: bool = False,
-                    timm_name: Optional[str] = None, heads: Optional[dict[str, dict[str, Tensor]]] = None) -> Path:
+                    timm_name: Optional[str] = None, heads: Optional[dict[str, dict[str, Tensor]]] = None,
+                    allow_periods_mismatch: bool = False) -> Path:
     """Write ``model`` as ``fmt`` to ``output``; returns the path written. ``allow_interpolation_mismatch``: see
-    :func:`dinoreg.models.formats.to_hf`; ``timm_name``: see :func:`dinoreg.models.formats.to_timm`. ``heads``
+    :func:`dinoreg.models.formats.to_hf`; ``timm_name``: see :func:`dinoreg.models.formats.to_timm`;
+    ``allow_periods_mismatch`` (RoPE backbones, hf and timm): export even though the model's RoPE periods are not the
+    ones its base gives, which those libraries recompute. ``heads``
     (``dino_head`` / ``ibot_head`` state dicts) are written beside the backbone, in the official layout
     (``last_layer.weight_g`` / ``weight_v``): safetensors under ``dino_head.*`` keys, dinov2 as the official
     teacher checkpoint ``{"teacher": {"backbone.*", "dino_head.*", ...}}`` (dinov2 and dinov3 alike);
@@ -99,14 +102,17 @@ def export_backbone(model: VisionTransformer, source: Optional[BackboneSource], 
                     for name, head in (heads or {}).items() for key, value in head_to_official(head).items()}
     if fmt == "timm":
         timm_name = resolve_timm_name(model.arch_kwargs, timm_name)  # refused before anything is written
-    tensors = {name: value.detach().to("cpu", DTYPES[dtype]).contiguous() for name, value in model.state_dict().items()}
+    # the RoPE periods keep their precision: they define the computation (rounded ones would change every output)
+    tensors = {name: value.detach().to("cpu", None if name == "rope_embed.periods" else DTYPES[dtype]).contiguous()
+               for name, value in model.state_dict().items()}
     arch = {**model.arch_kwargs}
     provenance = {**(source.as_metadata() if source else {}), "dtype": dtype}
     existed = output.exists()
     try:
         with publish(output, directory=fmt == "hf") as tmp:
             _write(fmt, tmp, tensors, head_tensors, arch, source, provenance, dtype=dtype, heads=heads,
-                   timm_name=timm_name, allow_interpolation_mismatch=allow_interpolation_mismatch)
+                   timm_name=timm_name, allow_interpolation_mismatch=allow_interpolation_mismatch,
+                   allow_periods_mismatch=allow_periods_mismatch)
     except Exception as error:  # noqa: BLE001 - only failures of the disk are turned into one line, the rest re-raised
         needed = sum(t.numel() * t.element_size() for t in [*tensors.values(), *head_tensors.values()])
         failure = _write_failure(output, error, needed=needed, existed=existed)
@@ -119,7 +125,7 @@ def export_backbone(model: VisionTransformer, source: Optional[BackboneSource], 
 def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[str, Tensor], arch: dict[str, Any],
            source: Optional[BackboneSource], provenance: dict[str, Any], *, dtype: str,
            heads: Optional[dict[str, dict[str, Tensor]]], timm_name: Optional[str],
-           allow_interpolation_mismatch: bool) -> None:
+           allow_interpolation_mismatch: bool, allow_periods_mismatch: bool) -> None:
     """Write the export into ``tmp`` (a file; a directory for ``hf``), which :func:`publish` then renames."""
     if fmt in OFFICIAL_FORMATS.values() and head_tensors:  # the official training's teacher_checkpoint.pth
         _torch_save({"teacher": {**{f"backbone.{k}": v for k, v in tensors.items()}, **head_tensors}}, tmp)
@@ -131,7 +137,8 @@ def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[s
             metadata[HEADS_METADATA_KEY] = json.dumps({name: head_spec_of(head) for name, head in heads.items()})
         _save_safetensors({**tensors, **head_tensors}, tmp, metadata)
     elif fmt == "hf":
-        config, hf_tensors = to_hf(tensors, arch, allow_interpolation_mismatch=allow_interpolation_mismatch)
+        config, hf_tensors = to_hf(tensors, arch, allow_interpolation_mismatch=allow_interpolation_mismatch,
+                                   allow_periods_mismatch=allow_periods_mismatch)
         config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _save_safetensors(hf_tensors, tmp / "model.safetensors", {"format": "pt"})
@@ -141,7 +148,8 @@ def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[s
         (tmp / "README.md").write_text(model_card(arch, source, architecture=config["architectures"][0],
                                                   dtype=dtype), encoding="utf-8")
     else:
-        timm_tensors, name, kwargs = to_timm(tensors, arch, timm_name=timm_name)
+        timm_tensors, name, kwargs = to_timm(tensors, arch, timm_name=timm_name,
+                                             allow_periods_mismatch=allow_periods_mismatch)
         if "untie_global_and_local_cls_norm" in arch:  # local_cls_norm (training only) is not in timm's layout
             arch = {**arch, "untie_global_and_local_cls_norm": False}
         # "state_dict" is the key timm's own load_checkpoint reads (and create_model's pretrained_cfg_overlay

@@ -175,6 +175,7 @@ def to_hf(
     arch_kwargs: Mapping[str, Any],
     *,
     allow_interpolation_mismatch: bool = False,
+    allow_periods_mismatch: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(config.json dict, tensors)`` of ``Dinov2WithRegistersModel`` (registers > 0) or ``Dinov2Model``.
 
@@ -183,7 +184,7 @@ def to_hf(
     architecture (a non-integer ``mlp_ratio``: transformers 5.x types it ``int``).
     """
     if is_rope_arch(arch_kwargs):
-        return _rope_to_hf(state_dict, arch_kwargs)
+        return _rope_to_hf(state_dict, arch_kwargs, allow_periods_mismatch)
     arch = full_arch_kwargs(arch_kwargs)
     sd = _with_zero_biases(checked_state_dict(state_dict, arch), arch)
     registers = arch["num_register_tokens"]
@@ -329,6 +330,7 @@ def to_timm(
     arch_kwargs: Mapping[str, Any],
     *,
     timm_name: str | None = None,
+    allow_periods_mismatch: bool = False,
 ) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
     """``(tensors, timm model name, create_model kwargs)``; the tensors load with ``strict=True`` into
     ``timm.create_model(name, **kwargs)``.
@@ -338,7 +340,7 @@ def to_timm(
     patch 14, with 0 or 4 registers), or when the given one cannot build a SwiGLU model.
     """
     if is_rope_arch(arch_kwargs):
-        return _rope_to_timm(state_dict, arch_kwargs, timm_name)
+        return _rope_to_timm(state_dict, arch_kwargs, timm_name, allow_periods_mismatch)
     arch = full_arch_kwargs(arch_kwargs)
     name = resolve_timm_name(arch, timm_name)
     sd = _with_zero_biases(checked_state_dict(state_dict, arch), arch)
@@ -481,9 +483,13 @@ def checked_rope_state_dict(state_dict: Mapping[str, Tensor], arch: Mapping[str,
     return {k: state_dict[k].detach() for k in expected}
 
 
-def _rope_unportable(arch: Mapping[str, Any], target: str) -> None:
+def _rope_unportable(arch: Mapping[str, Any], target: str, sd: Mapping[str, Tensor], allow_periods_mismatch: bool
+                     ) -> None:
     """Refuse what ``target`` (``"hf"`` or ``"timm"``) cannot compute as ours does, naming each reason."""
     problems = []
+    periods = _periods_mismatch(arch, sd)
+    if periods and not allow_periods_mismatch:
+        problems.append(periods)
     if arch["norm_layer"] not in ROPE_NORM_EPS or (target == "timm" and arch["norm_layer"] != "layernormbf16"):
         problems.append(f"norm_layer={arch['norm_layer']!r} (" + ("timm's DINOv3 models hard-code LayerNorm eps 1e-5, "
                         "our 'layernormbf16'" if target == "timm" else "DINOv3ViTModel has LayerNorm only") + ")")
@@ -499,8 +505,25 @@ def _rope_unportable(arch: Mapping[str, Any], target: str) -> None:
         problems.append("a learned key bias (qkv_bias without mask_k_bias: timm's attention has none)")
     if problems:
         where = "transformers' DINOv3ViTModel" if target == "hf" else "timm's DINOv3 models"
+        also = " (or pass allow_periods_mismatch=True to accept features that differ)" if periods else ""
         raise FormatError(f"{where} cannot compute this backbone as dinoreg does: {'; '.join(problems)}; "
-                          f"{_ROPE_OTHER_FORMATS}")
+                          f"{_ROPE_OTHER_FORMATS}{also}")
+
+
+def _periods_mismatch(arch: Mapping[str, Any], sd: Mapping[str, Tensor]) -> str:
+    """Why the model's ``rope_embed.periods`` buffer is not what its base gives in fp32, which transformers and timm
+    recompute instead of reading it (empty when it is). The released DINOv3 files hold periods rounded to bf16 (timm
+    notes it); a model continued from them keeps those, and a transformers or timm copy then differs by about 2e-3
+    in its tokens (measured on ViT-S/16, docs/EXPORT.md)."""
+    if arch["pos_embed_rope_base"] is None:
+        return ""  # min/max periods: refused on their own
+    expected = RopePositionEmbedding(arch["embed_dim"], num_heads=arch["num_heads"], base=arch["pos_embed_rope_base"],
+                                     dtype="fp32").periods
+    if torch.allclose(sd["rope_embed.periods"].float(), expected, rtol=1e-6, atol=0):
+        return ""
+    worst = ((sd["rope_embed.periods"].float() - expected).abs() / expected).max().item()
+    return (f"rope_embed.periods differ from what base {arch['pos_embed_rope_base']} gives (relative {worst:.1e}, "
+            "e.g. rounded to bf16 as in the released DINOv3 files), and they recompute them")
 
 
 def _rope_mlp(arch: Mapping[str, Any], sd: Mapping[str, Tensor]) -> tuple[int, int | None]:
@@ -548,11 +571,11 @@ def _rope_hf_tensors(sd: Mapping[str, Tensor], arch: Mapping[str, Any]) -> dict[
     return out
 
 
-def _rope_to_hf(state_dict: Mapping[str, Tensor], arch_kwargs: Mapping[str, Any]
+def _rope_to_hf(state_dict: Mapping[str, Tensor], arch_kwargs: Mapping[str, Any], allow_periods_mismatch: bool
                 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     arch = full_rope_arch_kwargs(arch_kwargs)
     sd = checked_rope_state_dict(state_dict, arch)
-    _rope_unportable(arch, "hf")
+    _rope_unportable(arch, "hf", sd, allow_periods_mismatch)
     hidden, align = _rope_mlp(arch, sd)
     config: dict[str, Any] = {
         "architectures": [HF_DINOV3_ARCHITECTURE], "model_type": HF_DINOV3_MODEL_TYPE,
@@ -690,15 +713,15 @@ def rope_timm_create_kwargs(arch_kwargs: Mapping[str, Any], state_dict: Mapping[
     )
 
 
-def _rope_to_timm(state_dict: Mapping[str, Tensor], arch_kwargs: Mapping[str, Any], timm_name: str | None
-                  ) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+def _rope_to_timm(state_dict: Mapping[str, Tensor], arch_kwargs: Mapping[str, Any], timm_name: str | None,
+                  allow_periods_mismatch: bool) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
     """timm's own Eva layout (what its DINOv3 checkpoint filter produces from an official file, and passes
     through unchanged): ``reg_token``, ``q_bias``/``v_bias`` (the keys' bias masked), ``gamma_1``/``gamma_2``,
     SwiGLU ``fc1_g``/``fc1_x``/``fc2``; zero biases where ours are off (timm always has them)."""
     arch = full_rope_arch_kwargs(arch_kwargs)
     name = _resolve_rope_timm_name(arch, timm_name)
     sd = checked_rope_state_dict(state_dict, arch)
-    _rope_unportable(arch, "timm")
+    _rope_unportable(arch, "timm", sd, allow_periods_mismatch)
     renames = {".ls1.gamma": ".gamma_1", ".ls2.gamma": ".gamma_2", ".mlp.w1.": ".mlp.fc1_g.", ".mlp.w2.": ".mlp.fc1_x.",
                ".mlp.w3.": ".mlp.fc2."}
     out: dict[str, Tensor] = {}

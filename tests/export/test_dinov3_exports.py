@@ -123,6 +123,24 @@ def test_what_hf_and_timm_cannot_compute_is_refused_naming_it(tmp_path, change, 
         assert "\n" not in str(refused.value) and not output.exists()
 
 
+def test_rope_periods_other_than_the_bases_are_refused_unless_accepted(tmp_path):
+    """transformers and timm recompute the periods from the base; a model holding others (the released files' bf16
+    rounding, kept by a continued model) would silently compute other features there."""
+    model = tiny_rope()
+    with torch.no_grad():
+        model.rope_embed.periods.copy_(model.rope_embed.periods.bfloat16().float())
+    for fmt, output in (("hf", tmp_path / "hf"), ("timm", tmp_path / "t.pth")):
+        with pytest.raises(FormatError, match="rope_embed.periods differ from what base 100.0 gives .*bf16.*"
+                                              "allow_periods_mismatch=True"):
+            export_backbone(model, None, fmt=fmt, output=output, timm_name="vit_small_patch16_dinov3")
+    folder = export_backbone(model, None, fmt="hf", output=tmp_path / "hf", allow_periods_mismatch=True)
+    assert 0 < (tokens(load_backbone(folder), OTHER) - tokens(model, OTHER)).abs().max() < 0.05
+    # exported in bf16, every format keeps the periods' own precision: rounding them would change every output
+    path = export_backbone(tiny_rope(), None, fmt="dinov3", output=tmp_path / "b.pth", dtype="bf16")
+    state = torch.load(path, weights_only=True)
+    assert state["rope_embed.periods"].dtype == torch.float32 and state["cls_token"].dtype == torch.bfloat16
+
+
 def test_timm_layout_is_evas_and_reads_back(tmp_path):
     """timm's Eva names (timm/models/eva.py, the model its DINOv3 checkpoint filter loads into): reg_token, q_bias
     and v_bias beside the fused qkv weight (no key bias), gamma_1/gamma_2, SwiGLU fc1_g/fc1_x/fc2; no mask token,
@@ -148,8 +166,7 @@ def test_timm_layout_is_evas_and_reads_back(tmp_path):
 def test_timm_names(tmp_path):
     with torch.device("meta"):  # shapes only
         released = {preset: build_rope_backbone(preset) for preset in ("vits16", "vitl16", "vith16plus", "vit7b16")}
-    assert to_timm(released["vits16"].state_dict(), released["vits16"].arch_kwargs)[1] == "vit_small_patch16_dinov3_qkvb"
-    for preset, name in (("vitl16", "vit_large_patch16_dinov3_qkvb"), ("vith16plus", "vit_huge_plus_patch16_dinov3_qkvb"),
+    for preset, name in (("vits16", "vit_small_patch16_dinov3_qkvb"), ("vitl16", "vit_large_patch16_dinov3_qkvb"), ("vith16plus", "vit_huge_plus_patch16_dinov3_qkvb"),
                          ("vit7b16", "vit_7b_patch16_dinov3")):  # timm has the 7B without q/v biases only
         assert resolve_timm_name(released[preset].arch_kwargs, None) == name
     tiny = tiny_rope()
