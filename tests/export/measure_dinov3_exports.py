@@ -8,9 +8,11 @@ The released ViT-S/16 architecture (DINOv3's initialisation, every tensor then m
 ``pipeline("image-feature-extraction")`` (transformers), ``timm.create_model(name, pretrained=True,
 pretrained_cfg_overlay={"file": ...})`` (timm), on random images of 224 x 224 and 160 x 288 pixels (fp32, eval mode).
 Prints the largest absolute difference to ``load_backbone(export)`` of all tokens (class, storage, patches) and of
-the class token; the libraries that do not import are skipped, saying so.
+the class token (the tokens' largest entries are about 4); the libraries that do not import are skipped, saying so.
+One more transformers line: the model with its RoPE periods rounded to bf16, against the model itself.
 """
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -54,6 +56,16 @@ def measure_hf(model, folder):
     extractor = transformers.pipeline("image-feature-extraction", model=str(path))
     pixels = transformers.AutoImageProcessor.from_pretrained(path)(picture, return_tensors="pt")["pixel_values"]
     report("transformers pipeline 300x400 picture", extractor(picture, return_tensors=True), tokens(ours, pixels))
+    # the RoPE periods rounded to bf16 (as the released files hold them): transformers recomputes exact ones
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        rounded.rope_embed.periods.copy_(rounded.rope_embed.periods.bfloat16().float())
+    path = export_backbone(rounded, None, fmt="hf", output=folder / "hf_rounded", allow_periods_mismatch=True)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(224))
+    with torch.no_grad():
+        report("transformers AutoModel 224x224, the model's periods rounded to bf16 (--allow-rope-periods-mismatch)",
+               transformers.AutoModel.from_pretrained(path).eval()(pixel_values=images).last_hidden_state,
+               tokens(rounded, images))
 
 
 def measure_timm(model, folder):
@@ -82,6 +94,7 @@ def measure_timm(model, folder):
 
 
 def main():
+    torch.manual_seed(0)  # DINOv3's initialisation draws from the global generator
     model = build_rope_backbone("vits16")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

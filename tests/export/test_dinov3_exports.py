@@ -87,6 +87,17 @@ def test_hf_dinov3_gives_load_backbones_features_and_round_trips_exactly(tmp_pat
     assert config["layer_norm_eps"] == (1e-6 if variant == "plain" else 1e-5)
 
 
+def test_load_backbone_reads_what_transformers_itself_saves(tmp_path):
+    """A DINOv3ViTModel folder written by save_pretrained (as the facebook/dinov3-* ones): the same model back."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_rope(**VARIANTS["swiglu-keybias-augments"])
+    folder = export_backbone(model, None, fmt="hf", output=tmp_path / "hf")
+    transformers.AutoModel.from_pretrained(folder).save_pretrained(tmp_path / "saved")
+    loaded = load_backbone(tmp_path / "saved")
+    assert loaded.arch_kwargs == load_backbone(folder).arch_kwargs
+    assert torch.equal(tokens(loaded, OTHER), tokens(model, OTHER))
+
+
 def test_hf_dinov3_through_the_pipeline(tmp_path):
     """pipeline("image-feature-extraction") on a picture: the image processor of preprocessor_config.json, then
     DINOv3ViTModel; the same pixels through load_backbone give the same tokens and CLS."""
