@@ -1,4 +1,4 @@
-"""torch.hub entry points: the architectures of the released DINOv2 models, with weights from a file.
+"""torch.hub entry points: the architectures of the released DINOv2 and DINOv3 models, with weights you give.
 
     model = torch.hub.load("path/to/dinoreg", "dinoreg_vitl14_reg4", weights="vitl14.safetensors", source="local")
     model = torch.hub.load("path/to/dinoreg", "dinov2_vitl14_reg", weights="vitl14.pth", source="local")
@@ -7,7 +7,7 @@
 
 Each entry speaks the official dialect: ``pretrained=False`` builds the architecture randomly initialised;
 ``weights=`` is anything :func:`dinoreg.load_backbone` reads (our exports in every format, the official
-``.pth`` files), which must fit the entry's architecture (strict loading). dinoreg downloads nothing, so
+``.pth`` files), which must fit the entry's architecture (strict loading). These entries download nothing, so
 ``pretrained=True``, the official default, needs ``weights=PATH``: no argument at all is an error, never a
 silently random model. The official names (``dinov2_vits14``, ``dinov2_vits14_reg``, ...)
 are aliases of ours (``dinoreg_vits14``, ``dinoreg_vits14_reg4``, ...). ``img_size`` defaults to the file's
