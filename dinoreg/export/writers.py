@@ -21,8 +21,8 @@ from dinoreg.models.vit import VisionTransformer
 from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY, infer_arch_kwargs, load_weights_into
 from dinoreg.run_dir import errno_of, publish
 
-__all__ = ["DTYPES", "FORMATS", "HEADS_METADATA_KEY", "HEAD_FORMATS", "SOURCE_METADATA_KEY", "check_family", "check_output",
-           "dinov2_load_overrides", "export_backbone", "resize_backbone"]
+__all__ = ["DTYPES", "FORMATS", "HEADS_METADATA_KEY", "HEAD_FORMATS", "SOURCE_METADATA_KEY", "check_family",
+           "check_output", "dinov2_load_overrides", "export_backbone", "resize_backbone"]
 
 FORMATS = {
     "dinov2": "a .pth state dict in the official DINOv2 hub layout (learned position embeddings; torch.hub DINOv2)",

@@ -461,7 +461,8 @@ TIMM_DINOV3_NAMES: dict[tuple[int, int, int, str], str] = {
 TIMM_DINOV3_QKVB_ONLY = ("vit_tiny_patch16_dinov3",)  # registered with q/v biases only
 TIMM_DINOV3_NO_QKVB = ("vit_7b_patch16_dinov3",)  # registered without
 _TIMM_DINOV3_NAME = re.compile(r"vit_[a-z0-9_]+_patch16_dinov3(_qkvb)?")
-_ROPE_OTHER_FORMATS = "export --format dinov3 or safetensors instead (dinoreg.load_backbone and the official code read them)"
+_ROPE_OTHER_FORMATS = ("export --format dinov3 or safetensors instead (dinoreg.load_backbone and the official code "
+                       "read them)")
 
 
 def is_rope_arch(arch_kwargs: Mapping[str, Any]) -> bool:
@@ -498,7 +499,8 @@ def _rope_unportable(arch: Mapping[str, Any], target: str, sd: Mapping[str, Tens
     if arch["pos_embed_rope_min_period"] is not None or arch["pos_embed_rope_base"] is None:
         problems.append("RoPE min/max periods (a base only there)")
     if arch["pos_embed_rope_normalize_coords"] != "separate":
-        problems.append(f"pos_embed_rope_normalize_coords={arch['pos_embed_rope_normalize_coords']!r} ('separate' only there)")
+        problems.append(f"pos_embed_rope_normalize_coords={arch['pos_embed_rope_normalize_coords']!r} "
+                        "('separate' only there)")
     if arch["pos_embed_rope_dtype"] != "fp32":
         problems.append(f"pos_embed_rope_dtype={arch['pos_embed_rope_dtype']!r} (RoPE in fp32 there)")
     if target == "timm" and arch["qkv_bias"] and not arch["mask_k_bias"]:
@@ -640,7 +642,8 @@ def _rope_from_hf(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> t
             out[f"{ours}attn.qkv.weight"] = torch.cat([sd[f"{theirs}attention.{n}_proj.weight"] for n in "qkv"])
             if arch["qkv_bias"]:  # a bias a projection lacks is a zero one; keys' is masked unless they have one
                 zero = sd["norm.weight"].new_zeros(dim)
-                out[f"{ours}attn.qkv.bias"] = torch.cat([sd.get(f"{theirs}attention.{n}_proj.bias", zero) for n in "qkv"])
+                out[f"{ours}attn.qkv.bias"] = torch.cat([sd.get(f"{theirs}attention.{n}_proj.bias", zero)
+                                                         for n in "qkv"])
                 if arch["mask_k_bias"]:
                     out[f"{ours}attn.qkv.bias_mask"] = torch.cat([zero + 1, zero, zero + 1])
             renames = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj",

@@ -38,7 +38,8 @@ def moved_off_init(model):
 
 def check(preset: str, folder: Path) -> float:
     model = moved_off_init(build_rope_backbone(preset))
-    path = export_backbone(model, None, fmt="dinov3", output=folder / f"dinov3_{preset}_export-00000000.pth")  # vitl16 reads a hash from "-XXXXXXXX.pth"
+    # the official dinov3_vitl16 reads a hash from a name ending "-XXXXXXXX.pth" and refuses others
+    path = export_backbone(model, None, fmt="dinov3", output=folder / f"dinov3_{preset}_export-00000000.pth")
     theirs = getattr(official, f"dinov3_{preset}")(pretrained=True, weights=str(path)).eval()
     ours = load_backbone(path)
     images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))

@@ -177,7 +177,8 @@ def test_timm_layout_is_evas_and_reads_back(tmp_path):
 def test_timm_names(tmp_path):
     with torch.device("meta"):  # shapes only
         released = {preset: build_rope_backbone(preset) for preset in ("vits16", "vitl16", "vith16plus", "vit7b16")}
-    for preset, name in (("vits16", "vit_small_patch16_dinov3_qkvb"), ("vitl16", "vit_large_patch16_dinov3_qkvb"), ("vith16plus", "vit_huge_plus_patch16_dinov3_qkvb"),
+    for preset, name in (("vits16", "vit_small_patch16_dinov3_qkvb"), ("vitl16", "vit_large_patch16_dinov3_qkvb"),
+                         ("vith16plus", "vit_huge_plus_patch16_dinov3_qkvb"),
                          ("vit7b16", "vit_7b_patch16_dinov3")):  # timm has the 7B without q/v biases only
         assert resolve_timm_name(released[preset].arch_kwargs, None) == name
     tiny = tiny_rope()
@@ -248,7 +249,8 @@ def export(run, output, fmt, *flags):
 def test_every_format_of_a_rope_run_gives_the_teachers_features(rope_run, tmp_path, capsys):
     teacher = load_backbone(rope_run / "teacher_backbone.safetensors")
     assert teacher.pos_embed_type == "rope" and teacher.n_storage_tokens == 4
-    outputs = [export(rope_run, tmp_path / "b.pth", "dinov3"), export(rope_run, tmp_path / "b.safetensors", "safetensors"),
+    outputs = [export(rope_run, tmp_path / "b.pth", "dinov3"),
+               export(rope_run, tmp_path / "b.safetensors", "safetensors"),
                export(rope_run, tmp_path / "t.pth", "timm", "--timm-name", "vit_small_patch16_dinov3_qkvb")]
     pytest.importorskip("transformers")
     outputs.append(export(rope_run, tmp_path / "hf", "hf"))
