@@ -627,6 +627,10 @@ def _rope_from_hf(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> t
                 n_storage_tokens=config.get("num_register_tokens", 0),
                 untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
     gated = config.get("use_gated_mlp", False)
+    activation = config.get("hidden_act", "gelu")
+    if activation != ("silu" if gated else "gelu"):  # ours: SiLU-gated SwiGLU, or the exact GELU MLP
+        raise CheckpointMismatchError(f"config.json has hidden_act={activation!r} with use_gated_mlp={gated}; dinoreg's "
+                                      "DINOv3 backbones have 'silu' (gated) or 'gelu' (not gated)")
     mlp = {"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"} if gated else {"up_proj": "fc1", "down_proj": "fc2"}
     try:
         out = {"cls_token": sd["embeddings.cls_token"], "mask_token": sd["embeddings.mask_token"].reshape(1, dim),

@@ -96,6 +96,10 @@ def test_load_backbone_reads_what_transformers_itself_saves(tmp_path):
     loaded = load_backbone(tmp_path / "saved")
     assert loaded.arch_kwargs == load_backbone(folder).arch_kwargs
     assert torch.equal(tokens(loaded, OTHER), tokens(model, OTHER))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
+    with pytest.raises(WeightsFileError, match="hidden_act='gelu_new' with use_gated_mlp=True"):
+        load_backbone(folder)  # another activation than ours is refused, not computed as ours
 
 
 def test_hf_dinov3_through_the_pipeline(tmp_path):
