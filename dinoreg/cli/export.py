@@ -24,8 +24,8 @@ from dinoreg.models.formats import timm_resizes_like
 
 def add_export_parser(commands: Any) -> None:
     export = commands.add_parser(
-        "export", help="write a checkpoint's teacher (or student) backbone in the official, safetensors, "
-                       "Hugging Face or timm layout",
+        "export", help="write a checkpoint's teacher (or student) backbone in the official (DINOv2 / DINOv3), "
+                       "safetensors, Hugging Face or timm layout",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Read one backbone straight from a sharded training checkpoint (any world size; no FSDP, no "
                     "process group, no optimizer state) and write it for another ecosystem. The output is "
@@ -36,7 +36,11 @@ def add_export_parser(commands: Any) -> None:
                "  dinoreg export runs/vitl/checkpoints/125000 --format hf --output hf/vitl14_reg4 --img-size 518\n"
                "  dinoreg export runs/vitl --format timm --output vitl14_reg4_timm.pth --dtype bf16\n"
                "  dinoreg export runs/tiny --format timm --output tiny_timm.pth --timm-name vit_small_patch14_reg4_dinov2\n"
-               "load it: dinoreg.load_backbone(path) (every format), torch.load(path) (dinov2), "
+               "  dinoreg export runs/tiny_rope --format hf --output hf/tiny_rope                # DINOv3ViTModel\n"
+               "  dinoreg export runs/tiny_rope --format dinov3 --output tiny_rope.pth           # official DINOv3 hub\n"
+               "  dinoreg export runs/tiny_rope --format timm --output t.pth --timm-name vit_small_patch16_dinov3_qkvb\n"
+               "load it: dinoreg.load_backbone(path) (every format), torch.load(path) (dinov2, dinov3), "
+               "dinov3_vits16(weights=path) of the official DINOv3 hub or of this repository's hubconf (dinov3), "
                "transformers.AutoModel.from_pretrained(dir) or pipeline('image-feature-extraction', model=dir) (hf), "
                "timm.create_model(f['model_name'], pretrained=True, pretrained_cfg_overlay={**f['pretrained_cfg'], "
                "'file': path}, **f['model_kwargs']) with f = torch.load(path) (timm; see docs/EXPORT.md)")
@@ -51,20 +55,26 @@ def add_export_parser(commands: Any) -> None:
     export.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="tensor precision of the output (default: %(default)s)")
     export.add_argument("--img-size", type=positive_int, metavar="PIXELS",
-                        help="resample pos_embed for this input size, e.g. 518 as the released models "
+                        help="resample pos_embed for this input size, e.g. 518 as the released models; a RoPE "
+                             "backbone resamples nothing and only records the size (the HF image processor's crop) "
                              "(default: the training global crop size)")
     export.add_argument("--allow-interpolation-mismatch", action="store_true",
                         help="hf: export even though the Hugging Face class resizes position embeddings differently "
                              "from this model (outputs then agree only at --img-size); see README")
+    export.add_argument("--allow-rope-periods-mismatch", action="store_true",
+                        help="hf, timm (RoPE backbones): export even though the model's RoPE periods differ from what "
+                             "its base gives (e.g. rounded to bf16 as in the released DINOv3 files), which transformers "
+                             "and timm recompute: their features then differ slightly from this model's")
     export.add_argument("--timm-name", metavar="NAME",
                         help="timm: the timm entry point to build the model with, needed when timm registers no "
-                             "DINOv2 name for the architecture (any timm ViT name works: the stored kwargs set "
-                             "every field; the error suggests one) (default: timm's DINOv2 name, e.g. "
-                             "vit_small_patch14_reg4_dinov2)")
+                             "model for the architecture (the stored kwargs set every field; the error suggests a "
+                             "name): a DINOv2 ViT name for a learned-position backbone, one of timm's DINOv3 models "
+                             "(vit_*_patch16_dinov3[_qkvb]) for a RoPE one (default: timm's name for the "
+                             "architecture, e.g. vit_small_patch14_reg4_dinov2, vit_small_patch16_dinov3_qkvb)")
     export.add_argument("--with-heads", action="store_true",
                         help="also write the DINO and iBOT heads of --part, in the official layout, so that others can "
-                             "continue pretraining from the model (train.init_from): safetensors (dino_head.* keys) or "
-                             "dinov2 (the official teacher checkpoint layout); dinoreg.load_backbone still reads "
+                             "continue pretraining from the model (train.init_from): safetensors (dino_head.* keys), "
+                             "dinov2 or dinov3 (the official teacher checkpoint layout); dinoreg.load_backbone reads "
                              "the backbone")
     export.add_argument("--force", action="store_true", help="replace PATH if it exists")
     export.set_defaults(handler=_export, parser=export)
@@ -87,10 +97,12 @@ def _export(args: argparse.Namespace) -> int:
             model = resize_backbone(model, args.img_size)
         path = export_backbone(model, source, fmt=args.format, output=args.output, dtype=args.dtype,
                                force=args.force, allow_interpolation_mismatch=args.allow_interpolation_mismatch,
-                               timm_name=args.timm_name, heads=heads)
+                               timm_name=args.timm_name, heads=heads,
+                               allow_periods_mismatch=args.allow_rope_periods_mismatch)
     except (InputError, OSError) as error:
         message = str(error).replace("allow_interpolation_mismatch=True", "--allow-interpolation-mismatch")
         message = message.replace("timm_name=", "--timm-name ")
+        message = message.replace("allow_periods_mismatch=True", "--allow-rope-periods-mismatch")
         print(f"dinoreg export: {message}", file=sys.stderr)
         return 1
     print(f"wrote {path}: {args.part} backbone{' and heads' if args.with_heads else ''} of {checkpoint} (iteration {source.iteration}, saved by "
@@ -99,7 +111,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"note: timm resizes position embeddings with antialiased bicubic at the exact grid, this model "
               f"another way: the timm model is fixed to {model.arch_kwargs['img_size']} px (dynamic_img_size=False, "
               "so timm refuses other sizes rather than computing other features); --img-size exports another size")
-    overrides = dinov2_load_overrides(model) if args.format == "dinov2" else {}
+    overrides = dinov2_load_overrides(model) if args.format in ("dinov2", "dinov3") else {}
     if overrides:
         arguments = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
         print(f"note: a .pth holds tensors only; load it with dinoreg.load_backbone(path, {arguments}) "

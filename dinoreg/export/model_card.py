@@ -58,20 +58,26 @@ def timm_pretrained_cfg(img_size: int) -> dict[str, Any]:
 
 def model_card(arch: Mapping[str, Any], source: Optional[BackboneSource], *, architecture: str, dtype: str) -> str:
     """A short README.md: what the model is, how it was trained and produced, and how to load it."""
-    registers = arch["num_register_tokens"]
+    rope = "n_storage_tokens" in arch  # the DINOv3 family (DINOv3ViTModel)
+    registers = arch["n_storage_tokens"] if rope else arch["num_register_tokens"]
     grid = arch["img_size"] // arch["patch_size"]
     trained = ("| trained by | an unknown source (no dinoreg checkpoint) |" if source is None else "\n".join([
         f"| training data | `{source.dataset or 'unknown'}` |",
         f"| iterations | {source.iteration} of {source.total_iterations or 'unknown'} |",
         f"| exported from | `{source.checkpoint}` ({source.part}, saved by {source.world_size} process(es), "
         f"config digest `{source.config_digest}`) |"]))
+    family, tokens, positions = (
+        ("dinov3", "storage tokens (registers)", f"2-D RoPE (base {arch.get('pos_embed_rope_base')}): any multiple of "
+         f"{arch['patch_size']} px runs without resampling anything") if rope else
+        ("dinov2", "register tokens", f"learned; other multiples of {arch['patch_size']} px resample the position "
+         "embeddings"))
     return f"""---
 library_name: transformers
 pipeline_tag: image-feature-extraction
-tags: [dinov2, dinoreg, vision-transformer, self-supervised, registers]
+tags: [{family}, dinoreg, vision-transformer, self-supervised, registers]
 ---
 
-# A DINOv2-style ViT with {registers} register tokens, trained with dinoreg
+# A {family.upper().replace("V", "v")}-style ViT with {registers} {tokens}, trained with dinoreg
 
 Self-supervised (DINO + iBOT + KoLeo) Vision Transformer backbone, exported by `dinoreg export --format hf`
 (dinoreg {__version__}) as `{architecture}`.
@@ -80,9 +86,9 @@ Self-supervised (DINO + iBOT + KoLeo) Vision Transformer backbone, exported by `
 | --- | --- |
 | architecture | ViT, patch {arch["patch_size"]}, width {arch["embed_dim"]}, {arch["depth"]} blocks, \
 {arch["num_heads"]} heads, FFN `{arch["ffn_layer"]}` |
-| register tokens | {registers} |
-| training resolution | {arch["img_size"]} px ({grid} x {grid} patches); other multiples of {arch["patch_size"]} px \
-resample the position embeddings |
+| {tokens} | {registers} |
+| training resolution | {arch["img_size"]} px ({grid} x {grid} patches) |
+| position encoding | {positions} |
 | weights | {dtype} |
 {trained}
 

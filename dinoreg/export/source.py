@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dinoreg.errors import InputError
 from dinoreg.models.head import HEAD_NAMES
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import VisionTransformer
 from dinoreg.run_dir import CHECKPOINT_DIR, CONFIG_FILE, IN_PROGRESS_PREFIX, META_FILE
 
 if TYPE_CHECKING:  # imported where used: `dinoreg --help` does not load DCP
@@ -86,7 +86,7 @@ def resolve_reader(path: str | Path, *, warn: Callable[[str], None] = lambda mes
 
 
 def read_backbone(checkpoint: Path | CheckpointReader, *, part: str = "teacher"
-                  ) -> tuple[DinoVisionTransformer, BackboneSource]:
+                  ) -> tuple[VisionTransformer, BackboneSource]:
     """The ``part`` backbone of ``checkpoint`` (a directory, or its reader from :func:`resolve_reader`) in fp32
     and eval mode, loaded strictly, and where it came from."""
     model, source, _ = _read(checkpoint, part=part, with_heads=False)
@@ -94,7 +94,7 @@ def read_backbone(checkpoint: Path | CheckpointReader, *, part: str = "teacher"
 
 
 def read_backbone_with_heads(checkpoint: Path | CheckpointReader, *, part: str = "teacher"
-                             ) -> tuple[DinoVisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
+                             ) -> tuple[VisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
     """:func:`read_backbone` and the ``part``'s DINO/iBOT heads (``dino_head`` / ``ibot_head`` state dicts, the ones
     it has), in one read of the checkpoint's tensors."""
     model, source, heads = _read(checkpoint, part=part, with_heads=True)
@@ -102,7 +102,7 @@ def read_backbone_with_heads(checkpoint: Path | CheckpointReader, *, part: str =
 
 
 def _read(checkpoint: Path | CheckpointReader, *, part: str, with_heads: bool
-          ) -> tuple[DinoVisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
+          ) -> tuple[VisionTransformer, BackboneSource, dict[str, dict[str, Tensor]]]:
     from dinoreg.config import build_backbone_from_config  # noqa: PLC0415 (start-up: omegaconf)
     from dinoreg.train.checkpoint_reader import CheckpointReader  # noqa: PLC0415 (start-up: DCP)
 

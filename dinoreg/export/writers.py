@@ -14,54 +14,86 @@ from torch import Tensor
 
 from dinoreg.export.model_card import hf_preprocessor_config, model_card, timm_pretrained_cfg
 from dinoreg.export.source import BackboneSource, ExportError
+from dinoreg.models import backbone_from_arch_kwargs
 from dinoreg.models.formats import resolve_timm_name, to_hf, to_timm
 from dinoreg.models.head import head_spec_of, head_to_official
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import VisionTransformer
 from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY, infer_arch_kwargs, load_weights_into
 from dinoreg.run_dir import errno_of, publish
 
-__all__ = ["DTYPES", "FORMATS", "HEADS_METADATA_KEY", "HEAD_FORMATS", "SOURCE_METADATA_KEY", "check_output", "dinov2_load_overrides", "export_backbone",
-           "resize_backbone"]
+__all__ = ["DTYPES", "FORMATS", "HEADS_METADATA_KEY", "HEAD_FORMATS", "SOURCE_METADATA_KEY", "check_family",
+           "check_output", "dinov2_load_overrides", "export_backbone", "resize_backbone"]
 
 FORMATS = {
-    "dinov2": "a .pth state dict in the official hub layout (torch.hub DINOv2 / dinoreg / load_state_dict)",
+    "dinov2": "a .pth state dict in the official DINOv2 hub layout (learned position embeddings; torch.hub DINOv2)",
+    "dinov3": "a .pth state dict in the official DINOv3 hub layout (RoPE backbones; dinov3_vits16(weights=path))",
     "safetensors": "a .safetensors file with the architecture and provenance as metadata (dinoreg.load_backbone)",
-    "hf": "a directory for transformers.AutoModel.from_pretrained (config.json + model.safetensors)",
+    "hf": "a directory for transformers.AutoModel.from_pretrained and pipeline (Dinov2 / DINOv3ViTModel)",
     "timm": "a .pth holding a timm state dict, the timm model name, its create_model kwargs and pretrained_cfg",
 }
-SUFFIXES = {"dinov2": (".pth", ".pt"), "safetensors": (".safetensors",), "timm": (".pth", ".pt")}
+SUFFIXES = {"dinov2": (".pth", ".pt"), "dinov3": (".pth", ".pt"), "safetensors": (".safetensors",),
+            "timm": (".pth", ".pt")}
+# the official layout of each backbone family (RoPE: DINOv3's; learned position embeddings: DINOv2's)
+OFFICIAL_FORMATS = {"rope": "dinov3", "learned": "dinov2"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SOURCE_METADATA_KEY = "dinoreg_source"
 HEADS_METADATA_KEY = "dinoreg_heads"  # the heads' sizes, JSON: {"dino_head": {"n_prototypes": ...}, ...}
-HEAD_FORMATS = ("safetensors", "dinov2")
+HEAD_FORMATS = ("safetensors", "dinov2", "dinov3")
+# what a plain .pth cannot tell load_backbone and changes the features, by family (the rest is in the shapes)
+_OUTPUT_ARGUMENTS = {
+    "learned": ("num_heads", "interpolate_antialias", "interpolate_offset", "mlp_ratio"),
+    # (RoPE periods are a tensor of the file: their base or min/max need not be passed)
+    "rope": ("num_heads", "norm_layer", "ffn_layer", "ffn_ratio", "pos_embed_rope_normalize_coords",
+             "pos_embed_rope_dtype", "pos_embed_rope_shift_coords", "pos_embed_rope_jitter_coords",
+             "pos_embed_rope_rescale_coords"),
+}
 
 
-def resize_backbone(model: DinoVisionTransformer, img_size: int) -> DinoVisionTransformer:
-    """The same backbone built for ``img_size``, ``pos_embed`` resampled with its interpolation."""
+def check_family(model: VisionTransformer, fmt: str) -> None:
+    """Refuse the official layout of the other backbone family (``dinov2`` for a RoPE backbone, ``dinov3`` for a
+    learned-position one), naming the format to use."""
+    family = model.pos_embed_type
+    wanted = OFFICIAL_FORMATS[family]
+    if fmt in OFFICIAL_FORMATS.values() and fmt != wanted:
+        kind = "a RoPE backbone (DINOv3's family)" if family == "rope" else \
+            "a backbone with learned position embeddings (DINOv2's family)"
+        raise ExportError(f"--format {fmt} writes the official {fmt.upper()} layout, and this is {kind}; "
+                          f"use --format {wanted} (or safetensors, hf, timm)")
+
+
+def resize_backbone(model: VisionTransformer, img_size: int) -> VisionTransformer:
+    """The same backbone built for ``img_size``: ``pos_embed`` resampled with its interpolation; a RoPE backbone
+    resamples nothing (``img_size`` only records the size it is meant for)."""
     if img_size % model.patch_size:
         raise ExportError(f"--img-size {img_size} is not a multiple of the patch size {model.patch_size}")
-    resized = DinoVisionTransformer(**{**model.arch_kwargs, "img_size": img_size})
+    resized = backbone_from_arch_kwargs({**model.arch_kwargs, "img_size": img_size})
     load_weights_into(resized, model.state_dict())
     return resized.eval()
 
 
-def dinov2_load_overrides(model: DinoVisionTransformer) -> dict[str, Any]:
-    """What a plain ``.pth`` (tensors only, as the official files) cannot tell ``load_backbone``: the arguments
-    that differ from what it infers from the shapes (64-dim heads; the registers models' interpolation)."""
+def dinov2_load_overrides(model: VisionTransformer) -> dict[str, Any]:
+    """What a plain ``.pth`` (tensors only, as the official files of both families) cannot tell ``load_backbone``:
+    the arguments that change the features and differ from what it infers from the shapes (64-dim heads; the
+    registers models' interpolation; a RoPE backbone's norm eps and RoPE settings other than the released ones)."""
     inferred = infer_arch_kwargs(model.state_dict())
-    keys = ("num_heads", "interpolate_antialias", "interpolate_offset", "mlp_ratio")
-    return {key: model.arch_kwargs[key] for key in keys if inferred[key] != model.arch_kwargs[key]}
+    return {key: model.arch_kwargs[key] for key in _OUTPUT_ARGUMENTS[model.pos_embed_type]
+            if inferred.get(key) != model.arch_kwargs.get(key)}
 
 
-def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSource], *, fmt: str, output: str | Path,
+def export_backbone(model: VisionTransformer, source: Optional[BackboneSource], *, fmt: str, output: str | Path,
                     dtype: str = "fp32", force: bool = False, allow_interpolation_mismatch: bool = False,
-                    timm_name: Optional[str] = None, heads: Optional[dict[str, dict[str, Tensor]]] = None) -> Path:
+                    timm_name: Optional[str] = None, heads: Optional[dict[str, dict[str, Tensor]]] = None,
+                    allow_periods_mismatch: bool = False) -> Path:
     """Write ``model`` as ``fmt`` to ``output``; returns the path written. ``allow_interpolation_mismatch``: see
-    :func:`dinoreg.models.formats.to_hf`; ``timm_name``: see :func:`dinoreg.models.formats.to_timm`. ``heads``
+    :func:`dinoreg.models.formats.to_hf`; ``timm_name``: see :func:`dinoreg.models.formats.to_timm`;
+    ``allow_periods_mismatch`` (RoPE backbones, hf and timm): export even though the model's RoPE periods are not the
+    ones its base gives, which those libraries recompute. ``heads``
     (``dino_head`` / ``ibot_head`` state dicts) are written beside the backbone, in the official layout
     (``last_layer.weight_g`` / ``weight_v``): safetensors under ``dino_head.*`` keys, dinov2 as the official
-    teacher checkpoint ``{"teacher": {"backbone.*", "dino_head.*", ...}}``; ``load_backbone`` reads the backbone."""
+    teacher checkpoint ``{"teacher": {"backbone.*", "dino_head.*", ...}}`` (dinov2 and dinov3 alike);
+    ``load_backbone`` reads the backbone."""
     output = check_output(fmt, output, force=force)
+    check_family(model, fmt)
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if heads and fmt not in HEAD_FORMATS:
@@ -70,14 +102,17 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
                     for name, head in (heads or {}).items() for key, value in head_to_official(head).items()}
     if fmt == "timm":
         timm_name = resolve_timm_name(model.arch_kwargs, timm_name)  # refused before anything is written
-    tensors = {name: value.detach().to("cpu", DTYPES[dtype]).contiguous() for name, value in model.state_dict().items()}
+    # the RoPE periods keep their precision: they define the computation (rounded ones would change every output)
+    tensors = {name: value.detach().to("cpu", None if name == "rope_embed.periods" else DTYPES[dtype]).contiguous()
+               for name, value in model.state_dict().items()}
     arch = {**model.arch_kwargs}
     provenance = {**(source.as_metadata() if source else {}), "dtype": dtype}
     existed = output.exists()
     try:
         with publish(output, directory=fmt == "hf") as tmp:
             _write(fmt, tmp, tensors, head_tensors, arch, source, provenance, dtype=dtype, heads=heads,
-                   timm_name=timm_name, allow_interpolation_mismatch=allow_interpolation_mismatch)
+                   timm_name=timm_name, allow_interpolation_mismatch=allow_interpolation_mismatch,
+                   allow_periods_mismatch=allow_periods_mismatch)
     except Exception as error:  # noqa: BLE001 - only failures of the disk are turned into one line, the rest re-raised
         needed = sum(t.numel() * t.element_size() for t in [*tensors.values(), *head_tensors.values()])
         failure = _write_failure(output, error, needed=needed, existed=existed)
@@ -90,11 +125,11 @@ def export_backbone(model: DinoVisionTransformer, source: Optional[BackboneSourc
 def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[str, Tensor], arch: dict[str, Any],
            source: Optional[BackboneSource], provenance: dict[str, Any], *, dtype: str,
            heads: Optional[dict[str, dict[str, Tensor]]], timm_name: Optional[str],
-           allow_interpolation_mismatch: bool) -> None:
+           allow_interpolation_mismatch: bool, allow_periods_mismatch: bool) -> None:
     """Write the export into ``tmp`` (a file; a directory for ``hf``), which :func:`publish` then renames."""
-    if fmt == "dinov2" and head_tensors:
+    if fmt in OFFICIAL_FORMATS.values() and head_tensors:  # the official training's teacher_checkpoint.pth
         _torch_save({"teacher": {**{f"backbone.{k}": v for k, v in tensors.items()}, **head_tensors}}, tmp)
-    elif fmt == "dinov2":
+    elif fmt in OFFICIAL_FORMATS.values():
         _torch_save(tensors, tmp)
     elif fmt == "safetensors":
         metadata = {METADATA_KEY: json.dumps(arch), SOURCE_METADATA_KEY: json.dumps(provenance)}
@@ -102,7 +137,8 @@ def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[s
             metadata[HEADS_METADATA_KEY] = json.dumps({name: head_spec_of(head) for name, head in heads.items()})
         _save_safetensors({**tensors, **head_tensors}, tmp, metadata)
     elif fmt == "hf":
-        config, hf_tensors = to_hf(tensors, arch, allow_interpolation_mismatch=allow_interpolation_mismatch)
+        config, hf_tensors = to_hf(tensors, arch, allow_interpolation_mismatch=allow_interpolation_mismatch,
+                                   allow_periods_mismatch=allow_periods_mismatch)
         config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _save_safetensors(hf_tensors, tmp / "model.safetensors", {"format": "pt"})
@@ -112,7 +148,10 @@ def _write(fmt: str, tmp: Path, tensors: dict[str, Tensor], head_tensors: dict[s
         (tmp / "README.md").write_text(model_card(arch, source, architecture=config["architectures"][0],
                                                   dtype=dtype), encoding="utf-8")
     else:
-        timm_tensors, name, kwargs = to_timm(tensors, arch, timm_name=timm_name)
+        timm_tensors, name, kwargs = to_timm(tensors, arch, timm_name=timm_name,
+                                             allow_periods_mismatch=allow_periods_mismatch)
+        if "untie_global_and_local_cls_norm" in arch:  # local_cls_norm (training only) is not in timm's layout
+            arch = {**arch, "untie_global_and_local_cls_norm": False}
         # "state_dict" is the key timm's own load_checkpoint reads (and create_model's pretrained_cfg_overlay
         # file=); the rest is for people, timm's data config and load_backbone
         _torch_save({"state_dict": timm_tensors, "model_name": name, "model_kwargs": kwargs,

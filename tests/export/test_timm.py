@@ -1,4 +1,5 @@
-"""Our timm exports through timm's own front door, with real timm.
+"""Our timm exports through timm's own front door, with real timm: DINOv2's family (timm's vision_transformer) and
+DINOv3's RoPE family (timm's Eva DINOv3 models, vit_*_patch16_dinov3*).
 
 timm cannot be imported beside the CPU torch the suite runs on (its torchvision), so this module skips there. Run
 it in a venv where timm imports (see docs/EXPORT.md):
@@ -20,7 +21,8 @@ except Exception as error:  # noqa: BLE001 (an ImportError, or torchvision faili
 from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD
 from dinoreg.data.loader import EvalTransform
 from dinoreg.export.writers import export_backbone
-from dinoreg.models import build_backbone
+from dinoreg import load_backbone
+from dinoreg.models import build_backbone, build_rope_backbone
 
 AA = dict(interpolate_antialias=True, interpolate_offset=0.0)  # the registers family's interpolation
 
@@ -119,4 +121,53 @@ def test_official_layout_loads_with_timms_own_dinov2_conversion(tmp_path):
     loaded = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=True, img_size=56, dynamic_img_size=True,
                                pretrained_cfg_overlay={"file": str(path)}).eval()
     images = torch.randn(2, 3, 70, 70, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(timm_tokens(loaded, images), ours_tokens(model, images), atol=1e-4, rtol=0)
+
+
+# --- DINOv3 (RoPE) ----------------------------------------------------------------------------------------------
+
+RECTANGLES = ((32, 32), (48, 80))  # RoPE: any multiple of the patch, nothing resampled
+
+
+def test_dinov3_registered_name_through_timms_front_door(tmp_path):
+    """The released ViT-S/16 architecture (full size) under its timm name; timm's tokens and CLS pooling are
+    load_backbone's within 1e-4."""
+    model = trained_like(build_rope_backbone("vits16", img_size=32))
+    path = export_backbone(model, None, fmt="timm", output=tmp_path / "s.pth")
+    assert torch.load(path, weights_only=True)["model_name"] == "vit_small_patch16_dinov3_qkvb"
+    loaded, ours = through_timm(path), load_backbone(path)
+    assert type(loaded).__name__ == "Eva"
+    for height, width in RECTANGLES:
+        images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height))
+        timm_out = timm_tokens(loaded, images)
+        torch.testing.assert_close(timm_out, ours_tokens(ours, images), atol=1e-4, rtol=0)
+        torch.testing.assert_close(timm_out, ours_tokens(model, images), atol=1e-4, rtol=0)
+        with torch.no_grad():  # global_pool="token": the CLS, DINOv3's pooling
+            torch.testing.assert_close(loaded(images), ours(images), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(ffn_layer="swiglu", ffn_ratio=6.0, n_storage_tokens=2),
+    dict(n_storage_tokens=0, qkv_bias=False, proj_bias=False, ffn_bias=False, layerscale_init=None),
+], ids=["swiglu-2-storage", "no-storage-no-bias-no-layerscale"])
+def test_dinov3_unregistered_architecture_with_a_timm_name(tmp_path, extra):
+    model = trained_like(build_rope_backbone("vits16", depth=2, embed_dim=64, num_heads=2, patch_size=8, img_size=32,
+                                             **extra))
+    path = export_backbone(model, None, fmt="timm", output=tmp_path / "t.pth",
+                           timm_name="vit_small_patch16_dinov3_qkvb")
+    loaded = through_timm(path)
+    for height, width in RECTANGLES:
+        images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(width))
+        torch.testing.assert_close(timm_tokens(loaded, images), ours_tokens(load_backbone(path), images), atol=1e-4,
+                                   rtol=0)
+
+
+def test_official_dinov3_layout_loads_with_timms_own_dinov3_filter(tmp_path):
+    """A --format dinov3 file (the official hub layout: storage_tokens, qkv.bias with its mask, periods) through
+    timm's checkpoint_filter_fn for DINOv3 weights, as the released .pth files load."""
+    model = trained_like(build_rope_backbone("vits16", img_size=32))
+    path = export_backbone(model, None, fmt="dinov3", output=tmp_path / "official.pth")
+    loaded = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=True, num_classes=0,
+                               pretrained_cfg_overlay={"file": str(path)}).eval()
+    images = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(timm_tokens(loaded, images), ours_tokens(model, images), atol=1e-4, rtol=0)
