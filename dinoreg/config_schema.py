@@ -82,6 +82,9 @@ class HeadConfig:
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
     head_hidden_dim: int = 2048
+    # the last layer onto the prototypes: weight-normalised (DINOv2's layout, last_layer.weight_g / weight_v in
+    # official files) or, false, a plain linear layer (DINOv3's, last_layer.weight; its head_norm_last_layer: false)
+    head_weight_norm: bool = True
 
 
 @dataclass

@@ -30,16 +30,18 @@ def _entropy(probs: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class HeadSpec:
     """A projection head (:class:`~dinoreg.models.DINOHead`): an MLP of ``nlayers`` layers to the bottleneck,
-    then ``n_prototypes`` weight-normalised prototypes."""
+    then ``n_prototypes`` prototypes, weight-normalised (DINOv2's layout) or a plain linear layer
+    (``weight_norm=False``, DINOv3's)."""
 
     n_prototypes: int
     hidden_dim: int
     bottleneck_dim: int
     nlayers: int
+    weight_norm: bool = True
 
     def build(self, in_dim: int) -> DINOHead:
         return DINOHead(in_dim, self.n_prototypes, nlayers=self.nlayers, hidden_dim=self.hidden_dim,
-                        bottleneck_dim=self.bottleneck_dim)
+                        bottleneck_dim=self.bottleneck_dim, weight_norm=self.weight_norm)
 
 
 @dataclass(frozen=True)

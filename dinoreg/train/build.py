@@ -50,7 +50,8 @@ def precision(cfg: DictConfig, device: torch.device, *, distributed: bool) -> tu
 
 def _head_spec(section: Any) -> HeadSpec:
     return HeadSpec(n_prototypes=section.head_n_prototypes, hidden_dim=section.head_hidden_dim,
-                    bottleneck_dim=section.head_bottleneck_dim, nlayers=section.head_nlayers)
+                    bottleneck_dim=section.head_bottleneck_dim, nlayers=section.head_nlayers,
+                    weight_norm=section.head_weight_norm)
 
 
 def build_ssl_model(cfg: DictConfig, *, load_pretrained: bool = True) -> SSLMetaArch:

@@ -44,7 +44,7 @@ class Weights:
     """A backbone and the heads beside it, as read from one source."""
 
     source: str
-    arch: dict  # DinoVisionTransformer keyword arguments
+    arch: dict  # the backbone's keyword arguments (either family: see dinoreg.models.backbone_from_arch_kwargs)
     backbone: dict[str, Tensor]
     heads: dict[str, dict[str, Tensor]]  # "dino_head" / "ibot_head" -> DINOHead state dict (our layout)
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from dinoreg.models.head import head_spec_of
+from dinoreg.models.head import HeadLayoutError, head_spec_of
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import VisionTransformer
 from dinoreg.models.weights import fit_pos_embed, fitted_state_dict, infer_arch_kwargs, read_checkpoint_and_heads
@@ -37,8 +37,10 @@ from dinoreg.train.parallel import copy_state_into
 __all__ = ["StartError", "Weights", "carry_optimizer_state", "check_heads", "copy_initial", "fitted_backbone",
            "initial_tensors", "phase_tensors", "read_weights"]
 
-_HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers",
-              "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim"}
+_HEAD_KEYS = {"dino_head": "dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers, "
+                           "dino.head_weight_norm",
+              "ibot_head": "ibot.separate_head, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim, "
+                           "ibot.head_weight_norm"}
 
 
 def read_weights(path: str, *, key: str) -> Weights:
@@ -112,11 +114,33 @@ def check_heads(weights: Weights, expected: Mapping[str, nn.Module], *, key: str
                          "trains them first, backbones frozen), or export a run with `dinoreg export --with-heads`")
     given = {f"{name}.{k}": v for name, head in weights.heads.items() for k, v in head.items()}
     wanted = {f"{name}.{k}": v for name, head in expected.items() for k, v in head.state_dict().items()}
-    found = ", ".join(f"{name}: {head_spec_of(head)}" for name, head in weights.heads.items())
-    check_state_dict_fits(given, wanted, given_name=key, expected_name="configured heads",
-                          hint=f"{weights.source} has {found}; set "
-                               + "; ".join(_HEAD_KEYS[name] for name in sorted(set(weights.heads) | set(expected)))
-                               + " to match")
+    other_layout = {name: head_spec["weight_norm"] for name, head_spec in _specs(weights.heads).items()
+                    if name in expected and head_spec and head_spec["weight_norm"] != expected[name].weight_norm}
+    hint = (f"the file's {' and '.join(other_layout)} last layer is in the other layout: set "
+            + " ".join(f"{name[:4]}.head_weight_norm={str(norm).lower()}" for name, norm in other_layout.items())
+            + " (false: DINOv3's plain last_layer.weight, true: DINOv2's weight_g / weight_v)" if other_layout else
+            f"{weights.source} has {_head_sizes(weights.heads)}; set "
+            + "; ".join(_HEAD_KEYS[name] for name in sorted(set(weights.heads) | set(expected))) + " to match")
+    try:
+        check_state_dict_fits(given, wanted, given_name=key, expected_name="configured heads", hint=hint)
+    except CheckpointMismatchError as error:  # one line, whatever the number of misfits
+        first, *rest = (line.strip() for line in str(error).splitlines())
+        raise CheckpointMismatchError(f"{first} {'; '.join(rest)}") from None
+
+
+def _specs(heads: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict]:
+    """Each head's :func:`head_spec_of`, empty where it has no layout a DINOHead knows."""
+    def spec(head: Mapping[str, Tensor]) -> dict:
+        try:
+            return head_spec_of(head)
+        except HeadLayoutError:
+            return {}
+    return {name: spec(head) for name, head in heads.items()}
+
+
+def _head_sizes(heads: Mapping[str, Mapping[str, Tensor]]) -> str:
+    """Each head's arguments, or its keys where it has no layout a DINOHead knows."""
+    return ", ".join(f"{name}: {spec or 'keys ' + ', '.join(sorted(heads[name]))}" for name, spec in _specs(heads).items())
 
 
 def initial_tensors(cfg: DictConfig, template: nn.Module) -> dict[str, Tensor]:
