@@ -18,6 +18,7 @@ from dinoreg.models.weights import save_backbone
 from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.train.build import build_model_and_optimizer
 from dinoreg.train.checkpoint_reader import CheckpointReader
+from dinoreg.train.features.partial_training import partial_training
 from dinoreg.train.loop import iterate, set_up
 from dinoreg.train.optim import apply_optim_schedule, separate_backbone_groups
 
@@ -49,8 +50,9 @@ def moved_after_training(tmp_path, family, *overrides):
     assert heads and all(k in moved and k.replace("student.", "teacher.") in moved for k in heads)
     names = {k.removeprefix("student.backbone.") for k in before if k.startswith("student.backbone.")
              and k.removeprefix("student.backbone.") in dict(run.model.student["backbone"].named_parameters())}
-    part = lambda who: {k.removeprefix(f"{who}.backbone.") for k in moved if k.startswith(f"{who}.backbone.")}  # noqa: E731
-    return names, part("student"), part("teacher"), run.model, run.optimizer
+    moved_in = {who: {k.removeprefix(f"{who}.backbone.") for k in moved if k.startswith(f"{who}.backbone.")}
+                for who in ("student", "teacher")}
+    return names, moved_in["student"], moved_in["teacher"], run.model, run.optimizer
 
 
 @pytest.mark.parametrize("family, warmup", [("learned", 2), ("rope", 0)])
@@ -105,6 +107,14 @@ def test_last_blocks_of_a_rope_backbone_with_untied_norms_warm_up_and_ramp(tmp_p
         backbone = group["names"][0].startswith("backbone.")
         expected = (2e-3 if group["is_last_layer"] else 1e-3) * group["lr_multiplier"] * (0.25 if backbone else 1)
         assert group["lr"] == expected and group["weight_decay"] == 0.04 * group["wd_multiplier"]
+
+
+def test_the_ramp_starts_at_the_end_of_the_head_warm_up_and_reaches_the_schedule_after_its_iterations():
+    feature = partial_training(load_config("tiny_rope_cpu", ["optim.head_warmup_iterations=3",
+                                                             "optim.unfreeze_ramp_iterations=4"]))
+    assert [feature.values(it)["backbone_lr_scale"] for it in range(9)] == [0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    assert partial_training(load_config("tiny_rope_cpu", ["optim.train_last_blocks=2"])).values(5) == {}
+    assert partial_training(load_config("tiny_rope_cpu", ["optim.head_warmup_iterations=3"])) is None
 
 
 def test_separating_the_backbone_groups_keeps_every_setting_and_a_mixed_group_refuses_a_scale():

@@ -1,7 +1,8 @@
 """The training features beyond DINO + iBOT + KoLeo, one module each, behind the protocol of
 :mod:`dinoreg.ssl.feature`: Gram anchoring (:mod:`.gram`), distillation (:mod:`.distillation`), the head warm-up
-(:mod:`.head_warmup`), frozen parts of the backbone and its lr ramp (:mod:`.partial_training`). :func:`build_features` turns a config into the run's features, in a fixed order (the order
-their frozen models join the model, their terms the loss and their values the logs).
+(:mod:`.head_warmup`), frozen parts of the backbone and its lr ramp (:mod:`.partial_training`).
+:func:`build_features` turns a config into the run's features, in a fixed order (the order their frozen models join
+the model, their terms the loss and their values the logs).
 
 A new feature is a module here (a :class:`~dinoreg.ssl.feature.TrainingFeature` and a function from the config to
 it, None when the config leaves it off), its line in :func:`build_features`, its config section in
