@@ -218,7 +218,8 @@ def _validate(cfg: DictConfig) -> list[str]:
             + _train_problems(cfg) + _evaluation_problems(cfg) + _dataset_problems(cfg) + _teacher_problems(cfg)
             + _probability_problems(cfg) + _checkpoint_problems(cfg) + _monitor_problems(cfg)
             + _augmentation_problems(cfg) + _schedule_problems(cfg, total) + _start_problems(cfg)
-            + _distillation_problems(cfg) + _gram_problems(cfg, total) + _optimizer_problems(cfg))
+            + _distillation_problems(cfg) + _gram_problems(cfg, total) + _optimizer_problems(cfg)
+            + _partial_training_problems(cfg))
 
 
 def _failed(cfg: DictConfig, rules: list[tuple[Any, str, str]]) -> list[str]:
@@ -447,6 +448,36 @@ def _optimizer_problems(cfg: DictConfig) -> list[str]:
     rules = [(0 < cfg.optim.layerwise_decay <= 1, "optim.layerwise_decay", "must be in (0, 1]")]
     rules += [(0 <= OmegaConf.select(cfg, key) < 1, key, "must be in [0, 1)")
               for key in ("optim.adamw_beta1", "optim.adamw_beta2")]
+    return _failed(cfg, rules)
+
+
+# The parts of the student backbone optim.freeze names (register_tokens and storage_tokens: either family's
+# registers); dinoreg.train.features.partial_training maps them to parameters.
+FREEZE_NAMES = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "storage_tokens", "mask_token")
+
+
+def _partial_training_problems(cfg: DictConfig) -> list[str]:
+    """``optim.freeze``, ``optim.train_last_blocks`` and ``optim.unfreeze_ramp_iterations`` fit the backbone."""
+    optim, student = cfg.optim, cfg.student
+    unknown = [name for name in optim.freeze if name not in FREEZE_NAMES]
+    rules = [
+        (not unknown, "optim.freeze", f"unknown {', '.join(map(str, unknown))}; allowed: "
+         f"{', '.join(FREEZE_NAMES)}"),
+        (optim.unfreeze_ramp_iterations >= 0, "optim.unfreeze_ramp_iterations", "must be >= 0 (0: no ramp)"),
+    ]
+    if student.arch not in ARCHITECTURES or _student_problems(cfg):
+        return _failed(cfg, rules)  # the backbone is not known: its problems are reported
+    depth = student.depth or ARCHITECTURES[student.arch][1]
+    rope = arch_family(student.arch, student.pos_embed_type) == "rope"
+    registers = {"register_tokens", "storage_tokens"} & set(optim.freeze)
+    rules += [
+        (optim.train_last_blocks is None or 1 <= optim.train_last_blocks <= depth, "optim.train_last_blocks",
+         f"must be in [1, {depth}] (the backbone's depth), or null to train every block"),
+        (not (rope and "pos_embed" in optim.freeze), "optim.freeze",
+         "a RoPE backbone learns no position embedding: remove pos_embed"),
+        (not registers or student.num_register_tokens > 0, "optim.freeze",
+         f"the backbone has no registers (student.num_register_tokens=0): remove {' and '.join(sorted(registers))}"),
+    ]
     return _failed(cfg, rules)
 
 

@@ -44,7 +44,8 @@ from dinoreg.train.checkpoint_reader import CheckpointReader
 from dinoreg.train.evaluation import KnnEvaluator, SegmentationEvaluator
 from dinoreg.train.logging import TrainingLogger
 from dinoreg.train.monitor import ArtifactMonitor
-from dinoreg.train.optim import DIVERGENCE_HINT, SCHEDULE_NAMES, Schedules, apply_optim_schedule, clip_grad_norms_on_device
+from dinoreg.train.optim import (BACKBONE_LR_SCALE, DIVERGENCE_HINT, SCHEDULE_NAMES, Schedules, apply_optim_schedule,
+                                 clip_grad_norms_on_device, separate_backbone_groups)
 from dinoreg.train.resolve import resolve_run_config
 from dinoreg.train.run_folder import lock_output_dir, resume_point
 from dinoreg.train.signals import EXIT_CODE_SAVED_ON_SIGNAL, SignalWatcher, StoppedOnSignal
@@ -143,6 +144,8 @@ def set_up(cfg: DictConfig, env: DistributedEnvironment, device: torch.device, *
     # a resumed run takes every weight from its checkpoint: student.pretrained_weights need not exist any more
     model, optimizer = build_model_and_optimizer(cfg, env, device, bf16=bf16, load_pretrained=checkpoint is None,
                                                  phase_source=phase_source)
+    if any(BACKBONE_LR_SCALE in feature.values(0) for feature in model.features):
+        separate_backbone_groups(optimizer)  # a feature scales the backbone's lr alone: before the restore
     first_iteration, position = _restore(checkpoint, model, optimizer, warn) if checkpoint else (0, 0)
     if env.is_main:
         output.root.mkdir(parents=True, exist_ok=True)
@@ -281,7 +284,7 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: Trai
     ``freeze_backbones`` (a feature's choice, :meth:`~dinoreg.ssl.feature.TrainingFeature.trains_backbone`): only
     the heads learn; both backbones stay as they are."""
     apply_optim_schedule(optimizer, lr=values["lr"], weight_decay=values["weight_decay"],
-                         last_layer_lr=values["last_layer_lr"])
+                         last_layer_lr=values["last_layer_lr"], backbone_lr_scale=values.get(BACKBONE_LR_SCALE, 1.0))
     with autocast:
         loss, metrics = model.forward_loss(batch, teacher_temp=values["teacher_temp"], values=values)
     optimizer.zero_grad(set_to_none=True)

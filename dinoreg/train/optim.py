@@ -36,6 +36,7 @@ from dinoreg.models.layers import RMSNorm
 from dinoreg.models.vit import VisionTransformer
 
 __all__ = [
+    "BACKBONE_LR_SCALE",
     "DIVERGENCE_HINT",
     "IterationSchedule",
     "SCHEDULE_NAMES",
@@ -45,11 +46,15 @@ __all__ = [
     "build_param_groups",
     "clip_grad_norms_on_device",
     "cosine_schedule",
+    "separate_backbone_groups",
     "zero_first_iterations",
 ]
 
 # The keys of Schedules.values; the training features add their own values beside them.
 SCHEDULE_NAMES = ("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr")
+# A training feature's value (TrainingFeature.values) that scales the backbone's learning rate (and with it AdamW's
+# decoupled weight decay) and not the heads'; 1 where no feature gives it.
+BACKBONE_LR_SCALE = "backbone_lr_scale"
 # What to change when the loss diverges (the optimiser's keys).
 DIVERGENCE_HINT = "Lower optim.base_lr or raise optim.warmup_epochs, and check the data."
 
@@ -152,12 +157,43 @@ def build_optimizer(param_groups: Iterable[dict[str, Any]], *, betas: tuple[floa
     return torch.optim.AdamW(list(param_groups), lr=0.0, weight_decay=0.0, betas=tuple(betas), **kernels)
 
 
-def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float,
-                         last_layer_lr: float) -> None:
-    """Set every group's lr and weight decay for this iteration from the scheduled values."""
+def _backbone_share(group: Mapping[str, Any]) -> float:
+    """The fraction of the group's parameters that are the backbone's (by their names ``backbone.*``)."""
+    return sum(name.startswith("backbone.") for name in group["names"]) / max(len(group["names"]), 1)
+
+
+def separate_backbone_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Split, in place, every group that holds backbone and head parameters (by default groups are fused by their
+    multipliers only: the backbone's final norm shares one with the heads' biases) into its backbone part and the
+    rest, with the same settings, so that :func:`apply_optim_schedule` can scale the backbone's learning rate
+    alone. The AdamW state (per parameter) is kept; call it before a checkpoint is loaded into the optimizer, as
+    the checkpoint's groups are split too."""
+    groups = []
     for group in optimizer.param_groups:
+        parts: dict[bool, dict[str, Any]] = {}
+        for param, name in zip(group["params"], group["names"]):
+            part = parts.setdefault(name.startswith("backbone."), {**group, "params": [], "names": []})
+            part["params"].append(param)
+            part["names"].append(name)
+        groups += [parts[key] for key in (True, False) if key in parts]
+    optimizer.param_groups[:] = groups
+
+
+def apply_optim_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float,
+                         last_layer_lr: float, backbone_lr_scale: float = 1.0) -> None:
+    """Set every group's lr and weight decay for this iteration from the scheduled values; the backbone's groups
+    get ``backbone_lr_scale`` times their lr (a feature's ramp: :data:`BACKBONE_LR_SCALE`), which needs groups
+    that do not mix backbone and head parameters (:func:`separate_backbone_groups`)."""
+    for group in optimizer.param_groups:
+        scale = 1.0
+        if backbone_lr_scale != 1.0:
+            share = _backbone_share(group)
+            if 0 < share < 1:
+                raise ValueError(f"a backbone lr scale of {backbone_lr_scale} needs groups without a mix of backbone "
+                                 f"and head parameters: call separate_backbone_groups(optimizer) once, first")
+            scale = backbone_lr_scale if share == 1 else 1.0
         group["weight_decay"] = weight_decay * group["wd_multiplier"]
-        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"] * scale
 
 
 def clip_grad_norms_on_device(student: nn.ModuleDict | Mapping[str, nn.Module], max_norm: float) -> dict[str, Tensor]:

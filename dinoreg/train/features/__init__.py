@@ -1,7 +1,8 @@
 """The training features beyond DINO + iBOT + KoLeo, one module each, behind the protocol of
 :mod:`dinoreg.ssl.feature`: Gram anchoring (:mod:`.gram`), distillation (:mod:`.distillation`), the head warm-up
-(:mod:`.head_warmup`). :func:`build_features` turns a config into the run's features, in a fixed order (the order
-their frozen models join the model, their terms the loss and their values the logs).
+(:mod:`.head_warmup`), frozen parts of the backbone and its lr ramp (:mod:`.partial_training`).
+:func:`build_features` turns a config into the run's features, in a fixed order (the order their frozen models join
+the model, their terms the loss and their values the logs).
 
 A new feature is a module here (a :class:`~dinoreg.ssl.feature.TrainingFeature` and a function from the config to
 it, None when the config leaves it off), its line in :func:`build_features`, its config section in
@@ -16,6 +17,7 @@ from dinoreg.ssl.feature import TrainingFeature
 from dinoreg.train.features.distillation import distillation
 from dinoreg.train.features.gram import gram_anchoring
 from dinoreg.train.features.head_warmup import head_warmup
+from dinoreg.train.features.partial_training import partial_training
 
 __all__ = ["build_features"]
 
@@ -26,5 +28,5 @@ def build_features(cfg: DictConfig) -> list[TrainingFeature]:
     ``torch.device("meta")`` nothing is drawn."""
     total = int(cfg.optim.epochs) * int(cfg.train.epoch_length)
     features = (distillation(cfg), gram_anchoring(cfg, total_iterations=total),
-                head_warmup(cfg))
+                head_warmup(cfg), partial_training(cfg))
     return [feature for feature in features if feature is not None]
