@@ -13,10 +13,10 @@ from launch_helpers import TINY
 from dinoreg.config import load_config
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.models import DINOHead
-from dinoreg.models.rope_vit import ROPE_RELEASED, RopeVisionTransformer
+from dinoreg.models.rope_vit import ROPE_PRESETS, ROPE_RELEASED, RopeVisionTransformer
 from dinoreg.models.vit import DinoVisionTransformer
-from dinoreg.train.build import build_model_and_optimizer
-from dinoreg.train.features.distillation import TeacherCrops, TeacherMismatchError
+from dinoreg.train.build import build_model_and_optimizer, build_ssl_model
+from dinoreg.train.features.distillation import TeacherCrops, TeacherMismatchError, check_distillation_teacher
 from dinoreg.train.loop import train
 
 GRID = 4  # patches a side, for the student (patch 14: 56 px) and the teacher (patch 16: 64 px)
@@ -225,3 +225,25 @@ def test_a_learned_position_patch14_teacher_distils_into_a_rope_patch16_student(
         _, metrics = model.forward_loss(rank_share(global_batch(0, cfg), 0, 1), teacher_temp=0.04)
     hook.remove()
     assert seen == [56] and math.isfinite(metrics["total_loss"]) and metrics["ibot_loss"] > 0
+
+
+def test_the_vitl16_recipe_fits_dinov3s_vitl16_with_its_heads_on_a_matching_grid():
+    """vits14_reg4_distill_from_vitl16: a vits14_reg4 student (DINOv2 family, 4 registers, patch 14) whose heads
+    score the prototypes of DINOv3's ViT-L/16 training (262,144 DINO, 98,304 iBOT), masked as DINOv3 distils; its
+    224-px global crops reach the teacher at 256 px, 16 x 16 patches for both."""
+    cfg = load_config("vits14_reg4_distill_from_vitl16", ["distillation.teacher=teacher_checkpoint.pth"])
+    assert cfg.distillation.enabled and cfg.distillation.mask_student and cfg.train.centering == "sinkhorn_knopp"
+    assert (cfg.student.arch, cfg.student.patch_size, cfg.student.num_register_tokens) == ("vit_small", 14, 4)
+    assert TeacherCrops(14, 16).size(cfg.crops.global_crops_size) == 256 and cfg.crops.local_crops_size % 14 == 0
+    with torch.device("meta"):  # the real sizes, no memory
+        backbone = RopeVisionTransformer(**ROPE_RELEASED, **ROPE_PRESETS["vitl16"])
+        teacher = torch.nn.ModuleDict({"backbone": backbone,
+                                       "dino_head": DINOHead(1024, 262144, hidden_dim=8192, bottleneck_dim=512),
+                                       "ibot_head": DINOHead(1024, 98304, hidden_dim=4096, bottleneck_dim=384)})
+        student = build_ssl_model(load_config("vits14_reg4_distill_from_vitl16", ["distillation.enabled=false"]),
+                                  load_pretrained=False).student
+    check_distillation_teacher(teacher, student, patch_size=14,
+                               crop_sizes={"crops.global_crops_size": cfg.crops.global_crops_size})
+    assert student["backbone"].pos_embed_type == "learned" and backbone.patch_size == 16
+    with pytest.raises(ValueError, match="distillation.teacher"):
+        load_config("vits14_reg4_distill_from_vitl16")  # the teacher must be named
