@@ -436,11 +436,17 @@ def _start_problems(cfg: DictConfig) -> list[str]:
 
 
 def _distillation_problems(cfg: DictConfig) -> list[str]:
-    """A distillation run names its frozen teacher."""
+    """A distillation run names its frozen teacher; the resize for a teacher of another patch size can antialias.
+    (Whether the teacher's grid matches the student's is known once its file is read: the feature checks it.)"""
     distill = cfg.distillation
-    return _failed(cfg, [(not distill.enabled or bool(distill.teacher), "distillation.teacher",
-                          "distillation.enabled needs the frozen teacher: a dinoreg run, a `dinoreg export "
-                          "--with-heads` file or an official teacher_checkpoint.pth")])
+    return _failed(cfg, [
+        (not distill.enabled or bool(distill.teacher), "distillation.teacher",
+         "distillation.enabled needs the frozen teacher: a dinoreg run, a `dinoreg export --with-heads` file or an "
+         "official teacher_checkpoint.pth"),
+        (not distill.teacher_resize_antialias or distill.teacher_resize_method in ("bicubic", "bilinear"),
+         "distillation.teacher_resize_antialias", "antialiasing works with bicubic or bilinear resizing only: set "
+         "it to false or distillation.teacher_resize_method to bicubic or bilinear"),
+    ])
 
 
 def _optimizer_problems(cfg: DictConfig) -> list[str]:
