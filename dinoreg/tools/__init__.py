@@ -21,8 +21,9 @@ from typing import Any
 # each public name's module: the one list of what this package exports
 _MODULES = {
     "checkpoint": ("benchmark_checkpoint", "format_checkpoint_report"),
-    "flops": ("FLOP_KEYS", "FREE_OPS", "count_flops", "count_parameters", "count_step_flops", "flop_analysis",
-              "flops_vs_registers", "format_flops_report", "forward_flops", "sdpa_flop_jit", "training_step_flops"),
+    "flops": ("FLOP_KEYS", "FREE_OPS", "HookedWork", "build_counted_backbone", "count_flops", "count_flops_on_meta",
+              "count_parameters", "count_step_flops", "flop_analysis", "flops_vs_registers", "format_flops_report",
+              "forward_flops", "preset_rows", "sdpa_flop_jit", "training_step_flops"),
     "heads": ("benchmark_heads", "format_heads_report"),
     "memory": ("peak_memory", "release_device_memory", "release_freed_memory", "reset_resident_peak",
                "resident_bytes"),
