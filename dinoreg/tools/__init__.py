@@ -2,7 +2,8 @@
 per tool, above training, whose code they run.
 
 - :mod:`~dinoreg.tools.flops`: FLOP counting: a training step's on the meta device (2 per multiply-add), a
-  backbone's per image traced by fvcore (``model-info``, ``analyze flops``; 1 per multiply-add);
+  backbone's per image in fvcore's unit (``model-info``, ``analyze flops``; 1 per multiply-add; fvcore's trace, or
+  the same count on the meta device), both families, the RoPE rotation included;
 - :mod:`~dinoreg.tools.training`: ``bench train``, the training loop timed (MFU against a measured matmul peak);
 - :mod:`~dinoreg.tools.heads`: ``bench heads``, the peak memory of the prototype heads and losses alone;
 - :mod:`~dinoreg.tools.checkpoint`: ``bench checkpoint``, save and load times of a full checkpoint;
