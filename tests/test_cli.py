@@ -100,3 +100,45 @@ def test_version_is_the_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"dinoreg {version}"
+
+
+def test_model_info_of_a_dinov3_preset_shows_its_storage_tokens(tmp_path, capsys):
+    path = tmp_path / "vits16.json"
+    assert main(["model-info", "--arch", "vits16", "--batch-size", "2", "--local-size", "512", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "vits16/16 (DINOv3, RoPE), 4 storage tokens" in out and "21,601,152" in out  # the official count
+    assert "x_storage_tokens     [2, 4, 384]" in out and "x_norm_patchtokens   [2, 196, 384]" in out
+    assert "local crop 512x512: 32x32 = 1024 patches" in out  # any multiple of the patch: nothing is resampled
+    info = json.loads(path.read_text())
+    assert (info["pos_embed_type"], info["patch_size"], info["ffn_layer"], info["interpolation"]) == \
+        ("rope", 16, "mlp", None)
+    assert info["crops"][1]["shapes"]["x_prenorm"] == [2, 1 + 4 + 1024, 384]
+
+
+def test_model_info_lists_the_dinov3_presets(tmp_path, capsys):
+    path = tmp_path / "presets.json"
+    assert main(["model-info", "--presets", "--sizes", "448", "--json", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-1] == "GFLOPs@448"
+    assert [line.split()[0] for line in lines[2:9]] == ["vits16", "vits16plus", "vitb16", "vitl16", "vitl16plus",
+                                                       "vith16plus", "vit7b16"]
+    rows = json.loads(path.read_text())
+    assert rows[1]["ffn_layer"] == "swiglu" and rows[1]["ffn_ratio"] == 6.0 and rows[1]["params"] == 28_697_472
+    assert list(rows[0]["flops"]) == ["448"]
+    assert rows[6]["ffn_layer"] == "swiglu64" and rows[6]["embed_dim"] == 4096
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model-info", "--arch", "vitl16", "--interpolation", "legacy"], "no position embedding to resample"),
+    (["model-info", "--arch", "vitl16", "--ffn-layer", "swiglufused"], "use one of mlp, swiglu, swiglu32"),
+    (["model-info", "--arch", "vit_small", "--ffn-layer", "swiglu64"], "use one of mlp, swiglu, swiglufused"),
+    (["model-info", "--arch", "vitb16", "--img-size", "220"], "not a multiple of --patch-size 16"),
+    (["model-info", "--presets", "--sizes", "100"], "--sizes 100 is not a multiple"),
+    (["analyze", "flops", "--arch", "vits16", "--ffn-layer", "swiglufused"], "--ffn-layer swiglufused"),
+])
+def test_options_that_do_not_fit_the_family_are_refused_in_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]

@@ -55,3 +55,43 @@ def test_plan_is_within_15_percent_of_a_measured_training_peak(tmp_path, overrid
     assert plan.returncode == 0, plan.stderr[-3000:]
     planned = json.loads((tmp_path / "plan.json").read_text())["total_bytes"]
     assert planned == pytest.approx(measured, rel=0.15)
+
+
+TINY_HEADS = ["dino.head_n_prototypes=64", "ibot.head_n_prototypes=64", "dino.head_hidden_dim=64",
+              "ibot.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "ibot.head_bottleneck_dim=32"]
+
+
+def test_a_rope_student_and_a_rope_teacher_distilled_into_a_student_with_registers(tmp_path, capsys):
+    """A DINOv3-family run is planned like any other (its storage tokens are its registers); a frozen RoPE teacher
+    with its heads (a DINOv3 training teacher_checkpoint's layout) is counted in the states of its student's plan."""
+    import torch  # noqa: PLC0415
+
+    from dinoreg.config import load_config  # noqa: PLC0415
+    from dinoreg.train.build import build_ssl_model  # noqa: PLC0415
+
+    rope = plan_memory("tiny_rope_cpu", overrides=["student.depth=2", "train.batch_size_per_gpu=4", *TINY_HEADS],
+                       bf16=False)
+    assert rope["student_family"] == "rope" and rope["frozen_parameters"] == {}
+    assert rope["states_bytes"]["master_parameters"] == 4 * (rope["student_parameters"] + rope["teacher_parameters"])
+    assert rope["states_bytes"]["frozen_models"] == 0
+    assert rope["activation_bytes_per_image_per_block"]["global"] > rope["activation_bytes_per_image_per_block"]["local"] > 0
+
+    teacher_cfg = load_config("tiny_rope_cpu", ["student.embed_dim=64", "student.num_heads=2", "student.depth=2",
+                                                *TINY_HEADS])
+    teacher = build_ssl_model(teacher_cfg, load_pretrained=False).teacher
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": teacher.state_dict()}, path)
+    student = ["student.embed_dim=32", "student.num_heads=2", "student.depth=2", "student.num_register_tokens=4",
+               "train.batch_size_per_gpu=4", *TINY_HEADS]
+    distill = ["distillation.enabled=true", f"distillation.teacher={path}"]
+    out = tmp_path / "plan.json"
+    assert main(["bench", "memory", "--config", "tiny_cpu", "--fp32", "--gpus", "2", "--json", str(out),
+                 *student, *distill]) == 0
+    assert "frozen models, fp32" in capsys.readouterr().out and "distillation_teacher" in out.read_text()
+    plan = json.loads(out.read_text())
+    teacher_parameters = sum(p.numel() for p in teacher.parameters())
+    assert plan["student_family"] == "learned" and plan["frozen_families"] == {"distillation_teacher": "rope"}
+    assert plan["frozen_parameters"] == {"distillation_teacher": teacher_parameters}
+    assert plan["states_bytes"]["frozen_models"] == 4 * teacher_parameters / 2  # sharded like the EMA teacher
+    assert plan["total_bytes"] == pytest.approx(plan["fixed_bytes"] + plan["batch_size"] * plan["bytes_per_batch_image"])
+    assert plan["fixed_bytes"] > sum(plan["states_bytes"].values())  # the frozen teacher among them

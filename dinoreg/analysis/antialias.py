@@ -14,7 +14,8 @@ every channel and does not depend on the embedding's values: one number per sour
 is the coefficient of variation (std / mean) of the per-row (and per-column) sums of that gradient: about 0.96
 without and 0.08 with antialiasing for 16 -> 7 (the released models' local crops).
 
-No images are needed; the shared ``--images`` option is accepted and ignored.
+No images are needed; the shared ``--images`` option is accepted and ignored. A RoPE backbone (DINOv3's family) has
+no learned positional embedding and resizes nothing for other crop sizes: the tool refuses it in one line.
 
 ``antialias.json`` keys:
   tool, weights, embed_dim: the backbone's width
@@ -79,6 +80,11 @@ def _source_embedding(inputs: AnalysisInputs, source: Optional[int]) -> Tensor:
     """The backbone's patch positional embedding ``[1, S*S, D]`` on the ``source`` grid (its own grid by
     default; otherwise resized the way the backbone resizes it)."""
     backbone = inputs.backbone
+    if backbone.pos_embed_type != "learned":
+        raise AnalysisError(f"{inputs.weights} is a RoPE backbone (DINOv3 family): it has no learned "
+                            "positional embedding to resample (RoPE rotates queries and keys by each patch's "
+                            "coordinates at any grid), so there is no gradient striping to show; use a "
+                            "learned-position (DINOv2-family) backbone")
     pos_embed = backbone.pos_embed.detach().float().cpu()  # [1, 1 + M*M, D]
     own = math.isqrt(pos_embed.shape[1] - 1)
     if source is None or source == own:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import VisionTransformer
 from dinoreg.run_dir import write_json
 
 __all__ = ["MAPS_SHOWN", "TOOLS", "attention_statistics", "query_attention", "query_names",
@@ -43,7 +43,7 @@ MAPS_SHOWN = 6
 _STATISTICS = ("entropy", "max_attention", "mass_self", "mass_cls", "mass_registers", "mass_patches")
 
 
-def resolve_layer(backbone: DinoVisionTransformer, layer: Optional[int]) -> int:
+def resolve_layer(backbone: VisionTransformer, layer: Optional[int]) -> int:
     """``layer`` (None: the last; negative: from the end) as a block index in ``[0, depth)``."""
     depth = len(backbone.blocks)
     if layer is None:
@@ -55,13 +55,15 @@ def resolve_layer(backbone: DinoVisionTransformer, layer: Optional[int]) -> int:
 
 
 @torch.no_grad()
-def query_attention(backbone: DinoVisionTransformer, images: Tensor, *, layer: int) -> Tensor:
+def query_attention(backbone: VisionTransformer, images: Tensor, *, layer: int) -> Tensor:
     """Attention ``[B, heads, 1 + R, 1 + R + HW]`` of [CLS] and the ``R`` registers in block ``layer``
     (a valid index, see :func:`resolve_layer`), keys in the model's order ``[cls, registers, patches]``."""
     tokens = backbone.prepare_tokens_with_masks(images)  # [B, 1 + R + HW, D]
-    for block in backbone.blocks[:layer]:
-        tokens = block(tokens)
-    return backbone.blocks[layer].attention_probs(tokens, num_queries=1 + backbone.num_register_tokens)
+    ropes = backbone.positions(images)  # each block's RoPE (Nones for learned positions)
+    for block, rope in zip(backbone.blocks[:layer], ropes):
+        tokens = block(tokens, rope)
+    return backbone.blocks[layer].attention_probs(tokens, num_queries=1 + backbone.num_register_tokens,
+                                                  rope=ropes[layer])
 
 
 def query_names(num_register_tokens: int) -> list[str]:

@@ -15,7 +15,7 @@ from dinoreg.data.datasets import build_dataset
 from dinoreg.errors import InputError
 from dinoreg.eval.context import resolve_weights
 from dinoreg.eval.features import EvalInputError
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import VisionTransformer
 from dinoreg.models.weights import load_backbone
 
 __all__ = ["AnalysisInputs", "AnalysisError", "Tool", "open_inputs", "pyplot", "save_figure"]
@@ -40,7 +40,7 @@ class Tool:
 
 @dataclass
 class AnalysisInputs:
-    backbone: DinoVisionTransformer
+    backbone: VisionTransformer
     weights: Path
     images: str
     dataset: Any

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
 from dinoreg.metrics.knn import knn_classify
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import VisionTransformer
 from dinoreg.run_dir import write_json
 
 __all__ = ["ABLATIONS", "KNN_K", "KNN_TEMPERATURE", "TOOLS", "ablated_cls", "bank_split", "cls_attention_masses",
@@ -67,30 +67,30 @@ def _reference_pass(inputs: AnalysisInputs) -> dict[str, Tensor]:
     cls_features, indices = [], []
     for images, batch_indices in inputs.batches("attention masses"):
         tokens = backbone.prepare_tokens_with_masks(images)  # [B, 1 + R + HW, D]
-        for layer, block in enumerate(backbone.blocks):
-            probs = block.attention_probs(tokens, num_queries=1)  # [B, heads, 1, N]
+        for layer, (block, rope) in enumerate(zip(backbone.blocks, backbone.positions(images))):
+            probs = block.attention_probs(tokens, num_queries=1, rope=rope)  # [B, heads, 1, N]
             mass_sum[layer] += cls_attention_masses(probs, registers).double().sum(dim=0).cpu()
             register_sum[layer] += tokens[:, 1:1 + registers].double().sum(dim=0).cpu()
-            tokens = block(tokens)
-        cls_features.append(backbone.norm(tokens)[:, 0].float().cpu())  # [B, D]: x_norm_clstoken
+            tokens = block(tokens, rope)
+        cls_features.append(backbone.final_norm(tokens)[:, 0].float().cpu())  # [B, D]: x_norm_clstoken
         indices.append(batch_indices)
     count = sum(len(i) for i in indices)
     return {"masses": mass_sum / count, "register_means": register_sum / count, "cls": torch.cat(cls_features),
             "indices": torch.cat(indices)}
 
 
-def ablated_cls(backbone: DinoVisionTransformer, images: Tensor, *, from_layer: int,
+def ablated_cls(backbone: VisionTransformer, images: Tensor, *, from_layer: int,
                 replacements: Tensor) -> Tensor:
     """``x_norm_clstoken`` ``[B, D]`` when the register tokens are overwritten by ``replacements[layer]``
     (``[depth, R, D]``) at the input of every block from ``from_layer`` on."""
     first_patch = 1 + backbone.num_register_tokens
     tokens = backbone.prepare_tokens_with_masks(images)  # [B, 1 + R + HW, D]
-    for layer, block in enumerate(backbone.blocks):
+    for layer, (block, rope) in enumerate(zip(backbone.blocks, backbone.positions(images))):
         if layer >= from_layer:
             tokens = tokens.clone()  # autograd may have saved the previous output: never overwrite it in place
             tokens[:, 1:first_patch] = replacements[layer].to(tokens)
-        tokens = block(tokens)
-    return backbone.norm(tokens)[:, 0]
+        tokens = block(tokens, rope)
+    return backbone.final_norm(tokens)[:, 0]
 
 
 def _labels(inputs: AnalysisInputs, indices: Tensor) -> tuple[Optional[Tensor], Optional[str]]:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from dinoreg.analysis.common import AnalysisError, AnalysisInputs, Tool, pyplot, save_figure
 from dinoreg.argtypes import positive_int
-from dinoreg.models.vit import DinoVisionTransformer
+from dinoreg.models.vit import VisionTransformer
 from dinoreg.run_dir import write_json
 
 __all__ = ["CORLOC_IOU", "FEATURES", "TOOLS", "LostResult", "box_iou", "connected_component", "lost",
@@ -57,11 +57,13 @@ Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), x1/y1 exclusive
 
 
 @torch.no_grad()
-def patch_features(backbone: DinoVisionTransformer, images: Tensor, *, features: str = "keys") -> Tensor:
+def patch_features(backbone: VisionTransformer, images: Tensor, *, features: str = "keys") -> Tensor:
     """``images [B, 3, S, S]`` -> patch features ``[B, HW, D]`` (registers and cls dropped).
 
     ``keys``/``queries``/``values``: the last block's attention inputs, heads concatenated (LOST's choice is
-    keys); ``tokens``: the output patch tokens after the final norm (``x_norm_patchtokens``).
+    keys); ``tokens``: the output patch tokens after the final norm (``x_norm_patchtokens``). For a RoPE backbone the
+    blocks before the last run with their RoPE, and the keys / queries are the projection's, before the rotation:
+    LOST compares patches with each other by content, and the rotation would weigh every pair by their offset.
     """
     if features not in FEATURES:
         raise AnalysisError(f"--features {features!r} is unknown; choose one of {', '.join(FEATURES)}")
@@ -69,8 +71,8 @@ def patch_features(backbone: DinoVisionTransformer, images: Tensor, *, features:
     if features == "tokens":
         return backbone.forward_features(images)["x_norm_patchtokens"]
     tokens = backbone.prepare_tokens_with_masks(images)  # [B, 1 + R + HW, D]
-    for block in backbone.blocks[:-1]:
-        tokens = block(tokens)
+    for block, rope in zip(backbone.blocks[:-1], backbone.positions(images)):  # RoPE backbones: each block's rope
+        tokens = block(tokens, rope)
     last = backbone.blocks[-1]
     # The qkv output is laid out [3, heads, head_dim] (see Attention._split_heads): chunking in 3 concatenates heads.
     qkv = last.attn.qkv(last.norm1(tokens))  # [B, N, 3D]

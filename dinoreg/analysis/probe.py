@@ -119,7 +119,7 @@ def _gather(inputs: AnalysisInputs, selection: dict[str, Tensor], indices: Tenso
             raise RuntimeError("the images came in another order than in the norm pass; the loader must not shuffle")
         offset += len(batch_indices)
         outputs, _ = backbone.block_outputs(images)
-        normed = backbone.norm(outputs[-1]).float().cpu()  # [B, 1 + R + HW, D]
+        normed = backbone.final_norm(outputs[-1]).float().cpu()  # [B, 1 + R + HW, D]
         patches = normed[:, first_patch:]  # [B, HW, D]: x_norm_patchtokens
         pixels = patchify(images.float().cpu(), backbone.patch_size)  # [B, HW, 3 p p]
         for group in GROUPS:

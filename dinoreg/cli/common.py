@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from dinoreg.argtypes import output_file, positive_int
-from dinoreg.models import ARCHS, FFN_LAYERS
+from dinoreg.models import ALL_ARCHS, ARCHS, FFN_LAYERS, ROPE_FFN_LAYERS, ROPE_PRESETS, arch_family
+from dinoreg.models.rope_vit import ROPE_RELEASED
 
 FLOP_UNIT = "1 FLOP = 1 multiply-add (fvcore's convention)"
 # Positional-embedding resampling for other input sizes: (interpolate_antialias, interpolate_offset)
@@ -14,16 +15,35 @@ INTERPOLATIONS = {"antialias": (True, 0.0), "legacy": (False, 0.1)}
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="vit_small", choices=ARCHS,
-                        help="backbone architecture (default: %(default)s)")
-    parser.add_argument("--patch-size", type=positive_int, default=14,
-                        help="patch size in pixels (default: %(default)s)")
+    parser.add_argument("--arch", default="vit_small", choices=ALL_ARCHS, metavar="ARCH",
+                        help=f"backbone architecture: DINOv2's learned-position ViTs ({', '.join(ARCHS)}) or DINOv3's "
+                             f"RoPE presets ({', '.join(ROPE_PRESETS)}) (default: %(default)s)")
+    parser.add_argument("--patch-size", type=positive_int,
+                        help="patch size in pixels (default: 14 for vit_*, 16 for the DINOv3 presets)")
     parser.add_argument("--img-size", type=positive_int, default=224,
                         help="square input size in pixels, a multiple of --patch-size (default: %(default)s)")
-    parser.add_argument("--ffn-layer", default="mlp", choices=FFN_LAYERS,
-                        help="feed-forward block; the official ViT-g uses swiglufused (default: %(default)s)")
+    parser.add_argument("--ffn-layer", choices=tuple(dict.fromkeys((*FFN_LAYERS, *ROPE_FFN_LAYERS))),
+                        help="feed-forward block: mlp, swiglu or swiglufused for vit_* (the official ViT-g uses "
+                             "swiglufused); mlp or swiglu/swiglu32/64/128 for the DINOv3 presets (default: mlp for "
+                             "vit_*, the preset's for DINOv3)")
     parser.add_argument("--json", type=output_file, metavar="PATH",
                         help="also write the results as JSON to PATH")
+
+
+def resolve_backbone_arguments(args: argparse.Namespace) -> bool:
+    """Fill in the defaults of ``args.arch``'s family (patch size, FFN) and check that ``--ffn-layer`` is one of
+    that family's; True for a RoPE (DINOv3) backbone. Errors go through ``args.parser`` (one line, exit 2)."""
+    rope = arch_family(args.arch) == "rope"
+    if args.patch_size is None:
+        args.patch_size = ROPE_RELEASED["patch_size"] if rope else 14
+    if args.ffn_layer is None:
+        args.ffn_layer = ROPE_PRESETS[args.arch]["ffn_layer"] if rope else "mlp"
+    allowed = tuple(ROPE_FFN_LAYERS) if rope else FFN_LAYERS
+    if args.ffn_layer not in allowed:
+        family = "a DINOv3 RoPE preset" if rope else "a learned-position vit_* arch"
+        args.parser.error(f"--ffn-layer {args.ffn_layer} is not a feed-forward block of {args.arch} ({family}); "
+                          f"use one of {', '.join(allowed)}")
+    return rope
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,28 +10,38 @@ import torch
 from dinoreg.analysis.common import pyplot, save_figure
 from dinoreg.argtypes import output_file, positive_int, register_count, register_list
 from dinoreg.cli.analyze import add_artifact_tools
-from dinoreg.cli.common import FLOP_UNIT, INTERPOLATIONS, add_backbone_arguments, check_divisible
-from dinoreg.models import build_backbone
+from dinoreg.cli.common import (FLOP_UNIT, INTERPOLATIONS, add_backbone_arguments, check_divisible,
+                                resolve_backbone_arguments)
+from dinoreg.models import ROPE_PRESETS
 from dinoreg.run_dir import write_json
+
+DEFAULT_PRESET_SIZES = (224, 512)
 
 
 def add_model_info_parser(commands: Any) -> None:
     info = commands.add_parser(
         "model-info", help="build a backbone; print parameters, FLOPs and output shapes",
-        description="Build a backbone and print its parameter count, FLOPs per image and the shapes "
-                    f"returned by forward_features. FLOPs: {FLOP_UNIT}.")
+        description="Build a backbone (either family: DINOv2's learned-position vit_* or DINOv3's RoPE presets "
+                    f"{', '.join(ROPE_PRESETS)}) on the meta device (nothing allocated: vit7b16 takes a second) and "
+                    "print its parameter count, FLOPs per image and the shapes returned by forward_features; "
+                    f"--presets lists the DINOv3 presets. FLOPs: {FLOP_UNIT}.")
     add_backbone_arguments(info)
     info.add_argument("--registers", type=register_count, default=4,
-                      help="number of register tokens (default: %(default)s)")
+                      help="number of register tokens (a DINOv3 preset's storage tokens) (default: %(default)s)")
     info.add_argument("--batch-size", type=positive_int, default=1,
                       help="images in the batch whose output shapes are shown (default: %(default)s)")
     info.add_argument("--local-size", type=positive_int, metavar="PIXELS",
                       help="also show FLOPs and shapes for local crops of this size, e.g. 98")
-    info.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default="antialias",
-                      help="positional-embedding resampling for sizes other than --img-size: antialias "
-                           "(bicubic, antialiased, no offset; the released registers models and our *_reg4 "
-                           "recipes) or legacy (bicubic with DINO's 0.1 offset; the official defaults) "
-                           "(default: %(default)s)")
+    info.add_argument("--interpolation", choices=tuple(INTERPOLATIONS),
+                      help="positional-embedding resampling of a vit_* arch for sizes other than --img-size: "
+                           "antialias (bicubic, antialiased, no offset; the released registers models and our *_reg4 "
+                           "recipes) or legacy (bicubic with DINO's 0.1 offset; the official defaults) (default: "
+                           "antialias; a RoPE preset has no position embedding to resample)")
+    info.add_argument("--presets", action="store_true",
+                      help="instead, list the DINOv3 presets: width, depth, heads, FFN, storage tokens, parameters "
+                           "and FLOPs per image at each of --sizes")
+    info.add_argument("--sizes", type=positive_int, nargs="+", metavar="PIXELS", default=list(DEFAULT_PRESET_SIZES),
+                      help="with --presets: the square image sizes, multiples of 16 (default: %(default)s)")
     info.set_defaults(handler=_model_info, parser=info)
 
 
@@ -54,28 +64,40 @@ def add_analyze_parser(commands: Any) -> None:
 
 
 def _model_info(args: argparse.Namespace) -> int:
-    from dinoreg.tools.flops import count_flops, count_parameters  # noqa: PLC0415 (start-up: fvcore)
+    from dinoreg.tools.flops import build_counted_backbone, count_flops_on_meta, count_parameters  # noqa: PLC0415
 
+    if args.presets:
+        return _presets(args)
+    rope = resolve_backbone_arguments(args)
     check_divisible(args.parser, "--img-size", args.img_size, args.patch_size)
     if args.local_size is not None:
         check_divisible(args.parser, "--local-size", args.local_size, args.patch_size)
-    antialias, offset = INTERPOLATIONS[args.interpolation]
-    model = build_backbone(args.arch, patch_size=args.patch_size, img_size=args.img_size,
-                           num_register_tokens=args.registers, init_values=1e-5, ffn_layer=args.ffn_layer,
-                           interpolate_antialias=antialias, interpolate_offset=offset).eval()
+    if rope and args.interpolation is not None:
+        args.parser.error(f"--interpolation: {args.arch} is a RoPE backbone, with no position embedding to resample "
+                          "(it runs at any multiple of its patch size); leave --interpolation out")
+    interpolation = None if rope else args.interpolation or "antialias"
+    kwargs: dict[str, Any] = {"patch_size": args.patch_size, "img_size": args.img_size, "ffn_layer": args.ffn_layer}
+    if not rope:
+        antialias, offset = INTERPOLATIONS[interpolation]
+        kwargs.update(init_values=1e-5, interpolate_antialias=antialias, interpolate_offset=offset)
+    model = build_counted_backbone(args.arch, registers=args.registers, **kwargs).eval()  # on the meta device
     params = count_parameters(model)
-    print(f"backbone     {args.arch}/{args.patch_size}, {args.registers} registers, ffn {args.ffn_layer}, "
-          f"embed_dim {model.embed_dim}, {model.n_blocks} blocks")
+    if rope:
+        print(f"backbone     {args.arch}/{args.patch_size} (DINOv3, RoPE), {args.registers} storage tokens (the "
+              f"registers), ffn {args.ffn_layer} x{model.arch_kwargs['ffn_ratio']:g}, embed_dim {model.embed_dim}, "
+              f"{model.n_blocks} blocks, {model.num_heads} heads")
+    else:
+        print(f"backbone     {args.arch}/{args.patch_size}, {args.registers} registers, ffn {args.ffn_layer}, "
+              f"embed_dim {model.embed_dim}, {model.n_blocks} blocks")
     print(f"parameters   {params:,} ({params / 1e6:.2f} M)")
     print(f"FLOPs        per image, {FLOP_UNIT}")
-    report: dict[str, Any] = {"arch": args.arch, "patch_size": args.patch_size, "registers": args.registers,
-                              "ffn_layer": args.ffn_layer, "interpolation": args.interpolation, "embed_dim": model.embed_dim, "params": params,
-                              "crops": []}
+    report: dict[str, Any] = {"arch": args.arch, "pos_embed_type": model.pos_embed_type, "patch_size": args.patch_size,
+                              "registers": args.registers, "ffn_layer": args.ffn_layer, "interpolation": interpolation,
+                              "embed_dim": model.embed_dim, "params": params, "crops": []}
     crops = [("global", args.img_size)] + ([("local", args.local_size)] if args.local_size else [])
     for name, size in crops:
-        flops = count_flops(model, size)
-        with torch.no_grad():
-            out = model.forward_features(torch.randn(args.batch_size, 3, size, size))
+        flops = count_flops_on_meta(model, size)
+        out = model.forward_features(torch.zeros(args.batch_size, 3, size, size, device="meta"))
         shapes = {key: list(value.shape) for key, value in out.items() if isinstance(value, torch.Tensor)}
         grid = size // args.patch_size
         print(f"\n{name} crop {size}x{size}: {grid}x{grid} = {grid * grid} patches, "
@@ -89,17 +111,39 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets(args: argparse.Namespace) -> int:
+    from dinoreg.tools.flops import preset_rows  # noqa: PLC0415 (start-up: fvcore)
+
+    sizes = list(dict.fromkeys(args.sizes))
+    for size in sizes:
+        check_divisible(args.parser, "--sizes", size, 16)
+    rows = preset_rows(sizes)
+    print(f"DINOv3 presets (RoPE, patch 16, as released: LayerScale, mask_k_bias, layernormbf16); GFLOPs per image, "
+          f"{FLOP_UNIT}")
+    header = f"{'arch':<11} {'dim':>5} {'depth':>5} {'heads':>5} {'ffn':>12} {'storage':>7} {'params':>15}"
+    print(header + "".join(f" {f'GFLOPs@{size}':>12}" for size in sizes))
+    for row in rows:
+        ffn = f"{row['ffn_layer']} x{row['ffn_ratio']:g}"
+        print(f"{row['arch']:<11} {row['embed_dim']:>5} {row['depth']:>5} {row['num_heads']:>5} {ffn:>12} "
+              f"{row['storage_tokens']:>7} {row['params']:>15,}"
+              + "".join(f" {row['flops'][size] / 1e9:>12.2f}" for size in sizes))
+    if args.json:
+        print(f"wrote {write_json(args.json, rows)}")
+    return 0
+
+
 def _analyze_flops(args: argparse.Namespace) -> int:
     from dinoreg.tools.flops import flops_vs_registers  # noqa: PLC0415 (start-up: fvcore)
 
+    rope = resolve_backbone_arguments(args)
     check_divisible(args.parser, "--img-size", args.img_size, args.patch_size)
     registers = list(args.registers)
     wanted = registers if 0 in registers else [0] + registers  # the baseline of the % column
     rows = flops_vs_registers(args.arch, args.patch_size, args.img_size, wanted, ffn_layer=args.ffn_layer)
     baseline = next(row["flops"] for row in rows if row["registers"] == 0)
     rows = [row for row in rows if row["registers"] in registers]
-    print(f"{args.arch}/{args.patch_size} at {args.img_size}x{args.img_size}, ffn {args.ffn_layer}; "
-          f"GFLOPs per image, {FLOP_UNIT}")
+    print(f"{args.arch}/{args.patch_size} at {args.img_size}x{args.img_size}, ffn {args.ffn_layer}"
+          f"{' (DINOv3, RoPE: the registers are its storage tokens)' if rope else ''}; GFLOPs per image, {FLOP_UNIT}")
     print(f"{'registers':>9}  {'params':>15}  {'GFLOPs':>9}  {'vs 0 registers':>14}")
     for row in rows:
         extra = 100.0 * (row["flops"] - baseline) / baseline

@@ -109,6 +109,7 @@ def open_eval(*, weights: Path, data: str, image_size: Optional[int], resize_siz
         "weights": os.path.abspath(weights), "random_init": random_init, "data": data, "classes": classes, "img_size": image_size,
         "resize_size": resize_size, "patch_size": patch, "embed_dim": backbone.embed_dim,
         "depth": backbone.n_blocks, "num_register_tokens": backbone.num_register_tokens,
+        "pos_embed_type": backbone.pos_embed_type,  # "rope": DINOv3's family (its storage tokens are the registers)
         "train_images": len(context.train_indices), "val_images": len(context.val_indices),
         "world_size": env.world_size,
     }

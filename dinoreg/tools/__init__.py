@@ -2,7 +2,8 @@
 per tool, above training, whose code they run.
 
 - :mod:`~dinoreg.tools.flops`: FLOP counting: a training step's on the meta device (2 per multiply-add), a
-  backbone's per image traced by fvcore (``model-info``, ``analyze flops``; 1 per multiply-add);
+  backbone's per image in fvcore's unit (``model-info``, ``analyze flops``; 1 per multiply-add; fvcore's trace, or
+  the same count on the meta device), both families, the RoPE rotation included;
 - :mod:`~dinoreg.tools.training`: ``bench train``, the training loop timed (MFU against a measured matmul peak);
 - :mod:`~dinoreg.tools.heads`: ``bench heads``, the peak memory of the prototype heads and losses alone;
 - :mod:`~dinoreg.tools.checkpoint`: ``bench checkpoint``, save and load times of a full checkpoint;
@@ -21,8 +22,9 @@ from typing import Any
 # each public name's module: the one list of what this package exports
 _MODULES = {
     "checkpoint": ("benchmark_checkpoint", "format_checkpoint_report"),
-    "flops": ("FLOP_KEYS", "FREE_OPS", "count_flops", "count_parameters", "count_step_flops", "flop_analysis",
-              "flops_vs_registers", "format_flops_report", "forward_flops", "sdpa_flop_jit", "training_step_flops"),
+    "flops": ("FLOP_KEYS", "FREE_OPS", "HookedWork", "build_counted_backbone", "count_flops", "count_flops_on_meta",
+              "count_parameters", "count_step_flops", "flop_analysis", "flops_vs_registers", "format_flops_report",
+              "forward_flops", "preset_rows", "sdpa_flop_jit", "training_step_flops"),
     "heads": ("benchmark_heads", "format_heads_report"),
     "memory": ("peak_memory", "release_device_memory", "release_freed_memory", "reset_resident_peak",
                "resident_bytes"),

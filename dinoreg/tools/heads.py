@@ -1,6 +1,7 @@
 """Peak memory of the prototype heads and losses alone (``dinoreg bench heads``): one forward and backward through
 the student and teacher heads, centering or Sinkhorn-Knopp and the DINO and iBOT cross-entropies, with the
-backbones replaced by stand-ins that emit tokens of the right shapes. The memory planner
+backbones replaced by stand-ins that emit tokens of the right shapes (a distillation teacher's too: its heads are
+measured, not its backbone). The memory planner
 (:mod:`dinoreg.tools.planner`) extends two such measurements linearly in the batch."""
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def benchmark_heads(config: str = "vitl14_reg4", *, overrides: Sequence[str] = (
     embed_dim, patch = model.student["backbone"].embed_dim, cfg.student.patch_size
     model.student["backbone"] = _TokenStandIn(embed_dim, patch)
     model.teacher["backbone"] = _TokenStandIn(embed_dim, patch).requires_grad_(False)
+    target = model.target_teacher
+    if target is not model.teacher:  # a feature's frozen teacher (distillation, of either family): its stand-in
+        # gives its own width on the student's patch grid, the grid its targets are scored on
+        target["backbone"] = _TokenStandIn(target["backbone"].embed_dim, patch).requires_grad_(False)
     model = model.to(device).train()
     batch_size, local = cfg.train.batch_size_per_gpu, cfg.crops.local_crops_number
     g, s = cfg.crops.global_crops_size, cfg.crops.local_crops_size

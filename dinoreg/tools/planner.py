@@ -6,6 +6,10 @@ The plan adds, per GPU:
 - **states**, counted exactly on the model built on the meta device (no weights allocated): fp32 master
   parameters of student and teacher, the student's fp32 gradients and AdamW's two fp32 moments, each divided by
   the number of GPUs under ``full_shard`` / ``shard_grad_op`` (replicated under ``no_shard`` or on one GPU);
+- **frozen models** of the training features (a distillation teacher with its heads, of either family, e.g. a
+  DINOv3 RoPE ``vitl16``; the Gram teacher): their fp32 parameters, sharded as the teacher's, and in bf16 runs two
+  of their blocks and their largest head in bf16 (all-gathered in flight, or autocast's casts on one GPU). Their
+  forward pass runs before the student's, under ``no_grad``: its activations are gone before the student's peak;
 - **bf16 compute copies** (bf16 runs): with FSDP2, the all-gathered bf16 parameters in flight (two blocks and the
   largest head under ``full_shard``; the whole student between forward and backward under ``shard_grad_op`` and
   ``no_shard``);
@@ -87,9 +91,13 @@ def plan_memory(config: str, *, gpus: int = 1, batch: int | None = None, gpu_mem
     student, teacher = count(model.student), count(model.teacher)
     heads = {name: count(module) for name, module in model.student.items() if name != "backbone"}
     block = count(model.student["backbone"].blocks[0])
+    frozen = {name: count(getattr(model, name)) for name in model.frozen_names}
+    frozen_in_flight = sum(2 * count(getattr(model, name)["backbone"].blocks[0])
+                           + max((count(head) for key, head in getattr(model, name).items() if key != "backbone"),
+                                 default=0) for name in model.frozen_names)
     shards = gpus if gpus > 1 and cfg.train.sharding != "no_shard" else 1
     states = {"master_parameters": 4 * (student + teacher) / shards, "gradients": 4 * student / shards,
-              "adamw": 8 * student / shards}
+              "adamw": 8 * student / shards, "frozen_models": 4 * sum(frozen.values()) / shards}
     if not bf16:
         states["bf16_compute_copies"] = 0.0
     elif gpus > 1 and cfg.train.sharding in ("shard_grad_op", "no_shard"):  # kept from forward to backward
@@ -98,6 +106,7 @@ def plan_memory(config: str, *, gpus: int = 1, batch: int | None = None, gpu_mem
         states["bf16_compute_copies"] = 2.0 * (2 * block + max(heads.values()))
     else:
         states["bf16_compute_copies"] = 2.0 * student
+    states["bf16_compute_copies"] += 2.0 * frozen_in_flight if bf16 else 0.0
 
     mode = cfg.train.activation_checkpointing
     depth, local = len(model.student["backbone"].blocks), cfg.crops.local_crops_number
@@ -133,6 +142,8 @@ def plan_memory(config: str, *, gpus: int = 1, batch: int | None = None, gpu_mem
         "config": config, "overrides": list(overrides), "gpus": gpus, "sharding": cfg.train.sharding,
         "precision": "bf16" if bf16 else "fp32", "activation_checkpointing": mode, "batch_size": batch,
         "student_parameters": student, "teacher_parameters": teacher, "depth": depth,
+        "student_family": model.student["backbone"].pos_embed_type, "frozen_parameters": frozen,
+        "frozen_families": {name: getattr(model, name)["backbone"].pos_embed_type for name in model.frozen_names},
         "states_bytes": states,
         "activation_bytes_per_image_per_block": per_image,
         "activations_bytes": batch * activations_per_batch_image,
@@ -148,15 +159,18 @@ def plan_memory(config: str, *, gpus: int = 1, batch: int | None = None, gpu_mem
 def format_memory_plan(plan: dict[str, Any]) -> str:
     gib = lambda value: f"{value / GIB:8.2f} GiB"  # noqa: E731
     states = plan["states_bytes"]
+    frozen = ", ".join(f"{name} {count / 1e6:.0f} M, {'RoPE' if plan['frozen_families'][name] == 'rope' else 'learned'}"
+                       for name, count in plan["frozen_parameters"].items())
     lines = [
         f"{plan['config']}: per GPU on {plan['gpus']} GPU(s), {plan['sharding']}, {plan['precision']}, activation "
         f"checkpointing {plan['activation_checkpointing']}, batch {plan['batch_size']} per GPU "
         f"({plan['student_parameters'] / 1e6:.0f} M student + {plan['teacher_parameters'] / 1e6:.0f} M teacher "
-        "parameters)",
+        f"parameters, {'RoPE' if plan['student_family'] == 'rope' else 'learned-position'} backbone)",
         f"  parameters, fp32 masters    {gib(states['master_parameters'])}",
         f"  parameters, bf16 copies     {gib(states['bf16_compute_copies'])}",
         f"  gradients, fp32             {gib(states['gradients'])}",
         f"  AdamW moments, fp32         {gib(states['adamw'])}",
+        *([f"  frozen models, fp32         {gib(states['frozen_models'])} ({frozen})"] if frozen else []),
         f"  activations, global crops   {gib(plan['activations_bytes_by_crops']['global'])}",
         f"  activations, local crops    {gib(plan['activations_bytes_by_crops']['local'])}",
         f"  heads and losses            {gib(plan['heads_and_losses_bytes'])}",
