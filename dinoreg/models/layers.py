@@ -439,7 +439,14 @@ class Block(nn.Module):
             self.mlp = SwiGLUFFN(dim, hidden, bias=ffn_bias, fused=ffn_layer == "swiglufused")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path_rate = drop_path
+        self.always_batch_subset = False  # DINOv3's blocks (the RoPE family set it): see uses_batch_subset
         self.checkpointing = "none"  # see CHECKPOINTING_MODES and set_checkpointing
+
+    def uses_batch_subset(self, is_list: bool) -> bool:
+        """Whether stochastic depth (in training) computes the residuals on a batch subset rather than dropping
+        whole samples: DINOv2's blocks do for lists of crops, and for one batch when the rate exceeds 0.1 (below
+        that its overhead does not pay off); DINOv3's always (``always_batch_subset``)."""
+        return is_list or self.always_batch_subset or self.drop_path_rate > 0.1
 
     def set_checkpointing(self, mode: str) -> None:
         """Activation checkpointing in training (a forward with gradients); see ``CHECKPOINTING_MODES``.
@@ -463,9 +470,8 @@ class Block(nn.Module):
         return self.ls2(self.mlp(self.norm2(tokens)))
 
     def forward_packed(self, tokens: Tensor, shapes: Shapes, *, batch_subset: bool, rope: Ropes = None) -> Tensor:
-        """``batch_subset`` selects DINOv2's batch-subset stochastic depth over per-sample drop
-        path. The official code uses it for lists of crops always and for single tensors when the
-        rate exceeds 0.1 (below that its overhead does not pay off). ``rope``: each group's RoPE (RoPE
+        """``batch_subset`` selects the batch-subset stochastic depth over per-sample drop path (see
+        :meth:`uses_batch_subset` for when the official models use it). ``rope``: each group's RoPE (RoPE
         backbones; the same for every image of a group, so a batch subset needs no indexing)."""
         self.attn.check_backend(tokens)  # eagerly, outside the compiled branches
         if self.checkpointing == "none" or not torch.is_grad_enabled():
@@ -497,7 +503,7 @@ class Block(nn.Module):
         is_list = isinstance(x, (list, tuple))
         tokens, shapes = pack(list(x) if is_list else [x])
         ropes = None if rope is None else (list(rope) if is_list else [rope])  # type: ignore[list-item]
-        tokens = self.forward_packed(tokens, shapes, batch_subset=is_list or self.drop_path_rate > 0.1, rope=ropes)
+        tokens = self.forward_packed(tokens, shapes, batch_subset=self.uses_batch_subset(is_list), rope=ropes)
         out = unpack(tokens, shapes)
         return out if is_list else out[0]
 

@@ -138,6 +138,8 @@ class RopeVisionTransformer(VisionTransformer):
                   attn_backend=attn_backend, attn_backend_required=attn_backend_required)
             for _ in range(depth)
         )
+        for block in self.blocks:
+            block.always_batch_subset = True  # DINOv3's stochastic depth: the batch subset whenever it is on
         self.norm = make_norm(norm_layer, embed_dim)  # everything, or with untied norms the patches
         self.cls_norm = make_norm(norm_layer, embed_dim) if untie_cls_and_patch_norms else None
         self.local_cls_norm = make_norm(norm_layer, embed_dim) if untie_global_and_local_cls_norm else None
@@ -194,9 +196,6 @@ class RopeVisionTransformer(VisionTransformer):
         ropes = [self.rope_embed(height=h, width=w) for h, w in grids]
         for _ in self.blocks:
             yield ropes
-
-    def _batch_subset(self, block: Block, batch_subset: bool) -> bool:
-        return True  # DINOv3's blocks use the batch subset whenever stochastic depth is on
 
     def final_norm(self, x: Tensor) -> Tensor:
         if self.cls_norm is None:

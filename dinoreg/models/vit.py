@@ -31,7 +31,7 @@ class VisionTransformer(nn.Module):
     """What both backbone families share: tokens ``[cls, registers, patches]``, blocks run on packed crop groups,
     the official outputs and feature accessors. A family says how tokens are made (:meth:`prepare_tokens_with_masks`),
     which RoPE each block applies to each group (:meth:`block_ropes`), how the final norm applies (:meth:`_outputs`,
-    :meth:`final_norm`) and when stochastic depth uses a batch subset (:meth:`_batch_subset`).
+    :meth:`final_norm`); its blocks say when stochastic depth uses a batch subset (``Block.uses_batch_subset``).
 
     Attributes every family sets: ``arch_kwargs`` (everything needed to rebuild it), ``embed_dim``,
     ``num_features``, ``n_blocks``, ``num_heads``, ``patch_size``, ``num_register_tokens`` (DINOv3's storage tokens
@@ -67,9 +67,6 @@ class VisionTransformer(nn.Module):
         """The patch grid ``(rows, columns)`` of images ``x`` ``[B, C, H, W]``."""
         return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
 
-    def _batch_subset(self, block: Block, batch_subset: bool) -> bool:
-        return batch_subset or block.drop_path_rate > 0.1
-
     def final_norm(self, x: Tensor) -> Tensor:
         """The final norm of all tokens ``[B, 1 + R + HW, D]``, as ``get_intermediate_layers(norm=True)`` applies it."""
         return self.norm(x)
@@ -99,7 +96,7 @@ class VisionTransformer(nn.Module):
     def _run_blocks(self, tokens: list[Tensor], grids: Sequence[tuple[int, int]], batch_subset: bool) -> list[Tensor]:
         packed, shapes = pack(tokens)
         for block, ropes in zip(self.blocks, self.block_ropes(grids)):
-            packed = block.forward_packed(packed, shapes, batch_subset=self._batch_subset(block, batch_subset),
+            packed = block.forward_packed(packed, shapes, batch_subset=block.uses_batch_subset(batch_subset),
                                           rope=ropes)
         return unpack(packed, shapes)
 
@@ -138,7 +135,7 @@ class VisionTransformer(nn.Module):
             if index in attention_of:
                 attention[index] = block.attention_probs(unpack(packed, shapes)[0], num_queries=num_queries,
                                                          rope=None if ropes is None else ropes[0])
-            packed = block.forward_packed(packed, shapes, batch_subset=self._batch_subset(block, False), rope=ropes)
+            packed = block.forward_packed(packed, shapes, batch_subset=block.uses_batch_subset(False), rope=ropes)
             outputs.append(unpack(packed, shapes)[0])
         return outputs, attention
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dinoreg.models.rope_vit import RopeVisionTransformer
+from dinoreg.models.vit import DinoVisionTransformer
 from rope_reference import RopeArch, outputs_of, patch_coordinates, reference_blocks, reference_forward_features
 
 # name -> (our keyword arguments, the reference's description of the same model)
@@ -241,6 +242,24 @@ def test_training_draws_follow_the_official_order(rate):
     # and the draws matter: the training outputs are not the evaluation ones
     with torch.no_grad():
         assert not torch.allclose(ours[0], model.eval().get_intermediate_layers(xs[0], n=[0], norm=False)[0])
+
+
+def test_a_block_called_alone_uses_the_batch_subset_as_the_model_does():
+    """DINOv3's blocks use the batch subset in training whatever the rate, also when code runs them itself (the
+    DINOv2 family keeps per-sample drop path at rates <= 0.1)."""
+    model = build(drop_path_rate=0.05, n_storage_tokens=4).train()
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = model.forward_features(x)["x_prenorm"]
+        torch.manual_seed(3)
+        tokens = model.prepare_tokens_with_masks(x)
+        for block, rope in zip(model.blocks, model.positions(x)):
+            tokens = block(tokens, rope)
+    assert torch.equal(tokens, expected)
+    assert all(block.uses_batch_subset(False) for block in model.blocks)
+    learned = DinoVisionTransformer(embed_dim=32, depth=1, num_heads=2, drop_path_rate=0.05, drop_path_uniform=True)
+    assert not learned.blocks[0].uses_batch_subset(False) and learned.blocks[0].uses_batch_subset(True)
 
 
 def test_dinov3_initialisation():
