@@ -171,8 +171,7 @@ def test_the_presets_have_the_official_parameter_counts_and_storage_tokens():
 
     assert set(ROPE_PRESETS) == set(OFFICIAL_PARAMETERS)
     for arch, official in OFFICIAL_PARAMETERS.items():
-        # the released vit7b16 has no qkv bias (dinov3_vit7b16: qkv_bias=False)
-        model = build_counted_backbone(arch, registers=4, **({"qkv_bias": False} if arch == "vit7b16" else {}))
+        model = build_counted_backbone(arch, registers=4)
         assert count_parameters(model) == official, arch
         assert model.num_register_tokens == 4 and model.patch_size == 16
     # vitl16 at 224 px: ViT-L/16's ~61.6 G multiply-adds for 196 patches and the class token, and its 4 storage tokens

@@ -54,7 +54,7 @@ _FAMILY_DEFAULTS = {cls: {name: parameter.default for name, parameter in inspect
 _ARCH_DEFAULTS = {**_FAMILY_DEFAULTS[RopeVisionTransformer], **_FAMILY_DEFAULTS[DinoVisionTransformer]}
 _ARCH_ARGUMENTS = set(_ARCH_DEFAULTS)  # what dinoreg_arch may hold (either family's arguments)
 _FIX = ("give a backbone .safetensors written by dinoreg (e.g. RUN/teacher_backbone.safetensors), a `dinoreg export` "
-        "output or an official DINOv2 .pth")
+        "output or an official DINOv2 or DINOv3 .pth")
 
 
 class WeightsFileError(InputError, ValueError):
