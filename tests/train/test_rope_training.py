@@ -118,54 +118,52 @@ def _cli(run, *overrides):
     return ["-m", "dinoreg", "train", "--output-dir", str(run), *RUN, *overrides]
 
 
-def test_a_rope_run_resumes_bitwise_and_on_another_number_of_processes(tmp_path):
-    straight = tmp_path / "straight"
-    result = torchrun(2, *_cli(straight))
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = losses_by_iteration(straight)
+@pytest.fixture(scope="module")
+def rope_run(tmp_path_factory):
+    """A finished 32 px RoPE run of 4 iterations in one process, checkpoints after 2 and 4 (its centres and moments
+    are no longer zero)."""
+    run = tmp_path_factory.mktemp("rope") / "straight"
+    dinoreg("train", "--output-dir", run, *RUN)
+    return run
+
+
+def test_a_rope_run_resumes_bitwise_and_on_another_number_of_processes(rope_run, tmp_path):
+    reference = losses_by_iteration(rope_run)
     assert sorted(reference) == [0, 1, 2, 3]
 
     def from_checkpoint_2(name):
         run = tmp_path / name
-        shutil.copytree(straight, run, ignore=shutil.ignore_patterns("4"))
+        shutil.copytree(rope_run, run, ignore=shutil.ignore_patterns("4"))
         (run / CHECKPOINT_DIR / "latest").write_text("2\n")
         (run / BACKBONE_FILE).unlink()
         return run
 
-    again = from_checkpoint_2("again_on_two")
-    result = torchrun(2, *_cli(again))
+    again = from_checkpoint_2("again")
+    result = subprocess.run([sys.executable, *_cli(again)], env=subprocess_env(), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses_by_iteration(again) == reference  # the RoPE rescaling draws continue as they were
-    assert (again / BACKBONE_FILE).read_bytes() == (straight / BACKBONE_FILE).read_bytes()
+    assert (again / BACKBONE_FILE).read_bytes() == (rope_run / BACKBONE_FILE).read_bytes()
 
-    on_one = from_checkpoint_2("again_on_one")
-    result = subprocess.run([sys.executable, *_cli(on_one, "train.batch_size_per_gpu=8")], env=subprocess_env(),
-                            capture_output=True, text=True, timeout=300)
+    on_two = from_checkpoint_2("again_on_two")  # FSDP2, the same global batch
+    result = torchrun(2, *_cli(on_two, "train.batch_size_per_gpu=2"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "saved by 2 processes" in result.stdout + result.stderr
-    resumed = losses_by_iteration(on_one)
+    assert "saved by 1 processes and this run has 2" in result.stdout + result.stderr  # RNG streams restart
+    resumed = losses_by_iteration(on_two)
     assert [resumed[i] for i in (0, 1)] == [reference[i] for i in (0, 1)]  # the rows before the save are kept
     for i in (2, 3):  # the data and state continue; the augmentation streams restart (per-rank RNG)
         assert resumed[i]["total_loss"] == pytest.approx(reference[i]["total_loss"], rel=0.1)
-    assert isinstance(load_backbone(on_one / BACKBONE_FILE), RopeVisionTransformer)
+    assert isinstance(load_backbone(on_two / BACKBONE_FILE), RopeVisionTransformer)
 
 
-@pytest.fixture(scope="module")
-def low_resolution_run(tmp_path_factory):
-    """A finished 32 px RoPE run in one process (its centres and moments are no longer zero)."""
-    run = tmp_path_factory.mktemp("rope") / "low"
-    dinoreg("train", "--output-dir", run, *RUN, "train.epoch_length=2")
-    return run
-
-
-def test_a_high_resolution_phase_continues_a_rope_run_with_nothing_resampled(low_resolution_run):
-    saved = CheckpointReader(low_resolution_run / CHECKPOINT_DIR / "2").tensors("model.")
+def test_a_high_resolution_phase_continues_a_rope_run_with_nothing_resampled(rope_run):
+    saved = CheckpointReader(rope_run / CHECKPOINT_DIR / "4").tensors("model.")
     model, optimizer = build("crops.global_crops_size=64", "crops.local_crops_size=32",
-                             f"phase.start_from={low_resolution_run}", "phase.optimizer=carry")
+                             f"phase.start_from={rope_run}", "phase.optimizer=carry")
     state = model.state_dict()
     assert state.keys() == saved.keys() and not any("pos_embed" in key for key in state)
     assert [key for key, value in saved.items() if not torch.equal(state[key], value)] == []  # every tensor as saved
-    moments = CheckpointReader(low_resolution_run / CHECKPOINT_DIR / "2").tensors("optimizer.state.")
+    moments = CheckpointReader(rope_run / CHECKPOINT_DIR / "4").tensors("optimizer.state.")
     carried = {p: name for name, p in model.named_parameters()}
     assert len(optimizer.state) == len({k.rsplit(".", 1)[0] for k in moments})  # no moment starts fresh
     for parameter, state_of in optimizer.state.items():
