@@ -237,9 +237,11 @@ def test_the_vitl16_recipe_fits_dinov3s_vitl16_with_its_heads_on_a_matching_grid
     assert TeacherCrops(14, 16).size(cfg.crops.global_crops_size) == 256 and cfg.crops.local_crops_size % 14 == 0
     with torch.device("meta"):  # the real sizes, no memory
         backbone = RopeVisionTransformer(**ROPE_RELEASED, **ROPE_PRESETS["vitl16"])
-        teacher = torch.nn.ModuleDict({"backbone": backbone,
-                                       "dino_head": DINOHead(1024, 262144, hidden_dim=8192, bottleneck_dim=512),
-                                       "ibot_head": DINOHead(1024, 98304, hidden_dim=4096, bottleneck_dim=384)})
+        # DINOv3's heads: plain last layers (dino.head_weight_norm=false in its layout)
+        teacher = torch.nn.ModuleDict({
+            "backbone": backbone,
+            "dino_head": DINOHead(1024, 262144, hidden_dim=8192, bottleneck_dim=512, weight_norm=False),
+            "ibot_head": DINOHead(1024, 98304, hidden_dim=4096, bottleneck_dim=384, weight_norm=False)})
         student = build_ssl_model(load_config("vits14_reg4_distill_from_vitl16", ["distillation.enabled=false"]),
                                   load_pretrained=False).student
     check_distillation_teacher(teacher, student, patch_size=14,

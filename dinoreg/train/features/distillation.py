@@ -103,7 +103,7 @@ class TeacherCrops:
 
 def _prototypes(heads: nn.ModuleDict, name: str) -> int:
     head = heads[name] if name in heads else heads["dino_head"]  # a shared head scores the patches too
-    return head.last_layer.parametrizations.weight.original1.shape[0]
+    return head.out_dim  # either layout: DINOv2's weight-normalised last layer or DINOv3's plain one
 
 
 def check_distillation_teacher(teacher: nn.ModuleDict, student: nn.ModuleDict, *, patch_size: int,
