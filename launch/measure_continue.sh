@@ -2,41 +2,43 @@
 # Continued pretraining from a trained tiny RoPE backbone (configs/tiny_rope_cpu.yaml): what the head warm-up and
 # training only the last blocks (with an lr ramp) buy, read off the teacher's kNN top-1 (the run's own evaluation).
 #
-#   launch/measure_continue.sh [OUT]          # OUT: where the runs go (default runs/continue)
-#   launch/measure_continue.sh OUT base       # one step only: base, plain, warmup, last2 (the variants need base)
+#   launch/measure_continue.sh [OUT [STEP]]   # OUT: where the runs go (default runs/continue)
+#                                             # STEP: base, plain, warmup, last2, last2_cold, plot (default: all)
 #
-# The recipe is tiny_rope_cpu's, shortened for a 2-core machine shared by six people (a step of it took 12-30 s
-# there): batch 16. The base: 150 iterations (epochs of 50) from scratch; its teacher after 50 iterations (checkpoint
-# 50: the end of its lr warm-up; the run was stopped there for time) is the start. Each variant: 50 iterations
-# (epochs of 25: lr warm-up 25, last layer frozen 25, teacher temperature warm-up 50) from that backbone with fresh
-# heads; the teacher's kNN top-1 (1,000-image memory bank, 1,000 test images, k 20) every 25 iterations.
-# Steps that finished are skipped; the three variants may run side by side:
-#   for v in plain warmup last2; do launch/measure_continue.sh OUT $v & done; wait; launch/measure_continue.sh OUT plot
+# base: tiny_rope_cpu as it is (600 iterations from scratch); its teacher_backbone.safetensors is the start of the
+# four variants, each tiny_rope_cpu again from that backbone with fresh heads (student.pretrained_weights), the
+# teacher's kNN every 50 iterations (0, 50, ..., 600; the recipe's 10,000-image memory bank, k 20):
+#   plain       nothing else
+#   warmup      optim.head_warmup_iterations=50
+#   last2       the warm-up, then only the last 2 of the 6 blocks (and the final norm) train, their lr ramped up
+#               over 50 iterations (optim.train_last_blocks=2 optim.unfreeze_ramp_iterations=50)
+#   last2_cold  the last 2 blocks from the first iteration, no warm-up, no ramp
+# Finished steps are skipped (a stopped run resumes). The variants may run side by side once base has finished:
+#   for v in plain warmup last2 last2_cold; do launch/measure_continue.sh OUT $v & done; wait
+#   launch/measure_continue.sh OUT plot
+# EXTRA="key=value ..." is added to every run (e.g. a smoke test of this script with a shorter recipe).
 set -euo pipefail
 OUT=${1:-runs/continue}
 STEP=${2:-all}
-COMMON=(train.batch_size_per_gpu=16 monitor.period=0)
-BASE=$OUT/base50.safetensors
+read -r -a EXTRA <<< "${EXTRA:-}"
+BASE=$OUT/base/teacher_backbone.safetensors
 
 run() {  # run NAME OVERRIDES...: one run of tiny_rope_cpu, unless it finished
     local name=$1; shift
     [[ -f $OUT/$name/teacher_backbone.safetensors ]] && return 0
-    dinoreg train --config tiny_rope_cpu --output-dir "$OUT/$name" "${COMMON[@]}" "$@" > "$OUT/$name.log" 2>&1
+    dinoreg train --config tiny_rope_cpu --output-dir "$OUT/$name" "$@" "${EXTRA[@]}" > "$OUT/$name.log" 2>&1
 }
 
 mkdir -p "$OUT"
-case $STEP in all|base)
-    run base train.epoch_length=50 optim.epochs=3 evaluation.knn_train_images=2000 \
-        evaluation.eval_period_iterations=150 checkpoint.period=50
-    [[ -f $BASE ]] || dinoreg export "$OUT/base/checkpoints/50" --format safetensors --output "$BASE" ;;
-esac
-CONTINUE=(student.pretrained_weights="$BASE" train.epoch_length=25 optim.epochs=2 train.num_workers=1
-          evaluation.knn_train_images=1000 evaluation.eval_period_iterations=25 checkpoint.period=25)
+CONTINUE=(student.pretrained_weights="$BASE" evaluation.eval_period_iterations=50)
+case $STEP in all|base) run base ;; esac
 case $STEP in all|plain) run plain "${CONTINUE[@]}" ;; esac
-case $STEP in all|warmup) run warmup "${CONTINUE[@]}" optim.head_warmup_iterations=25 ;; esac
-case $STEP in all|last2) run last2 "${CONTINUE[@]}" optim.head_warmup_iterations=25 optim.train_last_blocks=2 \
-                                  optim.unfreeze_ramp_iterations=25 ;; esac
+case $STEP in all|warmup) run warmup "${CONTINUE[@]}" optim.head_warmup_iterations=50 ;; esac
+case $STEP in all|last2) run last2 "${CONTINUE[@]}" optim.head_warmup_iterations=50 optim.train_last_blocks=2 \
+                                  optim.unfreeze_ramp_iterations=50 ;; esac
+case $STEP in all|last2_cold) run last2_cold "${CONTINUE[@]}" optim.train_last_blocks=2 ;; esac
 case $STEP in all|plot)
-    python launch/plot_curves.py --out "$OUT/continue_knn.png" --keys knn_top1 "$OUT/plain=plain (fresh heads)" \
-        "$OUT/warmup=head warm-up 25" "$OUT/last2=warm-up 25 + last 2 of 6 blocks + ramp 25" ;;
+    python launch/plot_curves.py "$OUT/plain=fresh heads" "$OUT/warmup=head warm-up 50" \
+        "$OUT/last2=warm-up 50, last 2 of 6 blocks, ramp 50" "$OUT/last2_cold=last 2 of 6 blocks" \
+        --out "$OUT/continue_knn.png" --keys knn_top1 ;;
 esac

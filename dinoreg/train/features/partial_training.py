@@ -36,7 +36,7 @@ __all__ = ["PartialTraining", "frozen_parameter_names", "partial_training"]
 
 # The backbone's final norms: they train with the last blocks. A RoPE backbone without untied norms has None there.
 FINAL_NORMS = ("norm", "cls_norm", "local_cls_norm")
-# The freeze names that are one backbone parameter (or a module: patch_embed), by family.
+# Either family's name for its registers: the learned family's register_tokens, a RoPE backbone's storage_tokens.
 _TOKEN_ALIASES = {"register_tokens": ("register_tokens", "storage_tokens"),
                   "storage_tokens": ("register_tokens", "storage_tokens")}
 
