@@ -168,8 +168,9 @@ class OptimConfig:
     # the first iterations train the heads only: student and teacher backbones stay frozen (no gradient, no
     # update, no EMA), then training goes on with the normal schedules (for a start from a backbone alone)
     head_warmup_iterations: int = 0
-    # continued pretraining: parts of the student backbone that never train (patch_embed, cls_token,
-    # register_tokens (a RoPE backbone's storage tokens), mask_token); their EMA teacher copies stay as loaded
+    # continued pretraining: parts of the student backbone that never train (patch_embed, cls_token, pos_embed
+    # (learned-position backbones only), register_tokens (storage_tokens names the same: a RoPE backbone's),
+    # mask_token); their EMA teacher copies stay as loaded
     freeze: List[str] = field(default_factory=list)
     # train only the last N blocks of the student backbone (with its final norm); null: every block
     train_last_blocks: Optional[int] = None

@@ -1,7 +1,9 @@
 """Plot logged figures of several runs against the iteration, one panel per figure, as a PNG.
 
-    python launch/plot_curves.py --out docs/figures/gram/gram.png --keys knn_top1 segmentation_miou \
-        runs/long="no Gram anchoring" runs/long_gram="Gram anchoring from 900"
+    python launch/plot_curves.py runs/long="no Gram anchoring" runs/long_gram="Gram anchoring from 900" \
+        --out docs/figures/gram/gram.png --keys knn_top1 segmentation_miou
+
+(the runs come before ``--keys``, which takes every word after it)
 
 Each run is ``DIR`` or ``DIR=LABEL``; its ``metrics.jsonl`` is read (the last row of an iteration wins, as a
 resumed run logs again what followed its checkpoint). Rows without a key are skipped for that key.
