@@ -265,6 +265,8 @@ def _student_problems(cfg: DictConfig) -> list[str]:
             (not s.interpolate_antialias and s.interpolate_offset == 0.1 and not s.block_chunks,
              "student.interpolate_antialias",
              "a RoPE backbone has no position embedding to resample: leave interpolate_* and block_chunks unset"),
+            (s.drop_path_uniform, "student.drop_path_uniform",
+             "a RoPE backbone has one stochastic-depth rate for every block (DINOv3's): leave it true"),
         ]
     else:
         dinov3_keys = [key for key, default in _ROPE_ONLY_DEFAULTS.items() if s[key] != default]
@@ -276,8 +278,9 @@ def _student_problems(cfg: DictConfig) -> list[str]:
 # the keys only RoPE backbones read, with their schema defaults
 _ROPE_ONLY_DEFAULTS = {key: getattr(StudentConfig, key) for key in (
     "norm_layer", "mask_k_bias", "untie_cls_and_patch_norms", "untie_global_and_local_cls_norm",
-    "pos_embed_rope_min_period", "pos_embed_rope_max_period", "pos_embed_rope_normalize_coords",
-    "pos_embed_rope_shift_coords", "pos_embed_rope_jitter_coords", "pos_embed_rope_rescale_coords")}
+    "pos_embed_rope_base", "pos_embed_rope_min_period", "pos_embed_rope_max_period", "pos_embed_rope_normalize_coords",
+    "pos_embed_rope_shift_coords", "pos_embed_rope_jitter_coords", "pos_embed_rope_rescale_coords",
+    "pos_embed_rope_dtype")}
 
 
 def _crop_size_problems(cfg: DictConfig) -> list[str]:
@@ -647,6 +650,7 @@ def build_backbone_from_config(cfg: DictConfig, *, stochastic_depth: bool) -> Vi
         embed_dim=student.embed_dim,
         depth=student.depth,
         num_heads=student.num_heads,
+        mlp_ratio=student.ffn_ratio,  # None: the arch's 4
     )
     if stochastic_depth:
         kwargs.update(drop_path_rate=student.drop_path_rate, drop_path_uniform=student.drop_path_uniform)

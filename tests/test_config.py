@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from dinoreg.config import (
     ConfigError,
     apply_scaling_rule,
+    build_backbone_from_config,
     available_configs,
     load_config,
     save_config,
@@ -295,3 +296,18 @@ def test_apply_scaling_rule():
 def test_load_derives_single_process_lr():
     cfg = load_config()  # tiny_cpu: batch 32, base_lr 0.01
     assert cfg.optim.lr == pytest.approx(0.01 * math.sqrt(32 / 1024))
+
+
+def test_the_backbone_family_keys_take_effect_or_are_refused():
+    """student.ffn_ratio widens the MLP of either family; a key only RoPE backbones read is refused on a
+    learned-position one, and a RoPE backbone refuses what it has no use for, each in one line."""
+    learned = build_backbone_from_config(load_config("tiny_cpu", ["student.ffn_ratio=2.0"]), stochastic_depth=False)
+    assert learned.blocks[0].mlp.fc1.out_features == 2 * learned.embed_dim
+    rope = build_backbone_from_config(load_config("tiny_rope_cpu", ["student.ffn_ratio=2.0"]), stochastic_depth=False)
+    assert rope.pos_embed_type == "rope" and rope.blocks[0].mlp.fc1.out_features == 2 * rope.embed_dim
+    for config, override, key in (("tiny_cpu", "student.pos_embed_rope_dtype=fp32", "student.pos_embed_rope_dtype"),
+                                  ("tiny_cpu", "student.pos_embed_rope_base=10.0", "student.pos_embed_rope_base"),
+                                  ("tiny_rope_cpu", "student.drop_path_uniform=false", "student.drop_path_uniform")):
+        with pytest.raises(ConfigError) as error:
+            load_config(config, [override])
+        assert key in str(error.value) and len(str(error.value).splitlines()) <= 2, str(error.value)

@@ -15,7 +15,7 @@ from dinoreg.export.writers import (
     FORMATS,
     HEAD_FORMATS,
     check_output,
-    dinov2_load_overrides,
+    official_load_overrides,
     export_backbone,
     resize_backbone,
 )
@@ -111,7 +111,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"note: timm resizes position embeddings with antialiased bicubic at the exact grid, this model "
               f"another way: the timm model is fixed to {model.arch_kwargs['img_size']} px (dynamic_img_size=False, "
               "so timm refuses other sizes rather than computing other features); --img-size exports another size")
-    overrides = dinov2_load_overrides(model) if args.format in ("dinov2", "dinov3") else {}
+    overrides = official_load_overrides(model) if args.format in ("dinov2", "dinov3") else {}
     if overrides:
         arguments = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
         print(f"note: a .pth holds tensors only; load it with dinoreg.load_backbone(path, {arguments}) "

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional
 from dinoreg import __version__
 from dinoreg.data import IMAGENET_MEAN, IMAGENET_STD
 from dinoreg.export.source import BackboneSource
+from dinoreg.models.rope_vit import is_rope_arch
 
 __all__ = ["hf_preprocessor_config", "hf_resize", "model_card", "timm_pretrained_cfg"]
 
@@ -58,7 +59,7 @@ def timm_pretrained_cfg(img_size: int) -> dict[str, Any]:
 
 def model_card(arch: Mapping[str, Any], source: Optional[BackboneSource], *, architecture: str, dtype: str) -> str:
     """A short README.md: what the model is, how it was trained and produced, and how to load it."""
-    rope = "n_storage_tokens" in arch  # the DINOv3 family (DINOv3ViTModel)
+    rope = is_rope_arch(arch)  # the DINOv3 family (DINOv3ViTModel)
     registers = arch["n_storage_tokens"] if rope else arch["num_register_tokens"]
     grid = arch["img_size"] // arch["patch_size"]
     trained = ("| trained by | an unknown source (no dinoreg checkpoint) |" if source is None else "\n".join([

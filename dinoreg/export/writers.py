@@ -22,7 +22,7 @@ from dinoreg.models.weights import LAYOUT_KEY, METADATA_KEY, infer_arch_kwargs, 
 from dinoreg.run_dir import errno_of, publish
 
 __all__ = ["DTYPES", "FORMATS", "HEADS_METADATA_KEY", "HEAD_FORMATS", "SOURCE_METADATA_KEY", "check_family",
-           "check_output", "dinov2_load_overrides", "export_backbone", "resize_backbone"]
+           "check_output", "official_load_overrides", "export_backbone", "resize_backbone"]
 
 FORMATS = {
     "dinov2": "a .pth state dict in the official DINOv2 hub layout (learned position embeddings; torch.hub DINOv2)",
@@ -71,7 +71,7 @@ def resize_backbone(model: VisionTransformer, img_size: int) -> VisionTransforme
     return resized.eval()
 
 
-def dinov2_load_overrides(model: VisionTransformer) -> dict[str, Any]:
+def official_load_overrides(model: VisionTransformer) -> dict[str, Any]:
     """What a plain ``.pth`` (tensors only, as the official files of both families) cannot tell ``load_backbone``:
     the arguments that change the features and differ from what it infers from the shapes (64-dim heads; the
     registers models' interpolation; a RoPE backbone's norm eps and RoPE settings other than the released ones)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dinoreg.models.rope_vit import ROPE_PRESETS, RopeVisionTransformer, build_rope_backbone
+from dinoreg.models.rope_vit import ROPE_PRESETS, RopeVisionTransformer, build_rope_backbone, is_rope_arch
 from dinoreg.models.vit import ARCH_DIMS, DinoVisionTransformer, VisionTransformer
 from dinoreg.models.vit import build_backbone as build_learned_backbone
 
@@ -46,6 +46,5 @@ def build_backbone(arch: str = "vit_small", *, pos_embed_type: str | None = None
 
 def backbone_from_arch_kwargs(arch_kwargs: dict[str, Any]) -> VisionTransformer:
     """Rebuild a backbone from its ``arch_kwargs`` (as stored in checkpoints and exports): the RoPE family when they
-    are its arguments (``n_storage_tokens``, ``pos_embed_rope_*``), else the learned-position family."""
-    rope = any(key == "n_storage_tokens" or key.startswith("pos_embed_rope_") for key in arch_kwargs)
-    return (RopeVisionTransformer if rope else DinoVisionTransformer)(**arch_kwargs)
+    are its arguments (:func:`is_rope_arch`), else the learned-position family."""
+    return (RopeVisionTransformer if is_rope_arch(arch_kwargs) else DinoVisionTransformer)(**arch_kwargs)

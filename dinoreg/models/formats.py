@@ -44,7 +44,7 @@ from torch import Tensor
 from dinoreg.errors import InputError
 from dinoreg.models.layers import swiglu_hidden_features
 from dinoreg.models.rope import RopePositionEmbedding
-from dinoreg.models.rope_vit import ROPE_FFN_LAYERS, RopeVisionTransformer
+from dinoreg.models.rope_vit import ROPE_FFN_LAYERS, RopeVisionTransformer, is_rope_arch
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits
 from dinoreg.models.vit import DinoVisionTransformer
 
@@ -463,11 +463,6 @@ TIMM_DINOV3_NO_QKVB = ("vit_7b_patch16_dinov3",)  # registered without
 _TIMM_DINOV3_NAME = re.compile(r"vit_[a-z0-9_]+_patch16_dinov3(_qkvb)?")
 _ROPE_OTHER_FORMATS = ("export --format dinov3 or safetensors instead (dinoreg.load_backbone and the official code "
                        "read them)")
-
-
-def is_rope_arch(arch_kwargs: Mapping[str, Any]) -> bool:
-    """Whether ``arch_kwargs`` are the RoPE family's (``RopeVisionTransformer``'s) arguments."""
-    return any(key == "n_storage_tokens" or key.startswith("pos_embed_rope_") for key in arch_kwargs)
 
 
 def full_rope_arch_kwargs(arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:

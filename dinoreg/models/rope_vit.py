@@ -260,4 +260,11 @@ def build_rope_backbone(arch: str, **kwargs: Any) -> RopeVisionTransformer:
     return RopeVisionTransformer(**{**ROPE_RELEASED, **ROPE_PRESETS[arch], **given})
 
 
-__all__ = ["ROPE_FFN_LAYERS", "ROPE_PRESETS", "ROPE_RELEASED", "RopeVisionTransformer", "build_rope_backbone"]
+def is_rope_arch(arch_kwargs: Any) -> bool:
+    """Whether backbone ``arch_kwargs`` (a mapping of argument names) are this family's (``n_storage_tokens``,
+    ``pos_embed_rope_*``) rather than the learned-position family's."""
+    return any(key == "n_storage_tokens" or key.startswith("pos_embed_rope_") for key in arch_kwargs)
+
+
+__all__ = ["ROPE_FFN_LAYERS", "ROPE_PRESETS", "ROPE_RELEASED", "RopeVisionTransformer", "build_rope_backbone",
+           "is_rope_arch"]

@@ -100,9 +100,12 @@ class VisionTransformer(nn.Module):
                                           rope=ropes)
         return unpack(packed, shapes)
 
-    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Any = None) -> dict | list[dict]:
+    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Any = None, *, first_group: int = 0
+                         ) -> dict | list[dict]:
         """One image batch -> dict; a list of batches (e.g. global and local crops, any sizes)
-        -> list of dicts, computed in one pass with shared linear layers."""
+        -> list of dicts, computed in one pass with shared linear layers. ``first_group``: the place of the list's
+        first batch among the crop groups of a step (1 for the local crops passed alone), for a family whose outputs
+        depend on it (DINOv3's ``local_cls_norm`` serves the second group in training)."""
         if isinstance(x, Tensor):
             tokens = self._run_blocks([self.prepare_tokens_with_masks(x, masks)], [self.grid_of(x)], False)
             return self._outputs(tokens[0], masks)
@@ -111,10 +114,11 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"got {len(x)} image batches but {len(masks_list)} masks")
         tokens = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(x, masks_list)]
         outputs = self._run_blocks(tokens, [self.grid_of(xi) for xi in x], True)
-        return [self._outputs(t, m, i) for i, (t, m) in enumerate(zip(outputs, masks_list))]
+        return [self._outputs(t, m, first_group + i) for i, (t, m) in enumerate(zip(outputs, masks_list))]
 
-    def forward(self, x: Tensor | Sequence[Tensor], masks: Any = None, is_training: bool = False):
-        out = self.forward_features(x, masks)
+    def forward(self, x: Tensor | Sequence[Tensor], masks: Any = None, is_training: bool = False, *,
+                first_group: int = 0):
+        out = self.forward_features(x, masks, first_group=first_group)
         if is_training:
             return out
         if isinstance(out, list):
@@ -126,6 +130,12 @@ class VisionTransformer(nn.Module):
         """The tokens after every block, ``[B, 1 + R + HW, D]`` each (residual stream, before the final norm),
         and the attention probabilities ``[B, heads, Q, N]`` of the blocks listed in ``attention_of`` for the
         first ``num_queries`` tokens as queries (all when None), for analysis and the training monitor."""
+        return self._block_outputs(x, attention_of=attention_of, num_queries=num_queries)
+
+    def _block_outputs(self, x: Tensor, *, attention_of: Sequence[int] = (), num_queries: int | None = None
+                       ) -> tuple[list[Tensor], dict[int, Tensor]]:
+        # Not block_outputs itself from the other methods: under FSDP2 each public method is an FSDP forward method
+        # (train/parallel.py), whose return reshards the root's parameters the caller still needs (the final norm).
         tokens = self.prepare_tokens_with_masks(x)
         packed, shapes = pack([tokens])
         outputs, attention = [], {}
@@ -152,7 +162,7 @@ class VisionTransformer(nn.Module):
         ``return_class_token`` / ``return_extra_tokens`` (DINOv3's) tuples ``(patches, cls, registers)`` of those
         asked for."""
         wanted = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n
-        outputs = [out for i, out in enumerate(self.block_outputs(x)[0]) if i in wanted]
+        outputs = [out for i, out in enumerate(self._block_outputs(x)[0]) if i in wanted]
         if len(outputs) != len(wanted):
             raise ValueError(f"only {len(outputs)} of {len(wanted)} requested blocks exist (depth {len(self.blocks)})")
         if norm:
@@ -172,7 +182,12 @@ class VisionTransformer(nn.Module):
         """Attention probabilities ``[B, heads, N, N]`` of one block, tokens ordered
         ``[cls, registers, patches]`` (computed with explicit softmax, whatever the backend)."""
         block_index = block_index % len(self.blocks)
-        return self.block_outputs(x, attention_of=(block_index,))[1][block_index]
+        tokens = self.prepare_tokens_with_masks(x)
+        for index, (block, rope) in enumerate(zip(self.blocks, self.positions(x))):
+            if index == block_index:  # the blocks after it are not run
+                return block.attention_probs(tokens, rope=rope)
+            tokens = block(tokens, rope)
+        raise AssertionError("unreachable: block_index is within the blocks")
 
 
 class DinoVisionTransformer(VisionTransformer):

@@ -174,18 +174,23 @@ def _checked_metadata(source: str, metadata: Any) -> dict[str, Any]:
     unknown = sorted(str(key) for key in metadata if key not in _ARCH_ARGUMENTS)
     if unknown:
         raise WeightsFileError(source, f"has {METADATA_KEY} entries no backbone takes: {', '.join(unknown[:8])}")
-    mistyped = [f"{key}={value!r}"[:60] for key, value in metadata.items() if not _fits(_ARCH_DEFAULTS[key], value)]
+    mistyped = [f"{key}={value!r}"[:60] for key, value in metadata.items()
+                if not _fits(_ARCH_DEFAULTS[key], value, nullable=key in _NULLABLE)]
     if mistyped:
         raise WeightsFileError(source, f"has {METADATA_KEY} entries of the wrong type: {', '.join(mistyped[:8])}")
     return dict(metadata)
 
 
-def _fits(default: Any, value: Any) -> bool:
-    """Whether ``value`` has the type of the backbone argument whose default is ``default``."""
+# the number arguments that may also be None although their default is a number (min/max periods replace the base)
+_NULLABLE = {"pos_embed_rope_base"}
+
+
+def _fits(default: Any, value: Any, *, nullable: bool = False) -> bool:
+    """Whether ``value`` has the type of the backbone argument whose default is ``default`` (``nullable``: None too)."""
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
-    if default is None or isinstance(default, float):  # init_values, RoPE periods: None or a number
-        return value is None or isinstance(value, (int, float))
+    if default is None or isinstance(default, float):  # init_values, layerscale_init, RoPE periods: None or a number
+        return (value is None and (default is None or nullable)) or isinstance(value, (int, float))
     return isinstance(value, type(default))
 
 
@@ -349,7 +354,8 @@ def _rope_periods_of(periods: Tensor, head_dim: int) -> dict[str, Any]:
     return {**nones, **candidates[-1]}
 
 
-_ARCH_HINT = "Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer)."
+_ARCH_HINT = ("Check the architecture overrides (arch, patch_size, num_register_tokens, ffn_layer; for DINOv3's "
+              "released files also mask_k_bias, norm_layer, qkv_bias: docs/BACKBONE.md).")
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], *,

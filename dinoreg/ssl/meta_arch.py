@@ -212,7 +212,8 @@ class SSLMetaArch(nn.Module):
         if self.pack_crops:
             outs = self.student["backbone"](crops, masks=crop_masks, is_training=True)
         else:
-            outs = [self.student["backbone"]([c], masks=[m], is_training=True)[0] for c, m in zip(crops, crop_masks)]
+            outs = [self.student["backbone"]([c], masks=[m], is_training=True, first_group=i)[0]
+                    for i, (c, m) in enumerate(zip(crops, crop_masks))]
         global_out = outs[0]
         global_cls = global_out["x_norm_clstoken"]  # [2B, D]
         # One pass through the shared head for cls tokens (and masked patches when the head is shared).

@@ -13,7 +13,7 @@ from launch_helpers import TINY
 from dinoreg import load_backbone
 from dinoreg.cli import main
 from dinoreg.export.source import ExportError
-from dinoreg.export.writers import dinov2_load_overrides, export_backbone
+from dinoreg.export.writers import official_load_overrides, export_backbone
 from dinoreg.models import CheckpointMismatchError, build_backbone, build_rope_backbone
 from dinoreg.models.formats import FormatError, TimmNameError, from_timm, resolve_timm_name, to_timm
 from dinoreg.models.weights import WeightsFileError, read_heads
@@ -210,13 +210,13 @@ def test_dinov3_layout_is_the_official_state_dict_and_loads_strictly(tmp_path):
     path = export_backbone(model, None, fmt="dinov3", output=tmp_path / "vits16.pth")
     state = torch.load(path, weights_only=True)
     assert list(state) == list(model.state_dict())  # the official keys, in order (rope_embed.periods, bias_mask)
-    assert dinov2_load_overrides(model) == {}  # the released settings: a plain .pth needs no arguments
+    assert official_load_overrides(model) == {}  # the released settings: a plain .pth needs no arguments
     images = torch.rand(1, 3, 64, 48)
     assert torch.equal(tokens(load_backbone(path), images), tokens(model, images))
     # what the shapes cannot tell (the released models' values are assumed): the CLI prints them to pass
     odd = build_rope_backbone("vits16", depth=1, num_heads=3, norm_layer="layernorm",
                               pos_embed_rope_normalize_coords="max", pos_embed_rope_rescale_coords=1.5)
-    assert dinov2_load_overrides(odd) == {"norm_layer": "layernorm", "pos_embed_rope_normalize_coords": "max",
+    assert official_load_overrides(odd) == {"norm_layer": "layernorm", "pos_embed_rope_normalize_coords": "max",
                                           "pos_embed_rope_rescale_coords": 1.5}
 
 

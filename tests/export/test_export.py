@@ -322,15 +322,15 @@ def test_resume_does_not_reread_pretrained_weights(run_dir, tmp_path):
 
 
 def test_dinov2_export_names_what_a_plain_pth_cannot_hold(tmp_path, capsys):
-    from dinoreg.export.writers import dinov2_load_overrides
+    from dinoreg.export.writers import official_load_overrides
     from dinoreg.models import build_backbone
 
     odd = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=1, embed_dim=32, num_heads=2,
                          num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
-    assert dinov2_load_overrides(odd) == {"num_heads": 2}
+    assert official_load_overrides(odd) == {"num_heads": 2}
     standard = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=1, num_register_tokens=4,
                               interpolate_antialias=True, interpolate_offset=0.0)
-    assert dinov2_load_overrides(standard) == {}
+    assert official_load_overrides(standard) == {}
 
 
 def one_line_error(args, capsys):

@@ -135,6 +135,8 @@ def test_local_cls_norm_is_used_for_the_second_group_in_training_only():
         model.train()  # no stochastic depth nor coordinate augmentation: the same blocks, other norms
         trained = model.forward_features(xs)
         single = model.forward_features(xs[1])
+        # the local crops passed alone (train.pack_crops=false) say where they stand among the step's crop groups
+        alone = model.forward_features([xs[1]], first_group=1)[0]
     for outputs, norms in ((evaluated, ("norm", "norm")), (trained, ("norm", "local_cls_norm"))):
         for out, t, prefix_norm in zip(outputs, prenorm, norms):
             for key, value in outputs_of(sd, t, arch, prefix_norm).items():
@@ -142,6 +144,7 @@ def test_local_cls_norm_is_used_for_the_second_group_in_training_only():
     assert not torch.allclose(trained[1]["x_norm_clstoken"], evaluated[1]["x_norm_clstoken"])
     assert torch.equal(trained[1]["x_norm_patchtokens"], evaluated[1]["x_norm_patchtokens"])
     assert_same(single["x_norm_clstoken"], evaluated[1]["x_norm_clstoken"])  # a lone batch is never "local"
+    assert_same(alone["x_norm_clstoken"], trained[1]["x_norm_clstoken"])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
