@@ -5,13 +5,12 @@ ranks, checkpoints, and a resume from the first checkpoint gives the uninterrupt
 bitwise. Marked ``scale`` like tests/train/test_scale.py."""
 
 import math
-import shutil
 
 import pytest
 from launch_helpers import torchrun
-from test_scale import _losses
+from test_scale import _losses, assert_two_rank_resume_repeats
 
-from dinoreg.run_dir import BACKBONE_FILE, CHECKPOINT_DIR
+from dinoreg.run_dir import CHECKPOINT_DIR
 from dinoreg.train.checkpoint_reader import CheckpointReader
 from dinoreg.models.head import head_spec_of
 
@@ -38,14 +37,4 @@ def test_vitl16_recipe_trains_checkpoints_and_resumes_bitwise_on_two_ranks(tmp_p
                "in_dim": 1024} for name in ("dino_head", "ibot_head")}
 
     # resume from the checkpoint after iteration 1 (as after a preemption there): the last step again
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("2"))  # drop checkpoints/2
-    (resumed / CHECKPOINT_DIR / "latest").write_text("1\n")
-    (resumed / BACKBONE_FILE).unlink()
-    result = torchrun(2, *command(resumed), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout + result.stderr
-    assert _losses(resumed) == reference
-    assert (resumed / BACKBONE_FILE).read_bytes() == (straight / BACKBONE_FILE).read_bytes()
-    for run in (straight, resumed):  # about 1 GB per checkpoint
-        shutil.rmtree(run / CHECKPOINT_DIR)
+    assert_two_rank_resume_repeats(straight, tmp_path / "resumed", 1, command)
