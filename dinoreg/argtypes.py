@@ -9,7 +9,7 @@ import argparse
 import math
 from pathlib import Path
 
-__all__ = ["float_at_least", "int_at_least", "non_negative_float", "output_file", "output_folder", "positive_float",
+__all__ = ["byte_size", "float_at_least", "int_at_least", "non_negative_float", "output_file", "output_folder", "positive_float",
            "positive_int", "register_count", "register_list"]
 
 
@@ -86,3 +86,21 @@ def output_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder; give a folder (it is created if missing)")
     _blocked_by_a_file(path)
     return path
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """A size such as 1GiB, 500MB, 512MiB or 1000000 (bytes): a positive whole number of bytes."""
+    stripped = text.strip().replace(" ", "")
+    number = stripped.rstrip("bBkKmMgGtTiI")
+    unit = stripped[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 1GiB, 500MB or 1000000 (bytes), got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    return int(value)

@@ -1,12 +1,13 @@
-"""``dinoreg data export-synthetic``: the embedded synthetic dataset written as folders, to show the on-disk layouts."""
+"""``dinoreg data``: write the synthetic dataset as folders; index a dataset; pack it into tar shards."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
-from dinoreg.argtypes import int_at_least, output_folder, positive_int
+from dinoreg.argtypes import byte_size, int_at_least, output_folder, positive_int
 from dinoreg.errors import InputError
 
 
@@ -22,7 +23,7 @@ def _objects(text: str) -> tuple[int, int]:
 
 
 def add_data_parser(commands: Any) -> None:
-    data = commands.add_parser("data", help="datasets: write the synthetic one to disk",
+    data = commands.add_parser("data", help="datasets: index or pack one for scale, write the synthetic one to disk",
                                description="Dataset tools.")
     tools = data.add_subparsers(dest="tool", metavar="<tool>", required=True)
     export = tools.add_parser(
@@ -48,6 +49,92 @@ def add_data_parser(commands: Any) -> None:
     export.add_argument("--objects", type=_objects, default=(2, 4), metavar="A[-B]",
                         help="objects per image, drawn uniformly (default: 2-4)")
     export.set_defaults(handler=_export_synthetic, parser=export)
+    _add_index_parser(tools)
+    _add_pack_parser(tools)
+
+
+_SOURCE_HELP = ("a folder of images (class sub-folders give the labels; a folder holding train/ is read as "
+                "train.dataset_path reads it: its train/), a .txt file list (path[TAB]label per line)")
+
+
+def _add_index_parser(tools: Any) -> None:
+    index = tools.add_parser(
+        "index", help="build the compact index of a folder, file list or tar shards (bytes per image, shared memory)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Scan SOURCE once and write INDEX, a folder of memory-mapped numpy arrays (names, labels, and for "
+                    "shards where each member lies) that `train.dataset_path=INDEX` reads: no Python object per "
+                    "image, the same pages shared by every loader worker and every rank of a node, and no folder scan "
+                    "at each start. The entries are in the order training lists SOURCE itself, so a run from the "
+                    "index sees the same images as a run from SOURCE. The scan runs in --workers processes, one class "
+                    "folder (or list slice, or shard) at a time; a killed build resumes where it stopped when run "
+                    "again with the same arguments, and INDEX appears complete or not at all. Images are not opened: "
+                    "an unreadable one is a bad file at training time, as without an index.",
+        epilog="examples:\n  dinoreg data index /datasets/imagenet22k --output /datasets/in22k.index --workers 32\n"
+               "  dinoreg data index lists/train.txt --output lists/train.index\n"
+               "  dinoreg data index /datasets/laion-shards --output /datasets/laion.index   # WebDataset .tar files")
+    index.add_argument("source", metavar="SOURCE",
+                       help=_SOURCE_HELP + ", or a folder of WebDataset .tar shards (each sample's first image "
+                                           "member; its label from a .cls member)")
+    index.add_argument("--output", "-o", type=output_folder, required=True, metavar="INDEX",
+                       help="folder to create (must not exist, or be empty)")
+    index.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                       help="processes scanning in parallel (default: %(default)s, this machine's cores up to 8)")
+    index.set_defaults(handler=_index, parser=index)
+
+
+def _add_pack_parser(tools: Any) -> None:
+    pack = tools.add_parser(
+        "pack", help="copy a dataset into WebDataset-compatible tar shards with an index of their members",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Copy the images of SOURCE, in training order and byte for byte (no re-encoding), into tar shards "
+                    "DIR/shard-NNNNNN.tar of about --shard-size each, with the index of their members beside them: "
+                    "`train.dataset_path=DIR` then reads each image with one positioned read of a few large files "
+                    "instead of opening millions of small ones, and sees exactly what it would see from SOURCE (same "
+                    "order, same pixels, same labels). Each sample is KEY.EXT plus KEY.cls (its label as text) when "
+                    "labelled, so the `webdataset` library reads the shards too. A file that cannot be read is packed "
+                    "as an empty member (a bad file at training time, as it was). A killed pack resumes after its last "
+                    "complete shard when run again with the same arguments; DIR appears complete or not at all.",
+        epilog="examples:\n  dinoreg data pack /datasets/imagenet22k --output /datasets/in22k-shards --workers 32\n"
+               "  dinoreg data pack /datasets/in22k.index --output /scratch/in22k-shards --shard-size 512MiB")
+    pack.add_argument("source", metavar="SOURCE", help=_SOURCE_HELP + ", an index, or packed shards")
+    pack.add_argument("--output", "-o", type=output_folder, required=True, metavar="DIR",
+                      help="folder to create (must not exist, or be empty)")
+    pack.add_argument("--shard-size", type=byte_size, default=2**30, metavar="SIZE",
+                      help="about how large each shard grows: 1GiB, 500MB, ... (default: 1GiB)")
+    pack.add_argument("--workers", type=positive_int, default=16,
+                      help="threads reading the source files ahead of the writer (default: %(default)s)")
+    pack.set_defaults(handler=_pack, parser=pack)
+
+
+def _index(args: argparse.Namespace) -> int:
+    from dinoreg.data.indexing import build_index  # noqa: PLC0415 (start-up: numpy, PIL)
+
+    try:
+        result = build_index(args.source, args.output, workers=args.workers)
+    except (InputError, OSError) as error:
+        print(f"dinoreg data index: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {result['entries']} images from a {result['kind']} "
+          f"({os.path.getsize(args.output / 'names.bin') + _arrays_bytes(args.output)} bytes)")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from dinoreg.data.shards import pack  # noqa: PLC0415 (start-up: numpy, PIL)
+
+    try:
+        result = pack(args.source, args.output, shard_size=args.shard_size, workers=args.workers)
+    except (InputError, OSError) as error:
+        print(f"dinoreg data pack: error: {error}", file=sys.stderr)
+        return 2
+    missing = f"; {result['missing']} unreadable files packed as empty members" if result["missing"] else ""
+    print(f"wrote {args.output}: {result['entries']} images in {result['shards']} shards{missing}; train with "
+          f"train.dataset_path={args.output}")
+    return 0
+
+
+def _arrays_bytes(folder: Any) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.npy"))
 
 
 def _export_synthetic(args: argparse.Namespace) -> int:
