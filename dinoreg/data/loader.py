@@ -39,7 +39,7 @@ def _mix(*values: int) -> int:
 SAMPLER_ORDERS = ("randperm", "bijection")  # train.sampler_order: how an epoch's permutation is drawn
 
 _FEISTEL_ROUNDS = 6
-_SAMPLER_BLOCK = 4096  # positions a rank's sampler draws at once (one epoch at most)
+SAMPLER_BLOCK = 4096  # positions a rank's sampler draws at once (one epoch at most)
 
 
 def _hash64(x: np.ndarray) -> np.ndarray:
@@ -145,7 +145,7 @@ class InfiniteShardedSampler(Sampler):
                 epoch = position // n
                 order = self._epoch_order(epoch)
             offset = position - epoch * n
-            count = min(_SAMPLER_BLOCK, (n - offset + step - 1) // step)  # this rank's positions left in the epoch
+            count = min(SAMPLER_BLOCK, (n - offset + step - 1) // step)  # this rank's positions left in the epoch
             indices = order(offset + step * np.arange(count, dtype=np.int64))
             for index in indices.tolist():
                 yield index, position

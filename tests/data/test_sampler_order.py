@@ -102,7 +102,7 @@ def test_a_bijection_epoch_in_the_stream_visits_every_item_once():
 @pytest.mark.parametrize("block", [4096, 5])  # the default block, and blocks that end mid-epoch
 @pytest.mark.parametrize("order", ORDERS)
 def test_sharding_and_start_keep_the_global_stream(order, block, monkeypatch):
-    monkeypatch.setattr(loader, "_SAMPLER_BLOCK", block)
+    monkeypatch.setattr(loader, "SAMPLER_BLOCK", block)
     n, seed = 23, 9
     single = _stream(InfiniteShardedSampler(n, seed=seed, order=order), 120)
     assert [p for _, p in single] == list(range(120))
