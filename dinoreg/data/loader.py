@@ -57,7 +57,7 @@ class FeistelPermutation:
     with ``2**k >= n``: at most ``4 n``; round function :func:`_hash64` of the right half plus the round key,
     keys from ``_mix(seed, epoch, round)``) is a bijection of that range; cycle-walking (re-encrypting a value until
     it falls below ``n``) restricts it to one of ``range(n)``. ``perm[offsets]`` costs about
-    ``2**k / n`` (< 4) network evaluations per offset on average, vectorised in numpy.
+    ``2**k / n`` (at most 4) network evaluations per offset on average, vectorised in numpy.
     """
 
     def __init__(self, n: int, seed: int, epoch: int):
@@ -76,17 +76,18 @@ class FeistelPermutation:
         return (left << shift) | right
 
     def __getitem__(self, offsets) -> np.ndarray:
-        """``perm[offsets]`` (int64) for an array of offsets in ``[0, n)``."""
+        """``perm[offsets]`` (int64, of the shape of ``offsets``) for an offset or an array of them in ``[0, n)``."""
         offsets = np.asarray(offsets, dtype=np.int64)
         if offsets.size and (offsets.min() < 0 or offsets.max() >= self.n):
             raise IndexError(f"offsets must lie in [0, {self.n})")
-        out = self._encrypt(offsets.astype(np.uint64))
+        shape = offsets.shape
+        out = self._encrypt(offsets.reshape(-1).astype(np.uint64))  # arrays: numpy scalars would warn on overflow
         todo = np.flatnonzero(out >= self.n)
         while todo.size:  # cycle-walking: ends, as the walk from an x < n comes back below n on x's cycle
             walked = self._encrypt(out[todo])
             out[todo] = walked
             todo = todo[walked >= self.n]
-        return out.astype(np.int64)
+        return out.astype(np.int64).reshape(shape)
 
 
 class InfiniteShardedSampler(Sampler):

@@ -66,6 +66,7 @@ def test_the_bijection_depends_on_seed_and_epoch_and_nothing_else():
     # any subset of offsets, in any order, gives those positions' items: a block is a slice of the whole
     offsets = np.array([999, 0, 512, 3, 3])
     assert np.array_equal(FeistelPermutation(n, 0, 0)[offsets], base[offsets])
+    assert FeistelPermutation(n, 0, 0)[512] == base[512] and FeistelPermutation(n, 0, 0)[[[1, 2]]].shape == (1, 2)
     with pytest.raises(IndexError, match=r"\[0, 1000\)"):
         FeistelPermutation(n, 0, 0)[np.array([1000])]
 
