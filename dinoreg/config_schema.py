@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from dinoreg.data.loader import SAMPLER_ORDERS
 from dinoreg.models import ARCH_DIMS, ATTENTION_BACKENDS, CHECKPOINTING_MODES, FFN_LAYERS, ROPE_FFN_LAYERS, ROPE_PRESETS
 from dinoreg.models.layers import NORM_LAYERS
 from dinoreg.models.rope import ROPE_DTYPES, ROPE_NORMALIZATIONS
@@ -106,6 +107,10 @@ class TrainConfig:
     dataset_path: str = "synthetic"
     output_dir: str = "."
     seed: int = 0
+    # each epoch's shuffled order of the dataset: "randperm" (torch.randperm, an int64 array of the dataset's length
+    # per rank: 1.1 GB at 142M images) or "bijection" (a seeded Feistel permutation computed per position, in
+    # constant memory); another order, so a run resumes with the value it started with
+    sampler_order: str = "randperm"
     num_workers: int = 10
     epoch_length: int = 1250  # official OFFICIAL_EPOCH_LENGTH: iterations per "epoch"
     centering: str = "centering"
@@ -340,6 +345,7 @@ CHOICES = {
     "train.compile": ("auto", "blocks", "none"),
     "train.fsdp": ("auto", "always"),
     "train.initialisation": ("cpu", "device"),
+    "train.sampler_order": SAMPLER_ORDERS,
     "train.activation_checkpointing": CHECKPOINTING_MODES,
     "gram.tokens_used": ("all", "masked", "unmasked"),
     "phase.optimizer": ("fresh", "carry"),

@@ -1,7 +1,9 @@
 """Resumable rank-sharded sampling, per-sample multi-crop, collate, and the DataLoaders.
 
 The data order is one infinite *global stream* of positions p = 0, 1, 2, ...; position p shows
-``perm_e[p % n]`` where ``e = p // n`` is the epoch and ``perm_e`` a permutation seeded by (seed, e).
+``perm_e[p % n]`` where ``e = p // n`` is the epoch and ``perm_e`` a permutation seeded by (seed, e): drawn
+whole by ``torch.randperm`` (``order="randperm"``, the default) or computed per position by a seeded bijection
+(``order="bijection"``, constant memory; another order).
 Global batch k is positions ``[k * W * B, (k + 1) * W * B)`` spread over W ranks (rank r takes every
 W-th position from r), and the crops of a sample are seeded by (seed, position). Hence:
 
@@ -34,44 +36,121 @@ def _mix(*values: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+SAMPLER_ORDERS = ("randperm", "bijection")  # train.sampler_order: how an epoch's permutation is drawn
+
+_FEISTEL_ROUNDS = 6
+SAMPLER_BLOCK = 4096  # positions a rank's sampler draws at once (one epoch at most)
+
+
+def _hash64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic): a bijection whose every output bit depends
+    on every input bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class FeistelPermutation:
+    """A seeded pseudo-random permutation of ``range(n)`` evaluated per position, in O(1) memory.
+
+    A balanced Feistel network of :data:`_FEISTEL_ROUNDS` rounds over ``[0, 2**k)`` (``k`` even, the smallest
+    with ``2**k >= n``: at most ``4 n``; round function :func:`_hash64` of the right half plus the round key,
+    keys from ``_mix(seed, epoch, round)``) is a bijection of that range; cycle-walking (re-encrypting a value until
+    it falls below ``n``) restricts it to one of ``range(n)``. ``perm[offsets]`` costs about
+    ``2**k / n`` (at most 4) network evaluations per offset on average, vectorised in numpy.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        if n <= 0:
+            raise ValueError(f"n must be > 0, got {n}")
+        self.n = int(n)
+        bits = max(2, (self.n - 1).bit_length())
+        self.half_bits = (bits + 1) // 2  # 2 * half_bits >= bits: the domain [0, 4**half_bits) holds range(n)
+        self.keys = [np.uint64(_mix(seed, epoch, r)) for r in range(_FEISTEL_ROUNDS)]
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        shift, mask = np.uint64(self.half_bits), np.uint64((1 << self.half_bits) - 1)
+        left, right = x >> shift, x & mask
+        for key in self.keys:
+            left, right = right, left ^ (_hash64(right + key) & mask)
+        return (left << shift) | right
+
+    def __getitem__(self, offsets) -> np.ndarray:
+        """``perm[offsets]`` (int64, of the shape of ``offsets``) for an offset or an array of them in ``[0, n)``."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.size and (offsets.min() < 0 or offsets.max() >= self.n):
+            raise IndexError(f"offsets must lie in [0, {self.n})")
+        shape = offsets.shape
+        out = self._encrypt(offsets.reshape(-1).astype(np.uint64))  # arrays: numpy scalars would warn on overflow
+        todo = np.flatnonzero(out >= self.n)
+        while todo.size:  # cycle-walking: ends, as the walk from an x < n comes back below n on x's cycle
+            walked = self._encrypt(out[todo])
+            out[todo] = walked
+            todo = todo[walked >= self.n]
+        return out.astype(np.int64).reshape(shape)
+
+
 class InfiniteShardedSampler(Sampler):
     """Yields ``(index, position)`` forever: rank r gets global positions ``start + r + k * world_size``.
 
     ``start`` is a *global* position (iteration * global batch size), not a per-rank count, so resuming
-    with another world size continues the same stream (see the module docstring).
+    with another world size continues the same stream (see the module docstring). ``order`` draws each epoch's
+    permutation: ``"randperm"`` (``torch.randperm`` seeded by ``_mix(seed, epoch)``: an int64 array of the
+    dataset's length per rank, 8 bytes per image) or ``"bijection"`` (:class:`FeistelPermutation`: constant memory,
+    computed a block of positions at a time); they give different orders.
     """
 
     def __init__(self, dataset_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, start: int = 0):
+                 shuffle: bool = True, start: int = 0, order: str = "randperm"):
         if dataset_size <= 0:
             raise ValueError(f"dataset_size must be > 0, got {dataset_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
+        if order not in SAMPLER_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(SAMPLER_ORDERS)}, got {order!r}")
         self.dataset_size = int(dataset_size)
         self.seed = int(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.shuffle = shuffle
         self.start = int(start)
+        self.order = order
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s whole permutation (position ``epoch * n + i`` shows its item ``i``)."""
         if not self.shuffle:
             return torch.arange(self.dataset_size)
+        if self.order == "bijection":  # the whole of it, as randperm's: for a look, not for the iterator
+            whole = np.arange(self.dataset_size)
+            return torch.from_numpy(FeistelPermutation(self.dataset_size, self.seed, epoch)[whole])
         generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
         return torch.randperm(self.dataset_size, generator=generator)
 
+    def _epoch_order(self, epoch: int) -> Callable[[np.ndarray], np.ndarray]:
+        """``offsets -> indices`` in epoch ``epoch``; only ``randperm`` holds the whole permutation."""
+        if not self.shuffle:
+            return lambda offsets: offsets
+        if self.order == "bijection":
+            return FeistelPermutation(self.dataset_size, self.seed, epoch).__getitem__
+        perm = self.permutation(epoch).numpy()  # int64 array: 8 bytes per image, not a list of ints
+        return lambda offsets: perm[offsets]
+
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        n = self.dataset_size
+        n, step = self.dataset_size, self.world_size
         position = self.start + self.rank
-        epoch, perm = -1, None
+        epoch, order = -1, None
         while True:
             if position // n != epoch:
                 epoch = position // n
-                perm = self.permutation(epoch).numpy()  # int64 array: 8 bytes per image, not a list of ints
-            yield int(perm[position % n]), position
-            position += self.world_size
+                order = self._epoch_order(epoch)
+            offset = position - epoch * n
+            count = min(SAMPLER_BLOCK, (n - offset + step - 1) // step)  # this rank's positions left in the epoch
+            indices = order(offset + step * np.arange(count, dtype=np.int64))
+            for index in indices.tolist():
+                yield index, position
+                position += step
 
 
 class BadSample(NamedTuple):
@@ -193,15 +272,16 @@ def seed_worker(worker_id: int) -> None:
 
 def build_loader(dataset, *, batch_size: int, num_workers: int, seed: int, rank: int = 0, world_size: int = 1,
                  start: int = 0, collate_fn: Optional[Callable] = collate_multicrop, pin_memory: bool = False,
-                 shuffle: bool = True) -> DataLoader:
+                 shuffle: bool = True, order: str = "randperm") -> DataLoader:
     """An endless DataLoader of per-rank batches of ``batch_size`` over :class:`InfiniteShardedSampler`.
 
     ``dataset`` is indexed by ``(index, position)`` (a :class:`MultiCropDataset`). ``start`` is the global
     position to resume from: ``iteration * batch_size * world_size``. Iterate it once (``iter(loader)``) and
-    call ``next`` forever; there are no epochs and no last batch.
+    call ``next`` forever; there are no epochs and no last batch. ``order``: the sampler's per-epoch permutation
+    (``"randperm"`` or ``"bijection"``, see :class:`InfiniteShardedSampler`).
     """
     sampler = InfiniteShardedSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
-                                     shuffle=shuffle, start=start)
+                                     shuffle=shuffle, start=start, order=order)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -221,6 +221,7 @@ def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment,
     loader = build_loader(MultiCropDataset(dataset, geometric, seed=cfg.train.seed),
                           batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
                           seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=position,
+                          order=cfg.train.sampler_order,
                           collate_fn=functools.partial(collate_multicrop, mask_fn=BatchMasks(cfg)),
                           pin_memory=pin_memory)
     return iter(loader)
