@@ -1,4 +1,5 @@
-"""Data: datasets (synthetic, folder, file list), multi-crop augmentation, sampling and loaders.
+"""Data: datasets (synthetic, folder, file list, compact index, tar shards), multi-crop augmentation, sampling and
+loaders.
 
 Per training step: ``InfiniteShardedSampler`` -> ``MultiCropDataset`` (decode + geometric crops, in
 workers) -> ``collate_multicrop`` (a uint8 ``TrainingBatch``) -> on the device, ``Photometric`` (colour, blur,
@@ -20,6 +21,7 @@ from dinoreg.data.datasets import (
     DatasetError,
     FileList,
     ImageFolder,
+    IndexedDataset,
     IndexedView,
     build_dataset,
     load_image,
@@ -49,7 +51,7 @@ __all__ = [
     "IGNORE_LABEL", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SEGMENTATION_CLASSES",
     "SegmentationFolder", "SyntheticSegmentation", "build_segmentation_loader", "decode_label_map",
     "encode_label_map", "normalise_uint8",
-    "BadFileLog", "BadSample", "DatasetError", "EvalTransform", "FileList", "ImageFolder", "IndexedView", "InfiniteShardedSampler",
+    "BadFileLog", "BadSample", "DatasetError", "EvalTransform", "FileList", "ImageFolder", "IndexedDataset", "IndexedView", "InfiniteShardedSampler",
     "MultiCropDataset", "MultiCropGeometric", "Photometric", "RandomColorJitter", "SyntheticShapes",
     "build_dataset", "build_eval_loader", "build_loader", "collate_multicrop", "load_image",
     "sample_resized_crop_params", "to_rgb", "MASK_FIELDS", "TrainingBatch", "UnfilledBatch",

@@ -204,6 +204,10 @@ def build_index(source: PathLike, output: PathLike, *, workers: int = 1, progres
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise DatasetError(f"--output {output} exists and is not an empty folder; choose a new name (an index is "
                            "written complete or not at all)")
+    if source.is_dir() and (source / "train").is_dir() and not is_index(source):
+        source = source / "train"  # the ImageNet layout, read as train.dataset_path reads it
+        if progress:
+            print(f"indexing {source} (the train/ split of the folder given, as training reads it)", file=sys.stderr)
     kind = source_kind(source)
     builder = BUILDERS[kind](source)
     plan = builder.plan()
