@@ -90,6 +90,9 @@ def test_a_file_list_index_keeps_its_order_labels_and_relative_paths(source, tmp
     assert [index.path(i) for i in range(len(index))] == [p for p, _ in files.samples]
     assert list(index.targets) == [7, -1, 3, -2] and index.classes == files.classes == ["-2", "3", "7"]
     assert _items(index) == _items(files)
+    result = pack(str(listing), tmp_path / "shards", shard_size=2**20, progress=False)
+    shards = build_dataset(str(tmp_path / "shards"))
+    assert result["missing"] == 1 and shards[2] is None and _items(shards) == _items(files)  # missing: a bad file
 
 
 def test_webdataset_reads_the_packed_shards(source, tmp_path):
