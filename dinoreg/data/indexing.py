@@ -231,8 +231,12 @@ def build_index(source: PathLike, output: PathLike, *, workers: int = 1, progres
             bar.update(1)
             bar.set_postfix(images=images, refresh=False)
     parts = [PartArrays(work / "parts" / f"{number:06d}.npz") for number in range(len(plan["units"]))]
-    with publish(output, directory=True) as tmp:
-        entries = builder.assemble(tmp, parts)
+    try:
+        with publish(output, directory=True) as tmp:
+            entries = builder.assemble(tmp, parts)
+    except DatasetError:  # no images at all: nothing to resume either
+        shutil.rmtree(work)
+        raise
     shutil.rmtree(work)
     return {"entries": entries, "kind": kind, "units": len(plan["units"]), "resumed_units": done if resumed else 0}
 

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from dinoreg.data.datasets import build_dataset
 from dinoreg.data.files import DatasetError, PathLike
-from dinoreg.data.index import MAX_MEMBER_BYTES, Part, PartArrays, write_index
-from dinoreg.data.indexing import building_folder
+from dinoreg.data.index import MAX_MEMBER_BYTES, IndexedDataset, Part, PartArrays, is_index, write_index
+from dinoreg.data.indexing import build_index, building_folder
 from dinoreg.run_dir import fsync_directory
 
 SHARD_NAME = "shard-{:06d}.tar"
@@ -97,11 +97,20 @@ def pack(source: str, output: PathLike, *, shard_size: int, workers: int = 8, pr
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise DatasetError(f"--output {output} exists and is not an empty folder; choose a new name (packed shards "
                            "are written complete or not at all)")
-    dataset = build_dataset(source, split="train")
-    count = len(dataset)
-    plan = {"source": str(source), "dataset": repr(dataset), "entries": count, "shard_size": int(shard_size)}
+    path = Path(os.path.expanduser(str(source)))
+    if not path.exists():
+        raise DatasetError(f"{source} does not exist; pass a folder of images, a .txt file list, an index or packed "
+                           "shards")
+    plan = {"source": str(path.resolve()), "shard_size": int(shard_size)}
     work = building_folder(output)
     done = _resume(work, plan, output)
+    try:
+        dataset = _source_index(path, work, workers, progress)
+    except DatasetError:
+        if not done:
+            shutil.rmtree(work)  # nothing packed yet: leave nothing behind
+        raise
+    count = len(dataset)
     start = int(done[-1].extra("end")) if done else 0
     if start and progress:
         print(f"resuming the pack in {work}: {len(done)} shards ({start} of {count} images) already written",
@@ -131,15 +140,29 @@ def pack(source: str, output: PathLike, *, shard_size: int, workers: int = 8, pr
     entries = write_index(work, parts, kind="shards", root=".", classes=list(getattr(dataset, "classes", [])),
                           source=str(source), shards=shards)
     for name in os.listdir(work):
-        if not name.endswith(".partial") and (work / name).is_file():
+        if (work / name).is_file():
             with open(work / name, "rb") as file:
                 os.fsync(file.fileno())
     fsync_directory(work)
     os.replace(work, output)  # the index is complete: from here on the folder is a dataset
     fsync_directory(output.parent)
     shutil.rmtree(output / "parts")
+    shutil.rmtree(output / "source-index", ignore_errors=True)
     (output / "plan.json").unlink()
     return {"entries": entries, "shards": len(shards), "missing": missing, "resumed_from": start}
+
+
+def _source_index(path: Path, work: Path, workers: int, progress: bool) -> Any:
+    """The source as an index (built first, inside the work folder, when it is a folder or a list: a scan in
+    parallel, resumable, and bytes per image instead of the Python list of a folder's or a list's millions of paths
+    in the packing process)."""
+    folder = path / "train" if path.is_dir() and (path / "train").is_dir() and not is_index(path) else path
+    if is_index(folder):
+        return build_dataset(str(folder), split="train")
+    index = work / "source-index"
+    if not is_index(index):
+        build_index(path, index, workers=workers, progress=progress)
+    return IndexedDataset(index)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, dataset, start: int, count: int) -> Iterator[Tuple[int, Optional[bytes]]]:
