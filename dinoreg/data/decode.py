@@ -5,11 +5,14 @@ them; a JPEG may be decoded at a reduced scale (``Image.draft``: 1/2, 1/4 or 1/8
 every pixel format is brought to 8-bit RGB by :func:`~dinoreg.data.datasets.to_rgb`; anything that cannot be decoded
 (truncated, not an image, zero bytes) gives None, never an exception, so a bad file never crashes a worker.
 
-Only Pillow is offered. The other decoders a user could install were measured on ImageNet-sized JPEGs
-(``launch/bench_decoders.py``, docs/BENCHMARKS.md): simplejpeg and PyTurboJPEG (libjpeg-turbo, as Pillow's wheel)
-give bit-identical pixels and decode faster, and pillow-simd is Pillow with faster resampling, but the decode is a
-small part of a worker's cost per image (the multi-crop's resampling is most of it), so none speeds the whole
-per-image cost up by the 1.3x that would justify a second code path.
+Only Pillow is offered: no other decoder speeds a worker up by the 1.3x that would justify a second code path.
+Measured on ImageNet-sized JPEGs (``launch/bench_decoders.py``, ``dinoreg bench data``; docs/BENCHMARKS.md):
+simplejpeg and PyTurboJPEG (libjpeg-turbo, as Pillow's wheel) give bit-identical pixels and decode a full-size
+image 1.5 to 1.7x faster, but the decode is about a fifth of a worker's cost per image for the DINOv2 multi-crop
+(the crops' bicubic resampling is most of it), so the whole gains about 1.1x. pillow-simd, a drop-in replacement
+of Pillow built from source, makes that resampling about 3.5x faster (the whole about 2.2x), but its crops are not
+bit-identical to Pillow's (about 3% of the values differ, mostly by 1): an environment choice a user can make,
+not a dependency.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import PIL
 import torch
 
 from dinoreg.config import load_config
@@ -225,7 +226,7 @@ def benchmark_data(config: str = "tiny_cpu", *, overrides: Sequence[str] = (), d
         "config": config, "overrides": list(overrides), "dataset": str(cfg.train.dataset_path), "dataset_size": len(dataset),
         "batch_size_per_gpu": batch, "global_crops_size": cfg.crops.global_crops_size,
         "local_crops_size": cfg.crops.local_crops_size, "local_crops_number": cfg.crops.local_crops_number,
-        "torch": torch.__version__, "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0],
+        "torch": torch.__version__, "pillow": PIL.__version__, "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0],
     }
     result.update(per_image_costs(cfg, dataset, images=images, warmup=warmup))
     if gpu_images_per_s is not None:
@@ -260,7 +261,7 @@ def format_data_report(result: dict[str, Any]) -> str:
     lines = [
         f"{result['config']}: {result['global_crops_size']} px x2 + {result['local_crops_size']} px "
         f"x{result['local_crops_number']} crops, batch {result['batch_size_per_gpu']}, dataset {result['dataset']} "
-        f"({result['dataset_size']} images); load average {result['load_before']:.2f} before, "
+        f"({result['dataset_size']} images), Pillow {result['pillow']}; load average {result['load_before']:.2f} before, "
         f"{result['load_after']:.2f} after, {result['cpu_count']} CPUs",
         f"  per image, one core ({result['images_timed']} images, draft size {result['draft_size']}, "
         f"{result['decoded_pixels_mean'] / 1e3:.0f} kpixels decoded on average):",
