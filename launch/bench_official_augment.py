@@ -8,6 +8,9 @@ same files as dinoreg's leg. Imports the official code from ``--official`` at ru
 - augment: ``DataAugmentationDINO(global_scale, local_scale, n_local, global_size, local_size)(image)``: the
   geometric crops *and* the photometric distortions (colour jitter, grayscale, blur, solarisation), ToTensor and
   normalisation, all on the CPU in the workers;
+- of which geometric (extra information, not in the total): the same image's 2 global and n local
+  ``RandomResizedCrop`` + flip (the pipeline's ``geometric_augmentation_global`` / ``_local``) timed again in a
+  separate pass, so that the augment's remainder is its photometric distortions and tensor conversion;
 - collate: ``collate_data_and_cast`` with the recipe's mask ratio and probability, its ``MaskingGenerator`` and
   fp16 inputs, as ``dinov2/train/train.py`` builds them.
 
@@ -64,6 +67,7 @@ def main(argv=None) -> int:
                       mask_probability=args.mask_probability, n_tokens=side * side, dtype=torch.half,
                       mask_generator=MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * side * side))
     times = {"decode": 0.0, "augment": 0.0, "collate": 0.0}
+    geometric = 0.0
     timed, pending = 0, []
     for i, path in enumerate(paths):
         start = time.perf_counter()
@@ -72,7 +76,13 @@ def main(argv=None) -> int:
         decoded = time.perf_counter()
         pending.append((augment(rgb), -1))
         augmented = time.perf_counter()
+        for _ in range(2):
+            augment.geometric_augmentation_global(rgb)
+        for _ in range(args.local_number):
+            augment.geometric_augmentation_local(rgb)
+        geometric_end = time.perf_counter()
         if i >= args.warmup:
+            geometric += geometric_end - augmented
             times["decode"] += decoded - start
             times["augment"] += augmented - decoded
             timed += 1
@@ -90,7 +100,7 @@ def main(argv=None) -> int:
 
     per_image = {f"{k}_s_per_image": v / timed for k, v in times.items()}
     total = sum(per_image.values())
-    print(json.dumps({**per_image, "total_s_per_image": total, "images_per_s": 1.0 / total, "images": timed,
+    print(json.dumps({**per_image, "total_s_per_image": total, "augment_geometric_s_per_image": geometric / timed, "images_per_s": 1.0 / total, "images": timed,
                       "torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}))
     return 0
 
