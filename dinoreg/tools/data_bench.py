@@ -271,8 +271,8 @@ def format_data_report(result: dict[str, Any]) -> str:
         f"    total    {_ms(result['total_s_per_image'])}: {result['images_per_s_per_core']:.1f} images/s per core",
         f"  cores per GPU: {result['cores_per_gpu_at_200_img_s']:.1f} at 200 img/s, "
         f"{result['cores_per_gpu_at_400_img_s']:.1f} at 400 img/s"
-        + (f", {result['cores_per_gpu']:.1f} at {result['gpu_images_per_s']:g} img/s" if "cores_per_gpu" in result
-           else ""),
+        + (f", {result['cores_per_gpu']:.1f} at {result['gpu_images_per_s']:g} img/s"
+           if result.get("gpu_images_per_s") not in (None, 200.0, 400.0) else ""),
         f"  photometric on this CPU (training runs it on the device): "
         f"{_ms(result['photometric_cpu_s_per_image'])} per image",
         "  index: " + (f"{result['index_bytes_per_image']:.1f} bytes per image" if result["index_bytes_per_image"]
