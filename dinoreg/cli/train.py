@@ -137,6 +137,50 @@ def add_bench_parser(commands: Any) -> None:
     bench_checkpoint.add_argument("--dir", type=output_folder, metavar="DIR",
                                   help="write the checkpoints under DIR (default: the system temporary directory)")
 
+    bench_data = _bench_command(benches, _bench_data, "results",
+        "data", help="images/s per worker core of the data pipeline, the data wait of a step, the index's bytes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The recipe's multi-crop on a dataset (train.dataset_path, or --data). Per image, in this process "
+                    "on one core: the decode (with the draft reduction the crops allow, as the training loader "
+                    "decodes), the geometric crops and the collate (iBOT masks included), timed separately and in "
+                    "total, so images/s per worker core and the cores per GPU needed at 200 and 400 img/s; the "
+                    "photometric distortions timed on this CPU as extra information (training runs them on the "
+                    "device). With --step-seconds or --gpu-img-s: the real training loader with --workers workers, "
+                    "read at the pace of a training step, and the share of the step spent waiting for it. The "
+                    "dataset's index bytes per image where it has an index. With --compare official: the official "
+                    "DINOv2 augmentation and collate on the same files in another Python, side by side.",
+        epilog="examples:\n"
+               "  dinoreg bench data --config vitl14_reg4 --data /data/imagenet/train --images 2000\n"
+               "  dinoreg bench data --config vitl14_reg4 --data /data/jpegs --workers 10 --gpu-img-s 200\n"
+               "  dinoreg bench data --config vitg14_reg4 --data /data/jpegs --compare official \\\n"
+               "      --official /tmp/dinov2 --official-python /tmp/tvenv/bin/python --json g_data.json")
+    bench_data.add_argument("--data", metavar="PATH",
+                            help="the dataset: a folder of images, a file list or anything train.dataset_path "
+                                 "accepts (default: the config's train.dataset_path)")
+    bench_data.add_argument("--images", type=positive_int, default=200,
+                            help="images timed per part, after the warm-up (default: %(default)s)")
+    bench_data.add_argument("--warmup", type=int_at_least(0, "a number of images >= 0"), default=10,
+                            help="images processed first and not timed (default: %(default)s)")
+    bench_data.add_argument("--workers", type=int_at_least(0, "a number of workers >= 0"),
+                            help="loader workers for the data-wait measurement (default: the config's "
+                                 "train.num_workers)")
+    pace = bench_data.add_mutually_exclusive_group()
+    pace.add_argument("--step-seconds", type=positive_float, metavar="S",
+                      help="measure the data wait with the loader read once every S seconds (the step time)")
+    pace.add_argument("--gpu-img-s", type=positive_float, metavar="R",
+                      help="measure the data wait at the step time of a GPU training at R images/s "
+                           "(S = train.batch_size_per_gpu / R); also prints the cores per GPU at R")
+    bench_data.add_argument("--steps", type=positive_int, default=20,
+                            help="steps timed for the data wait, after the workers' prefetch is drained "
+                                 "(default: %(default)s)")
+    bench_data.add_argument("--compare", choices=("official",),
+                            help="official: also time the official DINOv2 augmentation and collate on the same "
+                                 "files (needs --official)")
+    bench_data.add_argument("--official", metavar="DIR",
+                            help="with --compare official: the folder holding the official dinov2/ package")
+    bench_data.add_argument("--official-python", metavar="PYTHON",
+                            help="with --compare official: a Python where the official code and torchvision import "
+                                 "(default: this one)")
 
 # the config keys that name a weights file to read at start-up
 _WEIGHTS_KEYS = ("train.init_from", "student.pretrained_weights", "distillation.teacher", "gram.ckpt", "phase.start_from")
@@ -223,6 +267,20 @@ def _run_benchmark(args: argparse.Namespace, run: Any, report: Any) -> int:
     if args.json:
         print(f"wrote {write_json(args.json, result)}")
     return 0
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    from dinoreg.tools.data_bench import benchmark_data, format_data_report  # noqa: PLC0415 (start-up: training stack)
+
+    if args.compare == "official" and args.official is None:
+        args.parser.error("--compare official needs --official DIR, the folder holding the official dinov2/ package")
+    if args.compare is None and (args.official is not None or args.official_python is not None):
+        args.parser.error("--official and --official-python are used only with --compare official")
+    return _run_benchmark(args, lambda: benchmark_data(
+        args.config, overrides=args.overrides, data=args.data, images=args.images, warmup=args.warmup,
+        workers=args.workers, step_seconds=args.step_seconds, gpu_images_per_s=args.gpu_img_s, steps=args.steps,
+        official=args.official if args.compare == "official" else None, official_python=args.official_python),
+        format_data_report)
 
 
 def _bench_memory(args: argparse.Namespace) -> int:
