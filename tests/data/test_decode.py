@@ -1,11 +1,17 @@
-"""``dinoreg.data.decode``: decoding bytes in memory gives exactly what ``load_image`` gives for the file."""
+"""Decoding an image's bytes in memory (a shard member's) gives exactly what ``load_image`` gives for the file."""
+
+import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dinoreg.data.datasets import load_image
-from dinoreg.data.decode import decode
+
+
+def decode(data: bytes, draft):
+    """What the shard reader does with a member's bytes."""
+    return load_image(io.BytesIO(data), draft_size=draft)
 
 
 def _photo(width=96, height=72, seed=0) -> np.ndarray:
@@ -31,7 +37,7 @@ def files(tmp_path):
 
 
 @pytest.mark.parametrize("draft", [None, 20, 40])
-def test_the_pillow_path_is_load_image_on_the_same_file(files, draft):
+def test_bytes_in_memory_decode_as_the_same_file(files, draft):
     for kind, path in files.items():
         expected = load_image(path, draft_size=draft)
         decoded = decode(path.read_bytes(), draft)
@@ -60,13 +66,8 @@ def test_a_truncated_jpeg_gives_none(files):
     assert decode(data[: len(data) // 2], None) is None
 
 
-def test_an_unknown_decoder_is_the_callers_mistake(files):
-    with pytest.raises(ValueError, match="unknown decoder 'simplejpg'; use one of pillow"):
-        decode(files["jpeg"].read_bytes(), None, decoder="simplejpg")
-
-
 def test_simplejpeg_gives_pillows_pixels_as_measured(files):
-    """Why no second decoder is offered: simplejpeg (libjpeg-turbo, ISLOW DCT, fancy upsampling, as Pillow's) gives
+    """Why no second decoder is offered (docs/BENCHMARKS.md): simplejpeg (libjpeg-turbo, ISLOW DCT, fancy upsampling, as Pillow's) gives
     the same pixels, and only the decode (a small part of a worker's cost) is faster. Checks the claim where installed."""
     simplejpeg = pytest.importorskip("simplejpeg")
     data = files["jpeg"].read_bytes()
