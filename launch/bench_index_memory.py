@@ -243,8 +243,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
             if index.exists():
                 shutil.rmtree(index)
             result = _child(["--build", str(listing), str(index), "--workers", str(args.workers)])
-            result.update(variant="build list index", index_bytes=_disk_bytes(index), list_bytes=listing.stat().st_size,
-                          index_bytes_per_image=round(_disk_bytes(index) / size, 1))
+            result.update(variant="build list index", index_bytes=_disk_bytes(index),
+                          list_bytes=listing.stat().st_size, index_bytes_per_image=round(_disk_bytes(index) / size, 1))
             record(result, size)
             record(_child(["--measure", "index", str(index)]), size)
         if "shards" in args.variants:
