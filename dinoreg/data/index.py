@@ -81,6 +81,7 @@ class DatasetIndex:
         except (OSError, ValueError) as error:
             raise DatasetError(f"index {self.folder}: cannot read {name} ({error}); the index is incomplete or "
                                "damaged: build it again with `dinoreg data index` (or `dinoreg data pack`)") from None
+        array = array.view(np.ndarray)  # still the mapped pages; slicing a plain view is 3-4x faster than a memmap's
         if array.dtype != dtype or array.ndim != 1 or (length is not None and array.shape[0] != length):
             raise DatasetError(f"index {self.folder}: {name} holds {array.dtype}{list(array.shape)}, expected "
                                f"{np.dtype(dtype)}[{length if length is not None else 'n'}]; the index is damaged: "

@@ -27,7 +27,7 @@ from dinoreg.data.files import DatasetError, PathLike, loop_warning, parse_list_
 from dinoreg.data.index import Part, PartArrays, is_index, scan_tar, write_index
 from dinoreg.run_dir import publish
 
-LIST_CHUNK_BYTES = 32 * 2**20
+LIST_CHUNK_BYTES = 8 * 2**20  # 69 slices for a list of 14M paths: enough to keep many workers busy
 
 
 def building_folder(output: Path) -> Path:
