@@ -169,6 +169,11 @@ def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
     (["eval", "knn", "--weights", "w.pth", "--data", "synthetic", "--output-dir", "{file}"],
      "argument --output-dir: {file} is a file"),
     (["data", "export-synthetic", "{file}"], "{file} is a file, not a folder"),
+    (["data", "pack", "{folder}", "--output", "{folder}/o", "--shard-size", "1XB"],
+     "argument --shard-size: expected a size such as 1GiB, 500MB or 1000000 (bytes), got '1XB'"),
+    (["data", "index", "{folder}", "--output", "{file}"], "argument --output/-o: {file} is a file, not a folder"),
+    (["data", "index", "{folder}", "--output", "{folder}/o", "--workers", "0"],
+     "argument --workers: expected a positive integer, got 0"),
     (["train", "--print-config", "--config"], "argument --config: expected one argument"),
     (["bench", "memory", "--gpu-memory-gib", "-1"], "argument --gpu-memory-gib: expected a positive number, got -1.0"),
     (["bench", "memory", "--gpu-memory-gib", "nan"], "argument --gpu-memory-gib: expected a positive number, got nan"),
@@ -206,3 +211,23 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkey
     monkeypatch.setattr(loop, "train", user_error)
     assert main(["train", "--output-dir", str(tmp_path / "user"), *TINY]) == 1
     assert capsys.readouterr().err == "dinoreg train: train.init_from: /nowhere does not exist; give a dinoreg run\n"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["data", "index", "{folder}/nothing", "--output", "{folder}/o"], "{folder}/nothing does not exist"),
+    (["data", "index", "{file}", "--output", "{folder}/o"], "{file} is neither a folder nor a .txt file list"),
+    (["data", "index", "{folder}/empty", "--output", "{folder}/o"], "no images to index"),
+    (["data", "pack", "synthetic", "--output", "{folder}/o"], "the synthetic dataset lives in memory"),
+    (["data", "pack", "{folder}/empty", "--output", "{folder}/busy"], "--output {folder}/busy exists and is not an "
+                                                                        "empty folder"),
+])
+def test_a_dataset_tool_refuses_a_bad_source_or_output_in_one_line(args, named, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    paths = {"file": tmp_path / "file", "folder": tmp_path}
+    code = main([arg.format(**paths) for arg in args])
+    line = one_line(capsys, code, named.format(**paths))
+    assert line.startswith(f"dinoreg data {args[1]}: error: ") and code == 2
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # nothing left behind

@@ -30,6 +30,14 @@ from dinoreg.run_dir import publish
 LIST_CHUNK_BYTES = 8 * 2**20  # 69 slices for a list of 14M paths: enough to keep many workers busy
 
 
+def progress_options() -> Dict[str, Any]:
+    """A progress bar with an ETA, redrawn on a terminal; in a log (SLURM) one line a minute. Shown after a second
+    only, so a command that fails at once prints its one line and nothing else."""
+    if sys.stderr.isatty():
+        return {"dynamic_ncols": True, "delay": 1.0}
+    return {"mininterval": 60.0, "delay": 1.0, "ncols": 100}
+
+
 def building_folder(output: Path) -> Path:
     return output.with_name(f".{output.name}.building")
 
@@ -223,7 +231,7 @@ def build_index(source: PathLike, output: PathLike, *, workers: int = 1, progres
     _BUILDER = builder
     jobs = [(number, unit, work / "parts" / f"{number:06d}.npz") for number, unit in todo]
     bar = tqdm(total=len(plan["units"]), initial=done, unit=builder.unit_name[:-1], disable=not progress,
-               desc=f"indexing {source}", dynamic_ncols=True)
+               desc=f"indexing {source}", **progress_options())
     images = 0
     with bar:
         for count in _run(jobs, workers):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dinoreg.data.datasets import build_dataset
 from dinoreg.data.files import DatasetError, PathLike
 from dinoreg.data.index import MAX_MEMBER_BYTES, IndexedDataset, Part, PartArrays, is_index, write_index
-from dinoreg.data.indexing import build_index, building_folder
+from dinoreg.data.indexing import build_index, building_folder, progress_options
 from dinoreg.run_dir import fsync_directory
 
 SHARD_NAME = "shard-{:06d}.tar"
@@ -118,7 +118,7 @@ def pack(source: str, output: PathLike, *, shard_size: int, workers: int = 8, pr
     digits = max(9, len(str(count - 1)))
     missing = 0
     bar = tqdm(total=count, initial=start, unit="img", unit_scale=True, disable=not progress,
-               desc=f"packing {dataset!r}", dynamic_ncols=True)
+               desc=f"packing {dataset!r}", **progress_options())
     with bar, ThreadPoolExecutor(max(1, workers)) as pool:
         writer: Optional[_ShardWriter] = None
         for position, data in _read_ahead(pool, dataset, start, count):
