@@ -2,6 +2,7 @@
 one-line refusals."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -65,3 +66,17 @@ def test_a_missing_dataset_is_named(tmp_path, capsys):
     assert main(["bench", "data", "--data", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dinoreg bench data: invalid configuration: train.dataset_path:") and "\n" not in err
+
+
+def test_the_official_leg_refuses_shards_before_measuring(jpegs, tmp_path, capsys):
+    from dinoreg.data.shards import pack  # noqa: PLC0415
+
+    pack(str(jpegs), tmp_path / "shards", shard_size=2**20, progress=False)
+    checkout = tmp_path / "dinov2_checkout"
+    (checkout / "dinov2" / "data").mkdir(parents=True)
+    (checkout / "dinov2" / "data" / "augmentations.py").write_text("")
+    assert main(["bench", "data", "--data", str(tmp_path / "shards"), "--compare", "official", "--official",
+                 str(checkout), "--official-python", sys.executable]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().endswith("the official code cannot read tar shards; pass the folder, list or index "
+                                         "the shards were packed from") and "per image" not in captured.out

@@ -159,6 +159,9 @@ def data_wait_share(cfg: Any, dataset: Any, *, step_seconds: float, steps: int) 
 def _image_paths(dataset: Any, count: int) -> list[str]:
     """The files of the first ``count`` items of ``dataset`` (cycled), for the official leg."""
     path = getattr(dataset, "path", None)
+    if getattr(dataset, "kind", None) == "shards":
+        raise DataBenchError("--compare official reads image files, and the official code cannot read tar shards; pass "
+                             "the folder, list or index the shards were packed from")
     if not callable(path):
         raise DataBenchError(f"--compare official needs a dataset of image files (a folder or a file list); "
                              f"{type(dataset).__name__} has no paths")
@@ -170,6 +173,9 @@ def check_official(official: str, python: str) -> None:
     if not (Path(official) / "dinov2" / "data" / "augmentations.py").is_file():
         raise DataBenchError(f"--official {official}: no dinov2/data/augmentations.py there; clone "
                              "https://github.com/facebookresearch/dinov2 and pass the folder that holds dinov2/")
+    if not OFFICIAL_SCRIPT.is_file():
+        raise DataBenchError(f"--compare official runs {OFFICIAL_SCRIPT.name} from dinoreg's launch/ folder, which this "
+                             "installation lacks; run it from a clone of dinoreg (pip install -e .)")
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise DataBenchError(f"--official-python {python}: not an executable file; give a Python where torchvision "
                              "imports, e.g. a venv's bin/python")
@@ -213,6 +219,8 @@ def benchmark_data(config: str = "tiny_cpu", *, overrides: Sequence[str] = (), d
     cfg = load_config(config, [*overrides, *([f"train.dataset_path={data}"] if data is not None else []),
                                *([f"train.num_workers={workers}"] if workers is not None else [])])
     dataset = build_dataset(cfg.train.dataset_path, "train")
+    if official is not None:
+        _image_paths(dataset, 1)  # files the official code can read: refused before anything is measured
     batch = cfg.train.batch_size_per_gpu
     if step_seconds is None and gpu_images_per_s is not None:
         step_seconds = batch / gpu_images_per_s
