@@ -24,6 +24,7 @@ from dinoreg.data.files import (
     load_image,
     loop_warning,
     parse_list_line,
+    read_file,
     scan_class,
     scan_top,
     to_rgb,
@@ -61,11 +62,7 @@ class _FileDataset:
 
     def read_bytes(self, index: int) -> Optional[bytes]:
         """The file's bytes as stored (what ``dinoreg data pack`` copies), or None when it cannot be read."""
-        try:
-            with open(self.samples[index][0], "rb") as file:
-                return file.read()
-        except OSError:
-            return None
+        return read_file(self.samples[index][0])
 
     def get(self, index: int, draft_size: Optional[int] = None) -> Optional[Tuple[Image.Image, int]]:
         path, label = self.samples[index]

@@ -17,6 +17,7 @@ black).
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import IO, List, Optional, Set, Tuple, Union
@@ -109,6 +110,22 @@ def load_image(path: Union[PathLike, IO[bytes]], draft_size: Optional[int] = Non
                     rgb = image.copy()  # detach from the file handle closed on exit
                 return rgb
     except Exception:  # noqa: BLE001 -- any decoder failure is a bad file, never a crashed worker
+        return None
+
+
+MAX_IMAGE_BYTES = 2**32 - 1  # the largest member a shard's index records (uint32 sizes)
+
+
+def read_file(path: PathLike) -> Optional[bytes]:
+    """A regular file's bytes (what ``dinoreg data pack`` copies), or None when it cannot be read, is not a regular
+    file (a FIFO, ``/dev/zero``: a listed path is data, never a way to hang the reader) or is over 4 GiB."""
+    try:
+        with open(path, "rb") as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_IMAGE_BYTES:
+                return None
+            return file.read()
+    except OSError:
         return None
 
 

@@ -31,12 +31,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from dinoreg.data.files import BadFileLog, DatasetError, PathLike, is_image_file, load_image
+from dinoreg.data.files import (MAX_IMAGE_BYTES, BadFileLog, DatasetError, PathLike, is_image_file, load_image,
+                                read_file)
 
 INDEX_FILE = "dinoreg-index.json"
 FORMAT, VERSION = "dinoreg-index", 1
 KINDS = ("files", "shards")
-MAX_MEMBER_BYTES = 2**32 - 1  # sizes.npy is uint32
 _OPEN_SHARDS = 64  # file descriptors a process keeps open at once (least recently used closed first)
 
 
@@ -148,7 +148,7 @@ class IndexedDataset:
         self.kind, self.classes = self.index.kind, list(self.index.classes)
         self.bad_files = BadFileLog()
         self.draft_size: Optional[int] = None
-        self._fds: "OrderedDict[int, int]" = OrderedDict()
+        self._fds: "OrderedDict[int, Tuple[int, int]]" = OrderedDict()  # shard -> (descriptor, length)
         self._pid = os.getpid()
         self.damaged_shards = self._check_shards() if self.kind == "shards" else {}
         if warn and self.damaged_shards:
@@ -190,35 +190,42 @@ class IndexedDataset:
     def path(self, index: int) -> str:
         if self.kind == "files":
             return os.path.join(self.index.root, self.index.name(index))
-        shard = self.index.shard_files[int(self.index.shards[index])]
-        return f"{self.index.root / shard}:{self.index.name(index)}"
+        shard = int(self.index.shards[index])
+        name = self.index.shard_files[shard] if 0 <= shard < len(self.index.shard_files) else f"<shard {shard}>"
+        return f"{self.index.root / name}:{self.index.name(index)}"
 
     def read_bytes(self, index: int) -> Optional[bytes]:
         """The stored bytes of entry ``index`` (a file's, or a shard member's), or None when they cannot be read
         in full."""
         if self.kind == "files":
-            try:
-                with open(self.path(index), "rb") as file:
-                    return file.read()
-            except OSError:
-                return None
-        size = int(self.index.sizes[index])
+            return read_file(self.path(index))
+        shard, offset, size = int(self.index.shards[index]), int(self.index.offsets[index]), int(self.index.sizes[index])
         try:
-            data = os.pread(self._shard_fd(int(self.index.shards[index])), size, int(self.index.offsets[index]))
+            fd, length = self._shard(shard)
+        except OSError:
+            return None
+        if offset < 0 or offset + size > length:  # past the shard's end (truncated, or a damaged index): no read
+            return None
+        try:
+            data = os.pread(fd, size, offset)
         except OSError:
             return None
         return data if len(data) == size else None
 
-    def _shard_fd(self, shard: int) -> int:
+    def _shard(self, shard: int) -> Tuple[int, int]:
+        """The open descriptor of shard ``shard`` and its length (OSError for a shard the index does not list)."""
+        if not 0 <= shard < len(self.index.shard_files):
+            raise OSError(f"shard {shard} is not in the index")
         if self._pid != os.getpid():  # a forked worker: the parent's descriptors are not ours to keep or close
             self._fds, self._pid = OrderedDict(), os.getpid()
-        fd = self._fds.pop(shard, None)
-        if fd is None:
+        opened = self._fds.pop(shard, None)
+        if opened is None:
             fd = os.open(self.index.root / self.index.shard_files[shard], os.O_RDONLY)
+            opened = (fd, os.fstat(fd).st_size)
             if len(self._fds) >= _OPEN_SHARDS:
-                os.close(self._fds.popitem(last=False)[1])
-        self._fds[shard] = fd
-        return fd
+                os.close(self._fds.popitem(last=False)[1][0])
+        self._fds[shard] = opened
+        return opened
 
     def get(self, index: int, draft_size: Optional[int] = None) -> Optional[Tuple[Image.Image, int]]:
         if self.kind == "files":
@@ -243,7 +250,7 @@ class IndexedDataset:
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
-            for fd in getattr(self, "_fds", {}).values():
+            for fd, _ in getattr(self, "_fds", {}).values():
                 try:
                     os.close(fd)
                 except OSError:
@@ -382,7 +389,7 @@ def scan_tar(path: PathLike) -> Tuple[Part, Optional[str]]:
 
 
 def _add_sample(tar: tarfile.TarFile, group: List[Tuple[str, tarfile.TarInfo]], part: Part) -> None:
-    images = [m for _, m in group if is_image_file(m.name) and m.size <= MAX_MEMBER_BYTES]
+    images = [m for _, m in group if is_image_file(m.name) and m.size <= MAX_IMAGE_BYTES]
     if not images:
         return
     label = -1

@@ -27,8 +27,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from tqdm import tqdm
 
 from dinoreg.data.datasets import build_dataset
-from dinoreg.data.files import DatasetError, PathLike
-from dinoreg.data.index import MAX_MEMBER_BYTES, IndexedDataset, Part, PartArrays, is_index, write_index
+from dinoreg.data.files import MAX_IMAGE_BYTES, DatasetError, PathLike
+from dinoreg.data.index import IndexedDataset, Part, PartArrays, is_index, write_index
 from dinoreg.data.indexing import build_index, building_folder, progress_options
 from dinoreg.run_dir import fsync_directory
 
@@ -122,7 +122,7 @@ def pack(source: str, output: PathLike, *, shard_size: int, workers: int = 8, pr
     with bar, ThreadPoolExecutor(max(1, workers)) as pool:
         writer: Optional[_ShardWriter] = None
         for position, data in _read_ahead(pool, dataset, start, count):
-            if data is None or len(data) > MAX_MEMBER_BYTES:
+            if data is None or len(data) > MAX_IMAGE_BYTES:
                 missing += 1  # kept as an empty member: a bad file at training time, as it is in the source
                 data = b""
             if writer is not None and writer.size + len(data) + 2 * tarfile.BLOCKSIZE > shard_size and writer.part.names:

@@ -222,6 +222,26 @@ def test_a_damaged_shard_is_named_and_its_members_are_bad_files(source, tmp_path
     assert damaged.bad_files.paths[:2] == [damaged.path(members[-1]), damaged.path(0)]
 
 
+def test_crafted_member_locations_are_bad_files_not_crashes(source, tmp_path):
+    """A shard index whose arrays point outside the shards (another shard number, a size past the end, a negative
+    offset) reads nothing there: bad files, no exception and no giant read."""
+    pack(str(source), tmp_path / "shards", shard_size=3000, progress=False)
+    folder = tmp_path / "shards"
+    shards, sizes, offsets = (np.load(folder / f"{key}.npy").copy() for key in ("shards", "sizes", "offsets"))
+    shards[0], sizes[1], offsets[2] = 10_000, 2**32 - 1, -5
+    for key, value in (("shards", shards), ("sizes", sizes), ("offsets", offsets)):
+        np.save(folder / f"{key}.npy", value)
+    dataset = IndexedDataset(folder)
+    assert [dataset[i] for i in range(3)] == [None, None, None] and dataset[3] is not None
+    assert dataset.bad_files.count == 3 and "<shard 10000>" in dataset.bad_files.paths[0]
+
+
+def test_a_listed_path_that_is_no_regular_file_is_not_read(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("/dev/zero\n")
+    assert FileList(listing).read_bytes(0) is None  # /dev/zero would never end
+
+
 @pytest.mark.parametrize("damage, says", [
     (lambda f: (f / INDEX_FILE).write_text("{not json"), "cannot read dinoreg-index.json"),
     (lambda f: (f / INDEX_FILE).write_text(json.dumps({"format": "dinoreg-index", "version": 9})), "version 9"),
