@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -77,6 +78,18 @@ def test_index_and_shards_give_the_folders_items(source, tmp_path):
     assert shards.bad_files.paths == [shards.path(broken)] and shards.path(broken).endswith(f"{broken:09d}.jpg")
     # bytes per image: names and offsets, not objects
     assert index.index_bytes_per_image < 40 and shards.index_bytes_per_image < 50
+
+
+def test_a_spawned_worker_gets_the_folders_name_not_the_arrays(source, tmp_path):
+    """A DataLoader started with spawn or forkserver (Python 3.14's default) pickles its dataset: an index sends its
+    folder's name, and maps the arrays again on the other side."""
+    pack(str(source), tmp_path / "shards", shard_size=3000, progress=False)
+    dataset = IndexedDataset(tmp_path / "shards")
+    dataset.draft_size = 12
+    sent = pickle.dumps(dataset)
+    assert len(sent) < 1000
+    received = pickle.loads(sent)
+    assert received.draft_size == 12 and _items(received) == _items(dataset)
 
 
 def test_a_file_list_index_keeps_its_order_labels_and_relative_paths(source, tmp_path):
