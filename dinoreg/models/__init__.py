@@ -3,7 +3,9 @@ importable with torch alone."""
 
 from dinoreg.models.backbones import ALL_ARCHS, POS_EMBED_TYPES, arch_family, backbone_from_arch_kwargs, build_backbone
 from dinoreg.models.head import DINOHead
-from dinoreg.models.layers import ATTENTION_BACKENDS, CHECKPOINTING_MODES, FFN_LAYERS
+from dinoreg.models.attention import ATTENTION_BACKENDS
+from dinoreg.models.ffn import FFN_LAYERS
+from dinoreg.models.layers import CHECKPOINTING_MODES
 from dinoreg.models.vit import (
     ARCH_DIMS,
     ARCHS,

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from dinoreg.errors import InputError
-from dinoreg.models.layers import swiglu_hidden_features
+from dinoreg.models.ffn import swiglu_hidden_features
 from dinoreg.models.rope import RopePositionEmbedding
 from dinoreg.models.rope_vit import ROPE_FFN_LAYERS, RopeVisionTransformer, is_rope_arch
 from dinoreg.models.strict import CheckpointMismatchError, check_state_dict_fits

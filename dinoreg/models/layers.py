@@ -4,26 +4,22 @@ Blocks work on *packed* tokens: the tokens of one or several groups of images (e
 local crops, each group with its own sequence length) laid end to end as ``[T, D]`` with
 ``shapes = [(B_0, N_0), (B_1, N_1), ...]``. Every linear layer, norm and LayerScale runs once on
 the whole pack; only attention is split per group (or uses one block-diagonal xformers call).
+The block's attention is in :mod:`dinoreg.models.attention`, its FFNs in :mod:`dinoreg.models.ffn`.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from dinoreg.models.rope import Rope, rope_rotate
+from dinoreg.models.attention import Attention, Ropes, Shapes
+from dinoreg.models.ffn import FFN_LAYERS, Mlp, SplitSwiGLUFFN, SwiGLUFFN
+from dinoreg.models.rope import Rope
 
-Shapes = Sequence[tuple[int, int]]  # [(batch, tokens per image)] for each group in a pack
-Ropes = Optional[Sequence[Optional[Rope]]]  # per group of a pack: its (sin, cos), or None (no RoPE)
-
-ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
-FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 # the norms of DINOv3's blocks: LayerNorm with eps 1e-6 (DINOv2's) or 1e-5 (DINOv3's released models), RMSNorm
 NORM_LAYERS = ("layernorm", "layernormbf16", "rmsnorm")
 # activation checkpointing of a block in training: nothing, "selective" (keep the outputs of the matmuls and
@@ -42,54 +38,6 @@ def _selective_policy(context: object, op: object, *args: object, **kwargs: obje
 
 def _selective_contexts() -> tuple[object, object]:
     return create_selective_checkpoint_contexts(_selective_policy)
-
-
-@functools.lru_cache(maxsize=1)
-def xformers_ops():
-    """Return ``xformers.ops`` or an ImportError explaining why it cannot be used."""
-    try:
-        import xformers.ops as ops  # noqa: PLC0415 (optional dependency)
-    except Exception as error:  # a broken xformers build raises more than ImportError
-        return ImportError(f"xformers is not importable ({type(error).__name__}: {error})")
-    return ops
-
-
-class XformersKernels(NamedTuple):
-    """The xformers functions the layers call. A layer that may use xformers looks them up once, when it is built
-    (``xformers_kernels``), and keeps them as a plain attribute: its forward pass then branches on that attribute
-    and on the input's device only, which ``torch.compile`` traces without a graph break (the import attempt
-    inside a compiled branch broke the graph, issue 25). Functions, not the module: a layer stays deep-copyable."""
-
-    memory_efficient_attention: Callable[..., Tensor]
-    block_diagonal_mask: Callable[..., object]  # fmha.BlockDiagonalMask.from_seqlens
-    swiglu: Callable[..., Tensor]
-
-
-def xformers_kernels() -> XformersKernels | str:
-    """The kernels of an importable xformers, else the reason it cannot be used (for the fallback's warning)."""
-    ops = xformers_ops()
-    if isinstance(ops, ImportError):
-        return str(ops)
-    try:
-        return XformersKernels(ops.memory_efficient_attention, ops.fmha.BlockDiagonalMask.from_seqlens, ops.swiglu)
-    except AttributeError as error:  # an xformers too old for these layers
-        return f"xformers is not usable ({error})"
-
-
-_warned_backend_fallback = False
-
-
-def _warn_fallback_once(reason: str) -> None:
-    global _warned_backend_fallback
-    if not _warned_backend_fallback:
-        _warned_backend_fallback = True
-        warnings.warn(
-            f"attention_backend='xformers' cannot run here ({reason}); using PyTorch SDPA instead. "
-            "Set student.attention_backend=sdpa to silence this, or "
-            "student.attention_backend_required=true to make it an error.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 class PatchEmbed(nn.Module):
@@ -128,221 +76,6 @@ def make_norm(name: str, dim: int) -> nn.Module:
     if name in ("layernorm", "layernormbf16"):
         return nn.LayerNorm(dim, eps=1e-6 if name == "layernorm" else 1e-5)
     raise ValueError(f"unknown norm_layer {name!r}; choose one of {NORM_LAYERS}")
-
-
-class MaskedKeyBiasLinear(nn.Linear):
-    """The qkv projection with DINOv3's ``mask_k_bias``: the keys' third of the bias is multiplied by zero (a
-    persistent buffer ``bias_mask``, ones elsewhere), so keys carry no bias whatever the bias parameter holds."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        if out_features % 3:
-            raise ValueError(f"mask_k_bias needs a qkv projection (out_features divisible by 3), got {out_features}")
-        super().__init__(in_features, out_features, bias=bias)
-        if bias:
-            self.register_buffer("bias_mask", torch.ones(out_features))
-            self.reset_bias_mask()
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if getattr(self, "bias_mask", None) is not None:
-            self.reset_bias_mask()
-
-    def reset_bias_mask(self) -> None:
-        with torch.no_grad():
-            self.bias_mask.fill_(1)
-            self.bias_mask[self.out_features // 3: 2 * self.out_features // 3] = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        bias = self.bias * self.bias_mask.to(self.bias.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight, bias)
-
-
-class Attention(nn.Module):
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        qkv_bias: bool = True,
-        proj_bias: bool = True,
-        backend: str = "sdpa",
-        backend_required: bool = False,
-        mask_k_bias: bool = False,
-    ) -> None:
-        super().__init__()
-        self.backend = backend  # see the setter: xformers' availability is decided there
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.backend_required = backend_required
-        self.qkv = (MaskedKeyBiasLinear if mask_k_bias else nn.Linear)(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self._block_diagonal_masks: dict[tuple, object] = {}
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        """Setting the backend (at construction, or later) decides once whether xformers is importable, so that no
-        forward pass, compiled or not, tries the import: ``xformers`` holds its kernels, or None."""
-        if value not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {value!r}; choose one of {ATTENTION_BACKENDS}")
-        self._backend = value
-        kernels = xformers_kernels() if value == "xformers" else None
-        self.xformers = kernels if isinstance(kernels, XformersKernels) else None
-        self._xformers_missing = kernels if isinstance(kernels, str) else ""
-
-    def _backend_for(self, x: Tensor) -> str:
-        """The kernel for ``x``, from attributes and the device alone (what Dynamo traces without a break)."""
-        if self.backend != "xformers":
-            return self.backend
-        return "xformers" if self.xformers is not None and x.is_cuda else "sdpa"
-
-    def check_backend(self, x: Tensor) -> None:
-        """When ``attention_backend='xformers'`` cannot run on ``x``: the error if it is required, else the one
-        warning of the fallback to SDPA. Run eagerly: ``Block.forward_packed`` calls it before its (perhaps compiled)
-        branches, and ``forward`` when it is not being compiled (a warning is not traced into a graph)."""
-        if self.backend != "xformers" or self._backend_for(x) == "xformers":
-            return
-        reason = self._xformers_missing or "xformers has no kernels for device " + x.device.type
-        if self.backend_required:
-            raise RuntimeError(f"attention_backend='xformers' is required but {reason}")
-        if not torch.compiler.is_compiling():
-            _warn_fallback_once(reason)
-
-    def _split_heads(self, qkv: Tensor, batch: int, tokens: int, rope: Optional[Rope] = None
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-        # [B*N, 3*C] -> 3 x [B, heads, N, head_dim], queries and keys rotated by the rope when given
-        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = rope_rotate(q, rope), rope_rotate(k, rope)
-        return q, k, v
-
-    def attention_probs(self, x: Tensor, *, num_queries: int | None = None, rope: Optional[Rope] = None) -> Tensor:
-        """Softmax attention of ``x`` ``[B, N, C]`` as ``[B, heads, Q, N]`` in fp32, for the first ``num_queries``
-        tokens as queries (all N when None; 1 + R for the cls and registers spares the N x N map). For analysis:
-        computed explicitly whatever the backend."""
-        batch, tokens, _ = x.shape
-        q, k, _ = self._split_heads(self.qkv(x).reshape(batch * tokens, -1), batch, tokens, rope)
-        q = q[:, :, :num_queries] if num_queries is not None else q  # [B, heads, Q, head_dim]
-        return ((q.float() * self.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)
-
-    def forward(self, x: Tensor, shapes: Shapes, rope: Ropes = None) -> Tensor:
-        """``x``: packed tokens ``[T, C]``; ``rope``: each group's (sin, cos) for RoPE backbones; returns ``[T, C]``."""
-        self.check_backend(x)
-        backend = self._backend_for(x)
-        qkv = self.qkv(x)  # [T, 3C]
-        ropes = list(rope) if rope is not None else [None] * len(shapes)
-        if backend == "xformers" and all(r is None for r in ropes):
-            out = self._xformers(qkv, shapes)
-        else:
-            outs = []
-            for group, (batch, tokens), group_rope in zip(qkv.split([b * n for b, n in shapes]), shapes, ropes):
-                q, k, v = self._split_heads(group, batch, tokens, group_rope)
-                if backend == "xformers":  # rotated queries and keys: one call per group
-                    assert self.xformers is not None
-                    o = self.xformers.memory_efficient_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-                    outs.append(o.reshape(batch * tokens, -1))
-                    continue
-                if backend == "sdpa":
-                    o = F.scaled_dot_product_attention(q, k, v)
-                else:
-                    o = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-                outs.append(o.transpose(1, 2).reshape(batch * tokens, -1))  # [B*N, C]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.proj(out)
-
-    def _xformers(self, qkv: Tensor, shapes: Shapes) -> Tensor:
-        kernels = self.xformers
-        assert kernels is not None  # _backend_for chose xformers
-        total = qkv.shape[0]
-        if len(shapes) == 1:
-            batch, tokens = shapes[0]
-            q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
-            return kernels.memory_efficient_attention(q, k, v).reshape(total, -1)
-        key = tuple(shapes)
-        if key not in self._block_diagonal_masks:
-            seqlens = [n for b, n in shapes for _ in range(b)]
-            self._block_diagonal_masks[key] = kernels.block_diagonal_mask(seqlens)
-        q, k, v = qkv.view(1, total, 3, self.num_heads, self.head_dim).unbind(2)
-        out = kernels.memory_efficient_attention(q, k, v, attn_bias=self._block_diagonal_masks[key])
-        return out.reshape(total, -1)
-
-
-class Mlp(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, *, bias: bool = True,
-                 act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def swiglu_hidden_features(hidden_features: int) -> int:
-    """The official fused SwiGLU keeps 2/3 of the MLP width, rounded up to a multiple of 8."""
-    return (int(hidden_features * 2 / 3) + 7) // 8 * 8
-
-
-class SwiGLUFFN(nn.Module):
-    """SwiGLU with the official packed layout: ``w12`` holds [w1; w2], ``w3`` projects back.
-
-    With ``fused=True`` xformers' fused kernel is used on CUDA when importable; the math is the same.
-    """
-
-    def __init__(self, in_features: int, hidden_features: int, *, bias: bool = True, fused: bool = False) -> None:
-        super().__init__()
-        hidden = swiglu_hidden_features(hidden_features)
-        self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
-        self.w3 = nn.Linear(hidden, in_features, bias=bias)
-        self.fused = fused  # see the setter: xformers' availability is decided there
-
-    @property
-    def fused(self) -> bool:
-        return self._fused
-
-    @fused.setter
-    def fused(self, value: bool) -> None:
-        """Decides once whether xformers is importable (``xformers``: its kernels, or None), so that no forward
-        pass, compiled or not, tries the import."""
-        self._fused = value
-        kernels = xformers_kernels() if value else None
-        self.xformers = kernels if isinstance(kernels, XformersKernels) else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.xformers is not None and x.is_cuda:
-            w1, w2 = self.w12.weight.chunk(2, dim=0)
-            b1, b2 = self.w12.bias.chunk(2) if self.w12.bias is not None else (None, None)
-            return self.xformers.swiglu(x, w1, b1, w2, b2, self.w3.weight, self.w3.bias)
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
-
-
-def aligned_swiglu_hidden(hidden_features: int, align_to: int) -> int:
-    """DINOv3's SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of ``align_to`` (8 for ``swiglu``,
-    32/64/128 for ``swiglu32/64/128``)."""
-    hidden = int(hidden_features * 2 / 3)
-    return hidden + (-hidden % align_to)
-
-
-class SplitSwiGLUFFN(nn.Module):
-    """DINOv3's SwiGLU layout: separate ``w1`` (gate) and ``w2`` (value) projections, ``w3`` back."""
-
-    def __init__(self, in_features: int, hidden_features: int, *, bias: bool = True, align_to: int = 8) -> None:
-        super().__init__()
-        hidden = aligned_swiglu_hidden(hidden_features, align_to)
-        self.w1 = nn.Linear(in_features, hidden, bias=bias)
-        self.w2 = nn.Linear(in_features, hidden, bias=bias)
-        self.w3 = nn.Linear(hidden, in_features, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
 class LayerScale(nn.Module):
@@ -517,6 +250,6 @@ def init_weights_vit_timm(module: nn.Module) -> None:
 
 
 __all__ = [
-    "ATTENTION_BACKENDS", "FFN_LAYERS", "NORM_LAYERS", "Attention", "Block", "LayerScale", "MaskedKeyBiasLinear", "Mlp",
-    "PatchEmbed", "RMSNorm", "SplitSwiGLUFFN", "SwiGLUFFN", "aligned_swiglu_hidden", "make_norm", "CHECKPOINTING_MODES", "pack", "unpack", "swiglu_hidden_features", "init_weights_vit_timm",
+    "NORM_LAYERS", "Block", "LayerScale", "PatchEmbed", "RMSNorm", "make_norm", "CHECKPOINTING_MODES", "pack", "unpack",
+    "init_weights_vit_timm",
 ]

@@ -35,7 +35,7 @@ from torch import Tensor
 from dinoreg.errors import InputError
 from dinoreg.models.formats import from_hf, from_timm
 from dinoreg.models.head import HEAD_NAMES, head_from_official
-from dinoreg.models.layers import aligned_swiglu_hidden, swiglu_hidden_features
+from dinoreg.models.ffn import aligned_swiglu_hidden, swiglu_hidden_features
 from dinoreg.models.pos_embed import resample_pos_embed
 from dinoreg.models.rope import rope_periods
 from dinoreg.models.rope_vit import ROPE_FFN_LAYERS, ROPE_PRESETS, ROPE_RELEASED, RopeVisionTransformer

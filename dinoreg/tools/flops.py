@@ -45,7 +45,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinoreg.models import ROPE_PRESETS, arch_family, build_backbone
-from dinoreg.models.layers import Attention, RMSNorm
+from dinoreg.models.attention import Attention
+from dinoreg.models.layers import RMSNorm
 
 # The step counter imports the config and the SSL model (dinoreg.config, dinoreg.train.build and FSDP: about 4 s)
 # where it runs: model-info and analyze flops, which count a backbone alone, do not wait for them.

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg.config import available_configs, build_backbone_from_config, load_config
-from dinoreg.models import layers
-from dinoreg.models.layers import SwiGLUFFN, XformersKernels
+from dinoreg.models import attention, kernels, layers
+from dinoreg.models.ffn import SwiGLUFFN
+from dinoreg.models.kernels import XformersKernels
 
 # a tiny width and depth (the branches' code is the same at any size); the keys some recipes require are given
 # placeholders: the block never reads them
@@ -77,8 +78,8 @@ def xformers(request, monkeypatch) -> bool:
     """xformers importable (a fake ``xformers.ops``) or not, whatever this machine has; True when importable."""
     importable = request.param == "importable"
     missing = ImportError("xformers is not importable (simulated)")
-    monkeypatch.setattr(layers, "xformers_ops", lambda: FAKE_OPS if importable else missing)
-    monkeypatch.setattr(layers, "_warned_backend_fallback", False)
+    monkeypatch.setattr(kernels, "xformers_ops", lambda: FAKE_OPS if importable else missing)
+    monkeypatch.setattr(attention, "_warned_backend_fallback", False)
     SWIGLU_CALLS.clear()
     return importable
 
@@ -116,7 +117,7 @@ def _compiled_matches_eager(block: layers.Block, registers: int) -> None:
     block.compile_residuals(fullgraph=True, backend="aot_eager")  # Dynamo and AOTAutograd, no code generation
     tokens, shapes = _packed_tokens(block, registers)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(layers, "xformers_ops", _import_attempted)
+        patch.setattr(kernels, "xformers_ops", _import_attempted)
         out, grads = _forward_backward(block, tokens, shapes)
         expected_out, expected_grads = _forward_backward(eager, tokens, shapes)
     torch.testing.assert_close(out, expected_out)
@@ -167,7 +168,7 @@ def test_fused_swiglu_decides_by_its_attribute_on_cuda_tensors(xformers, monkeyp
     importable) or the plain SwiGLU (not), with the same result, and does not call ``xformers_ops()``."""
     ffn = _recipe_block("vitg14_reg4").mlp
     assert ffn.xformers == (FAKE_KERNELS if xformers else None)
-    monkeypatch.setattr(layers, "xformers_ops", _import_attempted)
+    monkeypatch.setattr(kernels, "xformers_ops", _import_attempted)
     x = torch.randn(6, 64)
     plain = ffn(x)
     on_cuda = ffn(x.as_subclass(_CudaLooking)).as_subclass(torch.Tensor)

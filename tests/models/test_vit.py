@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dinoreg.models import ARCH_DIMS, build_backbone, layers
+from dinoreg.models import ARCH_DIMS, attention, build_backbone, layers
 from dinoreg.models.vit import DinoVisionTransformer, vit_giant2, vit_small
 from official_reference import official_forward_features, official_key_names
 
@@ -147,7 +147,7 @@ def test_attention_backends_agree():
 
 
 def test_xformers_on_cpu_warns_once_and_uses_sdpa(monkeypatch):
-    monkeypatch.setattr(layers, "_warned_backend_fallback", False)
+    monkeypatch.setattr(attention, "_warned_backend_fallback", False)
     x = torch.randn(2, 3, 16, 16)
     model = tiny(attn_backend="xformers")
     with warnings.catch_warnings(record=True) as caught:
