@@ -28,12 +28,12 @@ timm. Follows timm's ``_convert_dinov2`` (``timm/models/vision_transformer.py``)
 
 The DINOv3 (RoPE) family has its own section below: Hugging Face's ``DINOv3ViTModel`` and timm's ``Eva`` DINOv3
 models (``vit_*_patch16_dinov3*``). ``to_hf``, ``to_timm``, ``from_hf`` and ``from_timm`` dispatch on the family
-(``arch_kwargs`` with ``n_storage_tokens`` / ``pos_embed_rope_*``, or a ``dinov3_vit`` config).
+(``arch_kwargs`` with ``n_storage_tokens`` / ``pos_embed_rope_*``, or a ``dinov3_vit`` config). The errors both
+families raise live in :mod:`dinoreg.models.format_common`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from typing import Any, Mapping
@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from dinoreg.errors import InputError
+from dinoreg.models.format_common import FormatError, TimmNameError, completed_arch_kwargs, copy_hf_block
 from dinoreg.models.layers import swiglu_hidden_features
 from dinoreg.models.rope import RopePositionEmbedding
 from dinoreg.models.rope_vit import ROPE_FFN_LAYERS, RopeVisionTransformer, is_rope_arch
@@ -72,27 +72,9 @@ TIMM_SWIGLU_NAMES = ("vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2"
 TIMM_INTERPOLATION = (True, 0.0)
 
 
-class FormatError(InputError, ValueError):
-    """This model cannot be written in that format as it is: the message says why and what to pass instead."""
-
-
-class TimmNameError(FormatError):
-    """No timm model name fits: timm registers none for the architecture and none was given, or the given one
-    cannot build it. The message names the reason and a name that works."""
-
-
 def full_arch_kwargs(arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``arch_kwargs`` completed with ``DinoVisionTransformer``'s defaults; unknown names are an error."""
-    return _completed(DinoVisionTransformer, arch_kwargs)
-
-
-def _completed(cls: type, arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
-    defaults = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
-    unknown = sorted(set(arch_kwargs) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown arch_kwargs {unknown}; {cls.__name__} takes {sorted(defaults)}")
-    return {**defaults, **arch_kwargs}
+    return completed_arch_kwargs(DinoVisionTransformer, arch_kwargs)
 
 
 def checked_state_dict(state_dict: Mapping[str, Tensor], arch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -396,22 +378,10 @@ def from_hf(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> tuple[d
             for kind in ("weight", "bias") if arch["qkv_bias"] else ("weight",):
                 out[f"{ours}attn.qkv.{kind}"] = torch.cat(
                     [sd[f"{theirs}attention.attention.{name}.{kind}"] for name in ("query", "key", "value")])
-            _copy_block(out, sd, ours=ours, theirs=theirs, renames=renames)
+            copy_hf_block(out, sd, ours=ours, theirs=theirs, renames=renames)
     except KeyError as error:
         raise CheckpointMismatchError(f"not a Dinov2 Hugging Face checkpoint: missing tensor {error.args[0]}") from None
     return out, arch
-
-
-def _copy_block(out: dict[str, Tensor], sd: Mapping[str, Tensor], *, ours: str, theirs: str,
-                renames: Mapping[str, str], optional_biases: bool = False) -> None:
-    """One Hugging Face block's renamed weights and biases (those absent skipped with ``optional_biases``: layers
-    without bias) and its layer scales, into ``out`` under our names."""
-    for src, dst in renames.items():
-        for kind in ("weight", "bias"):
-            if kind == "weight" or not optional_biases or f"{theirs}{src}.{kind}" in sd:
-                out[f"{ours}{dst}.{kind}"] = sd[f"{theirs}{src}.{kind}"]
-    for ls in ("1", "2"):
-        out[f"{ours}ls{ls}.gamma"] = sd[f"{theirs}layer_scale{ls}.lambda1"]
 
 
 def from_timm(tensors: Mapping[str, Tensor], arch_kwargs: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -467,7 +437,7 @@ _ROPE_OTHER_FORMATS = ("export --format dinov3 or safetensors instead (dinoreg.l
 
 def full_rope_arch_kwargs(arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``arch_kwargs`` completed with ``RopeVisionTransformer``'s defaults; unknown names are an error."""
-    return _completed(RopeVisionTransformer, arch_kwargs)
+    return completed_arch_kwargs(RopeVisionTransformer, arch_kwargs)
 
 
 def checked_rope_state_dict(state_dict: Mapping[str, Tensor], arch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -647,7 +617,7 @@ def _rope_from_hf(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> t
                     out[f"{ours}attn.qkv.bias_mask"] = torch.cat([zero + 1, zero, zero + 1])
             renames = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj",
                        **{f"mlp.{src}": f"mlp.{dst}" for src, dst in mlp.items()}}
-            _copy_block(out, sd, ours=ours, theirs=theirs, renames=renames, optional_biases=True)
+            copy_hf_block(out, sd, ours=ours, theirs=theirs, renames=renames, optional_biases=True)
     except KeyError as error:
         raise CheckpointMismatchError(f"not a DINOv3ViTModel checkpoint: missing tensor {error.args[0]}") from None
     return out, arch
