@@ -15,7 +15,8 @@ from dinoreg.cli import main
 from dinoreg.export.source import ExportError
 from dinoreg.export.writers import official_load_overrides, export_backbone
 from dinoreg.models import CheckpointMismatchError, build_backbone, build_rope_backbone
-from dinoreg.models.formats import FormatError, TimmNameError, from_timm, resolve_timm_name, to_timm
+from dinoreg.models.format_common import FormatError, TimmNameError
+from dinoreg.models.formats import from_timm, resolve_timm_name, to_timm
 from dinoreg.models.weights import WeightsFileError, read_heads
 
 REPO = str(Path(__file__).resolve().parents[2])

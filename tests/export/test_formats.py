@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from dinoreg.models import CheckpointMismatchError, build_backbone
-from dinoreg.models.formats import TimmNameError, timm_create_kwargs, to_hf, to_timm
+from dinoreg.models.format_common import TimmNameError
+from dinoreg.models.formats import timm_create_kwargs, to_hf, to_timm
 
 AA = dict(interpolate_antialias=True, interpolate_offset=0.0)  # official registers family
 PLAIN = dict(interpolate_antialias=False, interpolate_offset=0.0)  # what HF's Dinov2Model does
