@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from dinoreg.config import FREEZE_NAMES
+from dinoreg.config_checks import FREEZE_NAMES
 from dinoreg.ssl.feature import SSLMetaArch, TrainingFeature
 from dinoreg.train.optim import BACKBONE_LR_SCALE
 
@@ -42,7 +42,7 @@ _TOKEN_ALIASES = {"register_tokens": ("register_tokens", "storage_tokens"),
 
 
 def _named_part(backbone: nn.Module, name: str) -> list[str]:
-    """The parameter names of the backbone part ``name`` (one of :data:`~dinoreg.config.FREEZE_NAMES`)."""
+    """The parameter names of the backbone part ``name`` (one of :data:`~dinoreg.config_checks.FREEZE_NAMES`)."""
     if name == "patch_embed":
         return [f"patch_embed.{local}" for local, _ in backbone.patch_embed.named_parameters()]
     own = dict(backbone.named_parameters(recurse=False))
