@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 CLASSES = 21_841  # ImageNet-22k's synsets
 SHARD_BYTES = 2**30
@@ -292,40 +292,89 @@ def table(results: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _line(rows: List[Dict[str, Any]], key: str, size: int) -> float:
+    """``key`` at ``size``: measured when ``size`` is a row's, else linear through the two ``rows`` (never below the
+    larger measured value)."""
+    a, b = rows
+    for row in rows:
+        if row["n"] == size:
+            return row[key]
+    return max(a[key], b[key], a[key] + (b[key] - a[key]) * (size - a["n"]) / (b["n"] - a["n"]))
+
+
+def per_node(results: List[Dict[str, Any]], variant: str, size: int, ranks: int, workers: int
+             ) -> Optional[Dict[str, float]]:
+    """A variant's costs at ``size`` entries, linear through its two largest measured sizes (measured values when
+    ``size`` is one of them), and what a node of ``ranks`` x (1 + ``workers``) processes holds, MiB: every process's
+    private copy for a FileList; one page-cache copy of the index file plus each process's growth for an index."""
+    rows = sorted((r for r in results if r["variant"] == variant and "worker_private_dirty_growth_mib" in r),
+                  key=lambda r: r["n"])[-2:]
+    if len(rows) < 2:
+        return None
+    costs = {"main": _line(rows, "main_growth_mib", size), "worker": _line(rows, "worker_private_dirty_growth_mib", size),
+             "startup": _line(rows, "startup_s", size), "shared": 0.0}
+    if "index_bytes" in rows[0]:
+        costs["shared"] = _line(rows, "index_bytes", size) / 2**20
+    builds = sorted((r for r in results if r["variant"] == "build list index"), key=lambda r: r["n"])[-2:]
+    if variant == "index" and len(builds) == 2:
+        costs["shared"] = _line(builds, "index_bytes", size) / 2**20
+        costs["build"] = _line(builds, "build_s", size)
+        costs["build_workers"] = builds[1]["workers"]
+    costs["node"] = ranks * (costs["main"] + workers * costs["worker"]) + costs["shared"]
+    return costs
+
+
 def extrapolate(results: List[Dict[str, Any]], size: int, ranks: int, workers: int) -> str:
     """Linear in N through the two largest measured sizes of each variant (an extrapolation, not a measurement;
-    never below the largest measured value, so noise in a flat figure does not extrapolate below zero),
-    and what a node of ``ranks`` x (1 + ``workers``) processes holds: every process's private copy for a FileList;
-    one page-cache copy of the index file plus each process's growth for an index."""
+    never below the largest measured value, so noise in a flat figure does not extrapolate below zero), per node
+    (:func:`per_node`)."""
     lines = [f"Extrapolated (linear in N through the two largest sizes measured, never below the largest measured "
              f"value) to N = {size:,}; a node of {ranks} ranks x (1 + {workers} workers):"]
     for variant in ("filelist", "index", "shards"):
-        rows = sorted((r for r in results if r["variant"] == variant and "worker_private_dirty_growth_mib" in r),
-                      key=lambda r: r["n"])[-2:]
-        if len(rows) < 2:
+        costs = per_node(results, variant, size, ranks, workers)
+        if costs is None:
             continue
-        (n0, a), (n1, b) = (rows[0]["n"], rows[0]), (rows[1]["n"], rows[1])
-
-        def line(key: str, a=a, b=b, n0=n0, n1=n1) -> float:
-            return max(a[key], b[key], a[key] + (b[key] - a[key]) * (size - n0) / (n1 - n0))
-
-        main, worker, startup = (line("main_growth_mib"), line("worker_private_dirty_growth_mib"),
-                                 line("startup_s"))
-        shared = line("index_bytes") / 2**20 if "index_bytes" in a else 0.0
-        if variant == "index":
-            builds = sorted((r for r in results if r["variant"] == "build list index"), key=lambda r: r["n"])[-2:]
-            if len(builds) == 2:
-                shared = (builds[0]["index_bytes"] + (builds[1]["index_bytes"] - builds[0]["index_bytes"])
-                          * (size - builds[0]["n"]) / (builds[1]["n"] - builds[0]["n"])) / 2**20
-                build = builds[0]["build_s"] + (builds[1]["build_s"] - builds[0]["build_s"]) * (
-                    size - builds[0]["n"]) / (builds[1]["n"] - builds[0]["n"])
-                lines.append(f"  build list index: {build:,.0f} s with {builds[1]['workers']} workers, "
-                             f"{shared:,.0f} MiB on disk")
-        node = ranks * (main + workers * worker) + shared
-        lines.append(f"  {variant}: start-up {startup:,.1f} s, main +{main:,.0f} MiB, each worker +{worker:,.0f} MiB "
-                     f"private" + (f", index file {shared:,.0f} MiB (page cache, shared)" if shared else "")
-                     + f"; per node {node / 1024:,.1f} GiB")
+        shared = costs["shared"]
+        if "build" in costs:
+            lines.append(f"  build list index: {costs['build']:,.0f} s with {costs['build_workers']} workers, "
+                         f"{shared:,.0f} MiB on disk")
+        lines.append(f"  {variant}: start-up {costs['startup']:,.1f} s, main +{costs['main']:,.0f} MiB, each worker "
+                     f"+{costs['worker']:,.0f} MiB private"
+                     + (f", index file {shared:,.0f} MiB (page cache, shared)" if shared else "")
+                     + f"; per node {costs['node'] / 1024:,.1f} GiB")
     return "\n".join(lines)
+
+
+def plot(results: List[Dict[str, Any]], path: str, size: int, ranks: int, workers: int) -> None:
+    """The memory a node holds for the dataset's entries, per variant, at the measured sizes and ``size``
+    (extrapolated, drawn dashed), on log axes: a PNG at ``path``."""
+    import matplotlib  # noqa: PLC0415 (only for --plot)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    labels = {"filelist": "a .txt list (FileList)", "index": "its index", "shards": "a shard index"}
+    for variant, label in labels.items():
+        measured = sorted({r["n"] for r in results if r["variant"] == variant and "worker_private_dirty_growth_mib" in r})
+        if len(measured) < 2:
+            continue
+        sizes = [*measured, size]
+        gib = [per_node(results, variant, n, ranks, workers)["node"] / 1024 for n in sizes]
+        line, = axis.plot(measured, gib[:-1], marker="o", label=label)
+        axis.plot(sizes[-2:], gib[-2:], linestyle="--", marker="o", markerfacecolor="none", color=line.get_color())
+        below = variant == "shards"  # the two indexes nearly coincide: one label above, one below
+        axis.annotate(f"{gib[-1]:,.1f} GiB", (sizes[-1], gib[-1]), textcoords="offset points",
+                      xytext=(-10, -12 if below else 6), ha="right", fontsize=8, color=line.get_color())
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("images in the dataset (dashed: extrapolated)")
+    axis.set_ylabel(f"GiB per node ({ranks} ranks x (1 + {workers} workers))")
+    axis.set_title("Memory a node holds for the dataset's entries", fontsize=10)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 def main() -> None:
@@ -348,6 +397,9 @@ def main() -> None:
                         help="DataLoader workers per rank, for the per-node cost (default: %(default)s)")
     parser.add_argument("--table", metavar="JSON",
                         help="print the table and the extrapolation of a saved --json, and measure nothing")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="also draw the memory per node against the dataset's size (measured and extrapolated) "
+                             "as a PNG")
     parser.add_argument("--measure", nargs=2, metavar=("VARIANT", "PATH"),
                         help="internal: measure one variant on PATH in this process and print one JSON line (the "
                              "driver runs each variant so, in a fresh process)")
@@ -377,6 +429,8 @@ def main() -> None:
     if args.table:
         results = json.loads(Path(args.table).read_text())
         print(table(results) + "\n\n" + extrapolate(results, args.extrapolate, args.ranks, args.loader_workers))
+        if args.plot:
+            plot(results, args.plot, args.extrapolate, args.ranks, args.loader_workers)
         return
     if any(size <= 0 for size in args.sizes) or args.folder < 0 or args.workers <= 0:
         parser.error("--sizes and --workers must be > 0, --folder >= 0")
@@ -384,6 +438,8 @@ def main() -> None:
     print(table(results) + "\n\n" + extrapolate(results, args.extrapolate, args.ranks, args.loader_workers))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot:
+        plot(results, args.plot, args.extrapolate, args.ranks, args.loader_workers)
 
 
 if __name__ == "__main__":
