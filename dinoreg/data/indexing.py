@@ -195,7 +195,12 @@ BUILDERS: Dict[str, Callable[[Path], Builder]] = {"folder": FolderBuilder, "list
                                                   "shards": ShardBuilder}
 
 
-_BUILDER: Optional[Builder] = None  # the build's, inherited by the forked workers (not pickled for every job)
+_BUILDER: Optional[Builder] = None  # the build's: set once in each worker process, not sent with every job
+
+
+def _set_builder(builder: Builder) -> None:
+    global _BUILDER
+    _BUILDER = builder
 
 
 def _scan(job: Tuple[int, Any, Path]) -> int:
@@ -227,8 +232,7 @@ def build_index(source: PathLike, output: PathLike, *, workers: int = 1, progres
     if done and progress:
         print(f"resuming the build in {work}: {done} of {len(plan['units'])} {builder.unit_name} already scanned",
               file=sys.stderr)
-    global _BUILDER
-    _BUILDER = builder
+    _set_builder(builder)
     jobs = [(number, unit, work / "parts" / f"{number:06d}.npz") for number, unit in todo]
     bar = tqdm(total=len(plan["units"]), initial=done, unit=builder.unit_name[:-1], disable=not progress,
                desc=f"indexing {source}", **progress_options())
@@ -253,7 +257,12 @@ def _run(jobs: List[Tuple[int, Any, Path]], workers: int) -> Iterator[int]:
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_scan, jobs)
         return
-    with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+    # forkserver, not fork: a process with threads (torch's, a DataLoader's) can deadlock a forked child on a lock
+    # another thread held at the fork (it did, in the test suite); the server is single-threaded and has this
+    # module imported once, so each worker starts in milliseconds
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with context.Pool(min(workers, len(jobs)), initializer=_set_builder, initargs=(_BUILDER,)) as pool:
         yield from pool.imap_unordered(_scan, jobs)
 
 

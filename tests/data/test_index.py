@@ -4,7 +4,6 @@ worker keeps when it touches every entry."""
 
 import io
 import json
-import multiprocessing
 import os
 import pickle
 import signal
@@ -277,21 +276,23 @@ def _private_kib() -> int:
     return sum(int(line.split()[1]) for line in rollup if line.startswith("Private_Dirty"))
 
 
-def _touch_every_entry(dataset, queue) -> None:
-    before = _private_kib()
-    total = 0
-    for i in range(len(dataset)):
-        total += len(dataset.path(i)) + dataset.label(i)
-    queue.put((_private_kib() - before, total))
-
-
 def _worker_growth(dataset) -> int:
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    worker = context.Process(target=_touch_every_entry, args=(dataset, queue))
-    worker.start()
-    growth, _ = queue.get(timeout=300)
-    worker.join()
+    """A forked child (a DataLoader worker is one) touches every entry's path and label, then reports how many KiB
+    of its parent's pages it copied. A bare fork writing to a pipe and leaving with ``os._exit``: no thread is
+    started in the child, so nothing can wait on a lock another thread of the parent held at the fork."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            before = _private_kib()
+            total = sum(len(dataset.path(i)) + dataset.label(i) for i in range(len(dataset)))
+            os.write(write, f"{_private_kib() - before} {total}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as reply:
+        growth = int(reply.read().split()[0])
+    os.waitpid(pid, 0)
     return growth
 
 
