@@ -161,7 +161,7 @@ class BadSample(NamedTuple):
     position: int
 
 
-def _base_get(dataset, index: int, draft_size: Optional[int]):
+def base_get(dataset, index: int, draft_size: Optional[int]):
     """``dataset.get(index, draft_size)`` when the dataset supports reduced-size decoding, else ``dataset[index]``."""
     get = getattr(dataset, "get", None)
     return get(index, draft_size) if get is not None else dataset[index]
@@ -186,7 +186,7 @@ class MultiCropDataset:
 
     def __getitem__(self, key: Tuple[int, int]):
         index, position = int(key[0]), int(key[1])
-        item = _base_get(self.base_dataset, index, self.draft_size)
+        item = base_get(self.base_dataset, index, self.draft_size)
         if item is None:
             path = getattr(self.base_dataset, "path", None)
             return BadSample(path(index) if callable(path) else None, index, position)
@@ -331,7 +331,7 @@ class _EvalDataset:
         return len(self.base_dataset)
 
     def __getitem__(self, index: int):
-        item = _base_get(self.base_dataset, index, self.transform.resize_size)
+        item = base_get(self.base_dataset, index, self.transform.resize_size)
         if item is None:
             return None
         image, label = item

@@ -37,6 +37,7 @@ import torch
 
 from dinoreg.config import load_config
 from dinoreg.data import build_dataset, collate_multicrop
+from dinoreg.data.loader import base_get
 from dinoreg.distributed import DistributedEnvironment
 from dinoreg.errors import InputError
 from dinoreg.train.build import BatchMasks, build_photometric, multicrop_geometric, training_batches
@@ -48,11 +49,6 @@ PHOTOMETRIC_IMAGES = 128  # images whose photometric distortions are timed on th
 
 class DataBenchError(InputError, ValueError):
     """A bad input of ``dinoreg bench data`` (a dataset without files for the official leg, a missing checkout)."""
-
-
-def _get(dataset: Any, index: int, draft_size: Optional[int]):
-    get = getattr(dataset, "get", None)
-    return get(index, draft_size) if get is not None else dataset[index]
 
 
 def per_image_costs(cfg: Any, dataset: Any, *, images: int, warmup: int) -> dict[str, Any]:
@@ -90,7 +86,7 @@ def per_image_costs(cfg: Any, dataset: Any, *, images: int, warmup: int) -> dict
         for position in range(warmup + images):
             index = position % len(dataset)
             start = time.perf_counter()
-            item = _get(dataset, index, draft_size)
+            item = base_get(dataset, index, draft_size)
             decoded = time.perf_counter()
             if item is None:
                 bad += 1
